@@ -1,0 +1,70 @@
+# likerank — the command index. `make help` lists every target.
+SHELL := bash
+.ONESHELL:
+.SHELLFLAGS := -eu -o pipefail -c
+.DEFAULT_GOAL := help
+
+PYTHON ?= python3.11
+VENV   := .venv
+BIN    := $(VENV)/bin
+SHARED ?= $(abspath ../shared)
+# The setup is reused while these files are unchanged (content hash, not mtime: a fresh clone counts).
+SETUP_HASH := $(shell cat requirements.lock pyproject.toml | sha256sum | cut -c1-16)
+STAMP  := $(VENV)/.setup-$(SETUP_HASH)
+
+export AIRFLOW_HOME := $(CURDIR)/.airflow
+export AIRFLOW__CORE__DAGS_FOLDER := $(CURDIR)/dags
+export AIRFLOW__CORE__LOAD_EXAMPLES := False
+# The default (32) forks 32 LocalExecutor workers of ~140 MB each; 2 suits a small machine.
+export AIRFLOW__CORE__PARALLELISM := 2
+export AIRFLOW__LOGGING__LOGGING_LEVEL := WARNING
+# Tests and the local demo use the small SCRFD model shipped beside the repository;
+# production leaves faces.model empty and uses insightface's model packs.
+export LIKERANK_FACES__MODEL ?= $(SHARED)/models/det_500m.onnx
+export PATH := $(CURDIR)/$(BIN):$(PATH)
+
+help: ## list the targets
+	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-9s %s\n", $$1, $$2}'
+
+setup: $(STAMP) .airflow/airflow.db ## create .venv from requirements.lock and migrate Airflow's SQLite DB (no-op when unchanged)
+
+$(STAMP): requirements.lock pyproject.toml
+	@echo "setup: installing into $(VENV) from requirements.lock (first time: a few minutes, ~6 GB)"
+	[ -x $(BIN)/python ] || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --disable-pip-version-check -r requirements.lock $(if $(GPU),onnxruntime-gpu[cuda$(,)cudnn]==$(ORT_VERSION),)
+	$(BIN)/pip install -q --disable-pip-version-check --no-deps --no-build-isolation -e .
+	$(if $(GPU),$(BIN)/pip uninstall -y -q onnxruntime && $(BIN)/pip install -q --force-reinstall --no-deps onnxruntime-gpu==$(ORT_VERSION),)
+	rm -f $(VENV)/.setup-*
+	touch $@
+
+, := ,
+ORT_VERSION := $(shell sed -n 's/^onnxruntime==//p' requirements.lock)
+
+.airflow/airflow.db: $(STAMP)
+	mkdir -p .airflow
+	$(BIN)/airflow db migrate > .airflow/migrate.log 2>&1 || { tail -20 .airflow/migrate.log; exit 1; }
+	touch $@
+
+run: setup ## run the whole chain on the embedded default (simulator, local storage, SQLite Airflow)
+	$(BIN)/python -m pipeline.run_all
+
+test: setup ## run the test suite (what CI runs)
+	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
+
+bench: setup ## run the benchmarks; each prints its figures as ratios against a baseline
+	for b in bench/*.py; do echo "== $$b"; $(BIN)/python $$b; done
+
+airflow: setup ## Airflow UI + scheduler on http://localhost:8080 (Ctrl-C stops it)
+	@echo "admin password: $(AIRFLOW_HOME)/simple_auth_manager_passwords.json.generated"
+	exec $(BIN)/airflow standalone
+
+retrain: setup ## fine-tune on the latest published labels (through the scheduler if `make airflow` runs)
+	$(BIN)/python -m training.retrain
+
+lint: setup ## ruff
+	$(BIN)/ruff check pipeline labeling training dags tests bench
+
+clean: ## remove the venv, Airflow's state and ./data
+	rm -rf $(VENV) .airflow data .pytest_cache
+
+.PHONY: help setup run test bench airflow retrain lint clean

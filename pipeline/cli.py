@@ -1,0 +1,59 @@
+"""The ``likerank`` command line.
+
+Each command lives in its own module exposing ``register(subparsers)``; the module adds a
+parser whose ``handler`` is called as ``handler(args, cfg)`` with the resolved config and
+returns an exit code. Heavy imports stay inside handlers so ``likerank --help`` is instant.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+
+from pipeline.config import ConfigError, load_config
+
+#: Modules that register commands, in the order ``--help`` lists them.
+COMMAND_MODULES = [
+    "pipeline.commands.config_cmd",
+]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="likerank",
+        description="Engagement-labeled face-photo datasets: scrape, detect faces, label, validate, train.",
+    )
+    parser.add_argument("--config", metavar="FILE", help="TOML config file (default: $LIKERANK_CONFIG or ./likerank.toml)")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.FIELD=VALUE",
+                        help="override one config value (repeatable); wins over file and environment")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+    for name in COMMAND_MODULES:
+        importlib.import_module(name).register(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    try:
+        cfg = load_config(args.config, overrides=args.overrides)
+    except ConfigError as exc:
+        print(f"likerank: {exc}", file=sys.stderr)
+        return 2
+    try:
+        return int(args.handler(args, cfg) or 0)
+    except KeyboardInterrupt:
+        print("likerank: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,201 @@
+"""One pyarrow schema per table, defined once.
+
+Writers check frames against these (:func:`conform`), readers and the validation suites use
+them, and README's table reference is generated from them (``likerank tables --markdown``).
+Every field carries a ``doc`` in its metadata.
+
+Where each table lives under the storage root, and how it is partitioned:
+
+=============  ===============================  ============================================
+table          path                             partition
+=============  ===============================  ============================================
+posts          ``posts/dt=<date>/``             logical date of the scrape run
+engagement     ``engagement/dt=<date>/``        logical date of the observation run
+downloads      ``downloads/dt=<date>/``         logical date of the scrape run
+images         ``images/index/dt=<date>/``      logical date; the bytes are ``images/<aa>/<sha256>``
+faces          ``faces/dt=<date>/``             logical date of the detection run
+labels         ``labels/run=<run_id>/``         one labeling run
+=============  ===============================  ============================================
+
+A post with several images is one ``posts`` row with all its ``image_urls`` (in the
+author's order); the first image is the one labeled, since likes belong to the post.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import pyarrow as pa
+
+
+def f(name: str, type_: pa.DataType, doc: str, nullable: bool = False) -> pa.Field:
+    return pa.field(name, type_, nullable=nullable, metadata={"doc": doc})
+
+
+UTC_TS = pa.timestamp("us", tz="UTC")
+
+POSTS = pa.schema([
+    f("source", pa.string(), "Source kind, e.g. 'mastodon'."),
+    f("instance", pa.string(), "Base URL of the instance the post was read from."),
+    f("hashtag", pa.string(), "The hashtag queried (lower case, no '#')."),
+    f("post_id", pa.string(), "Post id, unique within its instance (Mastodon status id)."),
+    f("post_url", pa.string(), "Public URL of the post.", nullable=True),
+    f("created_at", UTC_TS, "When the post was published (UTC)."),
+    f("author_key", pa.string(), "Keyed hash of the author's account URI (pseudonym)."),
+    f("author_followers", pa.int64(), "Author's follower count when scraped."),
+    f("tags", pa.list_(pa.string()), "Tag names, lower case."),
+    f("n_tags", pa.int32(), "Number of tags (the queried one included)."),
+    f("likes", pa.int64(), "Likes (favourites_count) when scraped."),
+    f("reposts", pa.int64(), "Reposts (reblogs_count) when scraped."),
+    f("replies", pa.int64(), "Replies (replies_count) when scraped."),
+    f("views", pa.int64(), "Views, where the source reports them.", nullable=True),
+    f("image_urls", pa.list_(pa.string()), "Image attachment URLs, in order; the first is labeled."),
+    f("sensitive", pa.bool_(), "Marked sensitive by its author."),
+    f("language", pa.string(), "ISO 639 language code, if given.", nullable=True),
+    f("scraped_at", UTC_TS, "When likerank read the post (UTC)."),
+])
+
+ENGAGEMENT = pa.schema([
+    f("source", pa.string(), "Source kind."),
+    f("instance", pa.string(), "Instance base URL."),
+    f("post_id", pa.string(), "Post id."),
+    f("observed_at", UTC_TS, "When the counts were read (UTC)."),
+    f("likes", pa.int64(), "Likes at observation."),
+    f("reposts", pa.int64(), "Reposts at observation."),
+    f("replies", pa.int64(), "Replies at observation."),
+    f("views", pa.int64(), "Views at observation, where reported.", nullable=True),
+    f("author_followers", pa.int64(), "Author's followers at observation."),
+    f("age_days", pa.float64(), "Post age at observation, days."),
+])
+
+DOWNLOADS = pa.schema([
+    f("source", pa.string(), "Source kind."),
+    f("post_id", pa.string(), "Post the URL belongs to."),
+    f("url", pa.string(), "The URL attempted."),
+    f("status", pa.string(), "ok, http_error, timeout, too_large, not_image, decode_error, bomb, blocked, connection_error."),
+    f("http_status", pa.int32(), "Last HTTP status code, if a response came.", nullable=True),
+    f("error", pa.string(), "What went wrong, for humans.", nullable=True),
+    f("bytes", pa.int64(), "Body bytes received."),
+    f("elapsed_ms", pa.float64(), "Wall time of the attempt(s), milliseconds."),
+    f("attempts", pa.int32(), "Requests sent (1 + retries)."),
+    f("sha256", pa.string(), "Content hash of the stored image, when status is ok.", nullable=True),
+    f("attempted_at", UTC_TS, "When the download started (UTC)."),
+])
+
+IMAGES = pa.schema([
+    f("sha256", pa.string(), "Content hash (hex); the key of the stored bytes."),
+    f("width", pa.int32(), "Width, pixels."),
+    f("height", pa.int32(), "Height, pixels."),
+    f("format", pa.string(), "Pillow format name, e.g. JPEG, PNG."),
+    f("phash", pa.string(), "64-bit perceptual hash, 16 hex digits."),
+    f("bytes", pa.int64(), "Size of the stored file, bytes."),
+    f("storage_key", pa.string(), "Key under the storage root: images/<aa>/<sha256>."),
+])
+
+FACE = pa.struct([
+    pa.field("x1", pa.float32()), pa.field("y1", pa.float32()),
+    pa.field("x2", pa.float32()), pa.field("y2", pa.float32()),
+    pa.field("score", pa.float32()),
+    pa.field("landmarks", pa.list_(pa.float32(), 10)),  # x,y of eyes, nose, mouth corners
+])
+
+FACES = pa.schema([
+    f("sha256", pa.string(), "Image content hash."),
+    f("detector_id", pa.string(), "sha256 of the detector model file."),
+    f("status", pa.string(), "ok, decode_error, missing, error."),
+    f("error", pa.string(), "What went wrong, for humans.", nullable=True),
+    f("width", pa.int32(), "Image width, pixels.", nullable=True),
+    f("height", pa.int32(), "Image height, pixels.", nullable=True),
+    f("n_faces", pa.int32(), "Faces found at or above the detector threshold."),
+    f("faces", pa.list_(FACE), "Each face: box (pixels), score, five landmarks (x,y pairs)."),
+    f("largest_face_share", pa.float32(), "Largest face box area / image area.", nullable=True),
+    f("largest_face_cx", pa.float32(), "Largest face centre x / width.", nullable=True),
+    f("largest_face_cy", pa.float32(), "Largest face centre y / height.", nullable=True),
+    f("detected_at", UTC_TS, "When detection ran (UTC)."),
+])
+
+LABELS = pa.schema([
+    f("post_id", pa.string(), "Post id."),
+    f("image_sha256", pa.string(), "The labeled image (the post's first)."),
+    f("author_key", pa.string(), "Author pseudonym."),
+    f("likes", pa.int64(), "Likes used (observed at age >= min_age_days)."),
+    f("followers", pa.int64(), "Author followers at that observation."),
+    f("n_tags", pa.int32(), "Tags on the post."),
+    f("age_days", pa.float64(), "Post age when its likes were observed, days."),
+    f("exposure", pa.float64(), "followers * (1 + tag_bonus * (n_tags - 1)), or views."),
+    f("group_id", pa.int32(), "Exposure group, 0 = highest exposure."),
+    f("rank_in_group", pa.int32(), "1..group_size by likes ascending (1 = fewest)."),
+    f("label", pa.int8(), "1 if rank_in_group > group_size / 2, else 0."),
+    f("score", pa.float64(), "(rank_in_group - 0.5) / group_size."),
+    f("split", pa.string(), "train, val or test; assigned per author."),
+    f("labeler", pa.string(), "Which labeler made the row ('groups' = the rule)."),
+    f("params_hash", pa.string(), "Hash of the [labeling] parameter set."),
+    f("run_id", pa.string(), "Labeling run id."),
+])
+
+
+@dataclass(frozen=True)
+class Table:
+    name: str
+    path: str  # prefix under the storage root
+    partition: str  # hive partition key
+    schema: pa.Schema
+
+
+TABLES: dict[str, Table] = {
+    t.name: t
+    for t in (
+        Table("posts", "posts", "dt", POSTS),
+        Table("engagement", "engagement", "dt", ENGAGEMENT),
+        Table("downloads", "downloads", "dt", DOWNLOADS),
+        Table("images", "images/index", "dt", IMAGES),
+        Table("faces", "faces", "dt", FACES),
+        Table("labels", "labels", "run", LABELS),
+    )
+}
+
+
+class SchemaError(TypeError):
+    """A frame does not match its table's schema. The message names table and column."""
+
+
+def conform(table: str, data: pa.Table) -> pa.Table:
+    """Return ``data`` in the column order and types of ``table``'s schema, or raise.
+
+    Safe casts (e.g. int32 -> int64) are applied; anything lossy, missing or extra is an error
+    naming the table, the column, the expected and the found type.
+    """
+    schema = TABLES[table].schema
+    missing = [n for n in schema.names if n not in data.column_names]
+    if missing:
+        raise SchemaError(f"table {table}: missing column(s) {', '.join(missing)}")
+    extra = [n for n in data.column_names if n not in schema.names]
+    if extra:
+        raise SchemaError(f"table {table}: unexpected column(s) {', '.join(extra)}")
+    columns = []
+    for fld in schema:
+        col = data.column(fld.name)
+        if not col.type.equals(fld.type):
+            try:
+                col = col.cast(fld.type, safe=True)
+            except (pa.ArrowInvalid, pa.ArrowNotImplementedError, pa.ArrowTypeError):
+                raise SchemaError(
+                    f"table {table}: column {fld.name}: expected {fld.type}, found {data.column(fld.name).type}"
+                ) from None
+        if not fld.nullable and col.null_count:
+            raise SchemaError(f"table {table}: column {fld.name}: {col.null_count} null value(s) in a non-null column")
+        columns.append(col)
+    return pa.Table.from_arrays(columns, schema=schema)
+
+
+def markdown_reference() -> str:
+    """README's table reference, generated so it cannot drift from the code."""
+    out = []
+    for t in TABLES.values():
+        out.append(f"### `{t.name}` — `{t.path}/{t.partition}=…/`\n")
+        out.append("| column | type | null | meaning |\n| --- | --- | --- | --- |")
+        for fld in t.schema:
+            doc = (fld.metadata or {}).get(b"doc", b"").decode()
+            out.append(f"| `{fld.name}` | `{fld.type}` | {'yes' if fld.nullable else 'no'} | {doc} |")
+        out.append("")
+    return "\n".join(out)

@@ -1,0 +1,274 @@
+"""Object storage: one small interface over a local folder and S3 (boto3).
+
+Keys are '/'-separated paths under the storage root (``posts/dt=2026-11-23/data.parquet``).
+Every put is atomic: a local write goes to a hidden temp file in the same folder and is
+renamed into place; an S3 PUT is atomic by itself (readers see the old or the new object).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+import uuid
+from abc import ABC, abstractmethod
+from pathlib import Path
+from typing import TYPE_CHECKING
+from urllib.parse import urlparse
+
+if TYPE_CHECKING:
+    import pyarrow.fs
+
+    from pipeline.config import StorageConfig
+
+
+class StorageError(RuntimeError):
+    """Storage could not be read or written; the message names the location and the cause."""
+
+
+class Storage(ABC):
+    """Bytes under keys. Subclasses: :class:`LocalStorage`, :class:`S3Storage`."""
+
+    root: str
+
+    @abstractmethod
+    def put_bytes(self, key: str, data: bytes) -> None: ...
+
+    @abstractmethod
+    def get_bytes(self, key: str) -> bytes: ...
+
+    @abstractmethod
+    def exists(self, key: str) -> bool: ...
+
+    @abstractmethod
+    def list(self, prefix: str = "") -> list[str]:
+        """All keys below ``prefix`` (recursive), sorted."""
+
+    @abstractmethod
+    def delete(self, key: str) -> None: ...
+
+    @abstractmethod
+    def arrow_fs(self) -> tuple[pyarrow.fs.FileSystem, str]:
+        """A pyarrow filesystem and the base path of the root within it."""
+
+    def uri(self, key: str = "") -> str:
+        return f"{self.root.rstrip('/')}/{key}" if key else self.root
+
+    def delete_prefix(self, prefix: str) -> int:
+        keys = self.list(prefix)
+        for key in keys:
+            self.delete(key)
+        return len(keys)
+
+    def put_text(self, key: str, text: str) -> None:
+        self.put_bytes(key, text.encode())
+
+    def get_text(self, key: str) -> str:
+        return self.get_bytes(key).decode()
+
+
+class LocalStorage(Storage):
+    def __init__(self, root: str | Path):
+        self.path = Path(root).expanduser().resolve()
+        self.root = str(self.path)
+
+    def _p(self, key: str) -> Path:
+        p = (self.path / key).resolve()
+        if p != self.path and self.path not in p.parents:
+            raise StorageError(f"key {key!r} escapes the storage root {self.root}")
+        return p
+
+    def put_bytes(self, key: str, data: bytes) -> None:
+        dest = self._p(key)
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        tmp = dest.parent / f".tmp-{uuid.uuid4().hex}-{dest.name}"
+        try:
+            with open(tmp, "wb") as fh:
+                fh.write(data)
+                fh.flush()
+                os.fsync(fh.fileno())
+            os.replace(tmp, dest)  # atomic on POSIX: readers see old or new, never half
+        finally:
+            with contextlib.suppress(FileNotFoundError):
+                tmp.unlink()
+
+    def get_bytes(self, key: str) -> bytes:
+        try:
+            return self._p(key).read_bytes()
+        except FileNotFoundError:
+            raise StorageError(f"{self.uri(key)}: not found") from None
+
+    def exists(self, key: str) -> bool:
+        return self._p(key).is_file()
+
+    def list(self, prefix: str = "") -> list[str]:
+        base = self._p(prefix) if prefix else self.path
+        if base.is_file():
+            return [prefix]
+        if not base.is_dir():
+            return []
+        return sorted(
+            p.relative_to(self.path).as_posix()
+            for p in base.rglob("*")
+            if p.is_file() and not p.name.startswith(".tmp-")
+        )
+
+    def delete(self, key: str) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            self._p(key).unlink()
+
+    def arrow_fs(self) -> tuple[pyarrow.fs.FileSystem, str]:
+        import pyarrow.fs
+
+        return pyarrow.fs.LocalFileSystem(), self.root
+
+
+_AUTH_CODES = {"InvalidAccessKeyId", "SignatureDoesNotMatch", "AccessDenied", "InvalidToken", "ExpiredToken"}
+
+
+class S3Storage(Storage):
+    """``s3://bucket/prefix`` on AWS or any S3-compatible endpoint (``endpoint_url``)."""
+
+    def __init__(
+        self,
+        root: str,
+        *,
+        endpoint_url: str = "",
+        region: str = "",
+        access_key_id: str = "",
+        secret_access_key: str = "",
+    ):
+        import boto3
+        from botocore.config import Config as BotoConfig
+
+        parsed = urlparse(root)
+        if parsed.scheme != "s3" or not parsed.netloc:
+            raise StorageError(f"{root!r}: expected s3://bucket[/prefix]")
+        self.root = root.rstrip("/")
+        self.bucket = parsed.netloc
+        self.prefix = parsed.path.strip("/")
+        self.endpoint_url = endpoint_url or None
+        self.region = region or None
+        self._keys = (access_key_id or None, secret_access_key or None)
+        self.client = boto3.client(
+            "s3",
+            endpoint_url=self.endpoint_url,
+            region_name=self.region,
+            aws_access_key_id=self._keys[0],
+            aws_secret_access_key=self._keys[1],
+            config=BotoConfig(retries={"max_attempts": 5, "mode": "standard"}, s3={"addressing_style": "path"}),
+        )
+
+    def _k(self, key: str) -> str:
+        return f"{self.prefix}/{key}" if self.prefix else key
+
+    def _error(self, exc: Exception, key: str) -> StorageError:
+        from botocore.exceptions import ClientError, EndpointConnectionError, NoCredentialsError
+
+        where = self.uri(key)
+        if isinstance(exc, NoCredentialsError):
+            return StorageError(f"{where}: no S3 credentials found (set storage.access_key_id/secret_access_key or the AWS chain)")
+        if isinstance(exc, EndpointConnectionError):
+            return StorageError(f"{where}: cannot reach S3 endpoint {self.endpoint_url or 'AWS'}: {exc}")
+        if isinstance(exc, ClientError):
+            code = exc.response.get("Error", {}).get("Code", "")
+            if code in _AUTH_CODES or code == "403":
+                return StorageError(f"{where}: S3 refused the credentials ({code}); check storage.access_key_id/secret_access_key")
+            if code in ("NoSuchBucket",):
+                return StorageError(f"{where}: bucket {self.bucket!r} does not exist")
+            if code in ("NoSuchKey", "404"):
+                return StorageError(f"{where}: not found")
+            return StorageError(f"{where}: S3 error {code}: {exc}")
+        return StorageError(f"{where}: {exc}")
+
+    def put_bytes(self, key: str, data: bytes) -> None:
+        try:
+            self.client.put_object(Bucket=self.bucket, Key=self._k(key), Body=data)
+        except Exception as exc:  # noqa: BLE001 - translated into a StorageError naming the key
+            raise self._error(exc, key) from exc
+
+    def get_bytes(self, key: str) -> bytes:
+        try:
+            return self.client.get_object(Bucket=self.bucket, Key=self._k(key))["Body"].read()
+        except Exception as exc:  # noqa: BLE001
+            raise self._error(exc, key) from exc
+
+    def exists(self, key: str) -> bool:
+        from botocore.exceptions import ClientError
+
+        try:
+            self.client.head_object(Bucket=self.bucket, Key=self._k(key))
+            return True
+        except ClientError as exc:
+            if exc.response.get("Error", {}).get("Code") in ("404", "NoSuchKey", "NotFound"):
+                return False
+            raise self._error(exc, key) from exc
+        except Exception as exc:  # noqa: BLE001
+            raise self._error(exc, key) from exc
+
+    def list(self, prefix: str = "") -> list[str]:
+        full = self._k(prefix)
+        strip = len(self.prefix) + 1 if self.prefix else 0
+        keys: list[str] = []
+        try:
+            for page in self.client.get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=full):
+                keys += [o["Key"][strip:] for o in page.get("Contents", [])]
+        except Exception as exc:  # noqa: BLE001
+            raise self._error(exc, prefix) from exc
+        return sorted(keys)
+
+    def delete(self, key: str) -> None:
+        try:
+            self.client.delete_object(Bucket=self.bucket, Key=self._k(key))
+        except Exception as exc:  # noqa: BLE001
+            raise self._error(exc, key) from exc
+
+    def arrow_fs(self) -> tuple[pyarrow.fs.FileSystem, str]:
+        import pyarrow.fs
+
+        kwargs: dict = {}
+        if self.endpoint_url:
+            parsed = urlparse(self.endpoint_url)
+            kwargs["endpoint_override"] = parsed.netloc or parsed.path
+            kwargs["scheme"] = parsed.scheme or "https"
+        if self.region:
+            kwargs["region"] = self.region
+        if self._keys[0]:
+            kwargs["access_key"], kwargs["secret_key"] = self._keys
+        base = f"{self.bucket}/{self.prefix}" if self.prefix else self.bucket
+        return pyarrow.fs.S3FileSystem(**kwargs), base
+
+
+def open_storage(cfg: StorageConfig) -> Storage:
+    """The storage the config points at."""
+    if cfg.root.startswith("s3://"):
+        return S3Storage(
+            cfg.root,
+            endpoint_url=cfg.endpoint_url,
+            region=cfg.region,
+            access_key_id=cfg.access_key_id,
+            secret_access_key=cfg.secret_access_key,
+        )
+    return LocalStorage(cfg.root)
+
+
+class ImageStore:
+    """Content-addressed image bytes: ``images/<sha256[:2]>/<sha256>``. A second put is free."""
+
+    def __init__(self, storage: Storage):
+        self.storage = storage
+
+    @staticmethod
+    def key(sha256: str) -> str:
+        return f"images/{sha256[:2]}/{sha256}"
+
+    def put(self, data: bytes) -> tuple[str, str]:
+        """Store ``data`` once; return (sha256, key)."""
+        sha = hashlib.sha256(data).hexdigest()
+        key = self.key(sha)
+        if not self.storage.exists(key):
+            self.storage.put_bytes(key, data)
+        return sha, key
+
+    def get(self, sha256: str) -> bytes:
+        return self.storage.get_bytes(self.key(sha256))
