@@ -102,16 +102,17 @@ class LocalStorage(Storage):
         return self._p(key).is_file()
 
     def list(self, prefix: str = "") -> list[str]:
-        base = self._p(prefix) if prefix else self.path
-        if base.is_file():
-            return [prefix]
+        # S3 semantics: a plain string prefix, so "posts/dt=" matches "posts/dt=2026-11-01/...".
+        folder = prefix.rsplit("/", 1)[0] if "/" in prefix else ""
+        base = self._p(folder) if folder else self.path
         if not base.is_dir():
             return []
-        return sorted(
+        keys = (
             p.relative_to(self.path).as_posix()
             for p in base.rglob("*")
             if p.is_file() and not p.name.startswith(".tmp-")
         )
+        return sorted(k for k in keys if k.startswith(prefix))
 
     def delete(self, key: str) -> None:
         with contextlib.suppress(FileNotFoundError):

@@ -1,0 +1,20 @@
+"""The Assets the likerank DAGs hand each other (data-aware scheduling).
+
+scrape -> posts, images, engagement -> detect_faces -> faces -> build_labels -> labels -> retrain -> model
+refresh_engagement -> engagement
+
+Each URI names a table under the configured storage root; the Asset is the logical hand-off,
+the storage root says where the bytes are.
+"""
+
+from airflow.sdk import Asset
+
+POSTS = Asset(name="likerank_posts", uri="likerank://tables/posts")
+ENGAGEMENT = Asset(name="likerank_engagement", uri="likerank://tables/engagement")
+IMAGES = Asset(name="likerank_images", uri="likerank://tables/images")
+FACES = Asset(name="likerank_faces", uri="likerank://tables/faces")
+LABELS = Asset(name="likerank_labels", uri="likerank://tables/labels")
+MODEL = Asset(name="likerank_model", uri="likerank://models/latest")
+
+#: Defaults every DAG shares: an owner to page, retries for transient failures.
+DEFAULT_ARGS = {"owner": "likerank-data", "retries": 2}
