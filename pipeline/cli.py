@@ -17,6 +17,7 @@ from pipeline.config import ConfigError, load_config
 #: Modules that register commands, in the order ``--help`` lists them.
 COMMAND_MODULES = [
     "pipeline.commands.config_cmd",
+    "pipeline.commands.query_cmd",
 ]
 
 

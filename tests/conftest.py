@@ -12,10 +12,17 @@ from pathlib import Path
 
 import pytest
 
+REPO = Path(__file__).resolve().parents[1]
+# Airflow reads these when first imported: point it at the repo's DAGs and SQLite metadata
+# (`make setup` migrates .airflow/airflow.db) unless the caller already chose.
+os.environ.setdefault("AIRFLOW_HOME", str(REPO / ".airflow"))
+os.environ.setdefault("AIRFLOW__CORE__DAGS_FOLDER", str(REPO / "dags"))
+os.environ.setdefault("AIRFLOW__CORE__LOAD_EXAMPLES", "False")
+os.environ.setdefault("AIRFLOW__CORE__PARALLELISM", "2")
+
 from pipeline.config import Config, load_config
 from pipeline.storage import LocalStorage, S3Storage, Storage
 
-REPO = Path(__file__).resolve().parents[1]
 SHARED_MODELS = Path(os.environ.get("LIKERANK_SHARED", REPO.parent / "shared")) / "models"
 
 pytest_plugins = sorted(

@@ -1,0 +1,44 @@
+"""`likerank query`: DuckDB views over the stored tables, on local storage and S3."""
+
+from __future__ import annotations
+
+import pyarrow as pa
+
+from pipeline.query import PUBLISHED_KEY, run_query
+from pipeline.storage import Storage
+from pipeline.tables import put_json, write_partition
+
+
+def _labels(run: str, n: int) -> pa.Table:
+    return pa.table({
+        "post_id": [f"{run}-{i}" for i in range(n)], "image_sha256": ["x"] * n, "author_key": ["a"] * n,
+        "likes": list(range(n)), "followers": [100] * n, "n_tags": [1] * n, "age_days": [40.0] * n,
+        "exposure": [100.0] * n, "group_id": [0] * n, "rank_in_group": list(range(1, n + 1)),
+        "label": [int(i >= n // 2) for i in range(n)], "score": [(i + 0.5) / n for i in range(n)],
+        "split": ["train"] * n, "labeler": ["groups"] * n, "params_hash": ["p"] * n, "run_id": [run] * n,
+    })
+
+
+def test_views_labels_is_the_published_run(storage: Storage):
+    assert run_query(storage, "select count(*) as n from labels").column("n").to_pylist() == [0]
+    write_partition(storage, "labels", "r1", _labels("r1", 4))
+    write_partition(storage, "labels", "r2", _labels("r2", 6))
+    put_json(storage, PUBLISHED_KEY, {"run_id": "r1"})
+    assert run_query(storage, "select count(*) as n from labels").column("n").to_pylist() == [4]
+    by_run = run_query(storage, "select run, count(*) as n from labels_all group by run order by run")
+    assert by_run.to_pylist() == [{"run": "r1", "n": 4}, {"run": "r2", "n": 6}]
+    # tables with no data yet still have their columns
+    assert run_query(storage, "select count(post_id) as n from posts").column("n").to_pylist() == [0]
+
+
+def test_cli_writes_csv(tmp_path):
+    from pipeline.cli import main
+    from pipeline.storage import LocalStorage
+
+    root = tmp_path / "data"
+    write_partition(LocalStorage(root), "labels", "r1", _labels("r1", 4))
+    out = tmp_path / "out.csv"
+    rc = main(["--set", f"storage.root={root}", "query", "select label, count(*) n from labels_all group by 1 order by 1",
+               "--output", str(out)])
+    assert rc == 0
+    assert out.read_text().splitlines() == ['"label","n"', "0,2", "1,2"]
