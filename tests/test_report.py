@@ -1,0 +1,175 @@
+"""`likerank report`: the static HTML report renders every section, or says why a piece is missing.
+
+The world comes from tests/fixtures/report.py (every table, a labels run, its validation and a
+model). The last test opens the page in headless Chromium (skipped where none is installed).
+"""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+from html.parser import HTMLParser
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from pipeline.report import SECTION_IDS, build_report, roc_points
+from pipeline.storage import LocalStorage, Storage
+from tests.fixtures.report import REPORT_MODEL, REPORT_RUN, make_report_dataset
+
+
+class _Page(HTMLParser):
+    """Element ids, section classes and every <img src> / <a href> of a page."""
+
+    def __init__(self, html: str):
+        super().__init__()
+        self.ids: set[str] = set()
+        self.sections: dict[str, str] = {}
+        self.imgs: list[str] = []
+        self.links: list[str] = []
+        self.feed(html)
+
+    def handle_starttag(self, tag, attrs):
+        a = dict(attrs)
+        if a.get("id"):
+            self.ids.add(a["id"])
+        if tag == "section":
+            self.sections[a["id"]] = a.get("class", "")
+        if tag == "img":
+            self.imgs.append(a["src"])
+        if tag == "a":
+            self.links.append(a.get("href", ""))
+
+
+def _page(index: Path) -> tuple[_Page, str]:
+    html = index.read_text()
+    return _Page(html), html
+
+
+def test_full_world_renders_every_section(cfg, report_world: LocalStorage):
+    index = build_report(cfg, report_world)
+    assert index == report_world.path / "reports" / REPORT_RUN / "index.html"  # the default folder
+    page, html = _page(index)
+    assert page.sections == {sid: "ok" for sid in SECTION_IDS}
+    for sub in ("funnel-table", "drop-reasons", "data-docs", "failed-expectations", "metrics-table",
+                "roc", "calibration", "continuum", "top", "bottom"):
+        assert sub in page.ids, sub
+    for name in ("funnel.png", "distributions.png", "likes_vs_followers.png", "label_balance.png",
+                 "roc.png", "calibration.png", "history.png"):
+        assert name in page.imgs and (index.parent / name).stat().st_size > 2000, name
+    thumbs = [s for s in page.imgs if s.startswith("thumbs/")]
+    assert len(thumbs) >= 14 and all((index.parent / s).is_file() for s in page.imgs)
+    # the funnel's numbers, the labeler's summary rendered generically, the failed expectation
+    assert "http_error: <span class=\"num\">2</span>" in html
+    assert "too_young" in html and "trailing_partial_group" in html
+    assert "expect_column_values_to_be_between" in html and "validation failed" in html
+    # Data Docs linked relatively, and the link resolves
+    docs = [h for h in page.links if h.endswith("index.html")]
+    assert docs and not docs[0].startswith("/") and (index.parent / docs[0]).resolve().is_file()
+    assert "predicted probability" in html
+
+
+def test_rerun_replaces_its_own_files_only(cfg, report_world: LocalStorage, tmp_path: Path):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "notes.txt").write_text("mine")
+    build_report(cfg, report_world, out=out)
+    (out / "thumbs" / "stale.jpg").write_bytes(b"x")
+    index = build_report(cfg, report_world, out=out)
+    assert (out / "notes.txt").read_text() == "mine"
+    assert not (out / "thumbs" / "stale.jpg").exists()
+    assert not list(out.glob(".tmp-*")) and index.is_file()
+
+
+def test_missing_pieces_say_not_available(cfg, local_storage: LocalStorage):
+    make_report_dataset(local_storage, posts=False, validation=False, model=False)
+    page, html = _page(build_report(cfg, local_storage))
+    assert page.sections["validation"] == "na" and page.sections["model"] == "na"
+    assert "not available: nothing under" in html and "models/latest.json does not exist" in html
+    for sid in ("funnel", "distributions", "likes-vs-followers", "label-balance", "contact-sheets"):
+        assert page.sections[sid] == "ok", sid
+    assert "ordered by label score" in html
+
+
+def test_empty_storage_renders_without_crashing(cfg, local_storage: LocalStorage, tmp_path: Path):
+    page, html = _page(build_report(cfg, local_storage, out=tmp_path / "r"))
+    assert "section-error" not in set(page.sections.values())
+    assert page.sections["funnel"] == "ok"
+    assert all(page.sections[s] == "na" for s in SECTION_IDS if s != "funnel")
+    assert "no labels run found" in html
+
+
+@pytest.mark.parametrize("predictions", ["file", None])
+def test_predictions_from_a_file_or_none(cfg, local_storage: LocalStorage, predictions):
+    make_report_dataset(local_storage, predictions=predictions)
+    index = build_report(cfg, local_storage)
+    page, html = _page(index)
+    assert page.sections["model"] == "ok" and "metrics-table" in page.ids
+    if predictions == "file":
+        assert "roc" in page.ids and (index.parent / "roc.png").is_file()
+        assert f"models/{REPORT_MODEL}/predictions.parquet" in html
+    else:
+        assert "no-predictions" in page.ids and "no predictions file" in html
+        assert "ordered by label score" in html
+
+
+def test_unbalanced_group_is_flagged(cfg, local_storage: LocalStorage):
+    make_report_dataset(local_storage, unbalanced=True)
+    _, html = _page(build_report(cfg, local_storage))
+    assert "1 group(s) are not 50 % positive" in html
+
+
+def test_named_runs_that_do_not_exist(cfg, report_world: Storage, tmp_path: Path):
+    page, html = _page(build_report(cfg, report_world, labels_run="nope", model_run="nope", out=tmp_path / "r"))
+    assert page.sections["model"] == "na" and "model run &#39;nope&#39;" in html
+    assert page.sections["contact-sheets"] == "na" and "labels run &#39;nope&#39; has no partition" in html
+
+
+@pytest.mark.parametrize(("y", "p", "auc"), [
+    ([0, 0, 1, 1], [0.1, 0.2, 0.8, 0.9], 1.0),
+    ([1, 1, 0, 0], [0.1, 0.2, 0.8, 0.9], 0.0),
+    ([0, 1, 0, 1], [0.5, 0.5, 0.5, 0.5], 0.5),  # ties move together: one diagonal step
+    ([0, 1, 1, 0, 1], [0.1, 0.4, 0.35, 0.8, 0.9], 4 / 6),
+])
+def test_roc_points(y, p, auc):
+    fpr, tpr = roc_points(np.array(y), np.array(p, dtype=float))
+    assert fpr[0] == tpr[0] == 0 and fpr[-1] == tpr[-1] == 1
+    assert np.trapezoid(tpr, fpr) == pytest.approx(auc)
+
+
+def test_cli_report(report_world: LocalStorage, tmp_path: Path, capsys):
+    from pipeline.cli import main
+
+    out = tmp_path / "cli-report"
+    rc = main(["--set", f"storage.root={report_world.root}", "report", "--out", str(out)])
+    assert rc == 0 and (out / "index.html").is_file()
+    assert str(out / "index.html") in capsys.readouterr().out
+
+
+CHROMIUM = next((p for p in (shutil.which("chromium"), shutil.which("chromium-browser"),
+                             shutil.which("google-chrome")) if p), None)
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="no chromium binary on PATH (CI installs Debian's `chromium`)")
+def test_renders_in_headless_chromium(cfg, report_world: LocalStorage, tmp_path: Path):
+    index = build_report(cfg, report_world)
+    base = [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+            "--disable-background-networking", "--disable-component-update", "--disable-sync",
+            f"--user-data-dir={tmp_path / 'profile'}"]
+    dom = subprocess.run([*base, "--dump-dom", index.as_uri()], capture_output=True, text=True, timeout=120)
+    assert dom.returncode == 0, dom.stderr[-2000:]
+    page = _Page(dom.stdout)
+    assert set(SECTION_IDS) <= page.ids and {"roc", "calibration", "continuum"} <= page.ids
+    assert page.imgs and all((index.parent / src).is_file() for src in page.imgs)
+
+    shot = tmp_path / "shot.png"
+    run = subprocess.run([*base, f"--screenshot={shot}", "--window-size=1280,2400", index.as_uri()],
+                         capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr[-2000:]
+    from PIL import Image
+
+    with Image.open(shot) as im:
+        assert im.size == (1280, 2400)
+        colors = im.convert("RGB").resize((64, 120)).getcolors(64 * 120)
+    assert shot.stat().st_size > 50_000 and colors and len(colors) > 50  # not a blank page
