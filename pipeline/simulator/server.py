@@ -1,0 +1,531 @@
+"""The simulator's HTTP server: the Mastodon API over a generated world, on loopback.
+
+Routes (Mastodon's):
+
+* ``GET /api/v1/timelines/tag/:hashtag`` — ``limit``, ``max_id``, ``since_id``, ``min_id``,
+  ``only_media``, ``any[]``/``all[]``/``none[]``; newest first; ``Link`` header.
+* ``GET /api/v1/statuses/:id``, ``GET /api/v1/accounts/:id``, ``GET /api/v1/instance``.
+* ``GET|HEAD /system/media_attachments/files/<id partition>/(original|small)/<id>.<ext>``.
+
+Only statuses created at or before the world's clock exist; the clock only moves when told
+(``POST /_sim/advance?days=N`` or :meth:`SimServer.advance`), so counts are reproducible.
+The ``Date`` header carries the world's clock, so a client that dates its observations by
+the server's ``Date`` (as it should for a real instance too) gets ages on the world's time.
+
+Admin routes (not Mastodon's, never rate limited): ``GET /_sim/now``, ``POST /_sim/advance``,
+``GET|POST|DELETE /_sim/faults`` (body: ``{"mode": ..., "fraction": ..., "post_ids": [...],
+"count": N, "scope": ..., <mode parameters>}``; see :mod:`.faults`), ``GET /_sim/health``.
+Ground truth is never served.
+
+HTTP/1.1 with keep-alive on a ``ThreadingHTTPServer`` (one daemon thread per connection).
+Rendered images are cached in a byte-bounded LRU; each image is rendered once even when
+many clients ask for it at the same time.
+"""
+
+from __future__ import annotations
+
+import email.utils
+import json
+import logging
+import re
+import socket
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Callable
+from datetime import UTC, datetime
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+from urllib.parse import parse_qs, unquote, urlsplit
+
+from pipeline.simulator import entities
+from pipeline.simulator.faults import (
+    HTML_ERROR_PAGE,
+    FaultError,
+    FaultSet,
+    bomb_png,
+    make_rule,
+    truncate_json,
+)
+from pipeline.simulator.images import render_image, render_preview
+from pipeline.simulator.ratelimit import MASTODON_RATE_LIMIT, RateLimit, RateLimiter
+from pipeline.simulator.timeline import BadParam, TimelineIndex, link_header, parse_query
+from pipeline.simulator.world import DAY_MS, DEFAULT_NOW, World, build_world
+
+log = logging.getLogger(__name__)
+
+JSON_TYPE = "application/json; charset=utf-8"
+MEDIA_RE = re.compile(r"^/system/media_attachments/files/(?:\d{3}/)+(original|small)/(\d+)\.(jpg|png|mp4)$")
+# A minimal MP4 header (ftyp + free boxes): enough to be recognised as video/mp4 and skipped.
+MP4_STUB = (b"\x00\x00\x00\x18ftypisom\x00\x00\x02\x00isomiso2" + b"\x00\x00\x00\x08free")
+STREAM_CHUNK = 64 * 1024
+
+
+class ImageCache:
+    """Byte-bounded LRU of rendered files; renders each key once even under concurrent requests."""
+
+    def __init__(self, max_bytes: int):
+        self.max_bytes = max_bytes
+        self._data: OrderedDict[Any, bytes] = OrderedDict()
+        self._size = 0
+        self._lock = threading.Lock()
+        self._inflight: dict[Any, threading.Lock] = {}
+
+    def get(self, key: Any, make: Callable[[], bytes]) -> bytes:
+        with self._lock:
+            data = self._data.get(key)
+            if data is not None:
+                self._data.move_to_end(key)
+                return data
+            key_lock = self._inflight.setdefault(key, threading.Lock())
+        with key_lock:
+            with self._lock:
+                data = self._data.get(key)
+            if data is None:
+                data = make()
+                with self._lock:
+                    if key not in self._data:
+                        self._data[key] = data
+                        self._size += len(data)
+                    while self._size > self.max_bytes and len(self._data) > 1:
+                        _, old = self._data.popitem(last=False)
+                        self._size -= len(old)
+                    self._inflight.pop(key, None)
+        return data
+
+    def __len__(self) -> int:
+        return len(self._data)
+
+
+class SimState:
+    """Everything a request handler needs; shared by all handler threads."""
+
+    def __init__(self, world: World, rate_limit: RateLimit | None, image_cache_bytes: int):
+        self.world = world
+        self.index = TimelineIndex(world)
+        self.offset_ms = 0
+        self.faults = FaultSet()
+        self.limiter = RateLimiter(rate_limit) if rate_limit else None
+        self.cache = ImageCache(image_cache_bytes)
+        self.base = ""  # set once the port is known
+        self._lock = threading.Lock()
+
+    @property
+    def now_ms(self) -> int:
+        return self.world.now_ms + self.offset_ms
+
+    def advance(self, days: float) -> int:
+        if not days >= 0:
+            raise ValueError(f"advance: days must be >= 0, got {days}")
+        with self._lock:
+            self.offset_ms += round(days * DAY_MS)
+            return self.now_ms
+
+
+class _Handler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"  # keep-alive: clients reuse connections
+    server_version = "Mastodon"  # what nginx in front of Mastodon reports
+    state: SimState  # set on the subclass made per server
+
+    # ------------------------------------------------------------------ plumbing
+
+    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - stdlib signature
+        if log.isEnabledFor(logging.DEBUG):  # formatting every request costs when nobody reads it
+            log.debug("%s %s", self.address_string(), format % args)
+
+    def version_string(self) -> str:
+        return self.server_version
+
+    def date_time_string(self, timestamp: float | None = None) -> str:
+        # Date is the world's clock (see module docstring).
+        return email.utils.formatdate(self.state.now_ms / 1000, usegmt=True)
+
+    def setup(self) -> None:
+        super().setup()
+        # Small responses go out at once instead of waiting for the peer's delayed ACK (~40 ms).
+        self.connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+    def _send(self, status: int, body: bytes, content_type: str, headers: list[tuple[str, str]] = (),
+              head: bool = False) -> None:
+        self.send_response(status)
+        self.send_header("Content-Type", content_type)
+        self.send_header("Content-Length", str(len(body)))
+        for k, v in headers:
+            self.send_header(k, v)
+        # Headers and body in one write (what end_headers + wfile.write would send in two).
+        self._headers_buffer.append(b"\r\n")
+        if not head:
+            self._headers_buffer.append(body)
+        self.flush_headers()
+
+    def _json(self, status: int, obj: Any, headers: list[tuple[str, str]] = (), head: bool = False) -> None:
+        body = json.dumps(obj, separators=(",", ":"), ensure_ascii=False).encode()
+        self._send(status, body, JSON_TYPE, headers, head)
+
+    def _error(self, status: int, message: str, headers: list[tuple[str, str]] = ()) -> None:
+        self._json(status, {"error": message}, headers)
+
+    def do_GET(self) -> None:  # noqa: N802 - stdlib name
+        self._dispatch("GET")
+
+    def do_HEAD(self) -> None:  # noqa: N802
+        self._dispatch("HEAD")
+
+    def do_POST(self) -> None:  # noqa: N802
+        self._dispatch("POST")
+
+    def do_DELETE(self) -> None:  # noqa: N802
+        self._dispatch("DELETE")
+
+    def _dispatch(self, method: str) -> None:
+        try:
+            url = urlsplit(self.path)
+            path, params = url.path, parse_qs(url.query, keep_blank_values=True)
+            if path.startswith("/_sim/"):
+                self._admin(method, path, params)
+            elif path.startswith("/api/"):
+                self._api(method, path, params)
+            elif m := MEDIA_RE.match(path):
+                self._media(method, m.group(1), m.group(2), m.group(3), params)
+            else:
+                self._send(404, b"Not Found\n", "text/plain; charset=utf-8", head=method == "HEAD")
+        except (BrokenPipeError, ConnectionResetError):
+            self.close_connection = True  # the client went away (e.g. it stopped an oversized body)
+        except Exception:  # noqa: BLE001 - a bug here must not kill the connection thread silently
+            log.exception("simulator: error serving %s", self.path)
+            try:
+                self._error(500, "Internal server error")
+            except OSError:
+                self.close_connection = True
+
+    # ------------------------------------------------------------------ faults shared by API and media
+
+    def _common_faults(self, scope: str, target: str, post_id: str | None) -> bool:
+        """Apply error_5xx / slow / redirects; True when a response was already sent."""
+        faults = self.state.faults
+        if not faults:
+            return False
+        if rule := faults.fire("error_5xx", scope, target, post_id):
+            self._error(int(rule.params["status"]), "Service Unavailable")
+            return True
+        if rule := faults.fire("slow", scope, target, post_id):
+            time.sleep(float(rule.params["delay_s"]))
+        if faults.fire("redirect_loop", scope, target, post_id):
+            url = urlsplit(self.path)
+            looped = parse_qs(url.query).get("loop") == ["1"]
+            location = f"{self.state.base}{url.path}" + ("" if looped else "?loop=1")
+            self._send(302, b"", "text/html; charset=utf-8", [("Location", location)])
+            return True
+        if rule := faults.fire("redirect_private", scope, target, post_id):
+            self._send(302, b"", "text/html; charset=utf-8", [("Location", str(rule.params["target"]))])
+            return True
+        return False
+
+    # ------------------------------------------------------------------ API
+
+    def _api(self, method: str, path: str, params: dict[str, list[str]]) -> None:
+        st = self.state
+        rl_headers: list[tuple[str, str]] = []
+        if st.limiter is not None:
+            client = self.headers.get("Authorization") or self.client_address[0]
+            decision = st.limiter.hit(client)
+            rl_headers = decision.headers()
+            if not decision.allowed:
+                self._error(429, "Too many requests", rl_headers)
+                return
+        if method not in ("GET", "HEAD"):
+            self._error(405, "Method not allowed", rl_headers)
+            return
+        parts = [unquote(p) for p in path.split("/")[1:]]  # api, v1, ...
+        status_id = parts[3] if len(parts) == 4 and parts[2] == "statuses" else None
+        target = status_id or self.path
+        if self._common_faults("api", target, status_id):
+            return
+        now = st.now_ms
+        headers = list(rl_headers)
+        if len(parts) == 5 and parts[1:4] == ["v1", "timelines", "tag"]:
+            try:
+                q = parse_query(parts[4], params)
+            except BadParam as exc:
+                self._error(422, str(exc), headers)
+                return
+            page = st.index.select(q, now)
+            body = [self._status_json(i, now) for i in page]
+            if page:
+                first, last = st.world.posts[page[0]].id, st.world.posts[page[-1]].id
+                headers.append(("Link", link_header(st.base, parts[4], params, first, last)))
+            self._api_body(body, headers, method, None)
+        elif status_id is not None:
+            i = st.world.post_by_id.get(status_id)
+            if i is None or st.world.posts[i].created_ms > now:
+                self._error(404, "Record not found", headers)
+                return
+            self._api_body(self._status_json(i, now), headers, method, status_id)
+        elif len(parts) == 4 and parts[1:3] == ["v1", "accounts"]:
+            a = st.world.account_by_id.get(parts[3])
+            if a is None:
+                self._error(404, "Record not found", headers)
+                return
+            self._api_body(entities.account(st.world, a, st.base, now), headers, method, None)
+        elif parts[1:] == ["v1", "instance"]:
+            self._api_body(self._instance(), headers, method, None)
+        else:
+            self._error(404, "Record not found", headers)
+
+    def _status_json(self, i: int, now: int) -> dict[str, Any]:
+        st = self.state
+        obj = entities.status(st.world, i, st.base, now)
+        if st.faults:
+            post_id = st.world.posts[i].id
+            if rule := st.faults.fire("missing_fields", "api", post_id, post_id):
+                for name in rule.params["fields"]:
+                    obj.pop(name, None)
+        return obj
+
+    def _api_body(self, obj: Any, headers: list[tuple[str, str]], method: str, post_id: str | None) -> None:
+        faults = self.state.faults
+        head = method == "HEAD"
+        if faults:
+            if rule := faults.fire("html", "api", post_id or self.path, post_id):
+                self._send(int(rule.params["status"]), HTML_ERROR_PAGE, "text/html; charset=utf-8", headers, head)
+                return
+            body = json.dumps(obj, separators=(",", ":"), ensure_ascii=False).encode()
+            if faults.fire("malformed_json", "api", post_id or self.path, post_id):
+                self._send(200, truncate_json(body), JSON_TYPE, headers, head)
+                return
+            if rule := faults.fire("wrong_content_type", "api", post_id or self.path, post_id):
+                self._send(200, body, str(rule.params["content_type"]), headers, head)
+                return
+        self._json(200, obj, headers, head)
+
+    def _instance(self) -> dict[str, Any]:
+        st = self.state
+        host = urlsplit(st.base).netloc
+        return {
+            "uri": host, "title": "likerank simulator", "short_description": "A generated world.",
+            "description": "", "email": "", "version": "4.3.0 (compatible; likerank-sim)",
+            "urls": {}, "stats": {"user_count": len(st.world.accounts),
+                                  "status_count": st.index.n_visible(st.now_ms), "domain_count": 1},
+            "languages": ["en"], "registrations": False, "approval_required": False,
+            "invites_enabled": False, "configuration": {"statuses": {"max_media_attachments": 4}},
+            "rules": [],
+        }
+
+    # ------------------------------------------------------------------ media
+
+    def _media(self, method: str, style: str, media_id: str, ext: str, params: dict[str, list[str]]) -> None:
+        st = self.state
+        head = method == "HEAD"
+        if method not in ("GET", "HEAD"):
+            self._send(405, b"", "text/plain; charset=utf-8")
+            return
+        i = st.world.media_by_id.get(media_id)
+        m = st.world.media[i] if i is not None else None
+        if m is None or entities.media_path(m, style) != urlsplit(self.path).path:
+            self._send(404, b"Not Found\n", "text/plain; charset=utf-8", head=head)
+            return
+        post = st.world.posts[m.post]
+        if post.created_ms > st.now_ms:
+            self._send(404, b"Not Found\n", "text/plain; charset=utf-8", head=head)
+            return
+        if st.faults and self._media_faults(m.id, post.id, head):
+            return
+        if style == "small":
+            body, ctype = st.cache.get((i, "small"), lambda: render_preview(m.plan)), "image/jpeg"
+        elif m.type == "video":
+            body, ctype = MP4_STUB, "video/mp4"
+        else:
+            body, ctype = st.cache.get((i, "original"), lambda: render_image(m.plan)), m.plan.mime
+        if st.faults:
+            if rule := st.faults.fire("truncated", "media", m.id, post.id):
+                keep = int(len(body) * float(rule.params["keep_fraction"]))
+                self.send_response(200)
+                self.send_header("Content-Type", ctype)
+                self.send_header("Content-Length", str(len(body)))
+                self.send_header("Connection", "close")
+                self.end_headers()
+                if not head:
+                    self.wfile.write(body[:keep])
+                self.close_connection = True
+                return
+            if rule := st.faults.fire("wrong_content_type", "media", m.id, post.id):
+                ctype = str(rule.params["content_type"])
+        self._send(200, body, ctype, [("Cache-Control", "public, max-age=31536000, immutable")], head)
+
+    def _media_faults(self, media_id: str, post_id: str, head: bool) -> bool:
+        st = self.state
+        if self._common_faults("media", media_id, post_id):
+            return True
+        if rule := st.faults.fire("bomb", "media", media_id, post_id):
+            self._send(200, bomb_png(int(rule.params["width"]), int(rule.params["height"])), "image/png", head=head)
+            return True
+        if rule := st.faults.fire("oversized", "media", media_id, post_id):
+            size = int(rule.params["size_bytes"])
+            self.send_response(200)
+            self.send_header("Content-Type", "image/jpeg")
+            if rule.params["declare_length"]:
+                self.send_header("Content-Length", str(size))
+            else:
+                self.send_header("Connection", "close")  # body ends when the connection does
+            self.end_headers()
+            self.close_connection = True
+            if head:
+                return True
+            chunk = b"\xff\xd8\xff\xe0" + b"\x00" * (STREAM_CHUNK - 4)  # JPEG SOI, then padding
+            sent = 0
+            while sent < size:
+                piece = chunk[: min(STREAM_CHUNK, size - sent)]
+                self.wfile.write(piece)
+                sent += len(piece)
+                chunk = b"\x00" * STREAM_CHUNK
+            return True
+        return False
+
+    # ------------------------------------------------------------------ admin
+
+    def _admin(self, method: str, path: str, params: dict[str, list[str]]) -> None:
+        st = self.state
+        if path == "/_sim/health":
+            self._json(200, {"ok": True})
+        elif path == "/_sim/now" and method == "GET":
+            self._json(200, {"now": entities.iso_ms(st.now_ms)})
+        elif path == "/_sim/advance" and method == "POST":
+            try:
+                days = float(params.get("days", ["1"])[-1])
+                now = st.advance(days)
+            except ValueError as exc:
+                self._error(400, str(exc))
+                return
+            self._json(200, {"now": entities.iso_ms(now)})
+        elif path == "/_sim/faults":
+            if method == "GET":
+                self._json(200, {"faults": [r.to_json() for r in st.faults.rules()], "hits": st.faults.hits})
+            elif method == "DELETE":
+                st.faults.clear(params.get("mode", [None])[-1])
+                self._json(200, {"faults": [r.to_json() for r in st.faults.rules()]})
+            elif method == "POST":
+                length = int(self.headers.get("Content-Length") or 0)
+                try:
+                    spec = json.loads(self.rfile.read(length) or b"{}")
+                    if spec.get("clear"):
+                        st.faults.clear(spec.get("mode"))
+                        self._json(200, {"faults": [r.to_json() for r in st.faults.rules()]})
+                        return
+                    rule = make_rule(**spec)
+                except (ValueError, TypeError, FaultError) as exc:
+                    self._error(400, f"bad fault rule: {exc}")
+                    return
+                st.faults.set(rule)
+                self._json(200, rule.to_json())
+            else:
+                self._error(405, "Method not allowed")
+        else:
+            self._error(404, "Not found")
+
+
+class _Server(ThreadingHTTPServer):
+    daemon_threads = True  # open keep-alive connections must not block shutdown
+    allow_reuse_address = True
+    request_queue_size = 128  # listen backlog for benchmark bursts
+
+
+class SimServer:
+    """A running simulator; also a context manager that stops it."""
+
+    def __init__(self, state: SimState, httpd: _Server, thread: threading.Thread):
+        self._state, self._httpd, self._thread = state, httpd, thread
+        host, port = httpd.server_address[:2]
+        self.host, self.port = str(host), int(port)
+        self.url = f"http://{self.host}:{self.port}"
+
+    @property
+    def world(self) -> World:
+        return self._state.world
+
+    @property
+    def now(self) -> datetime:
+        """The world's current time."""
+        return datetime.fromtimestamp(self._state.now_ms / 1000, tz=UTC)
+
+    def advance(self, days: float) -> datetime:
+        """Move the world's clock forward: new posts appear, counts grow. Returns the new now."""
+        self._state.advance(days)
+        return self.now
+
+    def set_fault(self, mode: str, *, fraction: float = 1.0, post_ids: Any = (), count: int | None = None,
+                  scope: str | None = None, **params: Any) -> None:
+        """Switch a fault mode on (replacing that mode's previous rule); see :mod:`.faults`."""
+        self._state.faults.set(make_rule(mode, fraction=fraction, post_ids=post_ids, count=count,
+                                         scope=scope, **params))
+
+    def clear_faults(self, mode: str | None = None) -> None:
+        self._state.faults.clear(mode)
+
+    def fault_hits(self, mode: str) -> int:
+        """How many times a mode has fired since the server started."""
+        return self._state.faults.hits.get(mode, 0)
+
+    def fault_selects(self, mode: str, target: str) -> bool:
+        """Whether the active rule of ``mode`` would pick ``target`` (attachment or status id)."""
+        return any(r.mode == mode and r.selects(target) for r in self._state.faults.rules())
+
+    @property
+    def cached_images(self) -> int:
+        return len(self._state.cache)
+
+    def stop(self) -> None:
+        self._httpd.shutdown()
+        self._httpd.server_close()
+        self._thread.join(timeout=10)
+
+    def serve_until_stopped(self) -> None:
+        """Block until :meth:`stop` is called from another thread (or a signal handler)."""
+        self._thread.join()
+
+    def __enter__(self) -> SimServer:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+def start_server(world: World | None = None, *, seed: int = 7, posts: int = 5000,
+                 hashtags: tuple[str, ...] | list[str] = ("selfie",), now: datetime = DEFAULT_NOW,
+                 host: str = "127.0.0.1", port: int = 0, rate_limit: RateLimit | None = None,
+                 image_cache_mb: int = 256) -> SimServer:
+    """Start a simulator on ``host:port`` (0 = a free port) in a background thread.
+
+    ``world`` defaults to :func:`build_world(seed, posts, hashtags, now)`; ``rate_limit`` is off
+    unless given (``MASTODON_RATE_LIMIT`` is Mastodon's 300 per 5 minutes).
+    """
+    world = world or build_world(seed, posts, tuple(hashtags), now)
+    state = SimState(world, rate_limit, image_cache_mb * 1024 * 1024)
+    handler = type("SimHandler", (_Handler,), {"state": state})
+    httpd = _Server((host, port), handler)
+    bound_host, bound_port = httpd.server_address[:2]
+    state.base = f"http://{bound_host}:{bound_port}"
+    thread = threading.Thread(target=httpd.serve_forever, kwargs={"poll_interval": 0.2},
+                              name=f"likerank-sim:{bound_port}", daemon=True)
+    thread.start()
+    return SimServer(state, httpd, thread)
+
+
+def rate_limit_from_config(requests_per_5_min: int) -> RateLimit | None:
+    """``[simulator] rate_limit`` (requests per 5 minutes, 0 = off) as a :class:`RateLimit`."""
+    if requests_per_5_min <= 0:
+        return None
+    return RateLimit(requests_per_5_min, MASTODON_RATE_LIMIT.period_s)
+
+
+def wait_until_up(url: str, timeout_s: float = 10.0) -> None:
+    """Block until ``url`` accepts TCP connections (for servers started in another process)."""
+    parts = urlsplit(url)
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            with socket.create_connection((parts.hostname, parts.port or 80), timeout=1):
+                return
+        except OSError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.05)
