@@ -1,0 +1,97 @@
+"""``make retrain``: refuses without published labels; triggers through Airflow's REST API when it is up.
+
+The Airflow API is a small local HTTP server speaking the four endpoints retrain uses
+(health, token, unpause, trigger), so no Airflow process is needed.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import pytest
+
+from pipeline.storage import LocalStorage
+from tests.test_train_data import make_labels_run
+from training import retrain
+
+
+@pytest.fixture
+def env(tmp_path, monkeypatch):
+    monkeypatch.setenv("LIKERANK_STORAGE__ROOT", str(tmp_path / "data"))
+    monkeypatch.setenv("AIRFLOW_HOME", str(tmp_path / "airflow"))
+    (tmp_path / "airflow").mkdir()
+    (tmp_path / "airflow" / "simple_auth_manager_passwords.json.generated").write_text('{"admin": "pw-123"}')
+    return tmp_path
+
+
+@pytest.fixture
+def fake_airflow(monkeypatch):
+    calls: list[tuple[str, str, dict, str]] = []
+
+    class Handler(BaseHTTPRequestHandler):
+        def _reply(self, code: int, body: dict) -> None:
+            data = json.dumps(body).encode()
+            self.send_response(code)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+
+        def _record(self) -> dict:
+            n = int(self.headers.get("Content-Length") or 0)
+            body = json.loads(self.rfile.read(n)) if n else {}
+            calls.append((self.command, self.path, body, self.headers.get("Authorization", "")))
+            return body
+
+        def do_GET(self):  # noqa: N802
+            self._record()
+            if self.path == "/api/v2/monitor/health":
+                return self._reply(200, {"metadatabase": {"status": "healthy"}})
+            return self._reply(404, {})
+
+        def do_POST(self):  # noqa: N802
+            body = self._record()
+            if self.path == "/auth/token":
+                ok = body == {"username": "admin", "password": "pw-123"}
+                return self._reply(201 if ok else 401, {"access_token": "tok"} if ok else {})
+            if self.path == "/api/v2/dags/retrain/dagRuns":
+                return self._reply(200, {"dag_run_id": "manual__x", "state": "queued"})
+            return self._reply(404, {})
+
+        def do_PATCH(self):  # noqa: N802
+            self._record()
+            return self._reply(200, {"dag_id": "retrain", "is_paused": False})
+
+        def log_message(self, *args):
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    monkeypatch.setenv("LIKERANK_AIRFLOW_URL", f"http://127.0.0.1:{server.server_address[1]}")
+    yield calls
+    server.shutdown()
+
+
+def test_refuses_without_published_labels(env, capsys, monkeypatch):
+    monkeypatch.setattr(retrain, "run_dag_test", lambda: pytest.fail("must not reach Airflow"))
+    assert retrain.main([]) == 2
+    assert "refused: no labels run is published" in capsys.readouterr().err
+
+
+def test_triggers_the_dag_through_the_api_when_airflow_is_up(env, fake_airflow, capsys, monkeypatch):
+    make_labels_run(LocalStorage(env / "data"), n={"train": 4, "val": 2, "test": 2})
+    monkeypatch.setattr(retrain, "run_dag_test", lambda: pytest.fail("Airflow is up: must use the API"))
+    assert retrain.main([]) == 0
+    assert "triggered DAG 'retrain' run 'manual__x'" in capsys.readouterr().out
+    authed = [(m, p, b) for m, p, b, auth in fake_airflow if auth == "Bearer tok"]
+    assert ("PATCH", "/api/v2/dags/retrain", {"is_paused": False}) in authed
+    assert ("POST", "/api/v2/dags/retrain/dagRuns", {"logical_date": None, "conf": {}}) in authed
+
+
+def test_falls_back_to_dags_test_without_airflow(env, monkeypatch):
+    make_labels_run(LocalStorage(env / "data"), n={"train": 4, "val": 2, "test": 2})
+    monkeypatch.setenv("LIKERANK_AIRFLOW_URL", "http://127.0.0.1:9")  # nothing listens on discard
+    monkeypatch.setattr(retrain, "run_dag_test", lambda: 0)
+    assert retrain.main([]) == 0

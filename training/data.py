@@ -1,0 +1,254 @@
+"""The training data: a published labels run joined with face boxes, read image by image.
+
+- :func:`published_labels` / :func:`resolve_labels_run` — which labels run to train on. A run
+  is trainable only when ``labels/_published.json`` names it (the labeler writes that pointer
+  after validation passes); anything else raises :class:`LabelsNotPublished`.
+- :func:`load_examples` — the small per-row arrays (sha256, label, score, split, face box)
+  for one run, split by ``split``. Only these live in memory; image bytes never do.
+- :class:`LabeledImages` — a ``torch.utils.data.Dataset`` that fetches one image's bytes from
+  the image store per item, decodes it (Pillow), crops (largest face plus margin, or the full
+  image), squishes to ``image_size`` square, augments (train only) and normalizes. Storage is
+  opened lazily in each DataLoader worker, so S3 clients are never pickled across processes.
+
+An image that cannot be read or decoded is not an exception: the item comes back as zeros
+with ``weight`` 0, the loss and the metrics ignore it, and it is counted in the run's metrics.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import math
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import torch
+from torch.utils.data import Dataset
+
+from pipeline.config import StorageConfig
+from pipeline.storage import ImageStore, Storage, open_storage
+from pipeline.tables import get_json, list_partitions, read_table
+
+log = logging.getLogger(__name__)
+
+PUBLISHED_KEY = "labels/_published.json"
+SPLITS = ("train", "val", "test")
+#: ImageNet channel statistics; torchvision's pretrained backbones expect inputs normalized so.
+MEAN = (0.485, 0.456, 0.406)
+STD = (0.229, 0.224, 0.225)
+
+
+class LabelsNotPublished(RuntimeError):
+    """No labels run is published, or the one asked for is not the published one."""
+
+
+def published_labels(storage: Storage) -> dict[str, Any]:
+    """The publication pointer ``labels/_published.json``; raises if nothing is published."""
+    pointer = get_json(storage, PUBLISHED_KEY)
+    if not pointer or not pointer.get("run_id"):
+        raise LabelsNotPublished(
+            f"no labels run is published: {storage.uri(PUBLISHED_KEY)} does not exist "
+            "(label and validate first; a run is published only when its validation passes)"
+        )
+    return pointer
+
+
+def resolve_labels_run(storage: Storage, run_id: str | None = None) -> dict[str, Any]:
+    """The publication record of the run to train on: the published one, or ``run_id`` if it is it.
+
+    Training on an unpublished (unvalidated or failed) run is refused, by design: the
+    validation gate is what makes a labels run trustworthy.
+    """
+    pointer = published_labels(storage)
+    if run_id and run_id != pointer["run_id"]:
+        raise LabelsNotPublished(
+            f"labels run {run_id!r} is not published (the published run is {pointer['run_id']!r} "
+            f"per {storage.uri(PUBLISHED_KEY)}); refusing to train on unvalidated labels"
+        )
+    if not storage.exists(f"labels/run={pointer['run_id']}/data.parquet"):
+        key = f"labels/run={pointer['run_id']}/data.parquet"
+        raise LabelsNotPublished(
+            f"{storage.uri(PUBLISHED_KEY)} names run {pointer['run_id']!r} but {storage.uri(key)} is missing"
+        )
+    return pointer
+
+
+@dataclass
+class Examples:
+    """One split's rows, as small arrays. ``box`` is NaN where no face box is known."""
+
+    post_id: list[str]
+    sha256: list[str]
+    author_key: list[str]
+    label: np.ndarray  # int64 (0/1)
+    score: np.ndarray  # float32, 0..1
+    box: np.ndarray  # float32 (n, 4): x1, y1, x2, y2 in the detector's pixel frame
+    frame: np.ndarray  # float32 (n, 2): width, height the boxes refer to (NaN: unknown)
+    detector_ids: set[str] = field(default_factory=set)
+
+    def __len__(self) -> int:
+        return len(self.sha256)
+
+
+def _largest_faces(storage: Storage, shas: set[str]) -> dict[str, tuple[list[float], float, float, str]]:
+    """sha256 -> (largest face box, width, height, detector id), from the newest ok faces row."""
+    if not list_partitions(storage, "faces"):
+        return {}
+    cols = ["sha256", "detector_id", "status", "width", "height", "faces", "detected_at"]
+    t = read_table(storage, "faces", columns=cols, filter=pc.field("status") == "ok")
+    t = t.filter(pc.is_in(t["sha256"], value_set=pa.array(sorted(shas), pa.string())))
+    newest: dict[str, dict] = {}
+    for row in t.to_pylist():
+        prev = newest.get(row["sha256"])
+        if prev is None or row["detected_at"] > prev["detected_at"]:
+            newest[row["sha256"]] = row
+    out = {}
+    for sha, row in newest.items():
+        faces = row["faces"] or []
+        if not faces:
+            continue
+        f = max(faces, key=lambda b: (b["x2"] - b["x1"]) * (b["y2"] - b["y1"]))
+        out[sha] = ([f["x1"], f["y1"], f["x2"], f["y2"]], row["width"] or math.nan,
+                    row["height"] or math.nan, row["detector_id"])
+    return out
+
+
+def load_examples(storage: Storage, run_id: str, *, crop: str = "face") -> dict[str, Examples]:
+    """The rows of labels run ``run_id`` by split, with face boxes joined when ``crop`` is 'face'."""
+    t = read_table(storage, "labels", partitions=[run_id],
+                   columns=["post_id", "image_sha256", "author_key", "label", "score", "split"])
+    # Deterministic order, independent of how the labeler wrote the file.
+    t = t.sort_by([("post_id", "ascending"), ("image_sha256", "ascending")])
+    shas = t["image_sha256"].to_pylist()
+    faces = _largest_faces(storage, set(shas)) if crop == "face" else {}
+    split = np.asarray(t["split"].to_pylist())
+    label = t["label"].to_numpy().astype(np.int64)
+    score = t["score"].to_numpy().astype(np.float32)
+    box = np.full((len(shas), 4), np.nan, dtype=np.float32)
+    frame = np.full((len(shas), 2), np.nan, dtype=np.float32)
+    detectors = np.full(len(shas), "", dtype=object)
+    for i, sha in enumerate(shas):
+        if sha in faces:
+            box[i], fw, fh, detectors[i] = faces[sha][0], faces[sha][1], faces[sha][2], faces[sha][3]
+            frame[i] = (fw, fh)
+    unknown = sorted(set(split) - set(SPLITS))
+    if unknown:
+        raise ValueError(f"labels run {run_id!r}: unknown split value(s) {unknown} (expected {SPLITS})")
+    post, author = t["post_id"].to_pylist(), t["author_key"].to_pylist()
+    out = {}
+    for s in SPLITS:
+        idx = np.flatnonzero(split == s)
+        out[s] = Examples(
+            post_id=[post[i] for i in idx], sha256=[shas[i] for i in idx], author_key=[author[i] for i in idx],
+            label=label[idx], score=score[idx], box=box[idx], frame=frame[idx],
+            detector_ids={d for d in detectors[idx] if d},
+        )
+    if crop == "face":
+        n_box = sum(int(np.isfinite(e.box[:, 0]).sum()) for e in out.values())
+        if n_box < len(shas):
+            log.info("labels run %s: %d of %d images have no ok face row; those use the full image",
+                     run_id, len(shas) - n_box, len(shas))
+    return out
+
+
+def face_crop_box(box: np.ndarray, margin: float, size: tuple[int, int]) -> tuple[int, int, int, int]:
+    """A square crop around a face box: side = max(w, h) * (1 + margin), centred on the box.
+
+    The square may extend past the image; Pillow fills the outside with black, which keeps
+    the face centred and undistorted instead of shifting it near borders.
+    """
+    x1, y1, x2, y2 = (float(v) for v in box)
+    side = max(x2 - x1, y2 - y1, 1.0) * (1.0 + margin)
+    cx, cy = (x1 + x2) / 2, (y1 + y2) / 2
+    left, top = round(cx - side / 2), round(cy - side / 2)
+    return left, top, left + round(side), top + round(side)
+
+
+class LabeledImages(Dataset):
+    """Images of one split with their label and score; one image read from storage per item.
+
+    ``storage`` is a :class:`~pipeline.config.StorageConfig` (opened lazily in each process:
+    the right thing for DataLoader workers and S3) or an open :class:`Storage`.
+    """
+
+    def __init__(self, examples: Examples, storage: StorageConfig | Storage, *, image_size: int,
+                 crop: str = "face", face_margin: float = 0.6, augment: bool = False):
+        self.ex = examples
+        self._storage_cfg = storage if isinstance(storage, StorageConfig) else None
+        self._storage = None if self._storage_cfg is not None else storage
+        self._pid = os.getpid()
+        self.image_size, self.crop, self.face_margin, self.augment = image_size, crop, face_margin, augment
+        self._jitter = None
+        if augment:
+            from torchvision import transforms
+
+            # Small colour jitter only: the label is about the photo's look, so keep it mostly intact.
+            self._jitter = transforms.ColorJitter(brightness=0.1, contrast=0.1, saturation=0.1)
+
+    def __len__(self) -> int:
+        return len(self.ex)
+
+    def __getstate__(self) -> dict:
+        state = self.__dict__.copy()
+        if self._storage_cfg is not None:
+            state["_storage"] = None  # never pickle a live S3 client into a worker
+        return state
+
+    @property
+    def images(self) -> ImageStore:
+        if self._storage is None or (self._storage_cfg is not None and self._pid != os.getpid()):
+            self._storage, self._pid = open_storage(self._storage_cfg), os.getpid()
+        return ImageStore(self._storage)
+
+    def load_image(self, i: int):
+        """The cropped, squished, un-normalized PIL image of item ``i`` (raises on bad bytes)."""
+        from PIL import Image, ImageOps
+
+        data = self.images.get(self.ex.sha256[i])
+        img = Image.open(io.BytesIO(data))
+        box = self.ex.box[i]
+        has_face = self.crop == "face" and bool(np.isfinite(box).all())
+        full_w, full_h = img.size
+        if img.format == "JPEG":
+            # Let libjpeg decode at a reduced scale when the crop will be downsized anyway.
+            want = self.image_size
+            if has_face:
+                side = max(box[2] - box[0], box[3] - box[1], 1.0) * (1 + self.face_margin)
+                want = self.image_size * max(full_w, full_h) / side
+            img.draft("RGB", (int(want), int(want)))
+        img = ImageOps.exif_transpose(img).convert("RGB")
+        if has_face:
+            fw, fh = self.ex.frame[i]
+            fw = fw if np.isfinite(fw) and fw > 0 else full_w
+            fh = fh if np.isfinite(fh) and fh > 0 else full_h
+            sx, sy = img.size[0] / fw, img.size[1] / fh
+            img = img.crop(face_crop_box(box * np.array([sx, sy, sx, sy], dtype=np.float32),
+                                         self.face_margin, img.size))
+        return img.resize((self.image_size, self.image_size), Image.Resampling.BILINEAR)
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        from torchvision.transforms import functional as F
+
+        weight = 1.0
+        try:
+            img = self.load_image(i)
+            if self.augment:
+                if torch.rand(()) < 0.5:
+                    img = F.hflip(img)
+                img = self._jitter(img)
+            x = F.normalize(F.to_tensor(img), MEAN, STD)
+        except Exception as exc:  # noqa: BLE001 - a bad image is a zero-weight item, not a crash
+            log.warning("image %s (post %s): %s: %s", self.ex.sha256[i], self.ex.post_id[i], type(exc).__name__, exc)
+            x = torch.zeros(3, self.image_size, self.image_size)
+            weight = 0.0
+        return {
+            "image": x,
+            "label": torch.tensor(float(self.ex.label[i])),
+            "score": torch.tensor(float(self.ex.score[i])),
+            "weight": torch.tensor(weight),
+            "index": torch.tensor(i),
+        }
