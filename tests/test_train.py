@@ -87,6 +87,13 @@ def test_two_process_run_trains_writes_metrics_and_publishes(world):
     assert m["config"]["training"]["image_size"] == 32
     storage = world["storage"]
     assert storage.exists(m["checkpoint_key"]) and storage.exists("models/bn2/config.toml")
+    import io
+
+    import pyarrow.parquet as pq
+
+    preds = pq.read_table(io.BytesIO(storage.get_bytes(registry.predictions_key("bn2"))))
+    assert sorted(set(preds["split"].to_pylist())) == ["test", "val"] and preds.num_rows == 32
+    assert set(preds.column_names) == {"post_id", "split", "prob", "pred_score", "label", "weight"}
     latest = registry.latest_model(storage)
     assert latest["run_id"] == "bn2" and latest["metrics_key"] == "models/bn2/metrics.json"
 

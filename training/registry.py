@@ -43,6 +43,11 @@ def metrics_key(run_id: str) -> str:
     return f"models/{run_id}/metrics.json"
 
 
+def predictions_key(run_id: str) -> str:
+    """Per-post val/test predictions (post_id, split, prob, pred_score, label, weight): the report's ROC and sheets."""
+    return f"models/{run_id}/predictions.parquet"
+
+
 def config_key(run_id: str) -> str:
     return f"models/{run_id}/config.toml"
 

@@ -136,6 +136,29 @@ def split_metrics(ex, pred: dict[str, np.ndarray], score_head: bool) -> dict[str
     return out
 
 
+def predictions_parquet(examples: dict, preds: dict[str, dict[str, np.ndarray]]) -> bytes:
+    """The val/test predictions as Parquet bytes, one row per labeled post (weight 0: unreadable image)."""
+    import io
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    parts = []
+    for split, pred in preds.items():
+        ex = examples[split]
+        parts.append(pa.table({
+            "post_id": pa.array(ex.post_id, pa.string()),
+            "split": pa.array([split] * len(ex), pa.string()),
+            "prob": pa.array(pred["prob"], pa.float32()),
+            "pred_score": pa.array(pred["score"], pa.float32()),
+            "label": pa.array(ex.label, pa.int8()),
+            "weight": pa.array(pred["weight"], pa.float32()),
+        }))
+    buf = io.BytesIO()
+    pq.write_table(pa.concat_tables(parts), buf)
+    return buf.getvalue()
+
+
 def read_truth(path: str) -> dict[str, dict[str, float]]:
     """column -> {post_id: value} for ``quality`` (and ``visual_quality`` when the file has it); nulls dropped."""
     import pyarrow.parquet as pq
@@ -354,6 +377,7 @@ def main(argv: list[str] | None = None) -> int:
             "started_at": started_at,
             "finished_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         }
+        storage.put_bytes(registry.predictions_key(run_id), predictions_parquet(examples, preds))
         put_json(storage, registry.metrics_key(run_id), result)
         storage.put_text(registry.config_key(run_id), registry.redacted_toml(cfg))
         registry.publish_model(storage, run_id)
