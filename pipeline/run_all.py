@@ -7,6 +7,8 @@ What it does, in order:
 2. runs each DAG with ``airflow dags test`` in the order the Asset chain would trigger them —
    ``scrape`` → (the simulator's clock advances ``labeling.min_age_days`` so month-old likes
    exist) → ``refresh_engagement`` → ``detect_faces`` → ``build_labels`` → ``retrain``.
+   Against the simulator, each DAG run's logical date is the simulated world's clock, so the
+   partitions read ``dt=<simulated day>`` and a second ``make run`` lands in the same ones.
    Each is the same DAG file a scheduler runs and records its Asset events in Airflow's
    SQLite metadata; running them in sequence rather than waiting on a scheduler keeps the
    demo deterministic and leaves nothing running afterwards (``make airflow`` runs the same
@@ -78,6 +80,12 @@ class Simulator:
         r = requests.post(f"{self.url}/_sim/advance", params={"days": days}, timeout=30)
         r.raise_for_status()
 
+    def now(self) -> str:
+        """The world's clock (ISO 8601): the logical date of the DAG runs against it."""
+        r = requests.get(f"{self.url}/_sim/now", timeout=30)
+        r.raise_for_status()
+        return r.json()["now"]
+
     def stop(self) -> None:
         if self.proc.poll() is None:
             self.proc.terminate()
@@ -92,7 +100,8 @@ def run_dag(step: Step, logical_date: str, env: dict[str, str], logs: Path) -> t
     log = logs / f"{step.dag_id}.log"
     t0 = time.monotonic()
     with open(log, "w") as fh:
-        rc = subprocess.call(["airflow", "dags", "test", step.dag_id, logical_date],
+        airflow = str(Path(sys.executable).with_name("airflow"))
+        rc = subprocess.call([airflow, "dags", "test", step.dag_id, logical_date],
                              stdout=fh, stderr=subprocess.STDOUT, env=env, cwd=REPO)
     return rc == 0, time.monotonic() - t0, log
 
@@ -101,7 +110,7 @@ def main() -> int:
     cfg = load_config()
     logs = Path(os.environ.get("AIRFLOW_HOME", REPO / ".airflow")) / "run-logs"
     logs.mkdir(parents=True, exist_ok=True)
-    today = dt.datetime.now(dt.UTC).replace(microsecond=0)
+    logical_date = dt.datetime.now(dt.UTC).replace(microsecond=0).isoformat()
     env = dict(os.environ)
     sim: Simulator | None = None
     started = time.monotonic()
@@ -113,15 +122,19 @@ def main() -> int:
             env["LIKERANK_SOURCE__INSTANCE_URL"] = sim.url
             # The simulator lives on loopback; the SSRF guard refuses it unless allow-listed.
             env.setdefault("LIKERANK_SCRAPE__ALLOW_HOSTS", "127.0.0.1")
+            # Read the whole simulated world (its posts span ~90 days), not just the newest page.
+            env.setdefault("LIKERANK_SCRAPE__BACKFILL_DAYS", "120")
+            logical_date = sim.now()
         for step in CHAIN:
             if not (DAGS / f"{step.dag_id}.py").is_file():
                 print(f"{step.dag_id:<19} not built yet (no dags/{step.dag_id}.py): skipped")
                 continue
             if step.dag_id == "refresh_engagement" and sim is not None:
                 sim.advance(cfg.labeling.min_age_days)
-                print(f"simulator: clock advanced {cfg.labeling.min_age_days:g} days")
+                logical_date = sim.now()
+                print(f"simulator: clock advanced {cfg.labeling.min_age_days:g} days to {logical_date}")
             print(f"{step.dag_id:<19} {step.what} ...", flush=True)
-            ok, seconds, log = run_dag(step, today.isoformat(), env, logs)
+            ok, seconds, log = run_dag(step, logical_date, env, logs)
             print(f"{'':<19} {'ok' if ok else 'FAILED'} in {seconds:.0f} s (log: {log})")
             if not ok:
                 print("".join(log.read_text().splitlines(keepends=True)[-40:]))

@@ -1,0 +1,104 @@
+"""The whole chain through Airflow on a small simulated world: what `make run` does.
+
+scrape → refresh_engagement → detect_faces → build_labels → retrain, each DAG run by
+`airflow dags test` against a fresh SQLite metadata DB, then the tables are checked to agree
+with each other. Slow (a few minutes): it runs every stage for real.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pyarrow.compute as pc
+import pytest
+
+from pipeline.query import published_run, run_query
+from pipeline.storage import LocalStorage
+from pipeline.tables import get_json, read_table
+
+REPO = Path(__file__).resolve().parents[1]
+MIN_AGE = 30.0
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def chain(tmp_path_factory):
+    if not os.environ.get("LIKERANK_FACES__MODEL"):
+        pytest.skip("LIKERANK_FACES__MODEL is not set (make test sets it)")
+    work = tmp_path_factory.mktemp("chain")
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("LIKERANK_", "AIRFLOW"))}
+    env.update({
+        "PATH": f"{Path(sys.executable).parent}:{env.get('PATH', '')}",
+        "AIRFLOW_HOME": str(work / "airflow"),
+        "AIRFLOW__CORE__DAGS_FOLDER": str(REPO / "dags"),
+        "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
+        "AIRFLOW__CORE__PARALLELISM": "2",
+        "LIKERANK_FACES__MODEL": os.environ["LIKERANK_FACES__MODEL"],
+        "LIKERANK_STORAGE__ROOT": str(work / "data"),
+        "LIKERANK_SIMULATOR__POSTS": "600",
+        "LIKERANK_LABELING__GROUP_SIZE": "20",
+        "LIKERANK_LABELING__MIN_AGE_DAYS": str(MIN_AGE),
+        "LIKERANK_VALIDATION__MIN_ROWS": "20",
+        "LIKERANK_TRAINING__IMAGE_SIZE": "48",
+        "LIKERANK_TRAINING__EPOCHS": "1",
+        "LIKERANK_TRAINING__BATCH_SIZE": "16",
+        "LIKERANK_TRAINING__PRETRAINED": "none",
+        "LIKERANK_TRAINING__WORKERS": "0",
+        "LIKERANK_TRAINING__NPROC": "1",
+    })
+    subprocess.run([str(Path(sys.executable).with_name("airflow")), "db", "migrate"], env=env, check=True,
+                   capture_output=True, timeout=300)
+    storage = LocalStorage(work / "data")
+    runs, counts = [], []
+    for _ in range(2):  # the second run must reuse what is there, not duplicate it
+        p = subprocess.run([sys.executable, "-m", "pipeline.run_all"], env=env, cwd=work, capture_output=True,
+                           text=True, timeout=1500)
+        assert p.returncode == 0, p.stdout[-4000:] + p.stderr[-4000:]
+        runs.append(p.stdout)
+        counts.append({t: read_table(storage, t).num_rows for t in ("posts", "images", "downloads", "faces")})
+    return {"storage": storage, "stdout": runs, "counts": counts}
+
+
+def test_every_stage_ran_and_the_summary_says_so(chain):
+    first = chain["stdout"][0]
+    assert "not built yet" not in first
+    for word in ("scrape", "refresh_engagement", "detect_faces", "build_labels", "retrain",
+                 "published labels: run", "likerank query", "simulator: stopped"):
+        assert word in first, word
+
+
+def test_tables_exist_and_agree(chain):
+    s = chain["storage"]
+    posts = read_table(s, "posts")
+    assert posts.num_rows > 100
+    ids = posts["post_id"].to_pylist()
+    assert len(ids) == len(set(ids)), "a post stored twice"
+    run = published_run(s)
+    assert run
+    labels = read_table(s, "labels", partitions=[run])
+    assert labels.num_rows >= 20 and labels.num_rows % 20 == 0
+    assert set(labels["post_id"].to_pylist()) <= set(ids)
+    assert pc.min(labels["age_days"]).as_py() >= MIN_AGE, "a labeled post younger than min_age_days"
+    # every labeled image has a faces row with at least one face
+    faces = run_query(s, "select sha256, max(n_faces) n from faces where status = 'ok' group by 1")
+    with_face = {r["sha256"] for r in faces.to_pylist() if r["n"] >= 1}
+    assert set(labels["image_sha256"].to_pylist()) <= with_face
+    # every labeled image is stored
+    assert all(s.exists(f"images/{h[:2]}/{h}") for h in labels["image_sha256"].to_pylist()[:50])
+    # the validation result that allowed publishing
+    assert any(k.endswith(".json") for k in s.list(f"validation/run={run}/"))
+    # the model trained on exactly the published run
+    latest = get_json(s, "models/latest.json")
+    metrics = json.loads(s.get_text(latest["metrics_key"]))
+    assert metrics["status"] == "complete" and metrics["labels_run"] == run
+    assert "roc_auc" in metrics["test"]
+
+
+def test_second_run_is_incremental(chain):
+    first, second = chain["counts"]
+    assert first["posts"] > 0 and second == first, (first, second)
