@@ -1,0 +1,47 @@
+"""
+### Refresh engagement
+
+Daily: re-reads (`GET /api/v1/statuses/:id`, batched and rate-limited) every scraped post that
+has become at least `labeling.min_age_days` old since its last engagement snapshot, and writes
+the new snapshots to `engagement/dt=<date>-refresh/`; emits **engagement** (Asset
+`likerank_engagement`), which triggers labeling. Deleted statuses are counted, not fatal; the
+task fails only when an instance had posts due and none could be read. Reruns re-read only
+posts still lacking an old-enough snapshot and merge, so nothing is duplicated.
+Owner: likerank-data.
+"""
+
+from __future__ import annotations
+
+import pendulum
+from airflow.sdk import dag, task
+from likerank_assets import DEFAULT_ARGS, ENGAGEMENT
+
+
+@dag(
+    dag_id="refresh_engagement",
+    schedule="@daily",
+    start_date=pendulum.datetime(2026, 1, 1, tz="UTC"),
+    catchup=False,
+    max_active_runs=1,
+    default_args=DEFAULT_ARGS,
+    tags=["likerank", "engagement"],
+    doc_md=__doc__,
+)
+def refresh_engagement_dag():
+    @task(outlets=[ENGAGEMENT])
+    def refresh(**context) -> dict:
+        from pipeline.config import load_config
+        from pipeline.refresh import refresh_engagement
+
+        cfg = load_config()
+        token = None
+        if cfg.source.airflow_conn_id:
+            from airflow.sdk import Connection
+
+            token = Connection.get(cfg.source.airflow_conn_id).password or None
+        return refresh_engagement(cfg, context.get("logical_date") or context["dag_run"].run_after, token=token)
+
+    refresh()
+
+
+refresh_engagement_dag()

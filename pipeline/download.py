@@ -1,0 +1,203 @@
+"""The downloader: image URLs in, stored images and one ``downloads`` row per URL out.
+
+Each URL goes through :class:`pipeline.http.HttpClient` (SSRF guard, per-host rate limit and
+concurrency cap, retries, timeouts, streamed size cap), then these content checks, in order:
+
+1. **magic bytes**: the body must start like JPEG, PNG, GIF, WebP, BMP, TIFF or AVIF →
+   else ``not_image`` (an HTML error page served with status 200 is the usual case);
+2. **dimensions from the header** (``Image.open`` reads only the header, no ``load()``):
+   more than ``scrape.max_pixels`` pixels → ``bomb``, refused before any decoding. Pillow's
+   own guard (``Image.MAX_IMAGE_PIXELS``; it raises ``DecompressionBombError`` above twice
+   that) also maps to ``bomb``; its warning between 1x and 2x is silenced here because our
+   limit is the one that decides;
+3. ``verify()`` and a full decode (JPEGs decode in draft mode at reduced DCT scale, enough
+   for a 32x32 hash input and several times faster) → any failure is ``decode_error``;
+4. the bytes are stored content-addressed (``ImageStore``: the same image posted twice is
+   stored once; both posts' ``downloads`` rows carry its sha256) and a 64-bit perceptual
+   hash (``imagehash.phash``, 16 hex digits) goes into the ``images`` row.
+
+Only ``scrape.threads`` downloads are in flight (twice that queued), so memory holds at most
+that many bodies at once, whatever the run's size.
+"""
+
+from __future__ import annotations
+
+import io
+import time
+import warnings
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
+from dataclasses import dataclass
+from datetime import UTC, datetime
+
+import imagehash
+from PIL import Image
+
+from pipeline.config import ScrapeConfig
+from pipeline.http import HttpClient
+from pipeline.storage import ImageStore, Storage
+
+warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
+
+STATUSES = ("ok", "http_error", "timeout", "too_large", "not_image", "decode_error", "bomb",
+            "blocked", "connection_error", "redirect_loop")
+
+
+def sniff_format(head: bytes) -> str | None:
+    """The image format the first bytes announce, or None."""
+    if head[:3] == b"\xff\xd8\xff":
+        return "JPEG"
+    if head[:8] == b"\x89PNG\r\n\x1a\n":
+        return "PNG"
+    if head[:6] in (b"GIF87a", b"GIF89a"):
+        return "GIF"
+    if head[:4] == b"RIFF" and head[8:12] == b"WEBP":
+        return "WEBP"
+    if head[:2] == b"BM":
+        return "BMP"
+    if head[:4] in (b"II*\x00", b"MM\x00*"):
+        return "TIFF"
+    if head[4:12] in (b"ftypavif", b"ftypavis"):
+        return "AVIF"
+    return None
+
+
+@dataclass
+class ImageCheck:
+    status: str  # ok, not_image, bomb, decode_error
+    error: str | None = None
+    width: int = 0
+    height: int = 0
+    format: str = ""
+    phash: str = ""
+
+
+def check_image(data: bytes, max_pixels: int) -> ImageCheck:
+    """Magic bytes, header dimensions against ``max_pixels``, verify(), decode, phash."""
+    announced = sniff_format(data[:16])
+    if announced is None:
+        return ImageCheck("not_image", f"not an image: body starts with {data[:16]!r}")
+    try:
+        with Image.open(io.BytesIO(data)) as im:  # header only: no pixel is decoded here
+            width, height = im.size
+            fmt = im.format or announced
+            if width * height > max_pixels:
+                return ImageCheck("bomb", f"{width}x{height} = {width * height} pixels exceeds max_pixels {max_pixels}",
+                                  width, height, fmt)
+            im.verify()
+    except Image.DecompressionBombError as exc:
+        return ImageCheck("bomb", f"Pillow refused it: {exc}")
+    except Exception as exc:  # noqa: BLE001 - Pillow raises many types for bad files
+        return ImageCheck("decode_error", f"{announced} header/verify failed: {type(exc).__name__}: {exc}")
+    try:
+        with Image.open(io.BytesIO(data)) as im:
+            if im.format == "JPEG":
+                im.draft("L", (64, 64))  # >= 2x the 32x32 phash input
+            im.load()
+            phash = str(imagehash.phash(im))
+    except Image.DecompressionBombError as exc:
+        return ImageCheck("bomb", f"Pillow refused it: {exc}")
+    except Exception as exc:  # noqa: BLE001
+        return ImageCheck("decode_error", f"{fmt} {width}x{height} does not decode: {type(exc).__name__}: {exc}",
+                          width, height, fmt)
+    return ImageCheck("ok", None, width, height, fmt, phash)
+
+
+@dataclass
+class Downloaded:
+    """One attempted URL: its ``downloads`` row and, when ok, its ``images`` row."""
+
+    download: dict
+    image: dict | None
+
+    @property
+    def status(self) -> str:
+        return self.download["status"]
+
+
+class Downloader:
+    """``Downloader(cfg.scrape, storage).run([(post_id, url), ...])`` → :class:`Downloaded` items."""
+
+    def __init__(self, cfg: ScrapeConfig, storage: Storage, client: HttpClient | None = None, *,
+                 source: str = "mastodon", now: Callable[[], datetime] = lambda: datetime.now(UTC)):
+        self.cfg = cfg
+        self.images = ImageStore(storage)
+        self.client = client or HttpClient(cfg)
+        self._own_client = client is None
+        self.source = source
+        self.now = now
+        self._pool: ThreadPoolExecutor | None = None
+        self._pending: set[Future] = set()
+
+    # ---------------------------------------------------------------- one URL
+
+    def fetch(self, post_id: str, url: str) -> Downloaded:
+        """Download, check and store one image; never raises for a bad item."""
+        attempted_at = self.now()
+        t0 = time.monotonic()
+        res = self.client.fetch(url, max_bytes=self.cfg.max_bytes, total_timeout_s=self.cfg.total_timeout_s)
+        row = {
+            "source": self.source, "post_id": post_id, "url": url, "status": res.status,
+            "http_status": res.http_status, "error": res.error, "bytes": res.body_bytes,
+            "elapsed_ms": 0.0, "attempts": res.attempts, "sha256": None, "attempted_at": attempted_at,
+        }
+        image = None
+        if res.ok:
+            data = res.body or b""
+            try:
+                check = check_image(data, self.cfg.max_pixels)
+                if check.status == "ok":
+                    sha, key = self.images.put(data)
+                    row["sha256"] = sha
+                    image = {"sha256": sha, "width": check.width, "height": check.height,
+                             "format": check.format, "phash": check.phash, "bytes": len(data), "storage_key": key}
+                else:
+                    row["status"], row["error"] = check.status, f"{check.error} ({url})"
+            finally:
+                res.body = None  # bodies never outlive their check
+        row["elapsed_ms"] = (time.monotonic() - t0) * 1000.0
+        return Downloaded(row, image)
+
+    # ---------------------------------------------------------------- many URLs
+
+    def submit(self, post_id: str, url: str) -> list[Downloaded]:
+        """Queue one URL; blocks while ``2 * threads`` are in flight. Returns results finished meanwhile."""
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(self.cfg.threads, thread_name_prefix="download")
+        out: list[Downloaded] = []
+        while len(self._pending) >= 2 * self.cfg.threads:
+            done, self._pending = wait(self._pending, return_when=FIRST_COMPLETED)
+            out += [f.result() for f in done]
+        self._pending.add(self._pool.submit(self.fetch, post_id, url))
+        return out
+
+    def finished(self) -> list[Downloaded]:
+        """Results done so far, without waiting."""
+        done = {f for f in self._pending if f.done()}
+        self._pending -= done
+        return [f.result() for f in done]
+
+    def drain(self) -> list[Downloaded]:
+        """Wait for everything in flight."""
+        done, _ = wait(self._pending)
+        self._pending = set()
+        return [f.result() for f in done]
+
+    def run(self, items: Iterable[tuple[str, str]]) -> Iterator[Downloaded]:
+        """Download ``(post_id, url)`` pairs; results in completion order."""
+        for post_id, url in items:
+            yield from self.submit(post_id, url)
+        yield from self.drain()
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=True, cancel_futures=True)
+            self._pool = None
+        if self._own_client:
+            self.client.close()
+
+    def __enter__(self) -> Downloader:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()

@@ -1,0 +1,151 @@
+"""Engagement refresh: re-read the posts that have grown old enough for their likes to count.
+
+Likes are still climbing for weeks after a post appears, so the labeling rule only uses counts
+observed at ``labeling.min_age_days`` or later. A post scraped young has no such snapshot;
+``refresh_engagement(cfg, logical_date)`` finds every post (all ``posts`` partitions) whose
+newest ``engagement`` snapshot is younger than ``min_age_days`` while the post itself is now
+at least that old, re-reads it (``GET /api/v1/statuses/:id``, through the same rate-limited,
+retrying client as the scrape) and writes one snapshot per re-read post.
+
+Where the snapshots go: partition ``engagement/dt=<date>-refresh/`` — a partition of its own,
+so the refresh and the same day's scrape never rewrite one file at the same time. Like the
+scrape, it is merged (key ``instance, post_id``, newest wins) in batches of :data:`BATCH`,
+so a rerun of the same date, or one resumed after a crash, re-reads only posts still lacking
+an old-enough snapshot and duplicates nothing.
+
+"Now" is each instance's clock, read from the ``Date`` header of ``GET /api/v1/instance``
+(the simulator's world clock; a real instance's wall clock). A deleted status (404/410) is
+counted, not fatal; other failures are counted with their first error; the run fails only
+when an instance had posts to refresh and not one of them could be read.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import Counter
+from collections.abc import Callable
+from datetime import UTC, date, datetime
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from pipeline.config import Config
+from pipeline.http import HttpClient
+from pipeline.scrape import logical_day, merge_partition, resolve_token
+from pipeline.sources.mastodon import MastodonSource, server_time
+from pipeline.storage import open_storage
+from pipeline.tables import list_partitions, read_table
+
+log = logging.getLogger(__name__)
+
+BATCH = 500
+
+
+class RefreshError(RuntimeError):
+    """No post of an instance could be re-read (the instance is down or refuses us)."""
+
+
+def refresh_partition(day: str) -> str:
+    return f"{day}-refresh"
+
+
+def due_posts(posts: pa.Table, engagement: pa.Table, instance_now: dict[str, datetime], min_age_days: float) -> dict[str, list[tuple[str, datetime]]]:
+    """Per instance, the ``(post_id, created_at)`` of posts now >= ``min_age_days`` old whose
+    newest snapshot is younger than that."""
+    best: dict[tuple[str, str], float] = {}
+    if engagement.num_rows:
+        grouped = engagement.group_by(["instance", "post_id"]).aggregate([("age_days", "max")])
+        for inst, pid, age in zip(grouped["instance"].to_pylist(), grouped["post_id"].to_pylist(),
+                                  grouped["age_days_max"].to_pylist(), strict=True):
+            best[(inst, pid)] = age
+    due: dict[str, list[tuple[str, datetime]]] = {}
+    seen: set[tuple[str, str]] = set()
+    for inst, pid, created in zip(posts["instance"].to_pylist(), posts["post_id"].to_pylist(),
+                                  posts["created_at"].to_pylist(), strict=True):
+        if (inst, pid) in seen or inst not in instance_now:
+            continue
+        seen.add((inst, pid))
+        age_now = (instance_now[inst] - created).total_seconds() / 86400.0
+        if age_now >= min_age_days and best.get((inst, pid), -1.0) < min_age_days:
+            due.setdefault(inst, []).append((pid, created))
+    return due
+
+
+def refresh_engagement(cfg: Config, logical_date: str | date | datetime, *, instance: str | None = None,
+                       token: str | None = None, now: Callable[[], datetime] | None = None,
+                       progress: bool = False) -> dict[str, Any]:
+    """Re-observe the posts due (see module doc); return a small summary."""
+    t0 = time.monotonic()
+    day = logical_day(logical_date)
+    now = now or (lambda: datetime.now(UTC))
+    storage = open_storage(cfg.storage)
+    summary: dict[str, Any] = {"date": day, "partition": refresh_partition(day), "due": 0, "refreshed": 0,
+                               "deleted": 0, "failed": 0, "errors": [], "instances": {}}
+    if not list_partitions(storage, "posts"):
+        summary["elapsed_s"] = round(time.monotonic() - t0, 2)
+        return summary
+    posts = read_table(storage, "posts", columns=["instance", "post_id", "created_at"])
+    if instance:
+        posts = posts.filter(pc.equal(posts["instance"], instance.rstrip("/").lower()))
+    engagement = (read_table(storage, "engagement", columns=["instance", "post_id", "age_days"])
+                  if list_partitions(storage, "engagement") else pa.table({"instance": [], "post_id": [], "age_days": []}))
+
+    client = HttpClient(cfg.scrape)
+    sources: dict[str, MastodonSource] = {}
+    instance_now: dict[str, datetime] = {}
+    try:
+        for inst in sorted(set(posts["instance"].to_pylist())):
+            src = MastodonSource(inst, client, author_key=_no_author,
+                                 token=resolve_token(cfg, token), now=now)
+            res = client.fetch(f"{src.instance}/api/v1/instance", headers=src._headers)
+            if res.status in ("connection_error", "timeout", "blocked"):
+                summary["errors"].append(f"{inst}: unreachable ({res.error})")
+                summary["instances"][inst] = "unreachable"
+                continue
+            sources[inst] = src
+            instance_now[inst] = server_time(res.headers) or now()
+        due = due_posts(posts, engagement, instance_now, cfg.labeling.min_age_days)
+        summary["due"] = sum(len(v) for v in due.values())
+
+        from tqdm import tqdm
+        bar = tqdm(total=summary["due"], unit="post", desc="refresh", disable=not progress, leave=False)
+        for inst, items in due.items():
+            created = dict(items)
+            counts: Counter[str] = Counter()
+            for i in range(0, len(items), BATCH):
+                rows = []
+                for pid, result in sources[inst].reobserve([p for p, _ in items[i:i + BATCH]]):
+                    if isinstance(result, str):
+                        if result == "deleted":
+                            counts["deleted"] += 1
+                        else:
+                            counts["failed"] += 1
+                            if len(summary["errors"]) < 5:
+                                summary["errors"].append(result)
+                        continue
+                    counts["refreshed"] += 1
+                    row = vars(result).copy()
+                    row["age_days"] = (result.observed_at - created[pid]).total_seconds() / 86400.0
+                    rows.append(row)
+                if rows:
+                    merge_partition(storage, "engagement", refresh_partition(day), rows)
+                bar.update(min(BATCH, len(items) - i))
+            for k in ("refreshed", "deleted", "failed"):
+                summary[k] += counts[k]
+            summary["instances"][inst] = dict(counts)
+            if counts["failed"] and not counts["refreshed"] and not counts["deleted"]:
+                raise RefreshError(f"{inst}: none of {len(items)} due posts could be re-read; first error: "
+                                   f"{summary['errors'][0] if summary['errors'] else '?'}")
+        bar.close()
+    finally:
+        client.close()
+    summary["elapsed_s"] = round(time.monotonic() - t0, 2)
+    log.info("refresh %s: %d due, %d refreshed, %d deleted, %d failed", day, summary["due"],
+             summary["refreshed"], summary["deleted"], summary["failed"])
+    return summary
+
+
+def _no_author(uri: str) -> str:  # re-reads never write posts rows, so no author key is needed
+    return ""

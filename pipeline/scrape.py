@@ -1,0 +1,389 @@
+"""The scrape stage: crawl a hashtag → download its images → write the day's tables → advance state.
+
+``scrape(cfg, instance, hashtag, logical_date)`` reads the hashtag timeline of one instance,
+keeps the eligible posts (see :mod:`pipeline.sources.mastodon` for what is skipped and why),
+downloads their images (:mod:`pipeline.download`) and writes, for partition ``dt=<date>``:
+``posts``, ``engagement`` (one snapshot per kept post, taken when it was read), ``images``
+(index rows; the bytes are content-addressed) and ``downloads`` (one row per attempted URL).
+
+Coverage state (``state/scrape/<instance-host>/<hashtag>.json``)
+    The timeline is walked newest to oldest (``max_id`` paging, following ``Link: rel="next"``).
+    The state records which id ranges have been read completely, as disjoint intervals
+    ``[low, high]``, plus how far down the lowest one reaches (``bottom``: the timeline's end,
+    or a backfill horizon). A run starts at the newest status and walks down; on reaching a
+    covered interval it jumps to just below it (``max_id = low``), so the walk reads exactly the
+    statuses it has not read before: new posts above the newest interval, and the gaps a run
+    stopped by ``max_posts`` (or a crash) left. Below the lowest interval it walks only to
+    backfill: to ``logical_date - scrape.backfill_days`` (or the timeline's end). With
+    ``backfill_days = 0`` ("forward only") a first run reads just the newest page and later
+    runs read what appears after it.
+
+Durability and reruns
+    Rows are buffered and flushed every :data:`FLUSH_EVERY` statuses and at the end: the
+    downloads in flight are awaited, each table's ``dt=<date>`` partition is **merged** (the
+    existing partition is read, the new rows appended, duplicates by key dropped keeping the
+    newest, the partition rewritten atomically), and only then is the state advanced to cover
+    what was flushed. A crash therefore loses at most the unflushed statuses, which the next
+    run reads again because the state does not cover them; a flush that happened before the
+    crash but whose state write did not is re-read and merged without duplicating (same date).
+    Rerunning a finished date reads only what is new and merges it: the partition is never
+    emptied by a rerun. Keys: posts and engagement (``instance, post_id``), downloads
+    (``source, post_id, url``), images (``sha256``). A post read under two hashtags the same
+    day is one ``posts`` row (the hashtag read last).
+
+    Because a partition is one file, two runs must not write the same date at once: the DAG
+    runs its mapped scrape tasks one at a time (``max_active_tis_per_dag=1``).
+
+Known limit: Mastodon gives a status that federates in late an id from its creation time, so
+one that arrives after its id range was covered is never read (as with ``since_id`` paging).
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import os
+import time
+from collections import Counter
+from collections.abc import Callable
+from datetime import UTC, date, datetime, timedelta
+from typing import Any
+from urllib.parse import urlsplit
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from pipeline.config import Config
+from pipeline.download import Downloader
+from pipeline.http import HttpClient
+from pipeline.schemas import TABLES, conform
+from pipeline.sources.base import Item, Page, Source, id_key
+from pipeline.sources.mastodon import MastodonSource, author_keyer
+from pipeline.storage import Storage, open_storage
+from pipeline.tables import get_json, partition_key, put_json, write_partition
+
+log = logging.getLogger(__name__)
+
+#: Statuses read between durable flushes (each flush rewrites the day's partitions).
+FLUSH_EVERY = 1000
+STATE_VERSION = 1
+MERGE_KEYS = {
+    "posts": ["instance", "post_id"],
+    "engagement": ["instance", "post_id"],
+    "downloads": ["source", "post_id", "url"],
+    "images": ["sha256"],
+}
+
+
+# --------------------------------------------------------------------------- state
+
+
+def state_key(instance: str, hashtag: str) -> str:
+    host = urlsplit(instance).netloc.lower().replace(":", "_")
+    return f"state/scrape/{host}/{hashtag.lower()}.json"
+
+
+def load_state(storage: Storage, instance: str, hashtag: str) -> dict:
+    state = get_json(storage, state_key(instance, hashtag), default=None) or {}
+    return {"version": STATE_VERSION, "intervals": state.get("intervals", []),
+            "bottom": state.get("bottom", {"end": False, "horizon": None})}
+
+
+class Coverage:
+    """Which id ranges of one timeline have been read; decides where the walk goes next."""
+
+    def __init__(self, state: dict, *, backfill: bool, horizon: datetime | None, limit: int):
+        self.intervals: list[list[str]] = [list(iv) for iv in state["intervals"]]
+        self.bottom = dict(state["bottom"])
+        self.first_run = not self.intervals
+        self.backfill, self.horizon, self.limit = backfill, horizon, limit
+        self.seg: list[str] | None = None  # [low, high]: the range this walk is extending downward
+        self.read = 0
+        self.stop = ""
+
+    def _covering(self, pid: str) -> list[str] | None:
+        k = id_key(pid)
+        for iv in self.intervals:
+            if id_key(iv[0]) <= k <= id_key(iv[1]):
+                return iv
+        return None
+
+    def _lowest(self) -> bool:
+        """True when no covered interval lies below the walk's position."""
+        if self.seg is None:
+            return not self.intervals
+        low = id_key(self.seg[0])
+        return all(id_key(iv[1]) > low for iv in self.intervals)
+
+    def _backfill_more(self) -> bool:
+        if not self.backfill or self.bottom.get("end"):
+            return False
+        reached = self.bottom.get("horizon")
+        return reached is None or self.horizon is None or self.horizon < datetime.fromisoformat(reached)
+
+    def take(self, page: Page) -> tuple[list[Item], str]:
+        """The page's unread statuses, and what to do next: ``next`` (follow the page's next
+        link), ``jump`` (continue below ``self.seg[0]``) or ``stop``."""
+        new: list[Item] = []
+        for it in page.items:
+            iv = self._covering(it.post_id)
+            if iv is not None:
+                self.intervals.remove(iv)
+                self.seg = [iv[0], self.seg[1] if self.seg else iv[1]]
+                if not self._lowest() or self._backfill_more():
+                    return new, "jump"
+                self.stop = "caught up"
+                return new, "stop"
+            if self.limit and self.read >= self.limit:
+                self.stop = "max_posts"
+                return new, "stop"
+            new.append(it)
+            self.read += 1
+            self.seg = [it.post_id, self.seg[1] if self.seg else it.post_id]
+        if not page.items:
+            if self._lowest():
+                self.bottom = {"end": True, "horizon": self.bottom.get("horizon")}
+            self.stop = "end of timeline"
+            return new, "stop"
+        if self.limit and self.read >= self.limit:
+            self.stop = "max_posts"
+            return new, "stop"
+        if self._lowest():
+            if self.first_run and not self.backfill:
+                self.stop = "first page (forward only: scrape.backfill_days = 0)"
+                return new, "stop"
+            if not self.first_run and not self._backfill_more():
+                self.stop = "caught up"
+                return new, "stop"
+            if self.horizon is not None and any(i.created_at and i.created_at < self.horizon for i in page.items):
+                self.bottom = {"end": False, "horizon": self.horizon.isoformat()}
+                self.stop = f"backfill horizon {self.horizon.date()}"
+                return new, "stop"
+        return new, "next" if page.next_url else "stop"
+
+    def state(self) -> dict:
+        ivs = [list(iv) for iv in self.intervals] + ([list(self.seg)] if self.seg else [])
+        ivs.sort(key=lambda iv: id_key(iv[1]), reverse=True)
+        return {"version": STATE_VERSION, "intervals": ivs, "bottom": self.bottom}
+
+
+# --------------------------------------------------------------------------- tables
+
+
+def merge_partition(storage: Storage, table: str, value: str, rows: list[dict]) -> int:
+    """Merge ``rows`` into partition ``value`` of ``table`` (dedupe by :data:`MERGE_KEYS`,
+    newest wins) and rewrite it atomically; return the partition's row count."""
+    schema = TABLES[table].schema
+    new = pa.Table.from_pylist(rows, schema=schema)
+    key = partition_key(table, value)
+    if storage.exists(key):
+        old = conform(table, pq.read_table(io.BytesIO(storage.get_bytes(key))))
+        new = pa.concat_tables([old, new])
+    keys = MERGE_KEYS[table]
+    if new.num_rows:
+        with_row = new.append_column("__row", pa.array(np.arange(new.num_rows)))
+        last = with_row.group_by(keys, use_threads=False).aggregate([("__row", "max")])["__row_max"]
+        new = new.take(np.sort(last.to_numpy()))
+    write_partition(storage, table, value, new)
+    return new.num_rows
+
+
+class DayBuffer:
+    """Rows waiting for the next flush into the day's partitions."""
+
+    ORDER = ("images", "downloads", "engagement", "posts")  # posts last: a post row implies its images
+
+    def __init__(self, storage: Storage, value: str):
+        self.storage, self.value = storage, value
+        self.rows: dict[str, list[dict]] = {t: [] for t in self.ORDER}
+        self.written: dict[str, int] = {}
+
+    def flush(self) -> None:
+        for table in self.ORDER:
+            if self.rows[table]:
+                self.written[table] = merge_partition(self.storage, table, self.value, self.rows[table])
+                self.rows[table] = []
+
+
+# --------------------------------------------------------------------------- the stage
+
+
+def logical_day(logical_date: str | date | datetime) -> str:
+    if isinstance(logical_date, datetime):
+        return logical_date.astimezone(UTC).date().isoformat() if logical_date.tzinfo else logical_date.date().isoformat()
+    if isinstance(logical_date, date):
+        return logical_date.isoformat()
+    return date.fromisoformat(str(logical_date)[:10]).isoformat()
+
+
+def resolve_token(cfg: Config, token: str | None = None) -> str | None:
+    """The access token: given (the DAG reads it from an Airflow connection), else ``$source.token_env``."""
+    return token or os.environ.get(cfg.source.token_env) or None
+
+
+def scrape(cfg: Config, instance: str, hashtag: str, logical_date: str | date | datetime,
+           max_posts: int | None = None, progress: bool = False, *, token: str | None = None,
+           now: Callable[[], datetime] | None = None, source: Source | None = None,
+           flush_every: int = FLUSH_EVERY) -> dict[str, Any]:
+    """Scrape one (instance, hashtag) for one logical date; return a summary (small, XCom-safe).
+
+    ``max_posts`` (default ``scrape.max_posts``; 0 = no limit) caps the statuses read this run.
+    ``scraped_at``/``observed_at`` come from the server's ``Date`` header (the simulator's world
+    clock); ``now`` is the fallback clock when a response has none (default: UTC wall clock).
+    ``source`` replaces the Mastodon source (tests).
+    ``flush_every``: statuses between durable flushes.
+    """
+    t0 = time.monotonic()
+    day = logical_day(logical_date)
+    hashtag = hashtag.lstrip("#").lower()
+    now = now or (lambda: datetime.now(UTC))
+    limit = cfg.scrape.max_posts if max_posts is None else max_posts
+    storage = open_storage(cfg.storage)
+    client = HttpClient(cfg.scrape)
+    src = source or MastodonSource(instance, client, author_key=author_keyer(cfg.source.author_key_secret_env),
+                                   token=resolve_token(cfg, token), page_limit=cfg.scrape.page_limit, now=now)
+    instance = src.instance
+    skey = state_key(instance, hashtag)
+    horizon = None
+    if cfg.scrape.backfill_days:
+        horizon = datetime.fromisoformat(day).replace(tzinfo=UTC) - timedelta(days=cfg.scrape.backfill_days)
+    cov = Coverage(load_state(storage, instance, hashtag), backfill=cfg.scrape.backfill_days > 0,
+                   horizon=horizon, limit=limit)
+    buf = DayBuffer(storage, day)
+    downloader = Downloader(cfg.scrape, storage, client, source=src.kind, now=now)
+    skipped: Counter[str] = Counter()
+    downloads: Counter[str] = Counter()
+    pages = kept = unflushed = 0
+    images: set[str] = set()
+    safe_state = cov.state()  # coverage whose rows are all buffered (or written)
+
+    from tqdm import tqdm
+    bar = tqdm(total=limit or None, unit="post", desc=f"#{hashtag}", disable=not progress, leave=False)
+
+    def collect(results) -> None:
+        for r in results:
+            downloads[r.status] += 1
+            buf.rows["downloads"].append(r.download)
+            if r.image is not None:
+                images.add(r.image["sha256"])
+                buf.rows["images"].append(r.image)
+
+    def flush() -> None:
+        nonlocal unflushed
+        collect(downloader.drain())
+        buf.flush()
+        put_json(storage, skey, safe_state)  # after the data: state never covers unwritten rows
+        unflushed = 0
+
+    try:
+        cursor: str | None = None
+        walking = True
+        while walking:
+            walking = False
+            for page in src.pages(hashtag, max_id=cursor):
+                pages += 1
+                for reason, n in page.unplaced.items():
+                    skipped[reason] += n
+                new, action = cov.take(page)
+                for it in new:
+                    if it.post is None:
+                        skipped[it.skip or "missing_field"] += 1
+                        continue
+                    post = it.post
+                    kept += 1
+                    buf.rows["posts"].append(post.row())
+                    buf.rows["engagement"].append({
+                        "source": post.source, "instance": post.instance, "post_id": post.post_id,
+                        "observed_at": post.scraped_at, "likes": post.likes, "reposts": post.reposts,
+                        "replies": post.replies, "views": post.views, "author_followers": post.author_followers,
+                        "age_days": (post.scraped_at - post.created_at).total_seconds() / 86400.0,
+                    })
+                    for url in post.image_urls[:cfg.scrape.max_images_per_post]:
+                        collect(downloader.submit(post.post_id, url))
+                collect(downloader.finished())
+                safe_state = cov.state()
+                unflushed += len(new)
+                bar.update(len(new))
+                bar.set_postfix(kept=kept, images=len(images), refresh=False)
+                if unflushed >= flush_every:
+                    flush()
+                if action == "jump":
+                    cursor, walking = cov.seg[0], True
+                    break
+                if action == "stop":
+                    break
+        flush()
+    except BaseException:
+        # Keep what was read: flush it (and cover it) before failing, unless the flush itself fails.
+        try:
+            flush()
+        except Exception:  # noqa: BLE001 - the original error is the one to report
+            log.exception("could not flush the rows read before the failure; they will be read again")
+        raise
+    finally:
+        bar.close()
+        downloader.close()
+        client.close()
+
+    summary = {
+        "instance": instance, "hashtag": hashtag, "date": day, "pages": pages,
+        "seen": kept + sum(skipped.values()),
+        "kept": kept, "skipped": dict(sorted(skipped.items())), "downloads": dict(sorted(downloads.items())),
+        "images": len(images), "stopped": cov.stop, "state": skey,
+        "partition_rows": buf.written, "elapsed_s": round(time.monotonic() - t0, 2),
+    }
+    log.info("scrape %s #%s %s: %d seen, %d kept, skipped %s, downloads %s (%s)", instance, hashtag, day,
+             summary["seen"], kept, summary["skipped"], summary["downloads"], cov.stop)
+    return summary
+
+
+def format_summary(s: dict[str, Any]) -> str:
+    """One screen for the CLI."""
+    lines = [
+        f"scrape {s['instance']} #{s['hashtag']}  date {s['date']}  ({s['elapsed_s']} s, {s['pages']} pages; stopped: {s['stopped']})",
+        f"  statuses seen   {s['seen']:>8}",
+        f"  posts kept      {s['kept']:>8}",
+    ]
+    for reason, n in s["skipped"].items():
+        lines.append(f"  skipped {reason:<15} {n:>8}")
+    lines.append(f"  images stored   {s['images']:>8}")
+    for status, n in s["downloads"].items():
+        lines.append(f"  download {status:<14} {n:>8}")
+    for table, n in s["partition_rows"].items():
+        lines.append(f"  {table:<9} dt={s['date']}: {n} rows")
+    lines.append(f"  state: {s['state']}")
+    return "\n".join(lines)
+
+
+def scrape_pairs(cfg: Config, instances: list[str] | None = None, hashtags: list[str] | None = None,
+                 max_posts: int | None = None) -> list[dict[str, Any]]:
+    """The (instance, hashtag) pairs one scheduled run scrapes: the given ones, else the config's.
+
+    Raises ValueError (naming the setting) when no instance URL is known, which is the case for
+    ``source.kind = "simulator"`` until the orchestration passes the URL of the simulator it started.
+    """
+    urls = [u.strip() for u in (instances or []) if u and u.strip()] or (
+        [cfg.source.instance_url] if cfg.source.instance_url else [])
+    if not urls:
+        raise ValueError(f"no instance URL: source.kind = {cfg.source.kind!r} needs one, given as the 'instances' "
+                         "param or source.instance_url (for the simulator: the URL of the server the "
+                         "orchestration started)")
+    for u in urls:
+        if not u.startswith(("http://", "https://")):
+            raise ValueError(f"instance {u!r}: expected an http(s) base URL")
+    tags = [t.strip().lstrip("#").lower() for t in (hashtags or cfg.source.hashtags) if t and t.strip()]
+    return [{"instance": u.rstrip("/"), "hashtag": t, "max_posts": max_posts} for u in urls for t in tags]
+
+
+def merge_summaries(summaries: list[dict[str, Any]]) -> dict[str, Any]:
+    """Add up per-pair scrape summaries (for a DAG run's log and XCom)."""
+    out: dict[str, Any] = {"pairs": len(summaries), "seen": 0, "kept": 0, "images": 0,
+                           "skipped": Counter(), "downloads": Counter()}
+    for s in summaries:
+        for k in ("seen", "kept", "images"):
+            out[k] += s.get(k, 0)
+        out["skipped"].update(s.get("skipped", {}))
+        out["downloads"].update(s.get("downloads", {}))
+    out["skipped"], out["downloads"] = dict(out["skipped"]), dict(out["downloads"])
+    return out

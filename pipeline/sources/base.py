@@ -1,0 +1,113 @@
+"""The source interface: page through a hashtag, yield normalized posts; re-observe posts.
+
+A source turns one platform's API into :class:`Post` rows (the ``posts`` schema) and
+:class:`Observation` rows (the ``engagement`` schema). Pages are walked newest to oldest;
+each :class:`Page` lists *every* status it held, kept or skipped, with its id, so the scrape
+stage can keep exact coverage of the timeline (see :mod:`pipeline.scrape`).
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Iterable, Iterator
+from dataclasses import asdict, dataclass, field
+from datetime import datetime
+
+#: Why a status was not kept. Every skipped status is counted under exactly one of these.
+SKIP_REASONS = {
+    "boost": "a boost/reblog (the original is counted where it was posted)",
+    "no_image": "no image attachment",
+    "video": "has a video, gifv or audio attachment (a still of a clip is not the photo that was liked)",
+    "opted_out": "author account has discoverable: false or indexable: false",
+    "missing_field": "a required field is missing or malformed (logged with the status id and field)",
+}
+
+
+class SourceError(RuntimeError):
+    """A whole page (or request) could not be read after retries; the message names the URL."""
+
+
+def id_key(post_id: str) -> tuple[int, str]:
+    """Sort key for ids: numeric ids by value (Mastodon ids are decimal strings), then text."""
+    return (len(post_id), post_id) if post_id.isdigit() else (1 << 30, post_id)
+
+
+@dataclass
+class Post:
+    """One kept post, exactly the ``posts`` table's columns."""
+
+    source: str
+    instance: str
+    hashtag: str
+    post_id: str
+    post_url: str | None
+    created_at: datetime
+    author_key: str
+    author_followers: int
+    tags: list[str]
+    n_tags: int
+    likes: int
+    reposts: int
+    replies: int
+    views: int | None
+    image_urls: list[str]
+    sensitive: bool
+    language: str | None
+    scraped_at: datetime
+
+    def row(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class Observation:
+    """A re-read of a post's counts (``engagement`` columns minus age, which the caller computes)."""
+
+    source: str
+    instance: str
+    post_id: str
+    observed_at: datetime
+    likes: int
+    reposts: int
+    replies: int
+    views: int | None
+    author_followers: int
+
+
+@dataclass
+class Item:
+    """One status on a page: kept (``post`` set) or skipped (``skip`` names the reason)."""
+
+    post_id: str
+    created_at: datetime | None
+    post: Post | None = None
+    skip: str | None = None
+
+
+@dataclass
+class Page:
+    url: str
+    items: list[Item] = field(default_factory=list)
+    #: statuses that could not even be placed (no id at all), by reason
+    unplaced: dict[str, int] = field(default_factory=dict)
+    next_url: str | None = None
+
+
+class Source(ABC):
+    """A platform behind one interface."""
+
+    kind: str
+    instance: str
+
+    @abstractmethod
+    def pages(self, hashtag: str, max_id: str | None = None) -> Iterator[Page]:
+        """Pages of ``hashtag``'s timeline from ``max_id`` (exclusive; None = newest) down to
+        the oldest, each page newest first. Raises :class:`SourceError` when a page cannot be read."""
+
+    @abstractmethod
+    def reobserve(self, post_ids: Iterable[str]) -> Iterator[tuple[str, Observation | str]]:
+        """Re-read posts: yields ``(post_id, Observation)``, or ``(post_id, reason)`` where
+        reason is ``'deleted'`` (gone) or an error text for a post that could not be read."""
+
+    def close(self) -> None:  # noqa: B027 - optional hook
+        pass

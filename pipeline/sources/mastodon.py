@@ -1,0 +1,318 @@
+"""Mastodon (and any server speaking its REST API): hashtag timelines and status re-reads.
+
+Endpoints (docs.joinmastodon.org/methods/timelines/#tag, /methods/statuses/#get):
+
+- ``GET /api/v1/timelines/tag/:hashtag?limit=N&max_id=ID`` — public statuses with the tag,
+  newest first; the ``Link`` header's ``rel="next"`` URL is the next (older) page.
+- ``GET /api/v1/statuses/:id`` — one status; 404 when deleted (or no longer visible).
+
+Normalization of a Status (entity: docs.joinmastodon.org/entities/Status/) into a ``posts``
+row, and what is skipped (each skipped status counted under one reason, in this order):
+
+1. ``reblog`` set → ``boost``: the boosted original is counted on its own, and a boost's
+   counters are not the original's audience.
+2. any ``video``, ``gifv`` or ``audio`` attachment → ``video``: the likes of a post with a clip
+   may be the clip's, so even its still images are not a clean label.
+3. no attachment of ``type == "image"`` → ``no_image``.
+4. the author's ``discoverable`` or ``indexable`` is ``false`` → ``opted_out`` (a ``null``
+   means the account predates the setting and is kept).
+5. a required field missing or of the wrong type → ``missing_field``, with a warning naming
+   the status id and the field.
+
+The author is stored only as ``author_key`` = HMAC-SHA256(secret, account ``uri``) (falling
+back to the account's ``url`` for servers older than 4.2, which lack ``uri``); the secret is
+read from the environment variable named by ``source.author_key_secret_env``. Handles and
+display names are never read into a row. An access token, when given, is sent only to the
+instance's API, never to media hosts, and is never logged.
+"""
+
+from __future__ import annotations
+
+import email.utils
+import hashlib
+import hmac
+import json
+import logging
+import os
+import random
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from datetime import UTC, datetime
+from typing import Any
+from urllib.parse import quote, urlencode, urljoin, urlsplit
+
+from requests.utils import parse_header_links
+
+from pipeline.http import HttpClient
+from pipeline.sources.base import Item, Observation, Page, Post, Source, SourceError, id_key
+
+log = logging.getLogger(__name__)
+
+#: Used when the author-key secret is unset: pseudonyms stay stable in development, but
+#: anyone with this (public) key can test a guessed account against them. Set the secret
+#: in production.
+DEV_AUTHOR_KEY = b"likerank-dev-author-key-not-secret"
+VIDEO_TYPES = frozenset({"video", "gifv", "audio"})
+
+
+def author_keyer(secret_env: str, env: dict[str, str] | None = None) -> Callable[[str], str]:
+    """HMAC-SHA256 of an account URI, keyed by ``$secret_env`` (or :data:`DEV_AUTHOR_KEY`)."""
+    env = os.environ if env is None else env
+    secret = env.get(secret_env, "")
+    if not secret:
+        log.warning("author-key secret %s is unset: using the fixed development key; "
+                    "author pseudonyms are then guessable. Set %s in production.", secret_env, secret_env)
+    key = secret.encode() if secret else DEV_AUTHOR_KEY
+
+    def author_key(uri: str) -> str:
+        return hmac.new(key, uri.encode(), hashlib.sha256).hexdigest()
+
+    return author_key
+
+
+def server_time(headers: Any) -> datetime | None:
+    """The response's ``Date`` header as an aware UTC datetime (None if absent or unreadable).
+
+    Observations are dated by the server's clock: for a real instance it is the wall clock to
+    the second, and the simulator's ``Date`` carries its world clock, so ages come out right."""
+    value = headers.get("Date") if headers else None
+    if not value:
+        return None
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    return (when if when.tzinfo else when.replace(tzinfo=UTC)).astimezone(UTC)
+
+
+def parse_time(value: Any) -> datetime:
+    """ISO 8601 (Mastodon: ``2019-12-08T03:48:33.901Z``) → aware UTC datetime; ValueError otherwise."""
+    if not isinstance(value, str):
+        raise ValueError(f"expected an ISO 8601 string, got {type(value).__name__}")
+    dt = datetime.fromisoformat(value.replace("Z", "+00:00"))
+    return (dt if dt.tzinfo else dt.replace(tzinfo=UTC)).astimezone(UTC)
+
+
+class _Missing(Exception):
+    def __init__(self, field: str):
+        self.field = field
+
+
+def _int(obj: dict, key: str, where: str = "") -> int:
+    v = obj.get(key) if isinstance(obj, dict) else None
+    if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+        raise _Missing(where + key)
+    return v
+
+
+def normalize_status(status: Any, *, instance: str, hashtag: str, author_key: Callable[[str], str],
+                     scraped_at: datetime, source: str = "mastodon") -> Item | None:
+    """One Status → an :class:`Item` (kept or skipped); None when it has no usable id at all."""
+    if not isinstance(status, dict) or not isinstance(status.get("id"), str | int) or status.get("id") == "":
+        log.warning("%s #%s: a status without an id was skipped (field 'id')", instance, hashtag)
+        return None
+    sid = str(status["id"])
+    try:
+        created_at = parse_time(status.get("created_at"))
+    except ValueError:
+        created_at = None
+    item = Item(post_id=sid, created_at=created_at)
+    if status.get("reblog") is not None:
+        item.skip = "boost"
+        return item
+    media = status.get("media_attachments")
+    if not isinstance(media, list):
+        return _missing(item, instance, "media_attachments")
+    types = [m.get("type") if isinstance(m, dict) else None for m in media]
+    if any(t in VIDEO_TYPES for t in types):
+        item.skip = "video"
+        return item
+    images = [m for m in media if isinstance(m, dict) and m.get("type") == "image"]
+    if not images:
+        item.skip = "no_image"
+        return item
+    account = status.get("account")
+    if not isinstance(account, dict):
+        return _missing(item, instance, "account")
+    if account.get("discoverable") is False or account.get("indexable") is False:
+        item.skip = "opted_out"
+        return item
+    try:
+        if created_at is None:
+            raise _Missing("created_at")
+        uri = account.get("uri") or account.get("url")
+        if not isinstance(uri, str) or not uri:
+            raise _Missing("account.uri")
+        urls = []
+        for i, m in enumerate(images):
+            u = m.get("url") or m.get("remote_url")
+            if not isinstance(u, str) or not u.startswith(("http://", "https://")):
+                raise _Missing(f"media_attachments[{i}].url")
+            urls.append(u)
+        tags = []
+        for t in status.get("tags") or []:
+            name = t.get("name") if isinstance(t, dict) else None
+            if isinstance(name, str) and name and name.lower() not in tags:
+                tags.append(name.lower())
+        if hashtag.lower() not in tags:  # the timeline matched it (e.g. a tag in a quote or edit)
+            tags.append(hashtag.lower())
+        language = status.get("language")
+        item.post = Post(
+            source=source,
+            instance=instance,
+            hashtag=hashtag.lower(),
+            post_id=sid,
+            post_url=status.get("url") or status.get("uri") or None,
+            created_at=created_at,
+            author_key=author_key(uri),
+            author_followers=_int(account, "followers_count", "account."),
+            tags=tags,
+            n_tags=len(tags),
+            likes=_int(status, "favourites_count"),
+            reposts=_int(status, "reblogs_count"),
+            replies=_int(status, "replies_count"),
+            views=None,  # Mastodon does not count views
+            image_urls=urls,
+            sensitive=bool(status.get("sensitive", False)),
+            language=language if isinstance(language, str) and language else None,
+            scraped_at=scraped_at,
+        )
+    except _Missing as exc:
+        return _missing(item, instance, exc.field)
+    return item
+
+
+def _missing(item: Item, instance: str, field: str) -> Item:
+    log.warning("%s: status %s skipped: required field %r is missing or malformed", instance, item.post_id, field)
+    item.skip = "missing_field"
+    return item
+
+
+def observation(status: dict, *, instance: str, observed_at: datetime, source: str = "mastodon") -> Observation:
+    """A Status's counts now; raises ValueError naming the field when one is missing."""
+    try:
+        return Observation(
+            source=source, instance=instance, post_id=str(status["id"]), observed_at=observed_at,
+            likes=_int(status, "favourites_count"), reposts=_int(status, "reblogs_count"),
+            replies=_int(status, "replies_count"), views=None,
+            author_followers=_int(status.get("account") or {}, "followers_count", "account."),
+        )
+    except (_Missing, KeyError) as exc:
+        raise ValueError(f"field {getattr(exc, 'field', 'id')!r} missing or malformed") from None
+
+
+class MastodonSource(Source):
+    """Any Mastodon-compatible instance: ``MastodonSource("https://mastodon.social", client)``."""
+
+    kind = "mastodon"
+
+    def __init__(self, instance_url: str, client: HttpClient, *, author_key: Callable[[str], str],
+                 token: str | None = None, page_limit: int = 40,
+                 now: Callable[[], datetime] = lambda: datetime.now(UTC), source: str = "mastodon"):
+        """``now`` dates observations only when a response has no usable ``Date`` header."""
+        parts = urlsplit(instance_url)
+        if parts.scheme not in ("http", "https") or not parts.netloc:
+            raise ValueError(f"instance URL {instance_url!r}: expected http(s)://host[:port]")
+        self.instance = f"{parts.scheme}://{parts.netloc}".lower()
+        self.client = client
+        self.author_key = author_key
+        self.page_limit = page_limit
+        self.now = now
+        self.kind = source
+        self._headers = {"Accept": "application/json"}
+        if token:
+            self._headers["Authorization"] = f"Bearer {token}"
+
+    def __repr__(self) -> str:  # never shows the token
+        return f"MastodonSource({self.instance!r})"
+
+    def _same_instance(self, url: str) -> bool:
+        p = urlsplit(url)
+        return f"{p.scheme}://{p.netloc}".lower() == self.instance
+
+    def get_json(self, url: str) -> tuple[Any, dict[str, str]]:
+        """GET an API URL; return its parsed JSON and the response headers. Bodies that are
+        not JSON (an HTML error page from a proxy is usually transient) are retried; raises
+        :class:`SourceError` naming the URL when the page cannot be read."""
+        # The token goes only to the instance itself, never to a host a Link header names.
+        headers = self._headers if self._same_instance(url) else {"Accept": "application/json"}
+        problem = ""
+        tries = self.client.cfg.retries + 1
+        for attempt in range(tries):
+            res = self.client.fetch(url, headers=headers)
+            if not res.ok:
+                hint = " (the instance may need an access token: source.token_env)" if res.http_status in (401, 403) else ""
+                raise SourceError(f"cannot read {url}: {res.status}: {res.error}{hint}")
+            try:
+                return json.loads(res.body), dict(res.headers)
+            except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+                ctype = res.headers.get("Content-Type", "?")
+                looks = "an HTML page" if res.body.lstrip()[:1] == b"<" else "malformed JSON"
+                problem = f"{looks} (Content-Type {ctype}: {exc})"
+                log.warning("%s: got %s, attempt %d of %d", url, problem, attempt + 1, tries)
+                if attempt + 1 < tries:
+                    self.client.sleep(random.uniform(0, self.client.cfg.backoff_s * 2 ** attempt))
+        raise SourceError(f"cannot read {url}: {problem}, {tries} attempt(s)")
+
+    def page_url(self, hashtag: str, max_id: str | None = None) -> str:
+        params: dict[str, Any] = {"limit": self.page_limit}
+        if max_id is not None:
+            params["max_id"] = max_id
+        return f"{self.instance}/api/v1/timelines/tag/{quote(hashtag, safe='')}?{urlencode(params)}"
+
+    def read_page(self, url: str, hashtag: str) -> Page:
+        """One timeline page: every status as an :class:`Item`, newest first, and the next URL
+        (the ``Link`` header's ``rel="next"``, else ``max_id`` = the oldest id on the page)."""
+        data, headers = self.get_json(url)
+        if not isinstance(data, list):
+            detail = f" ({str(data.get('error'))[:200]})" if isinstance(data, dict) and data.get("error") else ""
+            raise SourceError(f"cannot read {url}: expected a JSON array of statuses, got {type(data).__name__}{detail}")
+        page = Page(url=url)
+        scraped_at = server_time(headers) or self.now()
+        for status in data:
+            item = normalize_status(status, instance=self.instance, hashtag=hashtag,
+                                    author_key=self.author_key, scraped_at=scraped_at, source=self.kind)
+            if item is None:
+                page.unplaced["missing_field"] = page.unplaced.get("missing_field", 0) + 1
+            else:
+                page.items.append(item)
+        page.items.sort(key=lambda it: id_key(it.post_id), reverse=True)
+        if data:
+            for link in parse_header_links(headers.get("Link", "") or ""):
+                if link.get("rel") == "next" and link.get("url"):
+                    page.next_url = urljoin(url, link["url"])
+            if page.next_url is None and page.items:
+                page.next_url = self.page_url(hashtag, page.items[-1].post_id)
+        return page
+
+    def pages(self, hashtag: str, max_id: str | None = None) -> Iterator[Page]:
+        url: str | None = self.page_url(hashtag, max_id)
+        while url:
+            page = self.read_page(url, hashtag)
+            yield page
+            url = page.next_url
+
+    def reobserve(self, post_ids: Iterable[str], *, workers: int | None = None) -> Iterator[tuple[str, Observation | str]]:
+        ids = list(post_ids)
+        workers = workers or max(1, self.client.cfg.per_host_concurrency)
+
+        def one(pid: str) -> tuple[str, Observation | str]:
+            url = f"{self.instance}/api/v1/statuses/{quote(pid, safe='')}"
+            res = self.client.fetch(url, headers=self._headers)
+            if res.http_status in (404, 410):
+                return pid, "deleted"
+            if not res.ok:
+                return pid, f"{res.status}: {res.error}"
+            try:
+                status = json.loads(res.body)
+                if not isinstance(status, dict):
+                    raise ValueError("not a JSON object")
+                observed_at = server_time(res.headers) or self.now()
+                return pid, observation(status, instance=self.instance, observed_at=observed_at, source=self.kind)
+            except (ValueError, UnicodeDecodeError) as exc:
+                return pid, f"unreadable status from {url}: {exc}"
+
+        # Batches keep the number of queued futures (and results held) bounded.
+        with ThreadPoolExecutor(workers, thread_name_prefix="reobserve") as pool:
+            for i in range(0, len(ids), 200):
+                yield from pool.map(one, ids[i:i + 200])
