@@ -1,0 +1,195 @@
+"""The label stage: candidates -> filters -> labeler -> ``labels/run=<run_id>/``.
+
+Entry points (what the DAG, ``make run`` and the CLI call):
+
+- :func:`build_labels` ``(cfg, run_id, storage=None) -> summary``: the project's tables in,
+  the labels partition, its resolved config (``_config.toml``) and run summary
+  (``_summary.json``) out;
+- :func:`label_file` ``(input, output, cfg, run_id) -> summary``: a bring-your-own file;
+- :func:`label_candidates` ``(cands, cfg, run_id) -> (labels, summary)``: the pure in-memory core.
+
+The labels file keeps the candidates' row order (post_id order for the project's tables);
+``group_id`` / ``rank_in_group`` say where each row stands.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from labeling import baselines
+from labeling.eligibility import apply_filters, filter_rows, read_candidates, read_input_file
+from labeling.rank_groups import Ranking, exposure, post_id_key, rank_groups
+from labeling.splits import SPLITS, assign_splits
+from pipeline.config import Config
+from pipeline.storage import Storage, open_storage
+
+log = logging.getLogger(__name__)
+
+LABELERS = ("groups", "median_likes", "ratio", "residual")
+
+
+def run_prefix(run_id: str) -> str:
+    """The folder of one labeling run under the storage root."""
+    return f"labels/run={run_id}"
+
+
+def new_run_id(now: datetime | None = None) -> str:
+    """A run id from the UTC time, e.g. ``20261123T101500Z``."""
+    return (now or datetime.now(UTC)).strftime("%Y%m%dT%H%M%SZ")
+
+
+def clean_run_id(text: str) -> str:
+    """A run id safe as a hive partition value and an S3 key (e.g. from an Airflow run id)."""
+    cleaned = re.sub(r"[^A-Za-z0-9_.-]+", "-", text).strip("-.")
+    if not cleaned:
+        raise ValueError(f"run id {text!r} has no usable characters")
+    return cleaned
+
+
+def rank(labeler: str, *, likes: np.ndarray, followers: np.ndarray, n_tags: np.ndarray,
+         exposure_: np.ndarray, key: np.ndarray, group_size: int) -> Ranking:
+    """Run one labeler (the rule or a comparison) on eligible rows."""
+    if labeler == "groups":
+        return rank_groups(exposure_, likes, key, group_size)
+    if labeler == "median_likes":
+        return baselines.median_likes(likes, exposure_, key)
+    if labeler == "ratio":
+        return baselines.ratio(likes, exposure_, key)
+    if labeler == "residual":
+        return baselines.residual(likes, followers, n_tags, exposure_, key)
+    raise ValueError(f"unknown labeler {labeler!r} (known: {', '.join(LABELERS)})")
+
+
+def label_candidates(cands: pa.Table, cfg: Config, run_id: str, *, labeler: str | None = None,
+                     check_faces: bool = True, check_face_share: bool = True,
+                     counts: dict[str, int] | None = None) -> tuple[pa.Table, dict[str, Any]]:
+    """Label candidates (:data:`labeling.eligibility.CANDIDATES`): the LABELS table and a summary.
+
+    ``counts`` carries drops made while reading (``duplicate_post_id``); they count in ``rows_in``.
+    """
+    started = time.perf_counter()
+    lab = cfg.labeling
+    labeler = labeler or lab.labeler
+    eligible, dropped = apply_filters(cands, lab, cfg.faces, check_faces=check_faces,
+                                      check_face_share=check_face_share)
+    for reason, n in (counts or {}).items():
+        dropped[reason] += n
+
+    def ints(name: str) -> np.ndarray:  # nulls occur only in ineligible rows
+        return np.asarray(cands.column(name).fill_null(0), dtype=np.int64)[eligible]
+
+    likes, followers, n_tags = ints("likes"), ints("followers"), ints("n_tags")
+    views = np.asarray(cands.column("views").cast(pa.float64()).fill_null(np.nan), dtype=np.float64)[eligible]
+    exp = exposure(followers, n_tags, lab.tag_bonus, views)
+    key = post_id_key(cands.column("post_id").filter(pa.array(eligible)))
+    ranking = rank(labeler, likes=likes, followers=followers, n_tags=n_tags, exposure_=exp, key=key,
+                   group_size=lab.group_size)
+    mask = ranking.kept
+    dropped["partial_group"] = int((~mask).sum())
+
+    labeled = np.flatnonzero(eligible)[mask]  # candidate rows that get a label
+    keep = np.zeros(cands.num_rows, dtype=bool)
+    keep[labeled] = True
+    rows = filter_rows(cands.select(["post_id", "image_sha256", "author_key", "n_tags", "age_days"]), keep)
+    n = rows.num_rows
+    labels = pa.table({
+        "post_id": rows.column("post_id"),
+        "image_sha256": rows.column("image_sha256"),
+        "author_key": rows.column("author_key"),
+        "likes": likes[mask],
+        "followers": followers[mask],
+        "n_tags": rows.column("n_tags"),
+        "age_days": rows.column("age_days"),
+        "exposure": exp[mask],
+        "group_id": ranking.group_id[mask],
+        "rank_in_group": ranking.rank_in_group[mask],
+        "label": ranking.label()[mask],
+        "score": ranking.score()[mask],
+        "split": assign_splits(rows.column("author_key"), lab),
+        "labeler": pa.repeat(labeler, n),
+        "params_hash": pa.repeat(cfg.section_hash("labeling"), n),
+        "run_id": pa.repeat(run_id, n),
+    })
+    positive = int(labels.column("label").to_numpy().sum()) if n else 0
+    split_counts = {s: 0 for s in SPLITS}
+    if n:
+        for row in pc.value_counts(labels.column("split")).to_pylist():
+            split_counts[row["values"]] = row["counts"]
+    summary = {
+        "run_id": run_id,
+        "labeler": labeler,
+        "params_hash": cfg.section_hash("labeling"),
+        "group_size": ranking.group_size,
+        "rows_in": cands.num_rows + sum((counts or {}).values()),
+        "rows_dropped": sum(dropped.values()),
+        "dropped": dropped,
+        "rows_out": n,
+        "groups": n // ranking.group_size,
+        "partial_group_rows": dropped["partial_group"],
+        "label_balance": {"positive": positive, "negative": n - positive,
+                          "positive_share": round(positive / n, 6) if n else None},
+        "splits": split_counts,
+        "seconds": round(time.perf_counter() - started, 3),
+    }
+    return labels, summary
+
+
+def build_labels(cfg: Config, run_id: str, storage: Storage | None = None) -> dict[str, Any]:
+    """Label the project's tables into ``labels/run=<run_id>/``; return the run summary.
+
+    Rerunning a run id replaces its partition, config and summary (idempotent).
+    """
+    from pipeline.tables import put_json, write_partition
+
+    storage = storage or open_storage(cfg.storage)
+    cands, counts = read_candidates(storage, cfg)
+    labels, summary = label_candidates(cands, cfg, run_id, counts=counts)
+    prefix = run_prefix(run_id)
+    # A rebuilt run must be validated again before it can be published.
+    storage.delete(f"validation/run={run_id}/result.json")
+    summary["labels_key"] = write_partition(storage, "labels", run_id, labels)
+    summary["config_key"] = f"{prefix}/_config.toml"
+    summary["summary_key"] = f"{prefix}/_summary.json"
+    summary["labels_uri"] = storage.uri(summary["labels_key"])
+    storage.put_text(summary["config_key"], cfg.to_toml())
+    put_json(storage, summary["summary_key"], summary)
+    log.info("labels run %s: %d rows in, %d labeled in %d groups -> %s", run_id, summary["rows_in"],
+             summary["rows_out"], summary["groups"], summary["labels_uri"])
+    return summary
+
+
+def label_file(input_path: str | Path, output_path: str | Path, cfg: Config, run_id: str) -> dict[str, Any]:
+    """Label a bring-your-own Parquet/CSV file into ``output_path`` (.parquet or .csv)."""
+    from pipeline.schemas import conform
+
+    output_path = Path(output_path)
+    if output_path.suffix.lower() not in (".parquet", ".pq", ".csv"):
+        raise ValueError(f"output {output_path}: unknown format {output_path.suffix!r} (use .parquet or .csv)")
+    cands, absent = read_input_file(input_path)
+    labels, summary = label_candidates(cands, cfg, run_id, check_faces="n_faces" not in absent,
+                                       check_face_share=False)
+    labels = conform("labels", labels)
+    output_path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = output_path.with_name(f".tmp-{output_path.name}")
+    if output_path.suffix.lower() == ".csv":
+        import pyarrow.csv as pcsv
+
+        pcsv.write_csv(labels, tmp)
+    else:
+        import pyarrow.parquet as pq
+
+        pq.write_table(labels, tmp, compression="zstd")
+    tmp.replace(output_path)  # atomic: a reader sees the old file or the new one
+    summary["input"] = str(input_path)
+    summary["output"] = str(output_path)
+    summary["absent_optional_columns"] = absent
+    return summary

