@@ -84,8 +84,13 @@ class SimulatorConfig:
     posts: int = doc("Number of posts in the world.", default=5000)
     hashtags: list[str] = doc("Hashtags every post carries one of.", default_factory=lambda: ["selfie"])
     rate_limit: int = doc("Requests per 5-minute window per client before 429; 0 = off (Mastodon: 300).", default=0)
+    port: int = doc("Loopback port `make run` serves the simulator on. Keep it fixed: the scrape state "
+                    "and the posts' instance URL include it, so a second run resumes instead of re-reading.",
+                    default=8765)
 
     def validate(self) -> None:
+        if not 0 <= self.port <= 65535:
+            raise ValueError("port: must be within 0..65535")
         if self.posts < 1:
             raise ValueError("posts: must be >= 1")
         if self.rate_limit < 0:

@@ -2,8 +2,9 @@
 
 What it does, in order:
 
-1. starts the simulator (a local Mastodon-compatible server, ``likerank sim serve``) on a free
-   loopback port, unless ``source.kind = "mastodon"`` points at a real instance;
+1. starts the simulator (a local Mastodon-compatible server, ``likerank sim serve``) on
+   ``simulator.port`` on loopback (fixed, so a second run is the same instance to the
+   incremental scraper), unless ``source.kind = "mastodon"`` points at a real instance;
 2. runs each DAG with ``airflow dags test`` in the order the Asset chain would trigger them —
    ``scrape`` → (the simulator's clock advances ``labeling.min_age_days`` so month-old likes
    exist) → ``refresh_engagement`` → ``detect_faces`` → ``build_labels`` → ``retrain``.
@@ -59,7 +60,7 @@ class Simulator:
 
     def __init__(self, cfg: Config, log: Path):
         cmd = [sys.executable, "-m", "pipeline.cli", "sim", "serve",
-               "--seed", str(cfg.simulator.seed), "--posts", str(cfg.simulator.posts), "--port", "0"]
+               "--seed", str(cfg.simulator.seed), "--posts", str(cfg.simulator.posts), "--port", str(cfg.simulator.port)]
         self.log = open(log, "w")
         self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=self.log, text=True)
         assert self.proc.stdout is not None

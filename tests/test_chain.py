@@ -19,6 +19,7 @@ import pytest
 from pipeline.query import published_run, run_query
 from pipeline.storage import LocalStorage
 from pipeline.tables import get_json, read_table
+from tests.conftest import free_port
 
 REPO = Path(__file__).resolve().parents[1]
 MIN_AGE = 30.0
@@ -41,6 +42,7 @@ def chain(tmp_path_factory):
         "LIKERANK_FACES__MODEL": os.environ["LIKERANK_FACES__MODEL"],
         "LIKERANK_STORAGE__ROOT": str(work / "data"),
         "LIKERANK_SIMULATOR__POSTS": "600",
+        "LIKERANK_SIMULATOR__PORT": str(free_port()),
         "LIKERANK_LABELING__GROUP_SIZE": "20",
         "LIKERANK_LABELING__MIN_AGE_DAYS": str(MIN_AGE),
         "LIKERANK_VALIDATION__MIN_ROWS": "20",
