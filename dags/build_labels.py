@@ -21,15 +21,14 @@ Owner: likerank-data.
 
 from __future__ import annotations
 
-import pendulum
 from airflow.sdk import dag, task
-from likerank_assets import DEFAULT_ARGS, ENGAGEMENT, FACES, LABELS
+from likerank_assets import DEFAULT_ARGS, ENGAGEMENT, FACES, LABELS, START_DATE
 
 
 @dag(
     dag_id="build_labels",
     schedule=(FACES | ENGAGEMENT),
-    start_date=pendulum.datetime(2026, 1, 1, tz="UTC"),
+    start_date=START_DATE,
     catchup=False,
     max_active_runs=1,
     default_args=DEFAULT_ARGS,

@@ -7,6 +7,7 @@ Each URI names a table under the configured storage root; the Asset is the logic
 the storage root says where the bytes are.
 """
 
+import pendulum
 from airflow.sdk import Asset
 
 POSTS = Asset(name="likerank_posts", uri="likerank://tables/posts")
@@ -15,6 +16,11 @@ IMAGES = Asset(name="likerank_images", uri="likerank://tables/images")
 FACES = Asset(name="likerank_faces", uri="likerank://tables/faces")
 LABELS = Asset(name="likerank_labels", uri="likerank://tables/labels")
 MODEL = Asset(name="likerank_model", uri="likerank://models/latest")
+
+#: Every DAG's start date. Early on purpose: runs are never caught up (catchup=False), and a
+#: logical date before a DAG's start date would silently skip all its tasks — `make run` uses
+#: the simulated world's clock (2025) as the logical date, and backfills may reach back too.
+START_DATE = pendulum.datetime(2020, 1, 1, tz="UTC")
 
 #: Defaults every DAG shares: an owner to page, retries for transient failures.
 DEFAULT_ARGS = {"owner": "likerank-data", "retries": 2}

@@ -12,15 +12,14 @@ Owner: likerank-data.
 
 from __future__ import annotations
 
-import pendulum
 from airflow.sdk import dag, task
-from likerank_assets import DEFAULT_ARGS, ENGAGEMENT
+from likerank_assets import DEFAULT_ARGS, ENGAGEMENT, START_DATE
 
 
 @dag(
     dag_id="refresh_engagement",
     schedule="@daily",
-    start_date=pendulum.datetime(2026, 1, 1, tz="UTC"),
+    start_date=START_DATE,
     catchup=False,
     max_active_runs=1,
     default_args=DEFAULT_ARGS,

@@ -19,16 +19,14 @@ Config: the `[training]` and `[storage]` sections (`likerank config show`).
 
 from __future__ import annotations
 
-from datetime import datetime
-
 from airflow.sdk import dag, task
-from likerank_assets import DEFAULT_ARGS, LABELS, MODEL
+from likerank_assets import DEFAULT_ARGS, LABELS, MODEL, START_DATE
 
 
 @dag(
     dag_id="retrain",
     schedule=[LABELS],
-    start_date=datetime(2026, 1, 1),
+    start_date=START_DATE,
     catchup=False,
     max_active_runs=1,
     default_args=DEFAULT_ARGS,

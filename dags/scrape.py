@@ -26,15 +26,14 @@ Owner: likerank-data.
 
 from __future__ import annotations
 
-import pendulum
 from airflow.sdk import Param, dag, task
-from likerank_assets import DEFAULT_ARGS, ENGAGEMENT, IMAGES, POSTS
+from likerank_assets import DEFAULT_ARGS, ENGAGEMENT, IMAGES, POSTS, START_DATE
 
 
 @dag(
     dag_id="scrape",
     schedule="@daily",
-    start_date=pendulum.datetime(2026, 1, 1, tz="UTC"),
+    start_date=START_DATE,
     catchup=False,
     max_active_runs=1,  # runs share the per-(instance, hashtag) state: one at a time
     default_args=DEFAULT_ARGS,
