@@ -223,6 +223,8 @@ class TrainingConfig:
     replicas: int = doc("Kubernetes worker replicas.", default=2)
     gpus_per_replica: int = doc("GPUs per replica (kubernetes).", default=1)
     storage_secret: str = doc("Kubernetes secret holding the storage credentials.", default="likerank-storage")
+    truth_file: str = doc("Ground-truth Parquet (post_id, quality; the simulator writes one): adds ROC-AUC "
+                          "against true quality to the metrics; empty = none.", default="")
 
     def validate(self) -> None:
         if self.backbone not in ("resnet18", "resnet50", "vgg16"):

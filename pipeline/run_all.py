@@ -24,7 +24,6 @@ A second ``make run`` is incremental: the scraper resumes from the newest post i
 from __future__ import annotations
 
 import datetime as dt
-import json
 import os
 import subprocess
 import sys
@@ -97,6 +96,15 @@ class Simulator:
         self.log.close()
 
 
+def write_truth(cfg: Config, path: Path) -> None:
+    import pyarrow.parquet as pq
+
+    from pipeline.simulator import world_truth
+
+    pq.write_table(world_truth(seed=cfg.simulator.seed, posts=cfg.simulator.posts,
+                               hashtags=cfg.simulator.hashtags), path)
+
+
 def run_dag(step: Step, logical_date: str, env: dict[str, str], logs: Path) -> tuple[bool, float, Path]:
     log = logs / f"{step.dag_id}.log"
     t0 = time.monotonic()
@@ -114,6 +122,7 @@ def main() -> int:
     logical_date = dt.datetime.now(dt.UTC).replace(microsecond=0).isoformat()
     env = dict(os.environ)
     sim: Simulator | None = None
+    truth: Path | None = None
     started = time.monotonic()
     try:
         if cfg.source.kind == "simulator":
@@ -126,6 +135,11 @@ def main() -> int:
             # Read the whole simulated world (its posts span ~90 days), not just the newest page.
             env.setdefault("LIKERANK_SCRAPE__BACKFILL_DAYS", "120")
             logical_date = sim.now()
+            # The hidden ground truth (never served): training and the summary report
+            # ROC-AUC against true quality with it.
+            truth = logs / f"truth-seed{cfg.simulator.seed}-posts{cfg.simulator.posts}.parquet"
+            write_truth(cfg, truth)
+            env.setdefault("LIKERANK_TRAINING__TRUTH_FILE", str(truth))
         for step in CHAIN:
             if not (DAGS / f"{step.dag_id}.py").is_file():
                 print(f"{step.dag_id:<19} not built yet (no dags/{step.dag_id}.py): skipped")
@@ -145,38 +159,86 @@ def main() -> int:
             sim.stop()
             print("simulator: stopped")
     print()
-    print(summary(cfg))
+    print(summary(cfg, truth))
     print(f"\nmake run: done in {time.monotonic() - started:.0f} s")
     return 0
 
 
-def summary(cfg: Config) -> str:
-    """One screen: what each table holds, the verdict, the model, and a query to try."""
+def _fmt(counts: dict) -> str:
+    return ", ".join(f"{k} {v}" for k, v in sorted(counts.items(), key=lambda kv: -kv[1]) if v) or "none"
+
+
+def summary(cfg: Config, truth: Path | None = None) -> str:
+    """One screen: the funnel, the verdict, the model, where everything lives, a query to try."""
     from pipeline.query import published_run, run_query
     from pipeline.schemas import TABLES
     from pipeline.storage import open_storage
     from pipeline.tables import get_json
 
     storage = open_storage(cfg.storage)
-    lines = ["== likerank: what this run produced =="]
-    for name, table in TABLES.items():
-        n = run_query(storage, f"select count(*) n from {'labels_all' if name == 'labels' else name}")
-        lines.append(f"  {name:<11} {n.column('n')[0].as_py():>7} rows   {storage.uri(table.path)}/")
-    downloads = run_query(storage, "select status, count(*) n from downloads group by 1 order by 2 desc")
-    if downloads.num_rows:
-        lines.append("  downloads by status: " + ", ".join(f"{r['status']} {r['n']}" for r in downloads.to_pylist()))
+
+    def one(sql: str) -> list[dict]:
+        return run_query(storage, sql).to_pylist()
+
+    lines = ["== likerank: the funnel =="]
+    from pipeline.scrape import run_log_prefix
+
+    seen, skipped = 0, {}
+    for key in storage.list(run_log_prefix()):
+        scrape_run = get_json(storage, key)
+        seen += scrape_run["seen"]
+        for reason, n in scrape_run["skipped"].items():
+            skipped[reason] = skipped.get(reason, 0) + n
+    posts = one("select count(distinct post_id) n from posts")[0]["n"]
+    lines.append(f"  statuses read         {seen:>7}   skipped: {_fmt(skipped)}")
+    lines.append(f"  posts stored          {posts:>7}")
+    dl = {r["status"]: r["n"] for r in one("select status, count(*) n from downloads group by 1")}
+    lines.append(f"  image downloads       {sum(dl.values()):>7}   ({_fmt(dl)})")
+    faces = one("""select case when status <> 'ok' then status when n_faces = 0 then 'no face'
+                   when n_faces = 1 then 'one face' else 'several faces' end k, count(*) n
+                   from faces group by 1""")
+    lines.append(f"  images with faces     {sum(r['n'] for r in faces if r['k'] in ('one face', 'several faces')):>7}"
+                 f"   ({_fmt({r['k']: r['n'] for r in faces})})")
     run = published_run(storage)
     if run:
         summ = get_json(storage, f"labels/run={run}/_summary.json", {})
-        lines.append(f"  published labels: run {run}")
-        if summ:
-            lines.append("  label funnel: " + json.dumps(summ, sort_keys=True)[:600])
+        lines.append(f"  labeled posts         {summ.get('rows_out', '?'):>7}   in {summ.get('groups', '?')} groups of "
+                     f"{summ.get('group_size', '?')}; dropped: {_fmt(summ.get('dropped', {}))}")
+        docs = [k for k in storage.list(f"validation/run={run}/") if k.endswith("index.html")]
+        lines.append("\n== validation (Great Expectations) ==")
+        lines.append(f"  passed and published: labels run {run}")
+        if docs:
+            lines.append(f"  Data Docs: {storage.uri(docs[0])}")
+        if truth is not None:
+            from labeling.evaluate import evaluate_run, load_truth
+
+            ev = evaluate_run(cfg, run, load_truth(truth, cfg), storage)
+            lines.append("\n== label quality against the simulator's hidden truth (ROC-AUC, face posts) ==")
+            lines.append("  " + ", ".join(f"{name} {r['auc']:.3f}" for name, r in ev["labelers"].items()))
     else:
-        lines.append("  published labels: none yet")
+        lines.append("  labels: none published yet")
     latest = get_json(storage, "models/latest.json")
     if latest:
-        lines.append(f"  model: {json.dumps(latest, sort_keys=True)[:400]}")
-    lines.append('\ntry:  .venv/bin/likerank query "select label, count(*) from labels group by label"')
+        m = get_json(storage, latest["metrics_key"], {})
+        test = m.get("test", {})
+        lines.append(f"\n== model {latest['run_id']} ({m.get('model', {}).get('backbone', '?')}, "
+                     f"pretrained: {m.get('model', {}).get('pretrained', '?')}) ==")
+        lines.append("  test: " + ", ".join(f"{k} {test[k]:.3f}" for k in ("accuracy", "roc_auc", "log_loss",
+                                                                              "pearson_r", "mae", "rmse")
+                                            if isinstance(test.get(k), float)))
+        truth_test = (m.get("truth") or {}).get("test") or {}
+        if "roc_auc" in truth_test:
+            lines.append(f"  ROC-AUC against true quality (held-out authors): {truth_test['roc_auc']:.3f}")
+        lines.append(f"  metrics: {storage.uri(latest['metrics_key'])}")
+    lines.append("\n== where the tables live ==")
+    for name, table in TABLES.items():
+        lines.append(f"  {name:<11} {storage.uri(table.path)}/")
+    if run:
+        from pipeline.report import build_report
+
+        lines.append(f"\nreport: {build_report(cfg, storage)}")
+    lines.append('\ntry:  .venv/bin/likerank query "select label, count(*) n, avg(likes) likes, '
+                 'avg(followers) followers from labels group by label"')
     return "\n".join(lines)
 
 

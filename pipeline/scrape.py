@@ -333,9 +333,19 @@ def scrape(cfg: Config, instance: str, hashtag: str, logical_date: str | date | 
         "images": len(images), "stopped": cov.stop, "state": skey,
         "partition_rows": buf.written, "elapsed_s": round(time.monotonic() - t0, 2),
     }
+    # A run log: skip reasons exist nowhere else (skipped statuses are not stored), and the
+    # funnel (`make run`, the report) adds them up. One file per run, never overwritten.
+    stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%S%fZ")
+    host = urlsplit(instance).netloc.lower().replace(":", "_")
+    put_json(storage, f"{run_log_prefix(day)}{host}__{hashtag}-{stamp}.json", summary)
     log.info("scrape %s #%s %s: %d seen, %d kept, skipped %s, downloads %s (%s)", instance, hashtag, day,
              summary["seen"], kept, summary["skipped"], summary["downloads"], cov.stop)
     return summary
+
+
+def run_log_prefix(day: str = "") -> str:
+    """Where each scrape run leaves its summary: ``runs/scrape/<day>/<host>__<tag>-<stamp>.json``."""
+    return f"runs/scrape/{day}/" if day else "runs/scrape/"
 
 
 def format_summary(s: dict[str, Any]) -> str:

@@ -230,6 +230,7 @@ def launch(cfg: Config | None = None, *, labels_run: str | None = None, run_id: 
     """
     cfg = cfg or load_config(config_path)
     backend = backend or cfg.training.backend
+    truth = truth or cfg.training.truth_file or None
     storage = open_storage(cfg.storage)
     if run_id:
         run_id = registry.check_run_id(run_id)
