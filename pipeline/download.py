@@ -147,7 +147,9 @@ class Downloader:
             try:
                 check = check_image(data, self.cfg.max_pixels)
                 if check.status == "ok":
-                    sha, key = self.images.put(data)
+                    # Not fsynced one by one: the scrape syncs storage once per flush, before
+                    # any table row or crawl state records the image.
+                    sha, key = self.images.put(data, durable=False)
                     row["sha256"] = sha
                     image = {"sha256": sha, "width": check.width, "height": check.height,
                              "format": check.format, "phash": check.phash, "bytes": len(data), "storage_key": key}

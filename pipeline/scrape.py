@@ -272,6 +272,7 @@ def scrape(cfg: Config, instance: str, hashtag: str, logical_date: str | date | 
     def flush() -> None:
         nonlocal unflushed
         collect(downloader.drain())
+        storage.sync()  # the images first: no row may point at bytes that are not on disk
         buf.flush()
         put_json(storage, skey, safe_state)  # after the data: state never covers unwritten rows
         unflushed = 0

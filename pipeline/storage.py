@@ -32,7 +32,12 @@ class Storage(ABC):
     root: str
 
     @abstractmethod
-    def put_bytes(self, key: str, data: bytes) -> None: ...
+    def put_bytes(self, key: str, data: bytes, *, durable: bool = True) -> None:
+        """Atomic put. ``durable=False`` may skip flushing to disk; call :meth:`sync` before
+        recording that the data exists (a local fsync per small file dominates bulk writes)."""
+
+    def sync(self) -> None:
+        """Make every earlier ``durable=False`` put durable (a no-op where puts always are)."""
 
     @abstractmethod
     def get_bytes(self, key: str) -> bytes: ...
@@ -78,19 +83,23 @@ class LocalStorage(Storage):
             raise StorageError(f"key {key!r} escapes the storage root {self.root}")
         return p
 
-    def put_bytes(self, key: str, data: bytes) -> None:
+    def put_bytes(self, key: str, data: bytes, *, durable: bool = True) -> None:
         dest = self._p(key)
         dest.parent.mkdir(parents=True, exist_ok=True)
         tmp = dest.parent / f".tmp-{uuid.uuid4().hex}-{dest.name}"
         try:
             with open(tmp, "wb") as fh:
                 fh.write(data)
-                fh.flush()
-                os.fsync(fh.fileno())
+                if durable:
+                    fh.flush()
+                    os.fsync(fh.fileno())
             os.replace(tmp, dest)  # atomic on POSIX: readers see old or new, never half
         finally:
             with contextlib.suppress(FileNotFoundError):
                 tmp.unlink()
+
+    def sync(self) -> None:
+        os.sync()  # one call for a whole batch of durable=False puts
 
     def get_bytes(self, key: str) -> bytes:
         try:
@@ -182,8 +191,8 @@ class S3Storage(Storage):
             return StorageError(f"{where}: S3 error {code}: {exc}")
         return StorageError(f"{where}: {exc}")
 
-    def put_bytes(self, key: str, data: bytes) -> None:
-        try:
+    def put_bytes(self, key: str, data: bytes, *, durable: bool = True) -> None:
+        try:  # an S3 PUT is durable once it returns
             self.client.put_object(Bucket=self.bucket, Key=self._k(key), Body=data)
         except Exception as exc:  # noqa: BLE001 - translated into a StorageError naming the key
             raise self._error(exc, key) from exc
@@ -263,12 +272,12 @@ class ImageStore:
     def key(sha256: str) -> str:
         return f"images/{sha256[:2]}/{sha256}"
 
-    def put(self, data: bytes) -> tuple[str, str]:
-        """Store ``data`` once; return (sha256, key)."""
+    def put(self, data: bytes, *, durable: bool = True) -> tuple[str, str]:
+        """Store ``data`` once; return (sha256, key). See ``Storage.put_bytes`` for ``durable``."""
         sha = hashlib.sha256(data).hexdigest()
         key = self.key(sha)
         if not self.storage.exists(key):
-            self.storage.put_bytes(key, data)
+            self.storage.put_bytes(key, data, durable=durable)
         return sha, key
 
     def get(self, sha256: str) -> bytes:
