@@ -68,7 +68,8 @@ def detect_faces():
     def summarize(summaries: list[dict]) -> dict:
         from pipeline.faces.detect_faces import merge_summaries
 
-        return merge_summaries(list(summaries))
+        # Indexing (not iterating) the lazy XCom sequence: iteration probes one past the end.
+        return merge_summaries([summaries[i] for i in range(len(summaries))])
 
     summarize(detect.expand(shard=plan()))
 

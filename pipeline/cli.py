@@ -18,6 +18,12 @@ from pipeline.config import ConfigError, load_config
 COMMAND_MODULES = [
     "pipeline.commands.config_cmd",
     "pipeline.commands.query_cmd",
+    "pipeline.commands.report_cmd",
+    "pipeline.commands.faces_cmd",
+    "pipeline.commands.sim_cmd",
+    "pipeline.commands.scrape_cmd",
+    "training.cli",
+    "labeling.cli",
 ]
 
 
