@@ -199,7 +199,8 @@ def summary(cfg: Config, truth: Path | None = None) -> str:
     lines.append(f"  image downloads       {sum(dl.values()):>7}   ({_fmt(dl)})")
     faces = one("""select case when status <> 'ok' then status when n_faces = 0 then 'no face'
                    when n_faces = 1 then 'one face' else 'several faces' end k, count(*) n
-                   from faces group by 1""")
+                   from (from faces qualify row_number() over (partition by sha256 order by detected_at desc) = 1)
+                   group by 1""")  # the latest detection per image: failed ones are retried in new rows
     lines.append(f"  images with faces     {sum(r['n'] for r in faces if r['k'] in ('one face', 'several faces')):>7}"
                  f"   ({_fmt({r['k']: r['n'] for r in faces})})")
     run = published_run(storage)

@@ -70,7 +70,8 @@ def test_every_stage_ran_and_the_summary_says_so(chain):
     first = chain["stdout"][0]
     assert "not built yet" not in first
     for word in ("scrape", "refresh_engagement", "detect_faces", "build_labels", "retrain",
-                 "published labels: run", "likerank query", "simulator: stopped"):
+                 "passed and published: labels run", "ROC-AUC against true quality", "report: ", "likerank query",
+                 "simulator: stopped"):
         assert word in first, word
 
 
