@@ -102,8 +102,9 @@ class ScrapeConfig:
     max_posts: int = doc("Stop after this many statuses per (instance, hashtag) and run; 0 = no limit.", default=0)
     page_limit: int = doc("Statuses per timeline page (Mastodon allows at most 40).", default=40)
     threads: int = doc("Download threads.", default=16)
-    per_host_rps: float = doc("Requests per second per host (token bucket).", default=50.0)
-    per_host_concurrency: int = doc("Simultaneous requests per host.", default=8)
+    per_host_rps: float = doc("Requests per second per host (token bucket); polite by default: "
+                              "Mastodon's API allows 300 requests per 5 minutes.", default=5.0)
+    per_host_concurrency: int = doc("Simultaneous requests per host.", default=4)
     connect_timeout_s: float = doc("TCP connect timeout, seconds.", default=5.0)
     read_timeout_s: float = doc("Socket read timeout, seconds.", default=15.0)
     total_timeout_s: float = doc("Whole-download timeout, seconds.", default=60.0)

@@ -132,6 +132,9 @@ def main() -> int:
             env["LIKERANK_SOURCE__INSTANCE_URL"] = sim.url
             # The simulator lives on loopback; the SSRF guard refuses it unless allow-listed.
             env.setdefault("LIKERANK_SCRAPE__ALLOW_HOSTS", "127.0.0.1")
+            # Our own loopback server: no need for the polite defaults meant for real instances.
+            env.setdefault("LIKERANK_SCRAPE__PER_HOST_RPS", "1000")
+            env.setdefault("LIKERANK_SCRAPE__PER_HOST_CONCURRENCY", "16")
             # Read the whole simulated world (its posts span ~90 days), not just the newest page.
             env.setdefault("LIKERANK_SCRAPE__BACKFILL_DAYS", "120")
             logical_date = sim.now()

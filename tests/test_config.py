@@ -84,3 +84,11 @@ def test_cli_config_show_and_one_line_error():
 def test_secrets_are_masked_in_show():
     out = _cli("--set", "storage.secret_access_key=hunter2", "config", "show").stdout
     assert "hunter2" not in out and "secret_access_key = ***" in out
+
+
+def test_readme_table_reference_is_generated_from_the_schemas():
+    from pipeline.schemas import markdown_reference
+
+    readme = (REPO / "README.md").read_text()
+    section = readme.split("<!-- tables:begin -->")[1].split("<!-- tables:end -->")[0]
+    assert section.strip() == markdown_reference().strip(), "run: likerank tables --markdown, paste into README"
