@@ -26,14 +26,16 @@ export PATH := $(CURDIR)/$(BIN):$(PATH)
 help: ## list the targets
 	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-9s %s\n", $$1, $$2}'
 
-setup: $(STAMP) .airflow/airflow.db ## create .venv from requirements.lock and migrate Airflow's SQLite DB (no-op when unchanged)
+setup: $(STAMP) .airflow/airflow.db ## create .venv from requirements.lock (GPU=1: onnxruntime-gpu), migrate Airflow's SQLite DB; no-op when unchanged
 
 $(STAMP): requirements.lock pyproject.toml
 	@echo "setup: installing into $(VENV) from requirements.lock (first time: a few minutes, ~6 GB)"
 	[ -x $(BIN)/python ] || $(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install -q --disable-pip-version-check -r requirements.lock $(if $(GPU),onnxruntime-gpu[cuda$(,)cudnn]==$(ORT_VERSION),)
+	# (pip warns once per package about this machine's extra index folders: noise, filtered)
+	{ $(BIN)/pip install -q --disable-pip-version-check -r requirements.lock 2>&1 || exit 1; } | { grep -v '^WARNING: Location' || true; }
 	$(BIN)/pip install -q --disable-pip-version-check --no-deps --no-build-isolation -e .
-	$(if $(GPU),$(BIN)/pip uninstall -y -q onnxruntime && $(BIN)/pip install -q --force-reinstall --no-deps onnxruntime-gpu==$(ORT_VERSION),)
+	# GPU=1: onnxruntime-gpu replaces onnxruntime (both own the `onnxruntime` module; insightface needs either)
+	$(if $(GPU),$(BIN)/pip uninstall -y -q onnxruntime && $(BIN)/pip install -q "onnxruntime-gpu[cuda$(,)cudnn]==$(ORT_VERSION)",)
 	rm -f $(VENV)/.setup-*
 	touch $@
 

@@ -38,6 +38,7 @@ class Storage(ABC):
 
     def sync(self) -> None:
         """Make every earlier ``durable=False`` put durable (a no-op where puts always are)."""
+        return None
 
     @abstractmethod
     def get_bytes(self, key: str) -> bytes: ...
