@@ -546,23 +546,32 @@ def _load_predictions(storage: Storage, run: str, metrics: dict[str, Any],
     return frame.reset_index(drop=True), f"{len(frame):,} test predictions from {source}"
 
 
-def _validation_results(obj: Any, depth: int = 0) -> Iterable[dict[str, Any]]:
-    """Every GX validation result inside a JSON document (a result, a checkpoint result, a list)."""
+def _validation_results(obj: Any, depth: int = 0, name: str = "") -> Iterable[dict[str, Any]]:
+    """Every GX validation result inside a JSON document (a result, a checkpoint result, a list).
+
+    ``name`` is the nearest enclosing key that names something (e.g. the table), used as the
+    suite's name where the result carries none.
+    """
     if depth > 6:
         return
     if isinstance(obj, dict):
         if isinstance(obj.get("results"), list) and ("statistics" in obj or "success" in obj):
-            yield obj
+            yield {"suite_name": name, **obj}
             return
-        for v in obj.values():
-            yield from _validation_results(v, depth + 1)
+        if isinstance(obj.get("expectations"), list) and "success" in obj:
+            # GX 1.x's describe_dict() form (what `labeling.validate` stores): flat expectations
+            yield {"suite_name": name, **obj, "results": obj["expectations"]}
+            return
+        for k, v in obj.items():
+            generic = k in ("results", "validation_results", "run_results", "tables")
+            yield from _validation_results(v, depth + 1, name if generic else str(k))
     elif isinstance(obj, list):
         for v in obj:
-            yield from _validation_results(v, depth + 1)
+            yield from _validation_results(v, depth + 1, name)
 
 
 def _expectation_row(r: dict[str, Any]) -> dict[str, Any]:
-    conf = r.get("expectation_config") or {}
+    conf = r.get("expectation_config") or r  # full result form, or describe_dict()'s flat one
     kwargs = {k: v for k, v in (conf.get("kwargs") or {}).items() if k != "batch_id"}
     result = r.get("result") or {}
     detail = {k: result[k] for k in ("observed_value", "element_count", "unexpected_count",

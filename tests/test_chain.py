@@ -102,6 +102,14 @@ def test_tables_exist_and_agree(chain):
     assert "roc_auc" in metrics["test"]
 
 
+def test_report_shows_every_section(chain):
+    report = chain["stdout"][0].split("report: ")[1].split()[0]
+    html = Path(report).read_text()
+    for section in ("funnel", "distributions", "likes-vs-followers", "label-balance", "validation", "model",
+                    "contact-sheets"):
+        assert f'id="{section}"' in html and f'<section id="{section}" class="na">' not in html, section
+
+
 def test_second_run_is_incremental(chain):
     first, second = chain["counts"]
     assert first["posts"] > 0 and second == first, (first, second)
