@@ -18,6 +18,8 @@ Bad images are rows with a `status`, not failures. Re-running with a new model (
 
 from __future__ import annotations
 
+from contextlib import contextmanager
+
 from airflow.sdk import dag, task
 from likerank_assets import DEFAULT_ARGS, FACES, IMAGES, START_DATE
 
@@ -28,6 +30,19 @@ def _detect_routing() -> dict:
 
     faces = load_config().faces
     return {key: value for key, value in (("queue", faces.queue), ("pool", faces.pool)) if value}
+
+
+@contextmanager
+def _no_retry_on_setup_errors():
+    """A missing or wrong model does not heal on retry: fail the task at once, saying why."""
+    from airflow.sdk.exceptions import AirflowFailException
+
+    from pipeline.faces.detector import DetectorError
+
+    try:
+        yield
+    except DetectorError as exc:
+        raise AirflowFailException(str(exc)) from exc
 
 
 def _run_day(context) -> str:
@@ -54,15 +69,17 @@ def detect_faces():
         from pipeline.config import load_config
         from pipeline.faces.detect_faces import write_shard_manifests
 
-        return write_shard_manifests(load_config(), _run_day(context),
-                                     max_shards=conf.getint("core", "max_map_length"))
+        with _no_retry_on_setup_errors():
+            return write_shard_manifests(load_config(), _run_day(context),
+                                         max_shards=conf.getint("core", "max_map_length"))
 
     @task(**_detect_routing())
     def detect(shard: dict, **context) -> dict:
         from pipeline.config import load_config
         from pipeline.faces.detect_faces import detect_manifest
 
-        return detect_manifest(load_config(), shard, _run_day(context))
+        with _no_retry_on_setup_errors():
+            return detect_manifest(load_config(), shard, _run_day(context))
 
     @task(outlets=[FACES])
     def summarize(summaries: list[dict]) -> dict:

@@ -7,6 +7,8 @@ Each URI names a table under the configured storage root; the Asset is the logic
 the storage root says where the bytes are.
 """
 
+from datetime import timedelta
+
 import pendulum
 from airflow.sdk import Asset
 
@@ -22,5 +24,12 @@ MODEL = Asset(name="likerank_model", uri="likerank://models/latest")
 #: the simulated world's clock (2025) as the logical date, and backfills may reach back too.
 START_DATE = pendulum.datetime(2020, 1, 1, tz="UTC")
 
-#: Defaults every DAG shares: an owner to page, retries for transient failures.
-DEFAULT_ARGS = {"owner": "likerank-data", "retries": 2}
+#: Defaults every DAG shares: an owner to page, retries for transient failures (network,
+#: storage) after 1 then 2 minutes. Errors that cannot heal (bad config, failed validation)
+#: raise AirflowFailException in the task and skip the retries.
+DEFAULT_ARGS = {
+    "owner": "likerank-data",
+    "retries": 2,
+    "retry_delay": timedelta(minutes=1),
+    "retry_exponential_backoff": True,
+}
