@@ -36,6 +36,8 @@ def main() -> int:
     if p.returncode:
         print(p.stdout[-3000:], p.stderr[-3000:])
         return 1
+    print(p.stdout[p.stdout.index("== likerank: the funnel =="):].split("== where the tables live ==")[0].rstrip())
+    print()
     for name, secs in re.findall(r"^(\w+)\s+.*\n\s+ok in (\d+) s", p.stdout, flags=re.M):
         print(f"  {name:<20} {secs:>5} s")
     print(f"make run, {args.posts}-post world: {total:.0f} s = {total / BUDGET_S:.2f}x the {BUDGET_S:.0f} s budget "
