@@ -139,7 +139,9 @@ class FacesConfig:
     det_size: int = doc("Detector input size, pixels (square).", default=640)
     fallback_det_size: int = doc("Second, smaller input size tried when the first finds no face; 0 = off.", default=320)
     det_thresh: float = doc("Detector score threshold.", default=0.5)
-    threads: int = doc("onnxruntime intra-op threads; 0 = onnxruntime's default.", default=0)
+    threads: int = doc("onnxruntime intra-op threads per inference call; CPU runs cores/threads calls at "
+                       "once. 1 measured fastest for SCRFD on CPU (bench/faces.py); 0 = onnxruntime's "
+                       "default, one call at a time.", default=1)
     decode_workers: int = doc("Image-decoding threads feeding the detector.", default=2)
     shard_size: int = doc("Images per shard (one mapped Airflow task each).", default=500)
     min_faces: int = doc("Label filter: fewest faces a photo must have.", default=1)
