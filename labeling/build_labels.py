@@ -90,10 +90,11 @@ def label_candidates(cands: pa.Table, cfg: Config, run_id: str, *, labeler: str 
     likes, followers, n_tags = ints("likes"), ints("followers"), ints("n_tags")
     views = np.asarray(cands.column("views").cast(pa.float64()).fill_null(np.nan), dtype=np.float64)[eligible]
     exp = exposure(followers, n_tags, lab.tag_bonus, views)
-    key = post_id_key(cands.column("post_id").filter(pa.array(eligible)))
+    key = post_id_key(cands.column("post_id"))[eligible]  # order-preserving on all rows: no string copy
     ranking = rank(labeler, likes=likes, followers=followers, n_tags=n_tags, exposure_=exp, key=key,
                    group_size=lab.group_size)
     mask = ranking.kept
+    kept = ranking.select(mask)
     dropped["partial_group"] = int((~mask).sum())
 
     labeled = np.flatnonzero(eligible)[mask]  # candidate rows that get a label
@@ -110,10 +111,10 @@ def label_candidates(cands: pa.Table, cfg: Config, run_id: str, *, labeler: str 
         "n_tags": rows.column("n_tags"),
         "age_days": rows.column("age_days"),
         "exposure": exp[mask],
-        "group_id": ranking.group_id[mask],
-        "rank_in_group": ranking.rank_in_group[mask],
-        "label": ranking.label()[mask],
-        "score": ranking.score()[mask],
+        "group_id": kept.group_id,
+        "rank_in_group": kept.rank_in_group,
+        "label": kept.label(),
+        "score": kept.score(),
         "split": assign_splits(rows.column("author_key"), lab),
         "labeler": pa.repeat(labeler, n),
         "params_hash": pa.repeat(cfg.section_hash("labeling"), n),

@@ -50,6 +50,10 @@ class Ranking:
     def score(self) -> np.ndarray:
         return (self.rank_in_group - 0.5) / self.group_size
 
+    def select(self, rows: np.ndarray) -> Ranking:
+        """The ranking of the given rows only (a boolean mask or indices)."""
+        return Ranking(self.group_id[rows], self.rank_in_group[rows], self.group_size)
+
 
 def exposure(followers: np.ndarray, n_tags: np.ndarray, tag_bonus: float,
              views: np.ndarray | None = None) -> np.ndarray:
