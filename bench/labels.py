@@ -88,6 +88,19 @@ def naive_labels(df: pd.DataFrame, cfg) -> pd.DataFrame:
     return df.groupby(df["group_id"].to_numpy(), group_keys=False).apply(rank_group)
 
 
+def fresh_memory_seconds_per_gb() -> float:
+    """Seconds to allocate and first touch 1 GB: what each new large array costs on this machine.
+
+    The labeler allocates a few GB at 10M rows, so on a VM that faults pages in slowly this,
+    not the arithmetic, sets the spread between runs.
+    """
+    t0 = time.perf_counter()
+    block = np.ones(1 << 27)  # 2**27 float64 = 1 GiB, written once
+    seconds = time.perf_counter() - t0
+    del block
+    return seconds
+
+
 def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
 
@@ -114,7 +127,8 @@ def main() -> int:
     print(f"likerank labeler : {fast:6.2f} s for {args.rows:,} posts ({args.rows / fast / 1e6:.2f} M posts/s; "
           f"runs {', '.join(f'{t:.2f}' for t in times)} s) -> {summary['rows_out']:,} labels in "
           f"{summary['groups']:,} groups; dropped {summary['rows_dropped']:,}")
-    print(f"peak RSS         : {peak_rss_mb():,.0f} MB (process; includes the {args.rows:,}-row input)")
+    print(f"peak RSS         : {peak_rss_mb():,.0f} MB (process; includes the {args.rows:,}-row input); "
+          f"fresh memory here costs {fresh_memory_seconds_per_gb():.2f} s/GB to first touch")
 
     k = min(args.naive_rows, args.rows)
     sample = cands.slice(0, k)
