@@ -169,17 +169,23 @@ def render_pytorchjob(cfg: Config, *, labels_run: str, run_id: str, truth: str |
     return manifest
 
 
-def apply_pytorchjob(manifest: dict[str, Any], *, api: Any = None) -> dict[str, Any]:
-    """Create the PyTorchJob (an existing one with the same name counts as launched)."""
+def custom_objects_api() -> Any:
+    """A Kubernetes CustomObjectsApi: the in-cluster service account, else the local kubeconfig."""
     from kubernetes import client
     from kubernetes import config as kube_config
 
-    if api is None:
-        try:
-            kube_config.load_incluster_config()
-        except kube_config.ConfigException:
-            kube_config.load_kube_config()
-        api = client.CustomObjectsApi()
+    try:
+        kube_config.load_incluster_config()
+    except kube_config.ConfigException:
+        kube_config.load_kube_config()
+    return client.CustomObjectsApi()
+
+
+def apply_pytorchjob(manifest: dict[str, Any], *, api: Any = None) -> dict[str, Any]:
+    """Create the PyTorchJob (an existing one with the same name counts as launched)."""
+    from kubernetes import client
+
+    api = api or custom_objects_api()
     ns = manifest["metadata"]["namespace"]
     try:
         return api.create_namespaced_custom_object(group="kubeflow.org", version="v1", namespace=ns,
@@ -193,15 +199,7 @@ def apply_pytorchjob(manifest: dict[str, Any], *, api: Any = None) -> dict[str, 
 
 def job_state(name: str, namespace: str, *, api: Any = None) -> str:
     """'Succeeded', 'Failed', or the newest condition type (e.g. 'Running', 'Created')."""
-    if api is None:
-        from kubernetes import client
-        from kubernetes import config as kube_config
-
-        try:
-            kube_config.load_incluster_config()
-        except kube_config.ConfigException:
-            kube_config.load_kube_config()
-        api = client.CustomObjectsApi()
+    api = api or custom_objects_api()
     obj = api.get_namespaced_custom_object(group="kubeflow.org", version="v1", namespace=namespace,
                                            plural="pytorchjobs", name=name)
     conditions = [c for c in (obj.get("status") or {}).get("conditions") or [] if c.get("status") == "True"]
