@@ -227,3 +227,15 @@ def test_vectorized_author_hash_matches_the_reference(keys, salt):
     assert got == [author_hash_one(salt, k) for k in keys]
     # A key's hash does not depend on the other keys in the batch.
     assert author_hash(salt, pa.array(keys[:1])).tolist() == got[:1]
+
+
+@pytest.mark.parametrize("width", [8, 16, 13])
+def test_author_hash_of_fixed_width_keys_matches_the_reference(width):
+    """Hex pseudonyms (one length, often a multiple of 8) take the no-copy path; slices too."""
+    from labeling.splits import author_hash, author_hash_one
+
+    keys = [f"{i * 2654435761:0{width}x}"[-width:] for i in range(50)]
+    arr = pa.array(keys)
+    assert author_hash("salt", arr).tolist() == [author_hash_one("salt", k) for k in keys]
+    sliced = arr.slice(7, 20)  # a non-zero offset into Arrow's buffers
+    assert author_hash("salt", sliced).tolist() == [author_hash_one("salt", k) for k in keys[7:27]]
