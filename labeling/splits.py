@@ -73,11 +73,14 @@ def _byte_matrix(arr: pa.Array) -> tuple[np.ndarray, np.ndarray]:
     lengths = np.diff(offsets)
     longest = int(lengths.max()) if n else 0
     width = max(8, -(-longest // 8) * 8)
-    if n and int(lengths.min()) == longest and longest == width:
-        return data[offsets[0]:offsets[0] + n * longest].reshape(n, longest), lengths
+    fixed = n > 0 and int(lengths.min()) == longest
+    if fixed:  # one length: the strings are one reshape of the data buffer
+        block = data[offsets[0]:offsets[0] + n * longest].reshape(n, longest)
+        if longest == width:
+            return block, lengths  # no padding needed: a view, no copy
     out = np.zeros((n, width), dtype=np.uint8)
-    if n and int(lengths.min()) == longest:  # fixed width: one reshape
-        out[:, :longest] = data[offsets[0]:offsets[0] + n * longest].reshape(n, longest)
+    if fixed:
+        out[:, :longest] = block
     else:
         starts = offsets[:-1]
         for j in range(longest):  # one vectorized gather per byte position

@@ -185,7 +185,7 @@ def apply_pytorchjob(manifest: dict[str, Any], *, api: Any = None) -> dict[str, 
     """Create the PyTorchJob (an existing one with the same name counts as launched)."""
     from kubernetes import client
 
-    api = api or custom_objects_api()
+    api = custom_objects_api() if api is None else api
     ns = manifest["metadata"]["namespace"]
     try:
         return api.create_namespaced_custom_object(group="kubeflow.org", version="v1", namespace=ns,
@@ -199,7 +199,7 @@ def apply_pytorchjob(manifest: dict[str, Any], *, api: Any = None) -> dict[str, 
 
 def job_state(name: str, namespace: str, *, api: Any = None) -> str:
     """'Succeeded', 'Failed', or the newest condition type (e.g. 'Running', 'Created')."""
-    api = api or custom_objects_api()
+    api = custom_objects_api() if api is None else api
     obj = api.get_namespaced_custom_object(group="kubeflow.org", version="v1", namespace=namespace,
                                            plural="pytorchjobs", name=name)
     conditions = [c for c in (obj.get("status") or {}).get("conditions") or [] if c.get("status") == "True"]
