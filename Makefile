@@ -7,7 +7,6 @@ SHELL := bash
 PYTHON ?= python3.11
 VENV   := .venv
 BIN    := $(VENV)/bin
-SHARED ?= $(abspath ../shared)
 # The setup is reused while these files are unchanged (content hash, not mtime: a fresh clone counts).
 SETUP_HASH := $(shell cat requirements.lock pyproject.toml | sha256sum | cut -c1-16)
 STAMP  := $(VENV)/.setup-$(SETUP_HASH)
@@ -18,9 +17,6 @@ export AIRFLOW__CORE__LOAD_EXAMPLES := False
 # The default (32) forks 32 LocalExecutor workers of ~140 MB each; 2 suits a small machine.
 export AIRFLOW__CORE__PARALLELISM := 2
 export AIRFLOW__LOGGING__LOGGING_LEVEL := WARNING
-# Tests and the local demo use the small SCRFD model shipped beside the repository;
-# production leaves faces.model empty and uses insightface's model packs.
-export LIKERANK_FACES__MODEL ?= $(SHARED)/models/det_500m.onnx
 export PATH := $(CURDIR)/$(BIN):$(PATH)
 
 help: ## list the targets
@@ -49,7 +45,7 @@ ORT_VERSION := $(shell sed -n 's/^onnxruntime==//p' requirements.lock)
 
 run: setup ## run the whole chain on the embedded default; SOURCE_URL=https://… TAG=selfie for a real instance
 	$(if $(SOURCE_URL),LIKERANK_SOURCE__KIND=mastodon LIKERANK_SOURCE__INSTANCE_URL=$(SOURCE_URL) LIKERANK_SOURCE__HASHTAGS=$(or $(TAG),selfie)) \
-	  $(BIN)/python -m pipeline.run_all
+	  $(BIN)/python -m pipeline.orchestrate
 
 test: setup ## run the test suite (what CI runs)
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
@@ -62,7 +58,7 @@ airflow: setup ## Airflow UI + scheduler on http://localhost:8080 (Ctrl-C stops 
 	exec $(BIN)/airflow standalone
 
 retrain: setup ## fine-tune on the latest published labels (through the scheduler if `make airflow` runs)
-	$(BIN)/python -m training.retrain
+	$(BIN)/likerank retrain
 
 lint: setup ## ruff
 	$(BIN)/ruff check pipeline labeling training dags tests bench

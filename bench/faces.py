@@ -1,8 +1,8 @@
 """Face-detection throughput: likerank's stage against insightface's own FaceAnalysis loop.
 
-    LIKERANK_FACES__MODEL=../shared/models/det_500m.onnx .venv/bin/python bench/faces.py [--n 500]
+    .venv/bin/python bench/faces.py [--n 500]          # faces.model: the shipped det_500m by default
 
-Both sides run the same SCRFD file (``$LIKERANK_FACES__MODEL``) on the same CPU, in the same
+Both sides run the same SCRFD file (the one ``faces.model`` resolves to) on the same CPU, in the same
 process, over the same encoded images, decode included:
 
 * baseline: ``cv2.imdecode`` + ``FaceAnalysis(allowed_modules=['detection']).get(img)``, loaded
@@ -13,7 +13,7 @@ process, over the same encoded images, decode included:
   (and ``faces.threads=1``: one intra-op thread per inference worker, one worker per core).
 
 Two corpora of >= 500 images each: the simulator's images (256-640 px, what ``make run``
-scrapes) when ``pipeline.simulator`` is importable, else compositions of the package photos;
+scrapes) when ``simulator`` is importable, else compositions of the package photos;
 and the same images re-encoded at phone/social sizes (1080-2048 px long side, JPEG), where
 decoding costs more. Also prints a decoder table (Pillow with and without ``draft()``, cv2 with
 and without ``IMREAD_REDUCED_*``, and simplejpeg if it is importable) and how often the face
@@ -38,17 +38,17 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pipeline.config import load_config  # noqa: E402
+from pipeline.core.config import load_config  # noqa: E402
 from pipeline.faces.decode import decode_fitted, fit_size, resize_rgb  # noqa: E402
 from pipeline.faces.detect_faces import detect_stream  # noqa: E402
-from pipeline.faces.detector import FaceDetector  # noqa: E402
+from pipeline.faces.detector import FaceDetector, resolve_model_path  # noqa: E402
 
 # --------------------------------------------------------------------------- corpora
 
 
 def simulator_images(n: int, seed: int) -> list[bytes] | None:
     try:
-        from pipeline.simulator import images as sim
+        from simulator import images as sim
     except ImportError:
         return None
     rng = np.random.default_rng(seed)
@@ -61,12 +61,12 @@ def simulator_images(n: int, seed: int) -> list[bytes] | None:
 
 def composed_images(n: int, seed: int) -> list[bytes]:
     """Fallback corpus: random crops/scales of the package photos, JPEG (90%) or PNG."""
-    from tests.fixtures.faces import photo_path
+    from simulator.images import source_path
 
     rng = random.Random(seed)
     faces = ["t1", "astronaut", "tom_hanks"]
     others = ["chelsea", "coffee", "mask_blue", "mask_white"]
-    src = {k: Image.open(photo_path(k)).convert("RGB") for k in faces + others}
+    src = {k: Image.open(source_path(k)).convert("RGB") for k in faces + others}
     out = []
     for _ in range(n):
         im = src[rng.choice(faces) if rng.random() < 0.7 else rng.choice(others)]
@@ -239,15 +239,11 @@ def main() -> int:
     import onnxruntime
 
     onnxruntime.set_default_logger_severity(3)
-    model = Path(os.environ.get("LIKERANK_FACES__MODEL", ""))
-    if not model.is_file():
-        print("bench/faces.py: set LIKERANK_FACES__MODEL to an SCRFD .onnx file (e.g. ../shared/models/det_500m.onnx)",
-              file=sys.stderr)
-        return 2
-    cfg = load_config(overrides=[f"faces.model={model}"])
+    cfg = load_config()
+    model = resolve_model_path(cfg.faces)
     t = time.perf_counter()
     small = simulator_images(args.n, args.seed)
-    source = "pipeline.simulator images"
+    source = "simulator images"
     if small is None:
         small, source = composed_images(args.n, args.seed), "package-photo compositions"
     large = [] if args.small_only else photo_sized(small, args.seed)

@@ -32,7 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from labeling.build_labels import label_candidates  # noqa: E402
 from labeling.eligibility import CANDIDATES  # noqa: E402
-from pipeline.config import load_config  # noqa: E402
+from pipeline.core.config import load_config  # noqa: E402
 
 HEX = np.frombuffer(b"0123456789abcdef", dtype=np.uint8)
 

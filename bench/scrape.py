@@ -47,7 +47,7 @@ I2D_PYTHON = os.environ.get("IMG2DATASET_PYTHON", "/tmp/i2d/bin/python")
 
 SERVER = """
 import sys
-from pipeline.simulator import start_server
+from simulator import start_server
 sim = start_server(seed=7, posts=int(sys.argv[1]), image_cache_mb=int(sys.argv[2]))
 print(sim.url, flush=True)
 sim.serve_until_stopped()
@@ -69,11 +69,11 @@ def child_likerank(urls_file: str, threads: int, root: str) -> None:
     """Runs in a fresh process: download, hash, store, write tables; print JSON figures."""
     import pyarrow as pa
 
-    from pipeline.config import load_config
-    from pipeline.download import Downloader
-    from pipeline.schemas import TABLES
-    from pipeline.scrape import merge_partition
-    from pipeline.storage import LocalStorage
+    from pipeline.core.config import load_config
+    from pipeline.core.schemas import TABLES
+    from pipeline.core.storage import LocalStorage
+    from pipeline.scrape.download import Downloader
+    from pipeline.scrape.scrape import merge_partition
 
     cfg = load_config(overrides=[f"storage.root={root}"])
     s = cfg.scrape
@@ -106,9 +106,9 @@ def run_child(args: list[str]) -> dict:
 
 
 def collect_urls(url: str, n: int) -> list[str]:
-    from pipeline.config import load_config
-    from pipeline.http import HttpClient
-    from pipeline.sources.mastodon import MastodonSource
+    from pipeline.core.config import load_config
+    from pipeline.scrape.http import HttpClient
+    from pipeline.scrape.sources.mastodon import MastodonSource
 
     cfg = load_config()
     cfg.scrape.allow_hosts = ["127.0.0.1"]

@@ -108,13 +108,13 @@ def main() -> int:
     ap.add_argument("--seconds", type=float, default=5.0)
     args = ap.parse_args()
 
-    from pipeline.simulator.world import WorldParams, generate_world
+    from simulator.world import WorldParams, generate_world
 
     t0 = time.perf_counter()
     generate_world(WorldParams(seed=7, posts=args.posts))
     gen_s = time.perf_counter() - t0
 
-    sim, sim_url = start_child([sys.executable, "-m", "pipeline.cli", "sim", "serve", "--seed", "7",
+    sim, sim_url = start_child([sys.executable, "-m", "pipeline.cli.main", "sim", "serve", "--seed", "7",
                                 "--posts", str(args.posts)])
     base = None
     try:

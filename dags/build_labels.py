@@ -40,7 +40,7 @@ def build_labels():
     def label(**context) -> dict:
         from labeling.build_labels import build_labels as build
         from labeling.build_labels import clean_run_id
-        from pipeline.config import load_config
+        from pipeline.core.config import load_config
 
         return build(load_config(), clean_run_id(context["run_id"]))
 
@@ -49,7 +49,7 @@ def build_labels():
         from airflow.sdk.exceptions import AirflowFailException
 
         from labeling.validate import ValidationFailed, validate_run
-        from pipeline.config import load_config
+        from pipeline.core.config import load_config
 
         try:
             report = validate_run(load_config(), summary["run_id"])
@@ -60,7 +60,7 @@ def build_labels():
     @task(outlets=[LABELS])
     def publish(report: dict) -> dict:
         from labeling.publish import publish as publish_run
-        from pipeline.config import load_config
+        from pipeline.core.config import load_config
 
         return publish_run(load_config(), report["run_id"])
 

@@ -26,7 +26,7 @@ from likerank_assets import DEFAULT_ARGS, FACES, IMAGES, START_DATE
 
 def _detect_routing() -> dict:
     """queue/pool for the detection tasks, from the [faces] config (cheap: TOML + env only)."""
-    from pipeline.config import load_config
+    from pipeline.core.config import load_config
 
     faces = load_config().faces
     return {key: value for key, value in (("queue", faces.queue), ("pool", faces.pool)) if value}
@@ -66,7 +66,7 @@ def detect_faces():
     def plan(**context) -> list[dict]:
         from airflow.sdk.configuration import conf
 
-        from pipeline.config import load_config
+        from pipeline.core.config import load_config
         from pipeline.faces.detect_faces import write_shard_manifests
 
         with _no_retry_on_setup_errors():
@@ -75,7 +75,7 @@ def detect_faces():
 
     @task(**_detect_routing())
     def detect(shard: dict, **context) -> dict:
-        from pipeline.config import load_config
+        from pipeline.core.config import load_config
         from pipeline.faces.detect_faces import detect_manifest
 
         with _no_retry_on_setup_errors():

@@ -29,8 +29,8 @@ from likerank_assets import DEFAULT_ARGS, ENGAGEMENT, START_DATE
 def refresh_engagement_dag():
     @task(outlets=[ENGAGEMENT])
     def refresh(**context) -> dict:
-        from pipeline.config import load_config
-        from pipeline.refresh import refresh_engagement
+        from pipeline.core.config import load_config
+        from pipeline.scrape.refresh import refresh_engagement
 
         cfg = load_config()
         token = None

@@ -48,16 +48,16 @@ from likerank_assets import DEFAULT_ARGS, ENGAGEMENT, IMAGES, POSTS, START_DATE
 def scrape_dag():
     @task
     def pairs(params: dict | None = None) -> list[dict]:
-        from pipeline.config import load_config
-        from pipeline.scrape import scrape_pairs
+        from pipeline.core.config import load_config
+        from pipeline.scrape.scrape import scrape_pairs
 
         return scrape_pairs(load_config(), params.get("instances") or [], params.get("hashtags") or [],
                             params.get("max_posts"))
 
     @task(max_active_tis_per_dag=1, outlets=[POSTS, IMAGES, ENGAGEMENT])
     def scrape(pair: dict, **context) -> dict:
-        from pipeline.config import load_config
-        from pipeline.scrape import scrape as run
+        from pipeline.core.config import load_config
+        from pipeline.scrape.scrape import scrape as run
 
         cfg = load_config()
         token = None
@@ -70,7 +70,7 @@ def scrape_dag():
 
     @task
     def summarize(summaries: list[dict]) -> dict:
-        from pipeline.scrape import merge_summaries
+        from pipeline.scrape.scrape import merge_summaries
 
         return merge_summaries(list(summaries))
 

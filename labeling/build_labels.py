@@ -29,17 +29,13 @@ from labeling import baselines
 from labeling.eligibility import apply_filters, filter_rows, read_candidates, read_input_file
 from labeling.rank_groups import Ranking, exposure, post_id_key, rank_groups
 from labeling.splits import SPLITS, assign_splits
-from pipeline.config import Config
-from pipeline.storage import Storage, open_storage
+from pipeline.core import keys
+from pipeline.core.config import Config
+from pipeline.core.storage import Storage, open_storage
 
 log = logging.getLogger(__name__)
 
 LABELERS = ("groups", "median_likes", "ratio", "residual")
-
-
-def run_prefix(run_id: str) -> str:
-    """The folder of one labeling run under the storage root."""
-    return f"labels/run={run_id}"
 
 
 def new_run_id(now: datetime | None = None) -> str:
@@ -149,17 +145,16 @@ def build_labels(cfg: Config, run_id: str, storage: Storage | None = None) -> di
 
     Rerunning a run id replaces its partition, config and summary (idempotent).
     """
-    from pipeline.tables import put_json, write_partition
+    from pipeline.core.tables import put_json, write_partition
 
     storage = storage or open_storage(cfg.storage)
     cands, counts = read_candidates(storage, cfg)
     labels, summary = label_candidates(cands, cfg, run_id, counts=counts)
-    prefix = run_prefix(run_id)
     # A rebuilt run must be validated again before it can be published.
-    storage.delete(f"validation/run={run_id}/result.json")
+    storage.delete(keys.validation_result(run_id))
     summary["labels_key"] = write_partition(storage, "labels", run_id, labels)
-    summary["config_key"] = f"{prefix}/_config.toml"
-    summary["summary_key"] = f"{prefix}/_summary.json"
+    summary["config_key"] = keys.labels_config(run_id)
+    summary["summary_key"] = keys.labels_summary(run_id)
     summary["labels_uri"] = storage.uri(summary["labels_key"])
     storage.put_text(summary["config_key"], cfg.to_toml())
     put_json(storage, summary["summary_key"], summary)
@@ -170,7 +165,7 @@ def build_labels(cfg: Config, run_id: str, storage: Storage | None = None) -> di
 
 def label_file(input_path: str | Path, output_path: str | Path, cfg: Config, run_id: str) -> dict[str, Any]:
     """Label a bring-your-own Parquet/CSV file into ``output_path`` (.parquet or .csv)."""
-    from pipeline.schemas import conform
+    from pipeline.core.schemas import conform
 
     output_path = Path(output_path)
     if output_path.suffix.lower() not in (".parquet", ".pq", ".csv"):

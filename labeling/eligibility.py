@@ -22,8 +22,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from pipeline.config import Config, FacesConfig, LabelingConfig
-from pipeline.storage import Storage
+from pipeline.core.config import Config, FacesConfig, LabelingConfig
+from pipeline.core.storage import Storage
 
 CANDIDATES = pa.schema([
     ("post_id", pa.string()),
@@ -140,7 +140,22 @@ def duplicate_images(cands: pa.Table, alive: np.ndarray) -> np.ndarray:
 
 # --------------------------------------------------------------------------- project tables
 
-_CANDIDATES_SQL = """
+#: The one face measure the filter reads, per image: its latest ok detection, the number of
+#: faces scoring >= $min_score, and the largest such face's area / image area (0 without one;
+#: the stored ``largest_face_share``, over all faces, where the size is unknown).
+FACE_COUNTS_SQL = """
+    SELECT sha256,
+           len(list_filter(faces, lambda x: x.score >= $min_score))::INTEGER AS n_faces,
+           CASE WHEN width > 0 AND height > 0
+                THEN coalesce(list_max(list_transform(list_filter(faces, lambda x: x.score >= $min_score),
+                                                      lambda x: (x.x2 - x.x1) * (x.y2 - x.y1))) / (width * height), 0)
+                ELSE largest_face_share END::DOUBLE AS face_share
+    FROM faces
+    WHERE status = 'ok'
+    QUALIFY row_number() OVER (PARTITION BY sha256 ORDER BY detected_at DESC, detector_id) = 1
+"""
+
+_CANDIDATES_SQL = f"""
 WITH p AS (
     SELECT instance, post_id, author_key, n_tags, image_urls[1] AS first_url
     FROM posts
@@ -158,20 +173,11 @@ WITH p AS (
 ), f AS (
     -- Counted here, per image, not after the joins: DuckDB 2.0.0 gave wrong list lengths for
     -- list columns carried through the joins below (caught by tests/test_labels_io.py).
-    SELECT sha256, width, height, largest_face_share,
-           len(list_filter(faces, lambda x: x.score >= $min_score)) AS n_counted,
-           list_max(list_transform(list_filter(faces, lambda x: x.score >= $min_score),
-                                   lambda x: (x.x2 - x.x1) * (x.y2 - x.y1))) AS max_area
-    FROM faces
-    WHERE status = 'ok'
-    QUALIFY row_number() OVER (PARTITION BY sha256 ORDER BY detected_at DESC, detector_id) = 1
+{FACE_COUNTS_SQL}
 )
 SELECT p.post_id, p.author_key, d.sha256 AS image_sha256, o.likes,
        o.author_followers AS followers, p.n_tags, o.age_days, o.views,
-       f.n_counted::INTEGER AS n_faces,
-       CASE WHEN f.sha256 IS NULL THEN NULL
-            WHEN f.width > 0 AND f.height > 0 THEN coalesce(f.max_area / (f.width * f.height), 0)
-            ELSE f.largest_face_share END::DOUBLE AS face_share,
+       f.n_faces, f.face_share,
        row_number() OVER (PARTITION BY p.post_id ORDER BY p.instance) AS nth
 FROM p
 LEFT JOIN o ON o.instance = p.instance AND o.post_id = p.post_id
@@ -181,6 +187,15 @@ ORDER BY p.post_id, p.instance  -- a deterministic row order for the labels file
 """
 
 
+def face_counts(faces: pa.Table, min_score: float) -> pa.Table:
+    """``sha256, n_faces, face_share`` per image of a ``faces`` table (:data:`FACE_COUNTS_SQL`)."""
+    from labeling.duck import connect
+
+    with connect() as con:
+        con.register("faces", faces)
+        return con.sql(FACE_COUNTS_SQL, params={"min_score": min_score}).to_arrow_table()
+
+
 def read_candidates(storage: Storage, cfg: Config) -> tuple[pa.Table, dict[str, int]]:
     """Candidates from the project's posts, engagement, downloads and faces tables.
 
@@ -188,7 +203,7 @@ def read_candidates(storage: Storage, cfg: Config) -> tuple[pa.Table, dict[str, 
     are counted by :func:`apply_filters`).
     """
     from labeling.duck import connect
-    from pipeline.tables import read_table
+    from pipeline.core.tables import read_table
 
     columns = {
         "posts": ["instance", "post_id", "author_key", "n_tags", "image_urls", "scraped_at", "dt"],

@@ -25,10 +25,11 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 
-from labeling.build_labels import LABELERS, label_candidates, run_prefix
+from labeling.build_labels import LABELERS, label_candidates
 from labeling.eligibility import CANDIDATES
-from pipeline.config import Config
-from pipeline.storage import Storage, open_storage
+from pipeline.core import keys
+from pipeline.core.config import Config
+from pipeline.core.storage import Storage, open_storage
 
 AUC_DEFINITION = ("P(quality of a random positive > quality of a random negative), ties half "
                   "(ROC-AUC of true quality as a score for the label)")
@@ -84,24 +85,20 @@ def evaluate_rows(rows: pd.DataFrame, cfg: Config, labelers: tuple[str, ...] = L
     return report
 
 
-def load_truth(path: str | Path | None, cfg: Config) -> pd.DataFrame:
-    """Ground truth (post_id, quality [, has_face]): a Parquet/CSV file, else the configured simulator world."""
-    if path is not None:
-        path = Path(path)
-        if path.suffix.lower() == ".csv":
-            truth = pd.read_csv(path, dtype={"post_id": str})
-        else:
-            truth = pd.read_parquet(path)
-        missing = [c for c in ("post_id", "quality") if c not in truth.columns]
-        if missing:
-            raise ValueError(f"truth {path}: missing column(s) {', '.join(missing)}")
-    elif cfg.source.kind == "simulator":
-        from pipeline.simulator import world_truth
+def load_truth(path: str | Path) -> pd.DataFrame:
+    """Ground truth (post_id, quality [, has_face]) from a Parquet or CSV file.
 
-        truth = world_truth(seed=cfg.simulator.seed, posts=cfg.simulator.posts,
-                            hashtags=cfg.simulator.hashtags).to_pandas()
+    Ground truth reaches evaluation only as a file: ``likerank sim truth`` writes the
+    simulator's, and ``make run`` writes one beside its logs.
+    """
+    path = Path(path)
+    if path.suffix.lower() == ".csv":
+        truth = pd.read_csv(path, dtype={"post_id": str})
     else:
-        raise ValueError("no ground truth: pass --truth FILE (source.kind is not 'simulator')")
+        truth = pd.read_parquet(path)
+    missing = [c for c in ("post_id", "quality") if c not in truth.columns]
+    if missing:
+        raise ValueError(f"truth {path}: missing column(s) {', '.join(missing)}")
     keep = [c for c in ("post_id", "quality", "has_face") if c in truth.columns]
     return truth[keep].assign(post_id=truth["post_id"].astype(str))
 
@@ -113,7 +110,7 @@ def evaluate_run(cfg: Config, run_id: str, truth: pd.DataFrame, storage: Storage
     ``labels/run=<run_id>/_eval.json`` and returns it.
     """
     from labeling.validate import read_labels_frame
-    from pipeline.tables import put_json
+    from pipeline.core.tables import put_json
 
     storage = storage or open_storage(cfg.storage)
     labels = read_labels_frame(storage, run_id)
@@ -126,7 +123,7 @@ def evaluate_run(cfg: Config, run_id: str, truth: pd.DataFrame, storage: Storage
         "stored": {"labeler": labels["labeler"].iloc[0] if len(labels) else None,
                    "auc": auc(face["label"].to_numpy(), face["quality"].to_numpy()),
                    "spearman": spearman(face["score"].to_numpy(), face["quality"].to_numpy())},
-        "key": f"{run_prefix(run_id)}/_eval.json",
+        "key": keys.labels_eval(run_id),
     })
     put_json(storage, report["key"], report)
     return report

@@ -11,13 +11,13 @@ import logging
 from datetime import UTC, datetime
 from typing import Any
 
-from pipeline.config import Config
-from pipeline.storage import Storage, open_storage
-from pipeline.tables import get_json, put_json
+from pipeline.core import keys
+from pipeline.core.config import Config
+from pipeline.core.storage import Storage, open_storage
+from pipeline.core.tables import get_json, put_json
 
 log = logging.getLogger(__name__)
 
-POINTER_KEY = "labels/_published.json"
 
 
 class NotValidated(RuntimeError):
@@ -30,17 +30,16 @@ def publish(cfg: Config, run_id: str, storage: Storage | None = None) -> dict[st
     The check reads ``validation/run=<run_id>/result.json`` itself rather than trusting a
     caller's flag, so no path can publish an unvalidated or failed run.
     """
-    from labeling.validate import validation_prefix
 
     storage = storage or open_storage(cfg.storage)
-    key = f"{validation_prefix(run_id)}/result.json"
+    key = keys.validation_result(run_id)
     result = get_json(storage, key)
     if result is None:
         raise NotValidated(f"labels run {run_id}: no validation result at {storage.uri(key)}; run validation first")
     if not result.get("success"):
         raise NotValidated(f"labels run {run_id}: validation failed ({result.get('failed_expectations')} "
                            f"expectation(s)); see {storage.uri(key)}")
-    summary = get_json(storage, f"labels/run={run_id}/_summary.json", default={}) or {}
+    summary = get_json(storage, keys.labels_summary(run_id), default={}) or {}
     pointer = {
         "run_id": run_id,
         "published_at": datetime.now(UTC).isoformat(timespec="seconds"),
@@ -49,11 +48,11 @@ def publish(cfg: Config, run_id: str, storage: Storage | None = None) -> dict[st
         "labeler": result.get("labeler"),
         "validation_key": key,
     }
-    put_json(storage, POINTER_KEY, pointer)
+    put_json(storage, keys.PUBLISHED_LABELS, pointer)
     log.info("published labels run %s (%d rows)", run_id, pointer["rows"])
     return pointer
 
 
 def published(storage: Storage) -> dict[str, Any] | None:
     """The current pointer, or None if nothing was published yet."""
-    return get_json(storage, POINTER_KEY)
+    return get_json(storage, keys.PUBLISHED_LABELS)

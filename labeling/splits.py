@@ -19,7 +19,7 @@ import hashlib
 import numpy as np
 import pyarrow as pa
 
-from pipeline.config import LabelingConfig
+from pipeline.core.config import LabelingConfig
 
 SPLITS = ("train", "val", "test")
 BUCKETS = 10_000

@@ -1,6 +1,6 @@
 """The publish gate: Great Expectations suites for ``posts``, ``faces`` and ``labels``.
 
-Suites are built from the shared schemas (:mod:`pipeline.schemas`: columns, non-null fields)
+Suites are built from the shared schemas (:mod:`pipeline.core.schemas`: columns, non-null fields)
 plus the labeling rule's invariants. Group- and author-level invariants (exactly G rows and
 G/2 positives per group, ranks 1..G, likes ascending with rank, exposure descending with
 group id, one split per author) are computed as check columns (``chk_*``) beside each label
@@ -23,9 +23,10 @@ from typing import Any
 import pandas as pd
 
 from labeling.splits import SPLITS
-from pipeline.config import Config
-from pipeline.schemas import TABLES
-from pipeline.storage import Storage, open_storage
+from pipeline.core import keys
+from pipeline.core.config import Config
+from pipeline.core.schemas import TABLES
+from pipeline.core.storage import Storage, open_storage
 
 log = logging.getLogger(__name__)
 
@@ -40,10 +41,6 @@ class ValidationFailed(RuntimeError):
     def __init__(self, report: dict[str, Any]):
         self.report = report
         super().__init__(format_failures(report))
-
-
-def validation_prefix(run_id: str) -> str:
-    return f"validation/run={run_id}"
 
 
 def _gx():
@@ -151,13 +148,13 @@ def read_labels_frame(storage: Storage, run_id: str) -> pd.DataFrame:
     """The labels partition of a run as written (no schema enforcement: validation is the check)."""
     import pyarrow.parquet as pq
 
-    from pipeline.tables import partition_key
+    from pipeline.core.tables import partition_key
 
     return pq.read_table(io.BytesIO(storage.get_bytes(partition_key("labels", run_id)))).to_pandas()
 
 
 def _table_frame(storage: Storage, table: str) -> pd.DataFrame | None:
-    from pipeline.tables import list_partitions, read_table
+    from pipeline.core.tables import list_partitions, read_table
 
     if not list_partitions(storage, table):
         return None
@@ -233,11 +230,11 @@ def validate_run(cfg: Config, run_id: str, storage: Storage | None = None, *,
     Docs under ``validation/run=<run_id>/data_docs/`` (open ``index.html``). Returns the report
     (success, statistics per table, failures, keys); raises :class:`ValidationFailed` on failure.
     """
-    from pipeline.tables import get_json, put_json
+    from pipeline.core.tables import get_json, put_json
 
     storage = storage or open_storage(cfg.storage)
     labels = read_labels_frame(storage, run_id)
-    summary = get_json(storage, f"labels/run={run_id}/_summary.json", default={}) or {}
+    summary = get_json(storage, keys.labels_summary(run_id), default={}) or {}
     labeler = summary.get("labeler") or cfg.labeling.labeler
     group_size = cfg.labeling.group_size if labeler == "groups" else max(len(labels), 2)
     frames = {"labels": (with_checks(labels, group_size), labels_suite(cfg, run_id, labeler, group_size))}
@@ -247,17 +244,17 @@ def validate_run(cfg: Config, run_id: str, storage: Storage | None = None, *,
             if frame is not None:
                 frames[table] = (frame, suite())
 
-    prefix = validation_prefix(run_id)
+    docs_prefix = keys.validation_docs(run_id)
     with tempfile.TemporaryDirectory(prefix="likerank-gx-") as tmp:
         docs = Path(tmp) if cfg.validation.data_docs else None
         results = run_checkpoints(frames, docs)
         docs_key = None
         if docs is not None:
             site = docs / "gx" / "uncommitted" / "data_docs" / "local_site"
-            storage.delete_prefix(f"{prefix}/data_docs/")  # a rerun replaces, never mixes, old pages
+            storage.delete_prefix(f"{docs_prefix}/")  # a rerun replaces, never mixes, old pages
             for path in sorted(p for p in site.rglob("*") if p.is_file()):
-                storage.put_bytes(f"{prefix}/data_docs/{path.relative_to(site).as_posix()}", path.read_bytes())
-            docs_key = f"{prefix}/data_docs/index.html"
+                storage.put_bytes(f"{docs_prefix}/{path.relative_to(site).as_posix()}", path.read_bytes())
+            docs_key = f"{docs_prefix}/index.html"
 
     failures = [f for r in results.values() for f in r["failures"]]
     report = {
@@ -268,8 +265,8 @@ def validate_run(cfg: Config, run_id: str, storage: Storage | None = None, *,
         "tables": {t: {k: r[k] for k in ("success", "rows", "statistics")} for t, r in results.items()},
         "failed_expectations": len(failures),
         "failures": failures,
-        "validation_key": f"{prefix}/result.json",
-        "validation_uri": storage.uri(f"{prefix}/result.json"),
+        "validation_key": keys.validation_result(run_id),
+        "validation_uri": storage.uri(keys.validation_result(run_id)),
         "docs_key": docs_key,
     }
     put_json(storage, report["validation_key"],

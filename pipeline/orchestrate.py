@@ -1,4 +1,10 @@
-"""``make run``: the whole chain on the embedded default, through Airflow.
+"""Orchestration: every way likerank runs its DAGs, and ``make run``.
+
+How DAGs are run from outside Airflow lives here once: :func:`dags_test` (``airflow dags
+test``, one run in this process tree, no scheduler) and :func:`trigger_dag` (Airflow's REST
+API, for a running ``make airflow`` or a deployment).
+
+``make run`` (:func:`main`) is the whole chain on the embedded default, through Airflow.
 
 What it does, in order:
 
@@ -24,6 +30,7 @@ A second ``make run`` is incremental: the scraper resumes from the newest post i
 from __future__ import annotations
 
 import datetime as dt
+import json
 import os
 import subprocess
 import sys
@@ -33,10 +40,9 @@ from pathlib import Path
 
 import requests
 
-from pipeline.config import Config, load_config
+from pipeline.core.config import Config, load_config
 
 REPO = Path(__file__).resolve().parents[1]
-DAGS = Path(os.environ.get("AIRFLOW__CORE__DAGS_FOLDER", REPO / "dags"))
 
 
 @dataclass(frozen=True)
@@ -58,7 +64,7 @@ class Simulator:
     """``likerank sim serve`` in a child process; its base URL is the first line it prints."""
 
     def __init__(self, cfg: Config, log: Path):
-        cmd = [sys.executable, "-m", "pipeline.cli", "sim", "serve",
+        cmd = [sys.executable, "-m", "pipeline.cli.main", "sim", "serve",
                "--seed", str(cfg.simulator.seed), "--posts", str(cfg.simulator.posts), "--port", str(cfg.simulator.port)]
         self.log = open(log, "w")
         self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=self.log, text=True)
@@ -96,22 +102,78 @@ class Simulator:
         self.log.close()
 
 
-def write_truth(cfg: Config, path: Path) -> None:
-    import pyarrow.parquet as pq
+def dags_test(dag_id: str, logical_date: str | None = None, *, env: dict[str, str] | None = None,
+              log: Path | None = None) -> int:
+    """``airflow dags test DAG [DATE]``: one DAG run executed here, without a scheduler.
 
-    from pipeline.simulator import world_truth
+    Uses the repository's Airflow settings (the Makefile's) where the environment has none;
+    output goes to ``log`` when given, else to this terminal. Returns the exit status.
+    """
+    env = dict(os.environ if env is None else env)
+    env.setdefault("AIRFLOW_HOME", str(REPO / ".airflow"))
+    env.setdefault("AIRFLOW__CORE__DAGS_FOLDER", str(REPO / "dags"))
+    env.setdefault("AIRFLOW__CORE__LOAD_EXAMPLES", "False")
+    airflow = Path(sys.executable).with_name("airflow")
+    cmd = [str(airflow) if airflow.exists() else "airflow", "dags", "test", dag_id, *([logical_date] if logical_date else [])]
+    if log is None:
+        return subprocess.call(cmd, env=env, cwd=REPO)
+    with open(log, "w") as fh:
+        return subprocess.call(cmd, stdout=fh, stderr=subprocess.STDOUT, env=env, cwd=REPO)
 
-    pq.write_table(world_truth(seed=cfg.simulator.seed, posts=cfg.simulator.posts,
-                               hashtags=cfg.simulator.hashtags), path)
+
+def airflow_url() -> str:
+    """The Airflow API server to talk to: ``$LIKERANK_AIRFLOW_URL``, default ``make airflow``'s."""
+    return os.environ.get("LIKERANK_AIRFLOW_URL", "http://localhost:8080").rstrip("/")
 
 
-def run_dag(step: Step, logical_date: str, env: dict[str, str], logs: Path) -> tuple[bool, float, Path]:
+def airflow_is_up(url: str, timeout_s: float = 2.0) -> bool:
+    try:
+        return requests.get(f"{url}/api/v2/monitor/health", timeout=timeout_s).status_code == 200
+    except requests.RequestException:
+        return False
+
+
+def admin_password(airflow_home: str | None = None) -> tuple[str, str]:
+    """The user and password ``airflow standalone`` generated (simple auth manager)."""
+    home = Path(airflow_home or os.environ.get("AIRFLOW_HOME") or REPO / ".airflow")
+    f = home / "simple_auth_manager_passwords.json.generated"
+    if not f.is_file():
+        raise RuntimeError(f"Airflow is up but {f} does not exist: set AIRFLOW_HOME to the running instance's home")
+    users = json.loads(f.read_text())
+    user = "admin" if "admin" in users else next(iter(users))
+    return user, users[user]
+
+
+def trigger_dag(url: str, dag_id: str, *, wait: bool = False, poll_s: float = 10.0, conf: dict | None = None) -> int:
+    """Unpause and trigger ``dag_id`` through Airflow's REST API; returns an exit status.
+
+    A token from ``POST /auth/token`` with the admin password, ``PATCH /api/v2/dags/{id}``,
+    ``POST /api/v2/dags/{id}/dagRuns``; with ``wait``, polls the run until it ends.
+    """
+    user, password = admin_password()
+    r = requests.post(f"{url}/auth/token", json={"username": user, "password": password}, timeout=10)
+    r.raise_for_status()
+    s = requests.Session()
+    s.headers["Authorization"] = f"Bearer {r.json()['access_token']}"
+    s.patch(f"{url}/api/v2/dags/{dag_id}", json={"is_paused": False}, timeout=10).raise_for_status()
+    r = s.post(f"{url}/api/v2/dags/{dag_id}/dagRuns", json={"logical_date": None, "conf": conf or {}}, timeout=10)
+    r.raise_for_status()
+    run_id = r.json()["dag_run_id"]
+    print(f"triggered DAG {dag_id!r} run {run_id!r} on {url} (watch it in the UI: {url}/dags/{dag_id})")
+    if not wait:
+        return 0
+    while True:
+        state = s.get(f"{url}/api/v2/dags/{dag_id}/dagRuns/{run_id}", timeout=10).json().get("state")
+        if state in ("success", "failed"):
+            print(f"DAG {dag_id!r} run {run_id!r}: {state}")
+            return 0 if state == "success" else 1
+        time.sleep(poll_s)
+
+
+def run_step(step: Step, logical_date: str, env: dict[str, str], logs: Path) -> tuple[bool, float, Path]:
     log = logs / f"{step.dag_id}.log"
     t0 = time.monotonic()
-    with open(log, "w") as fh:
-        airflow = str(Path(sys.executable).with_name("airflow"))
-        rc = subprocess.call([airflow, "dags", "test", step.dag_id, logical_date],
-                             stdout=fh, stderr=subprocess.STDOUT, env=env, cwd=REPO)
+    rc = dags_test(step.dag_id, logical_date, env=env, log=log)
     return rc == 0, time.monotonic() - t0, log
 
 
@@ -138,24 +200,23 @@ def main() -> int:
             # Read the whole simulated world (its posts span ~90 days), not just the newest page.
             env.setdefault("LIKERANK_SCRAPE__BACKFILL_DAYS", "120")
             logical_date = sim.now()
+            from simulator import build_world, write_truth
+
             # The hidden ground truth (never served): training and the summary report
             # ROC-AUC against true quality with it.
             truth = logs / f"truth-seed{cfg.simulator.seed}-posts{cfg.simulator.posts}.parquet"
-            write_truth(cfg, truth)
+            write_truth(build_world(cfg.simulator.seed, cfg.simulator.posts, tuple(cfg.simulator.hashtags)), truth)
             env.setdefault("LIKERANK_TRAINING__TRUTH_FILE", str(truth))
             # A demo-sized model so the whole chain ends in minutes on a laptop CPU (224 px
             # ResNet-18 trains at ~10 images/s on 2 cores); `make retrain` uses the config as is.
             env.setdefault("LIKERANK_TRAINING__IMAGE_SIZE", "96")
         for step in CHAIN:
-            if not (DAGS / f"{step.dag_id}.py").is_file():
-                print(f"{step.dag_id:<19} not built yet (no dags/{step.dag_id}.py): skipped")
-                continue
             if step.dag_id == "refresh_engagement" and sim is not None:
                 sim.advance(cfg.labeling.min_age_days)
                 logical_date = sim.now()
                 print(f"simulator: clock advanced {cfg.labeling.min_age_days:g} days to {logical_date}")
             print(f"{step.dag_id:<19} {step.what} ...", flush=True)
-            ok, seconds, log = run_dag(step, logical_date, env, logs)
+            ok, seconds, log = run_step(step, logical_date, env, logs)
             print(f"{'':<19} {'ok' if ok else 'FAILED'} in {seconds:.0f} s (log: {log})")
             if not ok:
                 print("".join(log.read_text().splitlines(keepends=True)[-40:]))
@@ -165,88 +226,11 @@ def main() -> int:
             sim.stop()
             print("simulator: stopped")
     print()
+    from pipeline.report.summary import summary
+
     print(summary(cfg, truth))
     print(f"\nmake run: done in {time.monotonic() - started:.0f} s")
     return 0
-
-
-def _fmt(counts: dict) -> str:
-    return ", ".join(f"{k} {v}" for k, v in sorted(counts.items(), key=lambda kv: -kv[1]) if v) or "none"
-
-
-def summary(cfg: Config, truth: Path | None = None) -> str:
-    """One screen: the funnel, the verdict, the model, where everything lives, a query to try."""
-    from pipeline.query import published_run, run_query
-    from pipeline.schemas import TABLES
-    from pipeline.storage import open_storage
-    from pipeline.tables import get_json
-
-    storage = open_storage(cfg.storage)
-
-    def one(sql: str) -> list[dict]:
-        return run_query(storage, sql).to_pylist()
-
-    lines = ["== likerank: the funnel =="]
-    from pipeline.scrape import run_log_prefix
-
-    seen, skipped = 0, {}
-    for key in storage.list(run_log_prefix()):
-        scrape_run = get_json(storage, key)
-        seen += scrape_run["seen"]
-        for reason, n in scrape_run["skipped"].items():
-            skipped[reason] = skipped.get(reason, 0) + n
-    posts = one("select count(distinct post_id) n from posts")[0]["n"]
-    lines.append(f"  statuses read         {seen:>7}   skipped: {_fmt(skipped)}")
-    lines.append(f"  posts stored          {posts:>7}")
-    dl = {r["status"]: r["n"] for r in one("select status, count(*) n from downloads group by 1")}
-    lines.append(f"  image downloads       {sum(dl.values()):>7}   ({_fmt(dl)})")
-    faces = one("""select case when status <> 'ok' then status when n_faces = 0 then 'no face'
-                   when n_faces = 1 then 'one face' else 'several faces' end k, count(*) n
-                   from (from faces qualify row_number() over (partition by sha256 order by detected_at desc) = 1)
-                   group by 1""")  # the latest detection per image: failed ones are retried in new rows
-    lines.append(f"  images with faces     {sum(r['n'] for r in faces if r['k'] in ('one face', 'several faces')):>7}"
-                 f"   ({_fmt({r['k']: r['n'] for r in faces})})")
-    run = published_run(storage)
-    if run:
-        summ = get_json(storage, f"labels/run={run}/_summary.json", {})
-        lines.append(f"  labeled posts         {summ.get('rows_out', '?'):>7}   in {summ.get('groups', '?')} groups of "
-                     f"{summ.get('group_size', '?')}; dropped: {_fmt(summ.get('dropped', {}))}")
-        docs = [k for k in storage.list(f"validation/run={run}/") if k.endswith("index.html")]
-        lines.append("\n== validation (Great Expectations) ==")
-        lines.append(f"  passed and published: labels run {run}")
-        if docs:
-            lines.append(f"  Data Docs: {storage.uri(docs[0])}")
-        if truth is not None:
-            from labeling.evaluate import evaluate_run, load_truth
-
-            ev = evaluate_run(cfg, run, load_truth(truth, cfg), storage)
-            lines.append("\n== label quality against the simulator's hidden truth (ROC-AUC, face posts) ==")
-            lines.append("  " + ", ".join(f"{name} {r['auc']:.3f}" for name, r in ev["labelers"].items()))
-    else:
-        lines.append("  labels: none published yet")
-    latest = get_json(storage, "models/latest.json")
-    if latest:
-        m = get_json(storage, latest["metrics_key"], {})
-        test = m.get("test", {})
-        lines.append(f"\n== model {latest['run_id']} ({m.get('model', {}).get('backbone', '?')}, "
-                     f"pretrained: {m.get('model', {}).get('pretrained', '?')}) ==")
-        lines.append("  test: " + ", ".join(f"{k} {test[k]:.3f}" for k in ("accuracy", "roc_auc", "log_loss",
-                                                                              "pearson_r", "mae", "rmse")
-                                            if isinstance(test.get(k), float)))
-        truth_test = (m.get("truth") or {}).get("test") or {}
-        if "roc_auc" in truth_test:
-            lines.append(f"  ROC-AUC against true quality (held-out authors): {truth_test['roc_auc']:.3f}")
-        lines.append(f"  metrics: {storage.uri(latest['metrics_key'])}")
-    lines.append("\n== where the tables live ==")
-    for name, table in TABLES.items():
-        lines.append(f"  {name:<11} {storage.uri(table.path)}/")
-    if run:
-        from pipeline.report import build_report
-
-        lines.append(f"\nreport: {build_report(cfg, storage)}")
-    lines.append('\ntry:  .venv/bin/likerank query "select label, count(*) n, avg(likes) likes, '
-                 'avg(followers) followers from labels group by label"')
-    return "\n".join(lines)
 
 
 if __name__ == "__main__":

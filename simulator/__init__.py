@@ -7,7 +7,7 @@ engagement model (its docstring holds every number), ``entities`` renders Mastod
 
 Typical use::
 
-    from pipeline.simulator import start_server, world_truth
+    from simulator import start_server, world_truth
     with start_server(seed=7, posts=300) as sim:
         ...  # scrape sim.url; sim.advance(days=30); sim.set_fault("bomb", fraction=0.1)
     truth = world_truth(seed=7, posts=300)  # pyarrow Table, one row per status
@@ -19,10 +19,10 @@ from datetime import datetime
 
 import pyarrow as pa
 
-from pipeline.simulator.ratelimit import MASTODON_RATE_LIMIT, RateLimit
-from pipeline.simulator.server import SimServer, rate_limit_from_config, start_server
-from pipeline.simulator.truth import TRUTH_SCHEMA, truth_table, write_truth
-from pipeline.simulator.world import DEFAULT_NOW, World, build_world
+from simulator.ratelimit import MASTODON_RATE_LIMIT, RateLimit
+from simulator.server import SimServer, rate_limit_from_config, start_server
+from simulator.truth import TRUTH_SCHEMA, truth_table, write_truth
+from simulator.world import DEFAULT_NOW, World, build_world
 
 __all__ = [
     "DEFAULT_NOW", "MASTODON_RATE_LIMIT", "TRUTH_SCHEMA", "RateLimit", "SimServer", "World",

@@ -15,8 +15,8 @@ from typing import Any
 
 import numpy as np
 
-from pipeline.simulator.images import blurhash_dc, plan_mean_rgb, preview_size
-from pipeline.simulator.world import DAY_MS, Media, Post, World
+from simulator.images import blurhash_dc, plan_mean_rgb, preview_size
+from simulator.world import DAY_MS, Media, Post, World
 
 STATUS_KEYS = (
     "id", "created_at", "in_reply_to_id", "in_reply_to_account_id", "sensitive", "spoiler_text",

@@ -22,7 +22,7 @@ Kinds of composition:
 Then, for every kind: optional horizontal flip, white-balance jitter, contrast jitter, the
 saturation filter (normal / washed-out / black-and-white), the brightness factor, an optional
 white border, and JPEG (quality 78-92) or PNG encoding. The quality effect of each factor is
-documented in :mod:`pipeline.simulator.likes`.
+documented in :mod:`simulator.likes`.
 
 Face boxes of the source photos were measured once with SCRFD ``det_500m.onnx`` at 640 px
 (score >= 0.7); the no-face sources were checked to give no detection with the same model.

@@ -57,7 +57,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from pipeline.simulator.images import ImageFactors
+from simulator.images import ImageFactors
 
 FACE_SHARE_BEST = 1 / 3
 FACE_SIZE_COEF = -1.2

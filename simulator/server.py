@@ -38,8 +38,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 from urllib.parse import parse_qs, unquote, urlsplit
 
-from pipeline.simulator import entities
-from pipeline.simulator.faults import (
+from simulator import entities
+from simulator.faults import (
     HTML_ERROR_PAGE,
     FaultError,
     FaultSet,
@@ -47,10 +47,10 @@ from pipeline.simulator.faults import (
     make_rule,
     truncate_json,
 )
-from pipeline.simulator.images import render_image, render_preview
-from pipeline.simulator.ratelimit import MASTODON_RATE_LIMIT, RateLimit, RateLimiter
-from pipeline.simulator.timeline import BadParam, TimelineIndex, link_header, parse_query
-from pipeline.simulator.world import DAY_MS, DEFAULT_NOW, World, build_world
+from simulator.images import render_image, render_preview
+from simulator.ratelimit import MASTODON_RATE_LIMIT, RateLimit, RateLimiter
+from simulator.timeline import BadParam, TimelineIndex, link_header, parse_query
+from simulator.world import DAY_MS, DEFAULT_NOW, World, build_world
 
 log = logging.getLogger(__name__)
 

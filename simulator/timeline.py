@@ -16,7 +16,7 @@ from urllib.parse import quote, urlencode
 
 import numpy as np
 
-from pipeline.simulator.world import World
+from simulator.world import World
 
 DEFAULT_LIMIT = 20
 MAX_LIMIT = 40

@@ -14,7 +14,7 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from pipeline.simulator.world import World
+from simulator.world import World
 
 
 def _f(name: str, t: pa.DataType, doc: str, nullable: bool = False) -> pa.Field:

@@ -30,8 +30,8 @@ from datetime import UTC, datetime
 
 import numpy as np
 
-from pipeline.simulator.images import ImageFactors, ImagePlan, draw_factors, plan_image
-from pipeline.simulator.likes import (
+from simulator.images import ImageFactors, ImagePlan, draw_factors, plan_image
+from simulator.likes import (
     NOISE_SD,
     Engagement,
     draw_engagement,

@@ -20,10 +20,8 @@ os.environ.setdefault("AIRFLOW__CORE__DAGS_FOLDER", str(REPO / "dags"))
 os.environ.setdefault("AIRFLOW__CORE__LOAD_EXAMPLES", "False")
 os.environ.setdefault("AIRFLOW__CORE__PARALLELISM", "2")
 
-from pipeline.config import Config, load_config  # noqa: E402 - after the Airflow env above
-from pipeline.storage import LocalStorage, S3Storage, Storage  # noqa: E402
-
-SHARED_MODELS = Path(os.environ.get("LIKERANK_SHARED", REPO.parent / "shared")) / "models"
+from pipeline.core.config import Config, load_config  # noqa: E402 - after the Airflow env above
+from pipeline.core.storage import LocalStorage, S3Storage, Storage  # noqa: E402
 
 pytest_plugins = sorted(
     f"tests.fixtures.{p.stem}" for p in (Path(__file__).parent / "fixtures").glob("*.py") if p.stem != "__init__"

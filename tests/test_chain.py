@@ -16,9 +16,9 @@ from pathlib import Path
 import pyarrow.compute as pc
 import pytest
 
-from pipeline.query import published_run, run_query
-from pipeline.storage import LocalStorage
-from pipeline.tables import get_json, read_table
+from pipeline.core.query import published_run, run_query
+from pipeline.core.storage import LocalStorage
+from pipeline.core.tables import get_json, read_table
 from tests.conftest import free_port
 
 REPO = Path(__file__).resolve().parents[1]
@@ -29,8 +29,6 @@ pytestmark = pytest.mark.slow
 
 @pytest.fixture(scope="module")
 def chain(tmp_path_factory):
-    if not os.environ.get("LIKERANK_FACES__MODEL"):
-        pytest.skip("LIKERANK_FACES__MODEL is not set (make test sets it)")
     work = tmp_path_factory.mktemp("chain")
     env = {k: v for k, v in os.environ.items() if not k.startswith(("LIKERANK_", "AIRFLOW"))}
     env.update({
@@ -39,7 +37,6 @@ def chain(tmp_path_factory):
         "AIRFLOW__CORE__DAGS_FOLDER": str(REPO / "dags"),
         "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
         "AIRFLOW__CORE__PARALLELISM": "2",
-        "LIKERANK_FACES__MODEL": os.environ["LIKERANK_FACES__MODEL"],
         "LIKERANK_STORAGE__ROOT": str(work / "data"),
         "LIKERANK_SIMULATOR__POSTS": "600",
         "LIKERANK_SIMULATOR__PORT": str(free_port()),
@@ -58,7 +55,7 @@ def chain(tmp_path_factory):
     storage = LocalStorage(work / "data")
     runs, counts = [], []
     for _ in range(2):  # the second run must reuse what is there, not duplicate it
-        p = subprocess.run([sys.executable, "-m", "pipeline.run_all"], env=env, cwd=work, capture_output=True,
+        p = subprocess.run([sys.executable, "-m", "pipeline.orchestrate"], env=env, cwd=work, capture_output=True,
                            text=True, timeout=1500)
         assert p.returncode == 0, p.stdout[-4000:] + p.stderr[-4000:]
         runs.append(p.stdout)

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.config import Config, ConfigError, load_config
+from pipeline.core.config import Config, ConfigError, load_config
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -67,7 +67,7 @@ def _cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedP
 
     full_env = {k: v for k, v in os.environ.items() if not k.startswith("LIKERANK_")}
     full_env.update(env or {})
-    return subprocess.run([sys.executable, "-m", "pipeline.cli", *args], capture_output=True, text=True,
+    return subprocess.run([sys.executable, "-m", "pipeline.cli.main", *args], capture_output=True, text=True,
                           env=full_env, cwd=REPO, timeout=60)
 
 
@@ -87,7 +87,7 @@ def test_secrets_are_masked_in_show():
 
 
 def test_readme_table_reference_is_generated_from_the_schemas():
-    from pipeline.schemas import markdown_reference
+    from pipeline.core.schemas import markdown_reference
 
     readme = (REPO / "README.md").read_text()
     section = readme.split("<!-- tables:begin -->")[1].split("<!-- tables:end -->")[0]

@@ -7,10 +7,10 @@ import time
 
 import pytest
 
-from pipeline.download import Downloader, check_image
-from pipeline.http import HttpClient, retry_after_s
-from pipeline.ssrf import BlockedURL, SSRFGuard
-from pipeline.storage import ImageStore, LocalStorage
+from pipeline.core.storage import ImageStore, LocalStorage
+from pipeline.scrape.download import Downloader, check_image
+from pipeline.scrape.http import HttpClient, retry_after_s
+from pipeline.scrape.ssrf import BlockedURL, SSRFGuard
 from tests.fixtures.scrape import FakeMastodon, jpeg_bytes, png_header_bomb
 
 JPEG = jpeg_bytes(seed=1)

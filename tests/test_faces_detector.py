@@ -8,12 +8,14 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pipeline.config import load_config
+from pipeline.core.config import load_config
+from pipeline.faces import detector as detector_mod
 from pipeline.faces.decode import DecodeError, decode_fitted, fit_size
 from pipeline.faces.detector import (
     DetectorError,
     FaceDetector,
     cuda_device_present,
+    file_sha256,
     resolve_model_path,
     select_providers,
 )
@@ -134,6 +136,22 @@ def test_grayscale_and_rgba_images_decode_to_rgb():
 # ---------------------------------------------------------------- model resolution, providers
 
 
+def test_empty_model_means_the_shipped_detector():
+    cfg = load_config(env={}).faces
+    assert cfg.model == ""
+    path = resolve_model_path(cfg)
+    assert path == detector_mod.SHIPPED_MODEL and path.is_file()
+    assert file_sha256(path) == detector_mod.SHIPPED_MODEL_SHA256
+
+
+def test_a_damaged_shipped_detector_is_refused(tmp_path, monkeypatch):
+    damaged = tmp_path / "det_500m.onnx"
+    damaged.write_bytes(detector_mod.SHIPPED_MODEL.read_bytes()[:-1])
+    monkeypatch.setattr(detector_mod, "SHIPPED_MODEL", damaged)
+    with pytest.raises(DetectorError, match="sha256 .* expected 5e4447f5"):
+        resolve_model_path(load_config(env={}).faces)
+
+
 def test_model_path_forms(tmp_path, faces_model):
     cfg = load_config().faces
     cfg.model = str(faces_model)
@@ -141,7 +159,6 @@ def test_model_path_forms(tmp_path, faces_model):
     pack = tmp_path / "root" / "models" / "mypack"
     pack.mkdir(parents=True)
     (pack / "det_500m.onnx").symlink_to(faces_model)
-    cfg.model_pack = "mypack"
     for form in (pack, tmp_path / "root"):  # a pack folder, or an insightface root
         cfg.model = str(form)
         assert resolve_model_path(cfg) == pack / "det_500m.onnx"
@@ -150,7 +167,7 @@ def test_model_path_forms(tmp_path, faces_model):
         resolve_model_path(cfg)
 
 
-def test_default_pack_offline_says_to_set_faces_model(tmp_path, monkeypatch):
+def test_pack_name_offline_says_what_to_set(tmp_path, monkeypatch):
     import insightface.utils.storage as storage
 
     def offline(*_a, **_k):
@@ -158,18 +175,18 @@ def test_default_pack_offline_says_to_set_faces_model(tmp_path, monkeypatch):
 
     monkeypatch.setattr(storage, "download_file", offline)
     cfg = load_config().faces
-    cfg.model = ""
-    with pytest.raises(DetectorError, match=r"buffalo_l.*LIKERANK_FACES__MODEL"):
+    cfg.model = "buffalo_l"
+    with pytest.raises(DetectorError, match=r"buffalo_l.*could not be downloaded.*LIKERANK_FACES__MODEL"):
         resolve_model_path(cfg, insightface_root=str(tmp_path))
 
 
-def test_default_pack_already_downloaded_is_used(tmp_path, faces_model):
+def test_pack_name_already_downloaded_is_used(tmp_path, faces_model):
     pack = tmp_path / "models" / "buffalo_l"
     pack.mkdir(parents=True)
     (pack / "det_10g.onnx").symlink_to(faces_model)
     (pack / "w600k_r50.onnx").write_bytes(b"recognition model, not ours")
     cfg = load_config().faces
-    cfg.model = ""
+    cfg.model = "buffalo_l"
     assert resolve_model_path(cfg, insightface_root=str(tmp_path)) == pack / "det_10g.onnx"
 
 

@@ -7,20 +7,18 @@ import json
 import pyarrow as pa
 import pytest
 
+from pipeline.core.schemas import FACES
+from pipeline.core.tables import list_partitions, read_table
 from pipeline.faces.detect_faces import (
     current_detector_id,
     detect_manifest,
     detect_shard,
     detect_stream,
-    faces_table,
     merge_summaries,
     plan_shards,
-    read_faces,
     shard_partition,
     write_shard_manifests,
 )
-from pipeline.schemas import FACES
-from pipeline.tables import list_partitions, read_table
 from tests.fixtures.faces import photo_bytes, store_images, truncated_jpeg
 
 DAY = "2026-11-23"
@@ -144,8 +142,8 @@ def test_plan_with_no_images_table_is_empty(faces_cfg, local_storage):
 
 def test_manifest_round_trip_on_both_storages(faces_cfg, storage, face_detector, monkeypatch):
     """What the DAG does: plan to manifests (small XCom), detect from a manifest, on local and S3."""
+    import pipeline.core.storage as storage_mod
     import pipeline.faces.detector as detector_mod
-    import pipeline.storage as storage_mod
 
     store_images(storage, {"t1": photo_bytes("t1"), "chelsea": photo_bytes("chelsea")})
     monkeypatch.setattr(storage_mod, "open_storage", lambda _cfg: storage)
@@ -157,27 +155,6 @@ def test_manifest_round_trip_on_both_storages(faces_cfg, storage, face_detector,
     total = merge_summaries([summary])
     assert total["images"] == 2 and total["providers"] == ["CPUExecutionProvider"]
     assert write_shard_manifests(faces_cfg, DAY) == []  # all done
-
-
-def test_read_faces_keeps_the_latest_row_per_image(local_storage):
-    from datetime import UTC, datetime
-
-    from pipeline.faces.detect_faces import Detection
-    from pipeline.faces.detector import Face
-    from pipeline.tables import write_partition
-
-    face = Face(1, 1, 5, 5, 0.9, (0.0,) * 10)
-    old = faces_table([("a", Detection("missing", error="x")), ("b", Detection("ok", width=10, height=10))],
-                      "det1", datetime(2026, 1, 1, tzinfo=UTC))
-    new = faces_table([("a", Detection("ok", width=10, height=10, faces=[face]))], "det1",
-                      datetime(2026, 1, 2, tzinfo=UTC))
-    other = faces_table([("a", Detection("ok", width=10, height=10))], "det2", datetime(2026, 1, 3, tzinfo=UTC))
-    for i, t in enumerate((old, new, other)):
-        write_partition(local_storage, "faces", f"{DAY}-s{i:04d}", t)
-    latest = _rows(read_faces(local_storage, "det1"))
-    assert latest["a"]["status"] == "ok" and latest["a"]["n_faces"] == 1 and latest["b"]["n_faces"] == 0
-    assert read_faces(local_storage).num_rows == 3  # (a, det1), (b, det1), (a, det2)
-    assert read_faces(local_storage, "nope").num_rows == 0
 
 
 def test_stream_is_ordered_bounded_and_reports_missing_files(face_detector, tmp_path):
@@ -198,7 +175,7 @@ def test_stream_is_ordered_bounded_and_reports_missing_files(face_detector, tmp_
 
 
 def test_cli_detect_prints_one_json_line_per_file(faces_model, tmp_path, capsys, monkeypatch):
-    from pipeline.cli import main
+    from pipeline.cli.main import main
 
     monkeypatch.setenv("LIKERANK_FACES__MODEL", str(faces_model))
     good = tmp_path / "t1.jpg"
@@ -214,8 +191,8 @@ def test_cli_detect_prints_one_json_line_per_file(faces_model, tmp_path, capsys,
 
 
 def test_cli_faces_detects_stored_images_with_limit(faces_model, tmp_path, capsys, monkeypatch):
-    from pipeline.cli import main
-    from pipeline.storage import LocalStorage
+    from pipeline.cli.main import main
+    from pipeline.core.storage import LocalStorage
 
     monkeypatch.setenv("LIKERANK_FACES__MODEL", str(faces_model))
     root = tmp_path / "data"
@@ -229,8 +206,7 @@ def test_cli_faces_detects_stored_images_with_limit(faces_model, tmp_path, capsy
     assert "faces: 1 image(s)" in capsys.readouterr().out
     assert main([*args]) == 0
     assert "nothing to do" in capsys.readouterr().out
-    cfg_rows = read_faces(LocalStorage(root))
-    assert cfg_rows.num_rows == 3
+    assert read_table(LocalStorage(root), "faces").num_rows == 3
 
 
 def test_current_detector_id_is_the_model_sha256(faces_cfg, face_detector):

@@ -12,10 +12,10 @@ import pytest
 
 from labeling.build_labels import build_labels
 from labeling.eligibility import read_candidates
-from pipeline.cli import main
-from pipeline.config import load_config
-from pipeline.schemas import DOWNLOADS, ENGAGEMENT, FACES, POSTS
-from pipeline.tables import get_json, write_partition
+from pipeline.cli.main import main
+from pipeline.core.config import load_config
+from pipeline.core.schemas import DOWNLOADS, ENGAGEMENT, FACES, POSTS
+from pipeline.core.tables import get_json, write_partition
 
 T0 = datetime(2026, 1, 1, tzinfo=UTC)
 INSTANCE = "https://sim.example"
@@ -94,14 +94,14 @@ def test_build_labels_writes_run_config_and_summary(storage):
     assert summary["rows_in"] == 15 and summary["rows_out"] == 6 and summary["groups"] == 3
     assert get_json(storage, "labels/run=run1/_summary.json")["rows_out"] == 6
     assert "[labeling]" in storage.get_text("labels/run=run1/_config.toml")
-    from pipeline.tables import read_table
+    from pipeline.core.tables import read_table
 
     labels = read_table(storage, "labels", ["run1"])
     assert labels.num_rows == 6 and set(labels.column("label").to_pylist()) == {0, 1}
 
 
 def test_label_command_on_project_tables_validates_and_publishes(tmp_path, monkeypatch, capsys):
-    from pipeline.storage import LocalStorage
+    from pipeline.core.storage import LocalStorage
 
     store = LocalStorage(tmp_path / "data")
     write_world(store, n_good=12)

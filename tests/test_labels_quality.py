@@ -16,8 +16,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from labeling.evaluate import auc, evaluate_rows, spearman
-from pipeline.cli import main
-from pipeline.config import load_config
+from pipeline.cli.main import main
+from pipeline.core.config import load_config
 
 
 def synthetic_world(n: int, seed: int) -> pd.DataFrame:
@@ -59,15 +59,15 @@ def test_eval_labels_command_joins_a_run_with_truth(tmp_path, capsys):
     common = ["--set", f"storage.root={root}"]
     assert main([*common, "label", "--input", str(src), "--output", str(tmp_path / "labels.parquet")]) == 0
     # Put the file's labels where a run lives, then evaluate that run.
-    from pipeline.storage import LocalStorage
-    from pipeline.tables import write_partition
+    from pipeline.core.storage import LocalStorage
+    from pipeline.core.tables import write_partition
 
     write_partition(LocalStorage(root), "labels", "r1", pq.read_table(tmp_path / "labels.parquet"))
     capsys.readouterr()
     assert main([*common, "eval", "labels", "--run", "r1", "--truth", str(truth)]) == 0
     out = capsys.readouterr().out
     assert "groups" in out and "median_likes" in out and "stored labels (groups)" in out
-    from pipeline.tables import get_json
+    from pipeline.core.tables import get_json
 
     saved = get_json(LocalStorage(root), "labels/run=r1/_eval.json")
     assert saved["labelers"]["groups"]["auc"] > saved["labelers"]["median_likes"]["auc"]

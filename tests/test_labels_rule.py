@@ -12,7 +12,7 @@ from labeling.build_labels import label_candidates
 from labeling.eligibility import CANDIDATES
 from labeling.rank_groups import exposure, post_id_key
 from labeling.splits import split_of
-from pipeline.config import load_config
+from pipeline.core.config import load_config
 
 
 def config(**labeling):

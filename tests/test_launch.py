@@ -7,8 +7,8 @@ import shlex
 import pytest
 import yaml
 
-from pipeline.config import load_config
-from pipeline.storage import LocalStorage
+from pipeline.core.config import load_config
+from pipeline.core.storage import LocalStorage
 from tests.test_train_data import LABELS_RUN, make_labels_run
 from training import launch as L
 from training.data import LabelsNotPublished

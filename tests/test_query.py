@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import pyarrow as pa
 
-from pipeline.query import PUBLISHED_KEY, run_query
-from pipeline.storage import Storage
-from pipeline.tables import put_json, write_partition
+from pipeline.core import keys
+from pipeline.core.query import run_query
+from pipeline.core.storage import Storage
+from pipeline.core.tables import put_json, write_partition
 
 
 def _labels(run: str, n: int) -> pa.Table:
@@ -23,7 +24,7 @@ def test_views_labels_is_the_published_run(storage: Storage):
     assert run_query(storage, "select count(*) as n from labels").column("n").to_pylist() == [0]
     write_partition(storage, "labels", "r1", _labels("r1", 4))
     write_partition(storage, "labels", "r2", _labels("r2", 6))
-    put_json(storage, PUBLISHED_KEY, {"run_id": "r1"})
+    put_json(storage, keys.PUBLISHED_LABELS, {"run_id": "r1"})
     assert run_query(storage, "select count(*) as n from labels").column("n").to_pylist() == [4]
     by_run = run_query(storage, "select run, count(*) as n from labels_all group by run order by run")
     assert by_run.to_pylist() == [{"run": "r1", "n": 4}, {"run": "r2", "n": 6}]
@@ -32,8 +33,8 @@ def test_views_labels_is_the_published_run(storage: Storage):
 
 
 def test_cli_writes_csv(tmp_path):
-    from pipeline.cli import main
-    from pipeline.storage import LocalStorage
+    from pipeline.cli.main import main
+    from pipeline.core.storage import LocalStorage
 
     root = tmp_path / "data"
     write_partition(LocalStorage(root), "labels", "r1", _labels("r1", 4))

@@ -14,8 +14,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from pipeline.report import SECTION_IDS, build_report, roc_points
-from pipeline.storage import LocalStorage, Storage
+from pipeline.core.storage import LocalStorage, Storage
+from pipeline.report.build import build_report
+from pipeline.report.charts import roc_points
+from pipeline.report.sections import SECTION_IDS
 from tests.fixtures.report import REPORT_MODEL, REPORT_RUN, make_report_dataset
 
 
@@ -139,7 +141,7 @@ def test_roc_points(y, p, auc):
 
 
 def test_cli_report(report_world: LocalStorage, tmp_path: Path, capsys):
-    from pipeline.cli import main
+    from pipeline.cli.main import main
 
     out = tmp_path / "cli-report"
     rc = main(["--set", f"storage.root={report_world.root}", "report", "--out", str(out)])

@@ -14,11 +14,11 @@ import pyarrow.compute as pc
 import pytest
 import requests
 
-from pipeline.refresh import refresh_engagement
-from pipeline.scrape import scrape, state_key
-from pipeline.simulator import RateLimit
-from pipeline.storage import LocalStorage
-from pipeline.tables import get_json, list_partitions, read_table
+from pipeline.core.storage import LocalStorage
+from pipeline.core.tables import get_json, list_partitions, read_table
+from pipeline.scrape.refresh import refresh_engagement
+from pipeline.scrape.scrape import scrape, state_key
+from simulator import RateLimit
 
 REPO = Path(__file__).resolve().parents[1]
 TAG = "selfie"
@@ -37,7 +37,7 @@ def scfg(cfg):
 
 @pytest.fixture(scope="module")
 def small_world():
-    from pipeline.simulator import build_world
+    from simulator import build_world
     return build_world(seed=11, posts=120)
 
 
@@ -137,7 +137,7 @@ class Boom(Exception):
 @pytest.mark.parametrize("fail_after_pages", [1, 3, 5])
 def test_exception_after_n_pages_then_rerun_loses_and_duplicates_nothing(scfg, sim, monkeypatch, fail_after_pages):
     scfg.scrape.page_limit = 10
-    from pipeline.sources.mastodon import MastodonSource
+    from pipeline.scrape.sources.mastodon import MastodonSource
     real = MastodonSource.read_page
     calls = {"n": 0}
 
@@ -158,7 +158,7 @@ def test_exception_after_n_pages_then_rerun_loses_and_duplicates_nothing(scfg, s
 
 
 def test_failure_between_table_writes_then_rerun(scfg, sim, monkeypatch):
-    import pipeline.scrape as mod
+    import pipeline.scrape.scrape as mod
     real = mod.merge_partition
     calls = {"n": 0}
 
@@ -183,7 +183,7 @@ def test_killed_subprocess_then_rerun(scfg, sim, tmp_path):
     scfg.scrape.page_limit = 10
     sim.set_fault("slow", scope="media", delay_s=0.3)  # stretch the crawl (~5 s) so kills land mid-way
     code = (
-        "import sys; from pipeline.config import load_config; from pipeline.scrape import scrape\n"
+        "import sys; from pipeline.core.config import load_config; from pipeline.scrape.scrape import scrape\n"
         f"cfg = load_config(overrides=['storage.root={scfg.storage.root}', 'scrape.backfill_days=100000', "
         "'scrape.page_limit=10', 'scrape.threads=4'])\n"
         "cfg.scrape.allow_hosts = ['127.0.0.1']\n"
@@ -245,7 +245,7 @@ def test_media_fault_modes_end_as_rows(scfg, sim, mode, params, status):
     ("html", None, "fails"), ("malformed_json", None, "fails"),
 ])
 def test_api_fault_modes(scfg, sim, mode, count, expect):
-    from pipeline.sources.base import SourceError
+    from pipeline.scrape.sources.base import SourceError
     scfg.scrape.page_limit = 20
     scrape(scfg, sim.url, TAG, "2025-06-02", max_posts=40)  # something durable first
     sim.set_fault(mode, scope="api", count=count)

@@ -17,10 +17,10 @@ import pytest
 import requests
 from PIL import Image
 
-from pipeline.simulator import RateLimit, truth_table
-from pipeline.simulator.entities import media_path
-from pipeline.simulator.ratelimit import RateLimiter
-from pipeline.simulator.world import DAY_MS
+from simulator import RateLimit, truth_table
+from simulator.entities import media_path
+from simulator.ratelimit import RateLimiter
+from simulator.world import DAY_MS
 
 ISO_MS = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z$")
 NULL = type(None)
@@ -282,7 +282,7 @@ def test_rate_limit_answers_429_with_retry_after(sim_server_factory):
 
 
 def _cli(*args: str, **kw) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "pipeline.cli", *args], capture_output=True, text=True,
+    return subprocess.run([sys.executable, "-m", "pipeline.cli.main", *args], capture_output=True, text=True,
                           timeout=120, **kw)
 
 
@@ -294,7 +294,7 @@ def test_cli_truth(tmp_path, sim_world):
 
 
 def test_cli_serve_advance_and_stop():
-    proc = subprocess.Popen([sys.executable, "-m", "pipeline.cli", "sim", "serve", "--seed", "7", "--posts", "300"],
+    proc = subprocess.Popen([sys.executable, "-m", "pipeline.cli.main", "sim", "serve", "--seed", "7", "--posts", "300"],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         url = proc.stdout.readline().strip()

@@ -14,7 +14,7 @@ import pytest
 import requests
 from PIL import Image
 
-from pipeline.simulator.faults import FaultError, bomb_png, make_rule
+from simulator.faults import FaultError, bomb_png, make_rule
 
 
 def first_page(sim, limit: int = 40) -> list[dict]:

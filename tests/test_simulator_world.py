@@ -15,22 +15,22 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from pipeline.simulator import build_world, truth_table, write_truth
-from pipeline.simulator.entities import status
-from pipeline.simulator.images import (
+from simulator import build_world, truth_table, write_truth
+from simulator.entities import status
+from simulator.images import (
     FACE_CUTS,
     NOFACE_SOURCES,
     SOURCES,
     render_image,
     render_pixels,
 )
-from pipeline.simulator.likes import TAG_BONUS
-from pipeline.simulator.world import DAY_MS, WorldParams, generate_world
+from simulator.likes import TAG_BONUS
+from simulator.world import DAY_MS, WorldParams, generate_world
 
 FINGERPRINT = """
 import hashlib, io, pyarrow.parquet as pq
-from pipeline.simulator import build_world, truth_table
-from pipeline.simulator.images import render_image
+from simulator import build_world, truth_table
+from simulator.images import render_image
 w = build_world(seed=11, posts=200)
 buf = io.BytesIO(); pq.write_table(truth_table(w), buf)
 h = hashlib.sha256(buf.getvalue())
@@ -219,11 +219,10 @@ def test_groups_rule_recovers_quality_better_than_raw_likes():
     assert r_f > r_q + 0.3, (r_f, r_q)
 
 
-@pytest.mark.skipif(not os.environ.get("LIKERANK_FACES__MODEL"), reason="LIKERANK_FACES__MODEL is not set")
-def test_scrfd_finds_faces_where_composed(sim_world):
+def test_scrfd_finds_faces_where_composed(sim_world, faces_model):
     from insightface.model_zoo import get_model
 
-    model = get_model(os.environ["LIKERANK_FACES__MODEL"], providers=["CPUExecutionProvider"])
+    model = get_model(str(faces_model), providers=["CPUExecutionProvider"])
     model.prepare(ctx_id=-1, input_size=(640, 640), det_thresh=0.5)
     face = [m.plan for m in sim_world.media if m.plan.factors.kind == "face"][:8]
     group = [m.plan for m in sim_world.media if m.plan.factors.kind == "group"][:2]
@@ -245,7 +244,7 @@ def test_scrfd_finds_faces_where_composed(sim_world):
 
 
 def test_quality_is_documented_in_one_place():
-    from pipeline.simulator import likes
+    from simulator import likes
 
     doc = likes.__doc__ or ""
     for name in ("FACE_SHARE_BEST", "FACE_SIZE_COEF", "DARK_COEF", "FILTER_COEF", "BORDER_EFFECT",

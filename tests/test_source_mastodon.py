@@ -11,9 +11,14 @@ from datetime import UTC, datetime
 
 import pytest
 
-from pipeline.http import HttpClient
-from pipeline.sources.base import SourceError
-from pipeline.sources.mastodon import DEV_AUTHOR_KEY, MastodonSource, author_keyer, normalize_status
+from pipeline.scrape.http import HttpClient
+from pipeline.scrape.sources.base import SourceError
+from pipeline.scrape.sources.mastodon import (
+    DEV_AUTHOR_KEY,
+    MastodonSource,
+    author_keyer,
+    normalize_status,
+)
 
 # Account, following the documented example (Gargron on mastodon.social), with 4.2+'s uri/indexable.
 ACCOUNT = {

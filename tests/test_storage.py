@@ -10,9 +10,9 @@ import time
 import pyarrow as pa
 import pytest
 
-from pipeline.schemas import SchemaError
-from pipeline.storage import ImageStore, S3Storage, Storage, StorageError
-from pipeline.tables import list_partitions, read_table, write_partition
+from pipeline.core.schemas import SchemaError
+from pipeline.core.storage import ImageStore, S3Storage, Storage, StorageError
+from pipeline.core.tables import list_partitions, read_table, write_partition
 
 
 def test_bytes_roundtrip_list_delete(storage: Storage):

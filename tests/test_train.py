@@ -16,12 +16,13 @@ import json
 
 import pytest
 
-from pipeline.config import load_config
-from pipeline.storage import LocalStorage
-from pipeline.tables import get_json, put_json
+from pipeline.core import keys
+from pipeline.core.config import load_config
+from pipeline.core.storage import LocalStorage
+from pipeline.core.tables import get_json, put_json
 from tests.test_train_data import DETECTOR, LABELS_RUN, TINY, make_labels_run, truth_file
 from training import registry
-from training.data import PUBLISHED_KEY, LabelsNotPublished
+from training.data import LabelsNotPublished
 from training.launch import TrainingFailed, launch, train_on_published
 
 #: Largest |difference| allowed between 1-process and 2-process metrics and epoch losses.
@@ -83,7 +84,7 @@ def test_two_process_run_trains_writes_metrics_and_publishes(world):
                                        "visual_quality_roc_auc", "visual_quality_spearman_r"}
     assert m["truth"]["test"]["n"] == 16 and m["truth"]["test"]["visual_quality_n"] < 16
     assert m["labels_run"] == LABELS_RUN and m["detector_ids"] == [DETECTOR]
-    assert m["model"]["pretrained"] == "none" and m["code_version"]
+    assert m["model"]["weights"] == "none" and m["code_version"]
     assert m["config"]["training"]["image_size"] == 32
     storage = world["storage"]
     assert storage.exists(m["checkpoint_key"]) and storage.exists("models/bn2/config.toml")
@@ -91,7 +92,7 @@ def test_two_process_run_trains_writes_metrics_and_publishes(world):
 
     import pyarrow.parquet as pq
 
-    preds = pq.read_table(io.BytesIO(storage.get_bytes(registry.predictions_key("bn2"))))
+    preds = pq.read_table(io.BytesIO(storage.get_bytes(keys.model_predictions("bn2"))))
     assert sorted(set(preds["split"].to_pylist())) == ["test", "val"] and preds.num_rows == 32
     assert set(preds.column_names) == {"post_id", "split", "prob", "pred_score", "label", "weight"}
     latest = registry.latest_model(storage)
@@ -110,13 +111,13 @@ def test_crash_after_an_epoch_then_resume_matches_uninterrupted(world, exact_two
     assert registry.latest_model(storage) == before  # the pointer moves only on completion
 
     # A newer labels run is published meanwhile: the resumed run must stay on the labels it started on.
-    pointer = get_json(storage, PUBLISHED_KEY)
+    pointer = get_json(storage, keys.PUBLISHED_LABELS)
     storage.put_bytes("labels/run=lbl-newer/data.parquet", storage.get_bytes(f"labels/run={LABELS_RUN}/data.parquet"))
-    put_json(storage, PUBLISHED_KEY, {**pointer, "run_id": "lbl-newer"})
+    put_json(storage, keys.PUBLISHED_LABELS, {**pointer, "run_id": "lbl-newer"})
     try:
         resumed = run(world, "gn2-crash", TWO_EPOCHS, extra_args=EXACT)  # same run id: resumes automatically
     finally:
-        put_json(storage, PUBLISHED_KEY, pointer)
+        put_json(storage, keys.PUBLISHED_LABELS, pointer)
     assert resumed["labels_run"] == LABELS_RUN
     assert any("resuming run gn2-crash after epoch 1 (step 4)" in line for line in world["runs"]["gn2-crash"])
     assert resumed["steps"] == exact_two["steps"] == 8

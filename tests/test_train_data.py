@@ -14,9 +14,9 @@ from datetime import UTC, datetime
 import numpy as np
 import pyarrow as pa
 
-from pipeline.schemas import FACES, LABELS
-from pipeline.storage import ImageStore, Storage
-from pipeline.tables import put_json, write_partition
+from pipeline.core.schemas import FACES, LABELS
+from pipeline.core.storage import ImageStore, Storage
+from pipeline.core.tables import put_json, write_partition
 
 LABELS_RUN = "lbl-test-1"
 DETECTOR = "det-test-sha"
@@ -88,7 +88,7 @@ def truth_file(path, labels: pa.Table) -> str:
 
 #: Small, fast training settings for CPU tests (resnet18 at 32 px, random init).
 TINY = [
-    "training.backbone=resnet18", "training.pretrained=none", "training.image_size=32",
+    "training.backbone=resnet18", "training.weights=none", "training.image_size=32",
     "training.crop=face", "training.epochs=3", "training.batch_size=16", "training.lr=0.001",
     "training.workers=0", "training.nproc=2",
 ]
@@ -98,7 +98,7 @@ TINY = [
 
 import pytest  # noqa: E402
 
-from pipeline.config import load_config  # noqa: E402
+from pipeline.core.config import load_config  # noqa: E402
 from training.data import (  # noqa: E402
     LabeledImages,
     LabelsNotPublished,
@@ -149,7 +149,7 @@ def test_face_crop_box_is_a_square_around_the_face(box, margin, expect):
 @pytest.mark.parametrize("crop, augment", [("face", False), ("full", True)])
 def test_dataset_items(tmp_path, crop, augment):
     cfg = load_config(overrides=[f"storage.root={tmp_path / 'data'}"])
-    from pipeline.storage import open_storage
+    from pipeline.core.storage import open_storage
 
     storage = open_storage(cfg.storage)
     make_labels_run(storage, n={"train": 4, "val": 2, "test": 2})

@@ -12,9 +12,10 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
-from pipeline.storage import LocalStorage
+from pipeline import orchestrate
+from pipeline.cli.main import main
+from pipeline.core.storage import LocalStorage
 from tests.test_train_data import make_labels_run
-from training import retrain
 
 
 @pytest.fixture
@@ -75,15 +76,15 @@ def fake_airflow(monkeypatch):
 
 
 def test_refuses_without_published_labels(env, capsys, monkeypatch):
-    monkeypatch.setattr(retrain, "run_dag_test", lambda: pytest.fail("must not reach Airflow"))
-    assert retrain.main([]) == 2
+    monkeypatch.setattr(orchestrate, "dags_test", lambda *a, **k: pytest.fail("must not reach Airflow"))
+    assert main(["retrain"]) == 2
     assert "refused: no labels run is published" in capsys.readouterr().err
 
 
 def test_triggers_the_dag_through_the_api_when_airflow_is_up(env, fake_airflow, capsys, monkeypatch):
     make_labels_run(LocalStorage(env / "data"), n={"train": 4, "val": 2, "test": 2})
-    monkeypatch.setattr(retrain, "run_dag_test", lambda: pytest.fail("Airflow is up: must use the API"))
-    assert retrain.main([]) == 0
+    monkeypatch.setattr(orchestrate, "dags_test", lambda *a, **k: pytest.fail("Airflow is up: must use the API"))
+    assert main(["retrain"]) == 0
     assert "triggered DAG 'retrain' run 'manual__x'" in capsys.readouterr().out
     authed = [(m, p, b) for m, p, b, auth in fake_airflow if auth == "Bearer tok"]
     assert ("PATCH", "/api/v2/dags/retrain", {"is_paused": False}) in authed
@@ -93,5 +94,5 @@ def test_triggers_the_dag_through_the_api_when_airflow_is_up(env, fake_airflow, 
 def test_falls_back_to_dags_test_without_airflow(env, monkeypatch):
     make_labels_run(LocalStorage(env / "data"), n={"train": 4, "val": 2, "test": 2})
     monkeypatch.setenv("LIKERANK_AIRFLOW_URL", "http://127.0.0.1:9")  # nothing listens on discard
-    monkeypatch.setattr(retrain, "run_dag_test", lambda: 0)
-    assert retrain.main([]) == 0
+    monkeypatch.setattr(orchestrate, "dags_test", lambda *a, **k: 0)
+    assert main(["retrain"]) == 0

@@ -29,13 +29,13 @@ import pyarrow.compute as pc
 import torch
 from torch.utils.data import Dataset
 
-from pipeline.config import StorageConfig
-from pipeline.storage import ImageStore, Storage, open_storage
-from pipeline.tables import get_json, list_partitions, read_table
+from pipeline.core import keys
+from pipeline.core.config import StorageConfig
+from pipeline.core.storage import ImageStore, Storage, open_storage
+from pipeline.core.tables import get_json, list_partitions, partition_key, read_table
 
 log = logging.getLogger(__name__)
 
-PUBLISHED_KEY = "labels/_published.json"
 SPLITS = ("train", "val", "test")
 #: ImageNet channel statistics; torchvision's pretrained backbones expect inputs normalized so.
 MEAN = (0.485, 0.456, 0.406)
@@ -48,10 +48,10 @@ class LabelsNotPublished(RuntimeError):
 
 def published_labels(storage: Storage) -> dict[str, Any]:
     """The publication pointer ``labels/_published.json``; raises if nothing is published."""
-    pointer = get_json(storage, PUBLISHED_KEY)
+    pointer = get_json(storage, keys.PUBLISHED_LABELS)
     if not pointer or not pointer.get("run_id"):
         raise LabelsNotPublished(
-            f"no labels run is published: {storage.uri(PUBLISHED_KEY)} does not exist "
+            f"no labels run is published: {storage.uri(keys.PUBLISHED_LABELS)} does not exist "
             "(label and validate first; a run is published only when its validation passes)"
         )
     return pointer
@@ -67,12 +67,12 @@ def resolve_labels_run(storage: Storage, run_id: str | None = None) -> dict[str,
     if run_id and run_id != pointer["run_id"]:
         raise LabelsNotPublished(
             f"labels run {run_id!r} is not published (the published run is {pointer['run_id']!r} "
-            f"per {storage.uri(PUBLISHED_KEY)}); refusing to train on unvalidated labels"
+            f"per {storage.uri(keys.PUBLISHED_LABELS)}); refusing to train on unvalidated labels"
         )
-    if not storage.exists(f"labels/run={pointer['run_id']}/data.parquet"):
-        key = f"labels/run={pointer['run_id']}/data.parquet"
+    key = partition_key("labels", pointer["run_id"])
+    if not storage.exists(key):
         raise LabelsNotPublished(
-            f"{storage.uri(PUBLISHED_KEY)} names run {pointer['run_id']!r} but {storage.uri(key)} is missing"
+            f"{storage.uri(keys.PUBLISHED_LABELS)} names run {pointer['run_id']!r} but {storage.uri(key)} is missing"
         )
     return pointer
 
@@ -171,7 +171,7 @@ def face_crop_box(box: np.ndarray, margin: float, size: tuple[int, int]) -> tupl
 class LabeledImages(Dataset):
     """Images of one split with their label and score; one image read from storage per item.
 
-    ``storage`` is a :class:`~pipeline.config.StorageConfig` (opened lazily in each process:
+    ``storage`` is a :class:`~pipeline.core.config.StorageConfig` (opened lazily in each process:
     the right thing for DataLoader workers and S3) or an open :class:`Storage`.
     """
 

@@ -31,9 +31,10 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from pipeline.config import Config, load_config
-from pipeline.storage import open_storage
-from pipeline.tables import get_json
+from pipeline.core import keys
+from pipeline.core.config import Config, load_config
+from pipeline.core.storage import open_storage
+from pipeline.core.tables import get_json
 from training import registry
 from training.data import resolve_labels_run
 
@@ -234,7 +235,7 @@ def launch(cfg: Config | None = None, *, labels_run: str | None = None, run_id: 
         run_id = registry.check_run_id(run_id)
     else:
         run_id = registry.run_id_from(run_tag) if run_tag else registry.new_run_id()
-    started = get_json(storage, registry.metrics_key(run_id)) or {}
+    started = get_json(storage, keys.model_metrics(run_id)) or {}
     if started.get("status") == "running" and (not labels_run or labels_run == started["labels_run"]):
         # Resuming (e.g. an Airflow retry): the labels this run started on were published then.
         labels_run = started["labels_run"]
@@ -242,7 +243,7 @@ def launch(cfg: Config | None = None, *, labels_run: str | None = None, run_id: 
     else:
         labels_run = resolve_labels_run(storage, labels_run)["run_id"]
     job: dict[str, Any] = {"run_id": run_id, "labels_run": labels_run, "backend": backend,
-                           "metrics_key": registry.metrics_key(run_id)}
+                           "metrics_key": keys.model_metrics(run_id)}
     if backend == "local":
         args = train_args(labels_run, run_id, truth=truth, config_path=config_path, extra_args=extra_args)
         if dry_run:

@@ -1,9 +1,10 @@
 """The model: a torchvision backbone with a binary label head and an optional score head.
 
-``build_model`` never downloads: ``pretrained = "imagenet"`` loads torchvision's weights only
-if the file is already in torch's hub cache (``$TORCH_HOME/hub/checkpoints``, see
-``torch.hub.get_dir()``), a path loads that file, and anything missing falls back to random
-initialization with a loud warning; the returned info (saved in metrics.json) says which.
+``training.weights`` says how the backbone starts: ``imagenet`` loads torchvision's weights
+from torch's hub cache (``$TORCH_HOME/hub/checkpoints``, see ``torch.hub.get_dir()``) or
+downloads them there; offline and uncached, the run says so in one line and trains from
+scratch. ``none`` trains from scratch; a path loads that state-dict file (a missing file is an
+error). The returned info (saved in metrics.json) records what was used.
 
 Normalization (``norm``): ``batch`` keeps the backbone's BatchNorm (the default; under DDP on
 CUDA ``sync`` converts it to SyncBatchNorm); ``group`` swaps it for GroupNorm(32) and
@@ -70,13 +71,27 @@ def cached_imagenet_file(backbone: str) -> Path | None:
     return None
 
 
-def build_model(backbone: str = "resnet18", pretrained: str = "imagenet", *, score_head: bool = True,
-                norm: str = "batch") -> tuple[LikeRankNet, dict[str, Any]]:
-    """The model and a record of how it was initialized: {"backbone", "norm", "pretrained"}.
+def download_imagenet_file(backbone: str) -> Path | None:
+    """torchvision's ImageNet weights for ``backbone``, downloaded into the hub cache; None offline."""
+    enum = _weights_enum(backbone)
+    f = Path(torch.hub.get_dir()) / "checkpoints" / Path(enum.DEFAULT.url).name
+    try:
+        torch.hub.download_url_to_file(enum.DEFAULT.url, str(f), progress=False)
+    except Exception as exc:  # noqa: BLE001 - offline, proxy, disk: any failure means train from scratch
+        log.warning("training.weights = 'imagenet': %s is not cached in %s and could not be downloaded "
+                    "(%s: %s); training from scratch", f.name, f.parent, type(exc).__name__, exc)
+        return None
+    return f
 
-    ``pretrained`` is 'imagenet', 'none' or a path to a state dict (a torchvision backbone's,
-    or a likerank checkpoint with a "model" entry). "pretrained" in the record is the file
-    actually loaded, or "none".
+
+def build_model(backbone: str = "resnet18", weights: str = "imagenet", *, score_head: bool = True,
+                norm: str = "batch") -> tuple[LikeRankNet, dict[str, Any]]:
+    """The model and a record of how it was initialized: {"backbone", "norm", "weights", "weights_file"}.
+
+    ``weights`` is 'imagenet', 'none' or a path to a state dict (a torchvision backbone's, or a
+    likerank checkpoint with a "model" entry). In the record, "weights" is what was actually
+    used ('none' when ImageNet weights were asked for but could not be had) and "weights_file"
+    the file loaded.
     """
     from torchvision import models
 
@@ -89,25 +104,21 @@ def build_model(backbone: str = "resnet18", pretrained: str = "imagenet", *, sco
         kwargs["norm_layer"] = _norm_layer(norm)
     net = getattr(models, backbone)(weights=None, **kwargs)
 
-    source, state, full = "none", None, None
-    if pretrained == "imagenet":
-        f = cached_imagenet_file(backbone)
-        if f is None:
-            log.warning("!!! training.pretrained = 'imagenet' but no %s weights are in %s/checkpoints "
-                        "(offline: nothing is downloaded); TRAINING FROM RANDOM INIT", backbone, torch.hub.get_dir())
-        else:
-            source, state = str(f), torch.load(f, map_location="cpu", weights_only=True)
-    elif pretrained and pretrained != "none":
-        f = Path(pretrained).expanduser()
+    used, source, state, full = "none", None, None, None
+    if weights == "imagenet":
+        f = cached_imagenet_file(backbone) or download_imagenet_file(backbone)
+        if f is not None:
+            used, source, state = "imagenet", str(f), torch.load(f, map_location="cpu", weights_only=True)
+    elif weights and weights != "none":
+        f = Path(weights).expanduser()
         if not f.is_file():
-            log.warning("!!! training.pretrained = %r: no such file; TRAINING FROM RANDOM INIT", pretrained)
+            raise ValueError(f"training.weights {weights!r}: no such file (use 'imagenet', 'none' or a state-dict path)")
+        loaded = torch.load(f, map_location="cpu", weights_only=True)
+        used = source = str(f)
+        if isinstance(loaded, dict) and "model" in loaded:
+            full = loaded["model"]  # a likerank checkpoint: backbone and heads
         else:
-            loaded = torch.load(f, map_location="cpu", weights_only=True)
-            source = str(f)
-            if isinstance(loaded, dict) and "model" in loaded:
-                full = loaded["model"]  # a likerank checkpoint: backbone and heads
-            else:
-                state = loaded
+            state = loaded
     if state is not None:
         missing, unexpected = net.load_state_dict(state, strict=norm in ("batch", "sync"))
         if missing or unexpected:
@@ -123,6 +134,6 @@ def build_model(backbone: str = "resnet18", pretrained: str = "imagenet", *, sco
     model = LikeRankNet(net, features, score_head)
     if full is not None:
         model.load_state_dict(full)
-    if source == "none":
-        log.warning("model %s: random initialization (pretrained: none)", backbone)
-    return model, {"backbone": backbone, "norm": norm, "pretrained": source}
+    if used == "none" and weights == "none":
+        log.info("model %s: random initialization (training.weights = 'none')", backbone)
+    return model, {"backbone": backbone, "norm": norm, "weights": used, "weights_file": source}

@@ -14,7 +14,6 @@ Every write is one atomic ``Storage.put_bytes``.
 
 from __future__ import annotations
 
-import copy
 import io
 import re
 import secrets
@@ -23,33 +22,16 @@ import time
 from pathlib import Path
 from typing import Any
 
-from pipeline.config import Config, load_config
-from pipeline.storage import Storage, open_storage
-from pipeline.tables import get_json, put_json
+from pipeline.core import keys
+from pipeline.core.config import Config, load_config
+from pipeline.core.storage import Storage, open_storage
+from pipeline.core.tables import get_json, put_json
 
-LATEST_KEY = "models/latest.json"
 _RUN_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
 
 
 class ModelNotFound(RuntimeError):
     """A model run's outputs are missing (not trained, still training, or failed)."""
-
-
-def checkpoint_key(run_id: str) -> str:
-    return f"models/{run_id}/checkpoint.pt"
-
-
-def metrics_key(run_id: str) -> str:
-    return f"models/{run_id}/metrics.json"
-
-
-def predictions_key(run_id: str) -> str:
-    """Per-post val/test predictions (post_id, split, prob, pred_score, label, weight): the report's ROC and sheets."""
-    return f"models/{run_id}/predictions.parquet"
-
-
-def config_key(run_id: str) -> str:
-    return f"models/{run_id}/config.toml"
 
 
 def new_run_id() -> str:
@@ -86,28 +68,12 @@ def code_version() -> str:
         return "unknown"
 
 
-def redacted_config(cfg: Config) -> dict[str, dict[str, Any]]:
-    """The resolved config with credentials blanked: safe to save next to outputs."""
-    d = cfg.to_dict()
-    for key in ("access_key_id", "secret_access_key"):
-        if d["storage"].get(key):
-            d["storage"][key] = "***"
-    return d
-
-
-def redacted_toml(cfg: Config) -> str:
-    """``cfg.to_toml()`` with credentials emptied (they come from the environment or a secret)."""
-    clean = copy.deepcopy(cfg)
-    clean.storage.access_key_id = clean.storage.secret_access_key = ""
-    return clean.to_toml()
-
-
 def save_checkpoint(storage: Storage, run_id: str, state: dict[str, Any]) -> str:
     import torch
 
     buf = io.BytesIO()
     torch.save(state, buf)
-    key = checkpoint_key(run_id)
+    key = keys.model_checkpoint(run_id)
     storage.put_bytes(key, buf.getvalue())
     return key
 
@@ -116,23 +82,23 @@ def load_checkpoint(storage: Storage, run_id: str) -> dict[str, Any] | None:
     """The run's last checkpoint, or None if it has none (a fresh run)."""
     import torch
 
-    key = checkpoint_key(run_id)
+    key = keys.model_checkpoint(run_id)
     if not storage.exists(key):
         return None
     return torch.load(io.BytesIO(storage.get_bytes(key)), map_location="cpu", weights_only=False)
 
 
 def read_metrics(storage: Storage, run_id: str) -> dict[str, Any]:
-    metrics = get_json(storage, metrics_key(run_id))
+    metrics = get_json(storage, keys.model_metrics(run_id))
     if metrics is None:
-        raise ModelNotFound(f"model run {run_id!r}: {storage.uri(metrics_key(run_id))} does not exist "
+        raise ModelNotFound(f"model run {run_id!r}: {storage.uri(keys.model_metrics(run_id))} does not exist "
                             "(not trained, still training, or failed)")
     return metrics
 
 
 def latest_model(storage: Storage) -> dict[str, Any] | None:
     """The ``models/latest.json`` pointer, or None before the first completed run."""
-    return get_json(storage, LATEST_KEY)
+    return get_json(storage, keys.LATEST_MODEL)
 
 
 def publish_model(storage: Storage, run_id: str) -> dict[str, Any]:
@@ -140,24 +106,24 @@ def publish_model(storage: Storage, run_id: str) -> dict[str, Any]:
     metrics = read_metrics(storage, run_id)
     if metrics.get("status") != "complete":
         raise ModelNotFound(f"model run {run_id!r} is not complete (status {metrics.get('status')!r})")
-    if not storage.exists(checkpoint_key(run_id)):
-        raise ModelNotFound(f"model run {run_id!r}: {storage.uri(checkpoint_key(run_id))} is missing")
+    if not storage.exists(keys.model_checkpoint(run_id)):
+        raise ModelNotFound(f"model run {run_id!r}: {storage.uri(keys.model_checkpoint(run_id))} is missing")
     pointer = {
         "run_id": run_id,
-        "metrics_key": metrics_key(run_id),
-        "checkpoint_key": checkpoint_key(run_id),
+        "metrics_key": keys.model_metrics(run_id),
+        "checkpoint_key": keys.model_checkpoint(run_id),
         "labels_run": metrics.get("labels_run"),
         "finished_at": metrics.get("finished_at"),
         "published_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
-    put_json(storage, LATEST_KEY, pointer)
+    put_json(storage, keys.LATEST_MODEL, pointer)
     return pointer
 
 
 def summarize(metrics: dict[str, Any]) -> dict[str, Any]:
     """The few numbers worth passing through XCom or printing: small and JSON-safe."""
     out: dict[str, Any] = {"run_id": metrics["run_id"], "labels_run": metrics.get("labels_run"),
-                           "steps": metrics.get("steps"), "pretrained": metrics.get("model", {}).get("pretrained")}
+                           "steps": metrics.get("steps"), "weights": metrics.get("model", {}).get("weights")}
     for split in ("val", "test"):
         m = metrics.get(split) or {}
         for k in ("accuracy", "roc_auc", "log_loss", "pearson_r"):

@@ -47,9 +47,10 @@ import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import DataLoader, DistributedSampler, Subset
 
-from pipeline.config import load_config
-from pipeline.storage import open_storage
-from pipeline.tables import put_json
+from pipeline.core import keys
+from pipeline.core.config import load_config
+from pipeline.core.storage import open_storage
+from pipeline.core.tables import put_json
 from training import metrics as M
 from training import registry
 from training.data import LabeledImages, load_examples, resolve_labels_run
@@ -143,17 +144,19 @@ def predictions_parquet(examples: dict, preds: dict[str, dict[str, np.ndarray]])
     import pyarrow as pa
     import pyarrow.parquet as pq
 
+    from pipeline.core.schemas import conform
+
     parts = []
     for split, pred in preds.items():
         ex = examples[split]
-        parts.append(pa.table({
+        parts.append(conform("predictions", pa.table({
             "post_id": pa.array(ex.post_id, pa.string()),
             "split": pa.array([split] * len(ex), pa.string()),
             "prob": pa.array(pred["prob"], pa.float32()),
             "pred_score": pa.array(pred["score"], pa.float32()),
             "label": pa.array(ex.label, pa.int8()),
             "weight": pa.array(pred["weight"], pa.float32()),
-        }))
+        })))
     buf = io.BytesIO()
     pq.write_table(pa.concat_tables(parts), buf)
     return buf.getvalue()
@@ -253,7 +256,7 @@ def main(argv: list[str] | None = None) -> int:
 
     # ---- model: the same seed on every rank, so every rank starts identical (DDP also broadcasts rank 0's)
     torch.manual_seed(tc.seed)
-    model, model_info = build_model(tc.backbone, tc.pretrained, score_head=tc.score_head, norm=args.norm)
+    model, model_info = build_model(tc.backbone, tc.weights, score_head=tc.score_head, norm=args.norm)
     if args.norm == "sync" and ddp:
         if not use_cuda:
             raise ValueError("--norm sync needs CUDA (SyncBatchNorm has no CPU implementation); use group or frozen")
@@ -330,9 +333,9 @@ def main(argv: list[str] | None = None) -> int:
                 "epoch": epoch + 1, "step": step, "history": history, "labels_run": labels_run,
                 "labels_published": published,
                 "world_size": world, "started_at": started_at, "model_info": model_info,
-                "config": registry.redacted_config(cfg),
+                "config": cfg.to_dict(),
             })
-            put_json(storage, registry.metrics_key(run_id), {"run_id": run_id, "status": "running",
+            put_json(storage, keys.model_metrics(run_id), {"run_id": run_id, "status": "running",
                                                              "labels_run": labels_run, "history": history})
         if ddp:
             dist.barrier()  # nobody moves on (or exits) before the checkpoint is stored
@@ -358,7 +361,7 @@ def main(argv: list[str] | None = None) -> int:
             "labels_published": published,
             "detector_ids": detectors,
             "code_version": registry.code_version(),
-            "checkpoint_key": registry.checkpoint_key(run_id),
+            "checkpoint_key": keys.model_checkpoint(run_id),
             "model": model_info,
             "augment": not args.no_augment,
             "world_size": world,
@@ -373,18 +376,18 @@ def main(argv: list[str] | None = None) -> int:
             "truth": ({s: truth_split_metrics(truth, examples[s], preds[s]) for s in ("val", "test")}
                       if truth is not None else None),
             "truth_file": args.truth,
-            "config": registry.redacted_config(cfg),
+            "config": cfg.to_dict(),
             "started_at": started_at,
             "finished_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         }
-        storage.put_bytes(registry.predictions_key(run_id), predictions_parquet(examples, preds))
-        put_json(storage, registry.metrics_key(run_id), result)
-        storage.put_text(registry.config_key(run_id), registry.redacted_toml(cfg))
+        storage.put_bytes(keys.model_predictions(run_id), predictions_parquet(examples, preds))
+        put_json(storage, keys.model_metrics(run_id), result)
+        storage.put_text(keys.model_config(run_id), cfg.to_toml())
         registry.publish_model(storage, run_id)
         log.info("run %s complete: val %s | test %s -> %s", run_id,
                  {k: round(v, 4) for k, v in result["val"].items() if isinstance(v, float)},
                  {k: round(v, 4) for k, v in result["test"].items() if isinstance(v, float)},
-                 storage.uri(registry.metrics_key(run_id)))
+                 storage.uri(keys.model_metrics(run_id)))
     if ddp:
         dist.barrier()
         dist.destroy_process_group()

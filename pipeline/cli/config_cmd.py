@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from pipeline.config import Config, describe
+from pipeline.core.config import Config, describe
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -27,9 +27,9 @@ def show_config(args: argparse.Namespace, cfg: Config) -> int:
 
 
 def show_tables(args: argparse.Namespace, cfg: Config) -> int:
-    from pipeline.schemas import TABLES, markdown_reference
-    from pipeline.storage import open_storage
-    from pipeline.tables import list_partitions
+    from pipeline.core.schemas import TABLES, markdown_reference
+    from pipeline.core.storage import open_storage
+    from pipeline.core.tables import list_partitions
 
     if args.markdown:
         print(markdown_reference())

@@ -7,7 +7,7 @@ import json
 import sys
 import time
 
-from pipeline.config import Config
+from pipeline.core.config import Config
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -28,9 +28,9 @@ def detect_stored(args: argparse.Namespace, cfg: Config) -> int:
 
     from tqdm import tqdm
 
+    from pipeline.core.storage import open_storage
     from pipeline.faces.detect_faces import detect_shard, merge_summaries, plan_shards
     from pipeline.faces.detector import DetectorError, FaceDetector
-    from pipeline.storage import open_storage
 
     try:
         detector = FaceDetector(cfg.faces)

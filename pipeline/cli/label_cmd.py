@@ -13,8 +13,10 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import tempfile
+from pathlib import Path
 
-from pipeline.config import Config
+from pipeline.core.config import Config
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -71,7 +73,7 @@ def label_command(args: argparse.Namespace, cfg: Config) -> int:
 def eval_labels_command(args: argparse.Namespace, cfg: Config) -> int:
     from labeling.evaluate import evaluate_run, format_report, load_truth
     from labeling.publish import published
-    from pipeline.storage import open_storage
+    from pipeline.core.storage import open_storage
 
     storage = open_storage(cfg.storage)
     run_id = args.run or (published(storage) or {}).get("run_id")
@@ -79,7 +81,7 @@ def eval_labels_command(args: argparse.Namespace, cfg: Config) -> int:
         print("likerank eval labels: no --run given and no labels run published yet", file=sys.stderr)
         return 2
     try:
-        truth = load_truth(args.truth, cfg)
+        truth = load_truth(args.truth or simulator_truth_file(cfg))
     except (ValueError, OSError) as exc:
         print(f"likerank eval labels: {exc}", file=sys.stderr)
         return 2
@@ -87,3 +89,13 @@ def eval_labels_command(args: argparse.Namespace, cfg: Config) -> int:
     print(format_report(report))
     print(f"saved: {storage.uri(report['key'])}")
     return 0
+
+
+def simulator_truth_file(cfg: Config) -> Path:
+    """The configured simulator world's ground truth, written to a temporary Parquet file."""
+    if cfg.source.kind != "simulator":
+        raise ValueError("no ground truth: pass --truth FILE (source.kind is not 'simulator')")
+    from simulator import build_world, write_truth
+
+    world = build_world(cfg.simulator.seed, cfg.simulator.posts, tuple(cfg.simulator.hashtags))
+    return write_truth(world, Path(tempfile.mkdtemp(prefix="likerank-truth-")) / "truth.parquet")

@@ -12,18 +12,19 @@ import importlib
 import logging
 import sys
 
-from pipeline.config import ConfigError, load_config
+from pipeline.core.config import ConfigError, load_config
 
 #: Modules that register commands, in the order ``--help`` lists them.
 COMMAND_MODULES = [
-    "pipeline.commands.config_cmd",
-    "pipeline.commands.query_cmd",
-    "pipeline.commands.report_cmd",
-    "pipeline.commands.faces_cmd",
-    "pipeline.commands.sim_cmd",
-    "pipeline.commands.scrape_cmd",
-    "training.cli",
-    "labeling.cli",
+    "pipeline.cli.config_cmd",
+    "pipeline.cli.query_cmd",
+    "pipeline.cli.report_cmd",
+    "pipeline.cli.faces_cmd",
+    "pipeline.cli.sim_cmd",
+    "pipeline.cli.scrape_cmd",
+    "pipeline.cli.train_cmd",
+    "pipeline.cli.retrain_cmd",
+    "pipeline.cli.label_cmd",
 ]
 
 

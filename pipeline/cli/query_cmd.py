@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from pipeline.config import Config
+from pipeline.core.config import Config
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -22,8 +22,8 @@ def query(args: argparse.Namespace, cfg: Config) -> int:
     import pyarrow.csv
     import pyarrow.parquet as pq
 
-    from pipeline.query import run_query
-    from pipeline.storage import open_storage
+    from pipeline.core.query import run_query
+    from pipeline.core.storage import open_storage
 
     try:
         result = run_query(open_storage(cfg.storage), args.sql)

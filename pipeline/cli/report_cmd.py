@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from pipeline.config import Config
+from pipeline.core.config import Config
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -19,8 +19,8 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def report(args: argparse.Namespace, cfg: Config) -> int:
-    from pipeline.report import build_report
-    from pipeline.storage import StorageError, open_storage
+    from pipeline.core.storage import StorageError, open_storage
+    from pipeline.report.build import build_report
 
     try:
         index = build_report(cfg, open_storage(cfg.storage), labels_run=args.labels, model_run=args.model,

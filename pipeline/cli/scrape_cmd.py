@@ -6,7 +6,7 @@ import argparse
 import json
 import sys
 
-from pipeline.config import Config
+from pipeline.core.config import Config
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -36,8 +36,8 @@ def _today(value: str) -> str:
 
 
 def run_scrape(args: argparse.Namespace, cfg: Config) -> int:
-    from pipeline.scrape import format_summary, scrape
-    from pipeline.sources.base import SourceError
+    from pipeline.scrape.scrape import format_summary, scrape
+    from pipeline.scrape.sources.base import SourceError
 
     instance = args.instance or cfg.source.instance_url
     if not instance:
@@ -62,7 +62,7 @@ def run_scrape(args: argparse.Namespace, cfg: Config) -> int:
 
 
 def run_refresh(args: argparse.Namespace, cfg: Config) -> int:
-    from pipeline.refresh import RefreshError, refresh_engagement
+    from pipeline.scrape.refresh import RefreshError, refresh_engagement
 
     try:
         summary = refresh_engagement(cfg, _today(args.date), instance=args.instance or None, progress=True)

@@ -9,7 +9,7 @@ import sys
 import threading
 from datetime import UTC, datetime
 
-from pipeline.config import Config
+from pipeline.core.config import Config
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -58,7 +58,7 @@ def _world_params(args: argparse.Namespace, cfg: Config) -> dict:
 
 
 def serve_sim(args: argparse.Namespace, cfg: Config) -> int:
-    from pipeline.simulator import build_world, rate_limit_from_config, start_server
+    from simulator import build_world, rate_limit_from_config, start_server
 
     world = build_world(**_world_params(args, cfg))
     per_5_min = cfg.simulator.rate_limit if args.rate_limit is None else args.rate_limit
@@ -81,7 +81,7 @@ def serve_sim(args: argparse.Namespace, cfg: Config) -> int:
 
 
 def write_sim_truth(args: argparse.Namespace, cfg: Config) -> int:
-    from pipeline.simulator import build_world, write_truth
+    from simulator import build_world, write_truth
 
     world = build_world(**_world_params(args, cfg))
     path = write_truth(world, args.out)
@@ -101,10 +101,10 @@ def advance_sim(args: argparse.Namespace, cfg: Config) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python -m pipeline.commands.sim_cmd serve ...``: the sim commands without the full CLI."""
+    """``python -m pipeline.cli.sim_cmd serve ...``: the sim commands without the full CLI."""
     import logging
 
-    from pipeline.config import ConfigError, load_config
+    from pipeline.core.config import ConfigError, load_config
 
     parser = argparse.ArgumentParser(prog="likerank")
     parser.add_argument("--config", metavar="FILE")

@@ -6,7 +6,7 @@ import argparse
 import json
 import sys
 
-from pipeline.config import Config
+from pipeline.core.config import Config
 
 
 def register(sub: argparse._SubParsersAction) -> None:

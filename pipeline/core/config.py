@@ -37,9 +37,17 @@ class ConfigError(ValueError):
         super().__init__(f"config error: {key} (from {source}): {reason}")
 
 
-def doc(text: str, **kwargs: Any) -> Any:
-    """A dataclass field carrying its documentation (shown by ``config show --docs``)."""
-    return field(metadata={"doc": text}, **kwargs)
+def doc(text: str, *, secret: bool = False, **kwargs: Any) -> Any:
+    """A dataclass field carrying its documentation (shown by ``config show --docs``).
+
+    ``secret=True`` marks a credential: every printed or saved form of the config shows it as
+    :data:`REDACTED` (see :meth:`Config.to_dict`).
+    """
+    return field(metadata={"doc": text, "secret": secret}, **kwargs)
+
+
+#: How a secret value appears wherever the config is printed or saved.
+REDACTED = "***"
 
 
 # --------------------------------------------------------------------------- sections
@@ -50,8 +58,9 @@ class StorageConfig:
     root: str = doc("Where every table and image lives: a local folder or s3://bucket/prefix.", default="./data")
     endpoint_url: str = doc("S3 endpoint for S3-compatible stores (e.g. http://127.0.0.1:8333); empty = AWS.", default="")
     region: str = doc("S3 region; empty = the AWS chain's default.", default="")
-    access_key_id: str = doc("S3 access key; empty = the standard AWS credential chain.", default="")
-    secret_access_key: str = doc("S3 secret key; empty = the standard AWS credential chain.", default="")
+    access_key_id: str = doc("S3 access key; empty = the standard AWS credential chain.", secret=True, default="")
+    secret_access_key: str = doc("S3 secret key; empty = the standard AWS credential chain.", secret=True,
+                                 default="")
 
     def validate(self) -> None:
         if not self.root:
@@ -132,8 +141,9 @@ class ScrapeConfig:
 
 @dataclass
 class FacesConfig:
-    model: str = doc("Path to a SCRFD .onnx file or a model-pack folder; empty = insightface's pack below.", default="")
-    model_pack: str = doc("insightface model pack used when model is empty (its det_*.onnx).", default="buffalo_l")
+    model: str = doc("Face detector: empty = the shipped SCRFD-500MF; an insightface pack name (buffalo_l, "
+                     "buffalo_sc, ...: downloaded to ~/.insightface/models on first use); or a path to an "
+                     "SCRFD .onnx file or model-pack folder.", default="")
     providers: list[str] = doc("onnxruntime execution providers, in order of preference.",
                                default_factory=lambda: ["CUDAExecutionProvider", "CPUExecutionProvider"])
     det_size: int = doc("Detector input size, pixels (square).", default=640)
@@ -207,7 +217,9 @@ class ValidationConfig:
 @dataclass
 class TrainingConfig:
     backbone: str = doc("torchvision backbone: resnet18, resnet50 or vgg16.", default="resnet18")
-    pretrained: str = doc("'imagenet' (torchvision cache), a path to a state dict, or 'none'.", default="imagenet")
+    weights: str = doc("Backbone start: 'imagenet' (torchvision's cache, else downloaded; offline and uncached: "
+                       "from scratch, said in one line), 'none' (from scratch), or a path to a state-dict file.",
+                       default="imagenet")
     image_size: int = doc("Square input size, pixels.", default=224)
     crop: str = doc("'face' (largest face box plus margin) or 'full' (whole image squished to a square).", default="face")
     face_margin: float = doc("Margin around the face box, as a fraction of its size.", default=0.6)
@@ -256,8 +268,18 @@ class Config:
     #: "section.field" -> where its value came from ("default", "file <path>", "env VAR", "flag").
     origins: dict[str, str] = field(default_factory=dict, repr=False, compare=False)
 
-    def to_dict(self) -> dict[str, dict[str, Any]]:
-        return {s.name: dataclasses.asdict(getattr(self, s.name)) for s in _sections()}
+    def to_dict(self, *, redact: bool = True) -> dict[str, dict[str, Any]]:
+        """Every section's values; secrets set to a value show as ``***`` unless ``redact=False``.
+
+        The one redaction: ``config show``, the configs saved beside outputs and the metrics
+        all go through here.
+        """
+        out = {s.name: dataclasses.asdict(getattr(self, s.name)) for s in _sections()}
+        if redact:
+            for section, name in secret_fields():
+                if out[section][name]:
+                    out[section][name] = REDACTED
+        return out
 
     def section_hash(self, section: str) -> str:
         """Stable short hash of one section's values (e.g. the labeling parameter set)."""
@@ -265,7 +287,7 @@ class Config:
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
     def to_toml(self) -> str:
-        """The resolved config as TOML, saved next to every output it produced."""
+        """The resolved config as TOML (secrets redacted), saved next to every output it produced."""
         lines: list[str] = []
         for section, values in self.to_dict().items():
             lines.append(f"[{section}]")
@@ -279,6 +301,13 @@ class Config:
 
 def _sections() -> list[dataclasses.Field]:
     return [f for f in dataclasses.fields(Config) if f.name != "origins"]
+
+
+def secret_fields() -> list[tuple[str, str]]:
+    """(section, field) of every config field marked ``secret``."""
+    sections = typing.get_type_hints(Config)
+    return [(s.name, f.name) for s in _sections() for f in dataclasses.fields(sections[s.name])
+            if f.metadata.get("secret")]
 
 
 def _toml_value(v: Any) -> str:
@@ -428,10 +457,9 @@ def describe(cfg: Config, *, docs: bool = False) -> str:
     out: list[str] = []
     for s in _sections():
         out.append(f"[{s.name}]")
-        obj = getattr(cfg, s.name)
-        for f in dataclasses.fields(obj):
-            value = getattr(obj, f.name)
-            shown = "***" if ("secret" in f.name or "access_key" in f.name) and value else _toml_value(value)
+        values = cfg.to_dict()[s.name]
+        for f in dataclasses.fields(getattr(cfg, s.name)):
+            shown = REDACTED if f.metadata.get("secret") and values[f.name] else _toml_value(values[f.name])
             out.append(f"{f.name} = {shown}    # {cfg.origins.get(f'{s.name}.{f.name}', 'default')}")
             if docs:
                 out.append(f"    ({f.metadata.get('doc', '')})")

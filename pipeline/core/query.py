@@ -11,16 +11,15 @@ from __future__ import annotations
 import duckdb
 import pyarrow as pa
 
-from pipeline.schemas import TABLES
-from pipeline.storage import Storage
-from pipeline.tables import dataset, get_json, list_partitions
-
-PUBLISHED_KEY = "labels/_published.json"
+from pipeline.core import keys
+from pipeline.core.schemas import TABLES
+from pipeline.core.storage import Storage
+from pipeline.core.tables import dataset, get_json, list_partitions
 
 
 def published_run(storage: Storage) -> str | None:
     """The run id of the latest published labels run, or None."""
-    pointer = get_json(storage, PUBLISHED_KEY)
+    pointer = get_json(storage, keys.PUBLISHED_LABELS)
     return pointer["run_id"] if pointer else None
 
 

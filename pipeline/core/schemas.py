@@ -17,6 +17,9 @@ faces          ``faces/dt=<date>/``             logical date of the detection ru
 labels         ``labels/run=<run_id>/``         one labeling run
 =============  ===============================  ============================================
 
+Files written once per run rather than as a partitioned table (:data:`FILES`):
+``predictions`` at ``models/<run>/predictions.parquet`` (see :mod:`pipeline.core.keys`).
+
 A post with several images is one ``posts`` row with all its ``image_urls`` (in the
 author's order); the first image is the one labeled, since likes belong to the post.
 """
@@ -155,6 +158,19 @@ TABLES: dict[str, Table] = {
 }
 
 
+PREDICTIONS = pa.schema([
+    f("post_id", pa.string(), "The labeled post."),
+    f("split", pa.string(), "'val' or 'test' (user-disjoint splits)."),
+    f("prob", pa.float32(), "Predicted probability of label 1."),
+    f("pred_score", pa.float32(), "Predicted rank score in (0, 1); NaN when the model has no score head."),
+    f("label", pa.int8(), "The post's label (0 or 1)."),
+    f("weight", pa.float32(), "1, or 0 where the image could not be read (excluded from the metrics)."),
+])
+
+#: Tables written as one file per run (not hive-partitioned): name -> schema.
+FILES: dict[str, pa.Schema] = {"predictions": PREDICTIONS}
+
+
 class SchemaError(TypeError):
     """A frame does not match its table's schema. The message names table and column."""
 
@@ -165,7 +181,7 @@ def conform(table: str, data: pa.Table) -> pa.Table:
     Safe casts (e.g. int32 -> int64) are applied; anything lossy, missing or extra is an error
     naming the table, the column, the expected and the found type.
     """
-    schema = TABLES[table].schema
+    schema = TABLES[table].schema if table in TABLES else FILES[table]
     missing = [n for n in schema.names if n not in data.column_names]
     if missing:
         raise SchemaError(f"table {table}: missing column(s) {', '.join(missing)}")
@@ -191,10 +207,14 @@ def conform(table: str, data: pa.Table) -> pa.Table:
 def markdown_reference() -> str:
     """README's table reference, generated so it cannot drift from the code."""
     out = []
-    for t in TABLES.values():
-        out.append(f"### `{t.name}` — `{t.path}/{t.partition}=…/`\n")
+    where = {t.name: (f"{t.path}/{t.partition}=…/", t.schema) for t in TABLES.values()}
+    from pipeline.core.keys import model_predictions  # keys builds on this module's TABLES
+
+    where["predictions"] = (model_predictions("<run>"), PREDICTIONS)
+    for name, (path, schema) in where.items():
+        out.append(f"### `{name}` — `{path}`\n")
         out.append("| column | type | null | meaning |\n| --- | --- | --- | --- |")
-        for fld in t.schema:
+        for fld in schema:
             doc = (fld.metadata or {}).get(b"doc", b"").decode()
             out.append(f"| `{fld.name}` | `{fld.type}` | {'yes' if fld.nullable else 'no'} | {doc} |")
         out.append("")

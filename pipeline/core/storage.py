@@ -16,10 +16,12 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 from urllib.parse import urlparse
 
+from pipeline.core import keys
+
 if TYPE_CHECKING:
     import pyarrow.fs
 
-    from pipeline.config import StorageConfig
+    from pipeline.core.config import StorageConfig
 
 
 class StorageError(RuntimeError):
@@ -271,7 +273,7 @@ class ImageStore:
 
     @staticmethod
     def key(sha256: str) -> str:
-        return f"images/{sha256[:2]}/{sha256}"
+        return keys.image_bytes(sha256)
 
     def put(self, data: bytes, *, durable: bool = True) -> tuple[str, str]:
         """Store ``data`` once; return (sha256, key). See ``Storage.put_bytes`` for ``durable``."""

@@ -1,4 +1,4 @@
-"""Parquet tables on a :class:`~pipeline.storage.Storage`: atomic, idempotent partition writes
+"""Parquet tables on a :class:`~pipeline.core.storage.Storage`: atomic, idempotent partition writes
 and hive-partitioned reads through pyarrow datasets.
 
 Each partition is exactly one file, ``<table path>/<key>=<value>/data.parquet``. Writing a
@@ -17,8 +17,8 @@ import pyarrow as pa
 import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 
-from pipeline.schemas import TABLES, conform
-from pipeline.storage import Storage
+from pipeline.core.schemas import TABLES, conform
+from pipeline.core.storage import Storage
 
 DATA_FILE = "data.parquet"
 

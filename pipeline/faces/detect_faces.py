@@ -13,7 +13,6 @@ Read, decode, detect, write, in that order and overlapped:
 * :func:`detect_shard` detects one shard and writes it as one ``faces`` partition,
   ``<logical date>-s<shard>-<8 hex of the shard's content>``: a retried shard replaces its
   own partition, and a re-planned run (other content) never overwrites an earlier one.
-* :func:`read_faces` reads the table back with one row per image and detector (the latest).
 
 Item failures are rows (status ``decode_error``, ``missing``, ``error``); only a shard that
 cannot be processed at all (no model, storage down) raises.
@@ -32,15 +31,16 @@ from dataclasses import dataclass, field
 from datetime import UTC, date, datetime
 from typing import TYPE_CHECKING, Any
 
+from pipeline.core import keys
 from pipeline.faces.decode import DecodeError, FittedImage, decode_fitted
 
 if TYPE_CHECKING:
     import numpy as np
     import pyarrow as pa
 
-    from pipeline.config import Config
+    from pipeline.core.config import Config
+    from pipeline.core.storage import Storage
     from pipeline.faces.detector import Face, FaceDetector
-    from pipeline.storage import Storage
 
 log = logging.getLogger(__name__)
 
@@ -171,7 +171,7 @@ def faces_table(results: Iterable[tuple[str, Detection]], detector_id: str, dete
     """``faces`` rows (FACES schema) for ``(sha256, Detection)`` pairs."""
     import pyarrow as pa
 
-    from pipeline.schemas import FACES
+    from pipeline.core.schemas import FACES
 
     detected_at = detected_at or datetime.now(UTC)
     cols: dict[str, list] = {name: [] for name in FACES.names}
@@ -223,8 +223,8 @@ def plan_shards(cfg: Config, storage: Storage | None = None, *, detector_id: str
     e.g. Airflow's ``max_map_length``). A new model means a new detector id: all re-detected."""
     import pyarrow.compute as pc
 
-    from pipeline.storage import open_storage
-    from pipeline.tables import list_partitions, read_table
+    from pipeline.core.storage import open_storage
+    from pipeline.core.tables import list_partitions, read_table
 
     storage = storage or open_storage(cfg.storage)
     detector_id = detector_id or current_detector_id(cfg)
@@ -271,9 +271,9 @@ def detect_shard(
     ``detector`` reuses a loaded model across shards; ``on_result`` is called per image
     (progress bars).
     """
+    from pipeline.core.storage import ImageStore, StorageError, open_storage
+    from pipeline.core.tables import write_partition
     from pipeline.faces.detector import FaceDetector
-    from pipeline.storage import ImageStore, StorageError, open_storage
-    from pipeline.tables import write_partition
 
     storage = storage or open_storage(cfg.storage)
     detector = detector or FaceDetector(cfg.faces)
@@ -302,7 +302,7 @@ def detect_shard(
 
     partition = shard_partition(logical_date, shard_id, shas)
     key = write_partition(storage, "faces", partition, faces_table(results, detector.detector_id))
-    storage.put_text(key.rsplit("/", 1)[0] + "/_config.toml", _public_toml(cfg))
+    storage.put_text(key.rsplit("/", 1)[0] + "/_config.toml", cfg.to_toml())
     summary: dict[str, Any] = {
         "shard_id": int(shard_id), "partition": partition, "key": key,
         **summarize(d for _, d in results),
@@ -313,15 +313,6 @@ def detect_shard(
     return summary
 
 
-def _public_toml(cfg: Config) -> str:
-    """The resolved config saved beside the output, secrets blanked."""
-    import copy
-
-    shown = copy.deepcopy(cfg)
-    shown.storage.access_key_id = shown.storage.secret_access_key = ""
-    return shown.to_toml()
-
-
 # --------------------------------------------------------------------------- Airflow hand-off
 
 
@@ -329,13 +320,13 @@ def write_shard_manifests(cfg: Config, logical_date: str | date | datetime, *, m
                           storage: Storage | None = None) -> list[dict[str, Any]]:
     """Plan, store each shard's image list as JSON, return small ``{"shard_id", "manifest", "n"}``
     dicts: what an Airflow mapped task receives (XCom stays small however large the shard)."""
-    from pipeline.storage import open_storage
-    from pipeline.tables import put_json
+    from pipeline.core.storage import open_storage
+    from pipeline.core.tables import put_json
 
     storage = storage or open_storage(cfg.storage)
     out = []
     for i, shas in enumerate(plan_shards(cfg, storage, max_shards=max_shards)):
-        key = f"faces/_manifests/{shard_partition(logical_date, i, shas)}.json"
+        key = keys.faces_manifest(shard_partition(logical_date, i, shas))
         put_json(storage, key, {"shard_id": i, "shas": shas})
         out.append({"shard_id": i, "manifest": key, "n": len(shas)})
     return out
@@ -343,8 +334,8 @@ def write_shard_manifests(cfg: Config, logical_date: str | date | datetime, *, m
 
 def detect_manifest(cfg: Config, shard: dict[str, Any], logical_date: str | date | datetime) -> dict[str, Any]:
     """:func:`detect_shard` on a shard stored by :func:`write_shard_manifests`."""
-    from pipeline.storage import open_storage
-    from pipeline.tables import get_json
+    from pipeline.core.storage import open_storage
+    from pipeline.core.tables import get_json
 
     storage = open_storage(cfg.storage)
     manifest = get_json(storage, shard["manifest"])
@@ -361,34 +352,3 @@ def merge_summaries(summaries: list[dict[str, Any]]) -> dict[str, Any]:
     total["partitions"] = [s["partition"] for s in summaries]
     total["providers"] = sorted({s["provider"] for s in summaries})
     return total
-
-
-# --------------------------------------------------------------------------- reading
-
-
-def read_faces(storage: Storage, detector_id: str | None = None, columns: list[str] | None = None) -> pa.Table:
-    """The ``faces`` table with one row per (image, detector): the latest detection.
-
-    ``detector_id`` keeps only that detector's rows (pass :func:`current_detector_id`).
-    """
-    import numpy as np
-    import pyarrow as pa
-    import pyarrow.compute as pc
-
-    from pipeline.schemas import FACES
-    from pipeline.tables import list_partitions, read_table
-
-    if not list_partitions(storage, "faces"):
-        return FACES.empty_table() if columns is None else FACES.empty_table().select(columns)
-    filt = (pc.field("detector_id") == detector_id) if detector_id else None
-    table = read_table(storage, "faces", filter=filt).drop_columns(["dt"])
-    if table.num_rows:
-        order = pc.sort_indices(table, [("sha256", "ascending"), ("detector_id", "ascending"),
-                                        ("detected_at", "ascending")])
-        table = table.take(order)
-        sha = table.column("sha256").to_numpy(zero_copy_only=False)
-        det = table.column("detector_id").to_numpy(zero_copy_only=False)
-        last = np.ones(len(sha), dtype=bool)
-        last[:-1] = (sha[:-1] != sha[1:]) | (det[:-1] != det[1:])
-        table = table.filter(pa.array(last))
-    return table.select(columns) if columns else table

@@ -20,13 +20,14 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import re
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
-from pipeline.config import FacesConfig
+from pipeline.core.config import FacesConfig
 from pipeline.faces.decode import FittedImage, fit_size, resize_rgb
 
 log = logging.getLogger(__name__)
@@ -68,43 +69,72 @@ class Face:
 # --------------------------------------------------------------------------- model files
 
 
+#: The detector that ships with the package (see ``models/README.md``): SCRFD-500MF.
+SHIPPED_MODEL = Path(__file__).with_name("models") / "det_500m.onnx"
+SHIPPED_MODEL_SHA256 = "5e4447f50245bbd7966bd6c0fa52938c61474a04ec7def48753668a9d8b4ea3a"
+#: An insightface model pack is named by a bare word (``buffalo_l``, ``buffalo_sc``, ...).
+_PACK_NAME = re.compile(r"[A-Za-z0-9_-]+")
+
+
 def resolve_model_path(cfg: FacesConfig, *, insightface_root: str = INSIGHTFACE_ROOT) -> Path:
-    """The SCRFD ``.onnx`` file the config points at.
+    """The SCRFD ``.onnx`` file ``faces.model`` names, in this order:
 
-    ``faces.model`` may be an ``.onnx`` file, a model-pack folder holding ``det_*.onnx``, or an
-    insightface root laid out as ``<root>/models/<faces.model_pack>/det_*.onnx``. Empty means
-    insightface's own pack ``faces.model_pack`` under ``~/.insightface/models``, downloaded by
-    insightface on first use where the internet is reachable.
+    1. empty: the SCRFD-500MF detector shipped with the package (its sha256 is checked);
+    2. an existing path: that ``.onnx`` file, or the ``det_*.onnx`` of a model-pack folder
+       (or of an insightface root laid out as ``<root>/models/<pack>/``);
+    3. a bare pack name (``buffalo_l``, ``buffalo_sc``, ...): insightface's own pack loading,
+       which downloads the pack to ``~/.insightface/models`` on first use.
     """
-    if cfg.model:
-        path = Path(cfg.model).expanduser()
-        if path.is_file():
-            return path
-        if path.is_dir():
-            found = _find_detector(path) or _find_detector(path / "models" / cfg.model_pack)
-            if found:
-                return found
-            raise DetectorError(
-                f"faces.model {cfg.model!r}: folder has no det_*.onnx (nor models/{cfg.model_pack}/det_*.onnx)")
-        raise DetectorError(f"faces.model {cfg.model!r}: no such file or folder")
+    if not cfg.model:
+        return shipped_model()
+    path = Path(cfg.model).expanduser()
+    if path.is_file():
+        return path
+    if path.is_dir():
+        found = _find_detector(path) or _find_detector_in_root(path)
+        if found:
+            return found
+        raise DetectorError(f"faces.model {cfg.model!r}: folder has no det_*.onnx (nor models/<pack>/det_*.onnx)")
+    if _PACK_NAME.fullmatch(cfg.model):
+        return insightface_pack(cfg.model, insightface_root)
+    raise DetectorError(f"faces.model {cfg.model!r}: no such file or folder, and not an insightface pack name")
 
-    pack_dir = Path(insightface_root).expanduser() / "models" / cfg.model_pack
+
+def shipped_model() -> Path:
+    """The packaged SCRFD-500MF, after checking that it is the file its README describes."""
+    if not SHIPPED_MODEL.is_file():
+        raise DetectorError(f"face detector: the shipped model {SHIPPED_MODEL} is missing; reinstall likerank")
+    sha = file_sha256(SHIPPED_MODEL)
+    if sha != SHIPPED_MODEL_SHA256:
+        raise DetectorError(f"face detector: the shipped model {SHIPPED_MODEL} has sha256 {sha}, "
+                            f"expected {SHIPPED_MODEL_SHA256}; the file is damaged, reinstall likerank")
+    return SHIPPED_MODEL
+
+
+def insightface_pack(name: str, insightface_root: str = INSIGHTFACE_ROOT) -> Path:
+    """The ``det_*.onnx`` of insightface pack ``name``, downloaded by insightface if absent."""
+    pack_dir = Path(insightface_root).expanduser() / "models" / name
     found = _find_detector(pack_dir)
     if found:
         return found
     try:  # insightface's own fetch of its model packs (a GitHub release zip)
         from insightface.utils.storage import ensure_available
 
-        ensure_available("models", cfg.model_pack, root=insightface_root)
+        ensure_available("models", name, root=insightface_root)
     except Exception as exc:  # noqa: BLE001 - any failure to fetch means: tell the user what to set
         raise DetectorError(
-            f"face detector: insightface model pack {cfg.model_pack!r} is not in {pack_dir} and could not "
+            f"face detector: insightface model pack {name!r} is not in {pack_dir} and could not "
             f"be downloaded ({type(exc).__name__}: {exc}); set faces.model (env LIKERANK_FACES__MODEL) "
-            "to a local SCRFD .onnx file or model-pack folder") from None
+            "to a local SCRFD .onnx file or model-pack folder, or leave it empty for the shipped SCRFD-500MF") from None
     found = _find_detector(pack_dir)
     if not found:
-        raise DetectorError(f"face detector: insightface model pack {cfg.model_pack!r} in {pack_dir} has no det_*.onnx")
+        raise DetectorError(f"face detector: insightface model pack {name!r} in {pack_dir} has no det_*.onnx")
     return found
+
+
+def _find_detector_in_root(root: Path) -> Path | None:
+    packs = sorted((root / "models").glob("*/det_*.onnx"))
+    return packs[0] if packs else None
 
 
 def _find_detector(folder: Path) -> Path | None:

@@ -1,6 +1,6 @@
 """The downloader: image URLs in, stored images and one ``downloads`` row per URL out.
 
-Each URL goes through :class:`pipeline.http.HttpClient` (SSRF guard, per-host rate limit and
+Each URL goes through :class:`pipeline.scrape.http.HttpClient` (SSRF guard, per-host rate limit and
 concurrency cap, retries, timeouts, streamed size cap), then these content checks, in order:
 
 1. **magic bytes**: the body must start like JPEG, PNG, GIF, WebP, BMP, TIFF or AVIF →
@@ -33,9 +33,9 @@ from datetime import UTC, datetime
 import imagehash
 from PIL import Image
 
-from pipeline.config import ScrapeConfig
-from pipeline.http import HttpClient
-from pipeline.storage import ImageStore, Storage
+from pipeline.core.config import ScrapeConfig
+from pipeline.core.storage import ImageStore, Storage
+from pipeline.scrape.http import HttpClient
 
 warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
 

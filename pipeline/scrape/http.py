@@ -41,8 +41,8 @@ from requests.adapters import HTTPAdapter
 from urllib3.connection import HTTPConnection, HTTPSConnection
 from urllib3.connectionpool import HTTPConnectionPool, HTTPSConnectionPool
 
-from pipeline.config import ScrapeConfig
-from pipeline.ssrf import BlockedURL, SSRFGuard, UnresolvableHost
+from pipeline.core.config import ScrapeConfig
+from pipeline.scrape.ssrf import BlockedURL, SSRFGuard, UnresolvableHost
 
 MAX_REDIRECTS = 5
 #: Longest server-requested wait honoured for a request without a total budget (API pages), s.

@@ -31,12 +31,12 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from pipeline.config import Config
-from pipeline.http import HttpClient
-from pipeline.scrape import logical_day, merge_partition, resolve_token
-from pipeline.sources.mastodon import MastodonSource, server_time
-from pipeline.storage import open_storage
-from pipeline.tables import list_partitions, read_table
+from pipeline.core.config import Config
+from pipeline.core.storage import open_storage
+from pipeline.core.tables import list_partitions, read_table
+from pipeline.scrape.http import HttpClient
+from pipeline.scrape.scrape import logical_day, merge_partition, resolve_token
+from pipeline.scrape.sources.mastodon import MastodonSource, server_time
 
 log = logging.getLogger(__name__)
 

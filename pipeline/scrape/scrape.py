@@ -1,8 +1,8 @@
 """The scrape stage: crawl a hashtag → download its images → write the day's tables → advance state.
 
 ``scrape(cfg, instance, hashtag, logical_date)`` reads the hashtag timeline of one instance,
-keeps the eligible posts (see :mod:`pipeline.sources.mastodon` for what is skipped and why),
-downloads their images (:mod:`pipeline.download`) and writes, for partition ``dt=<date>``:
+keeps the eligible posts (see :mod:`pipeline.scrape.sources.mastodon` for what is skipped and why),
+downloads their images (:mod:`pipeline.scrape.download`) and writes, for partition ``dt=<date>``:
 ``posts``, ``engagement`` (one snapshot per kept post, taken when it was read), ``images``
 (index rows; the bytes are content-addressed) and ``downloads`` (one row per attempted URL).
 
@@ -54,14 +54,15 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from pipeline.config import Config
-from pipeline.download import Downloader
-from pipeline.http import HttpClient
-from pipeline.schemas import TABLES, conform
-from pipeline.sources.base import Item, Page, Source, id_key
-from pipeline.sources.mastodon import MastodonSource, author_keyer
-from pipeline.storage import Storage, open_storage
-from pipeline.tables import get_json, partition_key, put_json, write_partition
+from pipeline.core import keys
+from pipeline.core.config import Config
+from pipeline.core.schemas import TABLES, conform
+from pipeline.core.storage import Storage, open_storage
+from pipeline.core.tables import get_json, partition_key, put_json, write_partition
+from pipeline.scrape.download import Downloader
+from pipeline.scrape.http import HttpClient
+from pipeline.scrape.sources.base import Item, Page, Source, id_key
+from pipeline.scrape.sources.mastodon import MastodonSource, author_keyer
 
 log = logging.getLogger(__name__)
 
@@ -80,8 +81,7 @@ MERGE_KEYS = {
 
 
 def state_key(instance: str, hashtag: str) -> str:
-    host = urlsplit(instance).netloc.lower().replace(":", "_")
-    return f"state/scrape/{host}/{hashtag.lower()}.json"
+    return keys.crawl_state(urlsplit(instance).netloc, hashtag)
 
 
 def load_state(storage: Storage, instance: str, hashtag: str) -> dict:
@@ -338,15 +338,10 @@ def scrape(cfg: Config, instance: str, hashtag: str, logical_date: str | date | 
     # funnel (`make run`, the report) adds them up. One file per run, never overwritten.
     stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%S%fZ")
     host = urlsplit(instance).netloc.lower().replace(":", "_")
-    put_json(storage, f"{run_log_prefix(day)}{host}__{hashtag}-{stamp}.json", summary)
+    put_json(storage, f"{keys.scrape_runs(day)}{host}__{hashtag}-{stamp}.json", summary)
     log.info("scrape %s #%s %s: %d seen, %d kept, skipped %s, downloads %s (%s)", instance, hashtag, day,
              summary["seen"], kept, summary["skipped"], summary["downloads"], cov.stop)
     return summary
-
-
-def run_log_prefix(day: str = "") -> str:
-    """Where each scrape run leaves its summary: ``runs/scrape/<day>/<host>__<tag>-<stamp>.json``."""
-    return f"runs/scrape/{day}/" if day else "runs/scrape/"
 
 
 def format_summary(s: dict[str, Any]) -> str:

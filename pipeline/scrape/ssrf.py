@@ -5,7 +5,7 @@ Before any request, its host is resolved and *every* address it resolves to must
 public unicast address; loopback, private (RFC 1918, ULA), link-local (169.254/16, which
 holds the cloud metadata endpoints 169.254.169.254 and 169.254.170.2), shared (100.64/10),
 multicast, reserved and unspecified addresses are refused. The check runs again on every
-redirect hop (redirects are followed by hand, see :mod:`pipeline.http`), and once more on the
+redirect hop (redirects are followed by hand, see :mod:`pipeline.scrape.http`), and once more on the
 connected socket's peer address, which closes the gap a DNS answer that changes between the
 check and the connect (DNS rebinding) would otherwise leave.
 

@@ -1,5 +1,13 @@
-"""Sources: one class per platform behind :class:`pipeline.sources.base.Source`."""
+"""Sources: one class per platform behind :class:`pipeline.scrape.sources.base.Source`."""
 
-from pipeline.sources.base import SKIP_REASONS, Item, Observation, Page, Post, Source, SourceError
+from pipeline.scrape.sources.base import (
+    SKIP_REASONS,
+    Item,
+    Observation,
+    Page,
+    Post,
+    Source,
+    SourceError,
+)
 
 __all__ = ["SKIP_REASONS", "Item", "Observation", "Page", "Post", "Source", "SourceError"]

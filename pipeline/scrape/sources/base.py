@@ -3,7 +3,7 @@
 A source turns one platform's API into :class:`Post` rows (the ``posts`` schema) and
 :class:`Observation` rows (the ``engagement`` schema). Pages are walked newest to oldest;
 each :class:`Page` lists *every* status it held, kept or skipped, with its id, so the scrape
-stage can keep exact coverage of the timeline (see :mod:`pipeline.scrape`).
+stage can keep exact coverage of the timeline (see :mod:`pipeline.scrape.scrape`).
 """
 
 from __future__ import annotations

@@ -43,8 +43,8 @@ from urllib.parse import quote, urlencode, urljoin, urlsplit
 
 from requests.utils import parse_header_links
 
-from pipeline.http import HttpClient
-from pipeline.sources.base import Item, Observation, Page, Post, Source, SourceError, id_key
+from pipeline.scrape.http import HttpClient
+from pipeline.scrape.sources.base import Item, Observation, Page, Post, Source, SourceError, id_key
 
 log = logging.getLogger(__name__)
 

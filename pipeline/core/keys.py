@@ -1,0 +1,111 @@
+"""Every storage key and pointer likerank reads or writes, defined once.
+
+Tables (``posts/``, ``faces/``, ``labels/`` ...) are laid out by :mod:`pipeline.core.schemas`
+(their paths and partition columns) and :mod:`pipeline.core.tables` (one ``data.parquet`` per
+partition). Everything else a stage writes beside them is named here: run folders, their
+side files, the pointers that say which run is live, and the scraper's crawl state. A stage
+imports the key it needs instead of spelling it.
+
+======================================  ==============================================
+``labels/_published.json``              pointer: the validated labels run training reads
+``labels/run=<id>/``                    one labeling run: data, resolved config, summary
+``validation/run=<id>/``                its Great Expectations result and Data Docs
+``models/latest.json``                  pointer: the newest registered model run
+``models/<run>/``                       checkpoint, metrics, predictions, config
+``images/<aa>/<sha256>``                content-addressed image bytes
+``faces/_manifests/<partition>.json``   one detection shard's list of images
+``state/scrape/<host>/<tag>.json``      crawl coverage per (instance, hashtag)
+``runs/scrape/<day>/``                  one summary per scrape run
+======================================  ==============================================
+"""
+
+from __future__ import annotations
+
+from pipeline.core.schemas import TABLES
+
+# ---------------------------------------------------------------- pointers
+
+PUBLISHED_LABELS = "labels/_published.json"
+LATEST_MODEL = "models/latest.json"
+
+# ---------------------------------------------------------------- labels and their validation
+
+
+def labels_run(run_id: str) -> str:
+    """The folder of one labeling run (the ``labels`` table's partition for it)."""
+    t = TABLES["labels"]
+    return f"{t.path}/{t.partition}={run_id}"
+
+
+def labels_config(run_id: str) -> str:
+    """The resolved config the run was labeled with (secrets shown as ``***``)."""
+    return f"{labels_run(run_id)}/_config.toml"
+
+
+def labels_summary(run_id: str) -> str:
+    """Rows in and out, drops by reason, groups, parameters and their hash."""
+    return f"{labels_run(run_id)}/_summary.json"
+
+
+def labels_eval(run_id: str) -> str:
+    """Every labeler's AUC and Spearman against a ground-truth file."""
+    return f"{labels_run(run_id)}/_eval.json"
+
+
+def validation_run(run_id: str) -> str:
+    return f"validation/run={run_id}"
+
+
+def validation_result(run_id: str) -> str:
+    return f"{validation_run(run_id)}/result.json"
+
+
+def validation_docs(run_id: str) -> str:
+    """Great Expectations' Data Docs site of the run (open ``index.html``)."""
+    return f"{validation_run(run_id)}/data_docs"
+
+
+# ---------------------------------------------------------------- models
+
+
+def model_run(run_id: str) -> str:
+    return f"models/{run_id}"
+
+
+def model_checkpoint(run_id: str) -> str:
+    return f"{model_run(run_id)}/checkpoint.pt"
+
+
+def model_metrics(run_id: str) -> str:
+    return f"{model_run(run_id)}/metrics.json"
+
+
+def model_predictions(run_id: str) -> str:
+    """Per-post val/test predictions (the ``predictions`` schema)."""
+    return f"{model_run(run_id)}/predictions.parquet"
+
+
+def model_config(run_id: str) -> str:
+    return f"{model_run(run_id)}/config.toml"
+
+
+# ---------------------------------------------------------------- images, faces, scrape
+
+
+def image_bytes(sha256: str) -> str:
+    """Content-addressed: the same bytes are stored once whatever their URL."""
+    return f"images/{sha256[:2]}/{sha256}"
+
+
+def faces_manifest(partition: str) -> str:
+    return f"faces/_manifests/{partition}.json"
+
+
+def crawl_state(host: str, hashtag: str) -> str:
+    """``host`` with ``:`` replaced, so a port cannot make a second folder level."""
+    return f"state/scrape/{host.lower().replace(':', '_')}/{hashtag.lower()}.json"
+
+
+def scrape_runs(day: str = "") -> str:
+    """Where each scrape run leaves its summary: ``runs/scrape/<day>/<host>__<tag>-<stamp>.json``."""
+    return f"runs/scrape/{day}/" if day else "runs/scrape/"

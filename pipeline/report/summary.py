@@ -1,0 +1,86 @@
+"""The one-screen summary ``make run`` ends with: the funnel, the validation verdict, label
+and model quality, where every table lives and a query to try next."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pipeline.core import keys
+from pipeline.core.config import Config
+
+
+def _fmt(counts: dict) -> str:
+    return ", ".join(f"{k} {v}" for k, v in sorted(counts.items(), key=lambda kv: -kv[1]) if v) or "none"
+
+
+def summary(cfg: Config, truth: Path | None = None) -> str:
+    """One screen: the funnel, the verdict, the model, where everything lives, a query to try."""
+    from pipeline.core.query import published_run, run_query
+    from pipeline.core.schemas import TABLES
+    from pipeline.core.storage import open_storage
+    from pipeline.core.tables import get_json
+
+    storage = open_storage(cfg.storage)
+
+    def one(sql: str) -> list[dict]:
+        return run_query(storage, sql).to_pylist()
+
+    lines = ["== likerank: the funnel =="]
+    seen, skipped = 0, {}
+    for key in storage.list(keys.scrape_runs()):
+        scrape_run = get_json(storage, key)
+        seen += scrape_run["seen"]
+        for reason, n in scrape_run["skipped"].items():
+            skipped[reason] = skipped.get(reason, 0) + n
+    posts = one("select count(distinct post_id) n from posts")[0]["n"]
+    lines.append(f"  statuses read         {seen:>7}   skipped: {_fmt(skipped)}")
+    lines.append(f"  posts stored          {posts:>7}")
+    dl = {r["status"]: r["n"] for r in one("select status, count(*) n from downloads group by 1")}
+    lines.append(f"  image downloads       {sum(dl.values()):>7}   ({_fmt(dl)})")
+    faces = one("""select case when status <> 'ok' then status when n_faces = 0 then 'no face'
+                   when n_faces = 1 then 'one face' else 'several faces' end k, count(*) n
+                   from (from faces qualify row_number() over (partition by sha256 order by detected_at desc) = 1)
+                   group by 1""")  # the latest detection per image: failed ones are retried in new rows
+    lines.append(f"  images with faces     {sum(r['n'] for r in faces if r['k'] in ('one face', 'several faces')):>7}"
+                 f"   ({_fmt({r['k']: r['n'] for r in faces})})")
+    run = published_run(storage)
+    if run:
+        summ = get_json(storage, keys.labels_summary(run), {})
+        lines.append(f"  labeled posts         {summ.get('rows_out', '?'):>7}   in {summ.get('groups', '?')} groups of "
+                     f"{summ.get('group_size', '?')}; dropped: {_fmt(summ.get('dropped', {}))}")
+        docs = [k for k in storage.list(keys.validation_run(run) + "/") if k.endswith("index.html")]
+        lines.append("\n== validation (Great Expectations) ==")
+        lines.append(f"  passed and published: labels run {run}")
+        if docs:
+            lines.append(f"  Data Docs: {storage.uri(docs[0])}")
+        if truth is not None:
+            from labeling.evaluate import evaluate_run, load_truth
+
+            ev = evaluate_run(cfg, run, load_truth(truth), storage)
+            lines.append("\n== label quality against the simulator's hidden truth (ROC-AUC, face posts) ==")
+            lines.append("  " + ", ".join(f"{name} {r['auc']:.3f}" for name, r in ev["labelers"].items()))
+    else:
+        lines.append("  labels: none published yet")
+    latest = get_json(storage, keys.LATEST_MODEL)
+    if latest:
+        m = get_json(storage, latest["metrics_key"], {})
+        test = m.get("test", {})
+        lines.append(f"\n== model {latest['run_id']} ({m.get('model', {}).get('backbone', '?')}, "
+                     f"weights: {m.get('model', {}).get('weights', '?')}) ==")
+        lines.append("  test: " + ", ".join(f"{k} {test[k]:.3f}" for k in ("accuracy", "roc_auc", "log_loss",
+                                                                              "pearson_r", "mae", "rmse")
+                                            if isinstance(test.get(k), float)))
+        truth_test = (m.get("truth") or {}).get("test") or {}
+        if "roc_auc" in truth_test:
+            lines.append(f"  ROC-AUC against true quality (held-out authors): {truth_test['roc_auc']:.3f}")
+        lines.append(f"  metrics: {storage.uri(latest['metrics_key'])}")
+    lines.append("\n== where the tables live ==")
+    for name, table in TABLES.items():
+        lines.append(f"  {name:<11} {storage.uri(table.path)}/")
+    if run:
+        from pipeline.report.build import build_report
+
+        lines.append(f"\nreport: {build_report(cfg, storage)}")
+    lines.append('\ntry:  .venv/bin/likerank query "select label, count(*) n, avg(likes) likes, '
+                 'avg(followers) followers from labels group by label"')
+    return "\n".join(lines)
