@@ -61,7 +61,7 @@ retrain: setup ## fine-tune on the latest published labels (through the schedule
 	$(BIN)/likerank retrain
 
 lint: setup ## ruff
-	$(BIN)/ruff check pipeline labeling training dags tests bench
+	$(BIN)/ruff check pipeline labeling training simulator dags tests bench
 
 clean: ## remove the venv, Airflow's state and ./data
 	rm -rf $(VENV) .airflow data .pytest_cache

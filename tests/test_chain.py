@@ -46,7 +46,7 @@ def chain(tmp_path_factory):
         "LIKERANK_TRAINING__IMAGE_SIZE": "48",
         "LIKERANK_TRAINING__EPOCHS": "1",
         "LIKERANK_TRAINING__BATCH_SIZE": "16",
-        "LIKERANK_TRAINING__PRETRAINED": "none",
+        "LIKERANK_TRAINING__WEIGHTS": "none",
         "LIKERANK_TRAINING__WORKERS": "0",
         "LIKERANK_TRAINING__NPROC": "1",
     })

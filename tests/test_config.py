@@ -87,7 +87,7 @@ def test_secrets_are_masked_in_show():
 
 
 def test_readme_table_reference_is_generated_from_the_schemas():
-    from pipeline.core.schemas import markdown_reference
+    from pipeline.core.tables import markdown_reference
 
     readme = (REPO / "README.md").read_text()
     section = readme.split("<!-- tables:begin -->")[1].split("<!-- tables:end -->")[0]

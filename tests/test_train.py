@@ -159,3 +159,36 @@ def test_training_never_imports_airflow():
     for f in (Path(__file__).resolve().parents[1] / "training").glob("*.py"):
         text = f.read_text()
         assert "import airflow" not in text and "from airflow" not in text, f
+
+
+def test_weights_none_a_state_dict_file_or_a_missing_file(tmp_path):
+    import torch
+    from torchvision import models
+
+    from training.model import build_model
+
+    _, info = build_model("resnet18", "none")
+    assert (info["weights"], info["weights_file"]) == ("none", None)
+    f = tmp_path / "resnet18.pt"
+    torch.save(models.resnet18(weights=None).state_dict(), f)
+    _, info = build_model("resnet18", str(f))
+    assert info["weights"] == info["weights_file"] == str(f)
+    with pytest.raises(ValueError, match="training.weights .*missing.pt.*no such file"):
+        build_model("resnet18", str(tmp_path / "missing.pt"))
+
+
+def test_imagenet_offline_and_uncached_trains_from_scratch_and_says_so(tmp_path, monkeypatch, caplog):
+    import torch
+
+    from training.model import build_model
+
+    def offline(url, dst, **_):
+        raise OSError(f"no route to {url}")
+
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "hub"))
+    monkeypatch.setattr(torch.hub, "download_url_to_file", offline)
+    with caplog.at_level("WARNING", logger="training.model"):
+        _, info = build_model("resnet18", "imagenet")
+    assert (info["weights"], info["weights_file"]) == ("none", None)
+    said = [r.getMessage() for r in caplog.records]
+    assert len(said) == 1 and "could not be downloaded" in said[0] and "training from scratch" in said[0]

@@ -16,6 +16,7 @@ tests/test_train.py); ``group`` cannot use BatchNorm's pretrained statistics.
 from __future__ import annotations
 
 import logging
+import socket
 from pathlib import Path
 from typing import Any
 
@@ -71,16 +72,25 @@ def cached_imagenet_file(backbone: str) -> Path | None:
     return None
 
 
+DOWNLOAD_TIMEOUT_S = 30.0  # per socket operation while fetching ImageNet weights
+
+
 def download_imagenet_file(backbone: str) -> Path | None:
     """torchvision's ImageNet weights for ``backbone``, downloaded into the hub cache; None offline."""
     enum = _weights_enum(backbone)
     f = Path(torch.hub.get_dir()) / "checkpoints" / Path(enum.DEFAULT.url).name
+    previous = socket.getdefaulttimeout()
+    # torch.hub opens the URL without a timeout: a network that drops packets would hang the run.
+    socket.setdefaulttimeout(DOWNLOAD_TIMEOUT_S)
     try:
+        f.parent.mkdir(parents=True, exist_ok=True)
         torch.hub.download_url_to_file(enum.DEFAULT.url, str(f), progress=False)
     except Exception as exc:  # noqa: BLE001 - offline, proxy, disk: any failure means train from scratch
         log.warning("training.weights = 'imagenet': %s is not cached in %s and could not be downloaded "
                     "(%s: %s); training from scratch", f.name, f.parent, type(exc).__name__, exc)
         return None
+    finally:
+        socket.setdefaulttimeout(previous)
     return f
 
 

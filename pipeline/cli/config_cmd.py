@@ -27,9 +27,9 @@ def show_config(args: argparse.Namespace, cfg: Config) -> int:
 
 
 def show_tables(args: argparse.Namespace, cfg: Config) -> int:
-    from pipeline.core.schemas import TABLES, markdown_reference
+    from pipeline.core.schemas import TABLES
     from pipeline.core.storage import open_storage
-    from pipeline.core.tables import list_partitions
+    from pipeline.core.tables import list_partitions, markdown_reference
 
     if args.markdown:
         print(markdown_reference())

@@ -1,7 +1,7 @@
 """One pyarrow schema per table, defined once.
 
 Writers check frames against these (:func:`conform`), readers and the validation suites use
-them, and README's table reference is generated from them (``likerank tables --markdown``).
+them, and README's table reference is generated from them (:func:`pipeline.core.tables.markdown_reference`).
 Every field carries a ``doc`` in its metadata.
 
 Where each table lives under the storage root, and how it is partitioned:
@@ -202,20 +202,3 @@ def conform(table: str, data: pa.Table) -> pa.Table:
             raise SchemaError(f"table {table}: column {fld.name}: {col.null_count} null value(s) in a non-null column")
         columns.append(col)
     return pa.Table.from_arrays(columns, schema=schema)
-
-
-def markdown_reference() -> str:
-    """README's table reference, generated so it cannot drift from the code."""
-    out = []
-    where = {t.name: (f"{t.path}/{t.partition}=…/", t.schema) for t in TABLES.values()}
-    from pipeline.core.keys import model_predictions  # keys builds on this module's TABLES
-
-    where["predictions"] = (model_predictions("<run>"), PREDICTIONS)
-    for name, (path, schema) in where.items():
-        out.append(f"### `{name}` — `{path}`\n")
-        out.append("| column | type | null | meaning |\n| --- | --- | --- | --- |")
-        for fld in schema:
-            doc = (fld.metadata or {}).get(b"doc", b"").decode()
-            out.append(f"| `{fld.name}` | `{fld.type}` | {'yes' if fld.nullable else 'no'} | {doc} |")
-        out.append("")
-    return "\n".join(out)

@@ -17,7 +17,8 @@ import pyarrow as pa
 import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 
-from pipeline.core.schemas import TABLES, conform
+from pipeline.core import keys
+from pipeline.core.schemas import PREDICTIONS, TABLES, conform
 from pipeline.core.storage import Storage
 
 DATA_FILE = "data.parquet"
@@ -73,3 +74,18 @@ def get_json(storage: Storage, key: str, default: Any = None) -> Any:
     if not storage.exists(key):
         return default
     return json.loads(storage.get_text(key))
+
+
+def markdown_reference() -> str:
+    """README's table reference, generated so it cannot drift from the code."""
+    out = []
+    where = {t.name: (f"{t.path}/{t.partition}=…/", t.schema) for t in TABLES.values()}
+    where["predictions"] = (keys.model_predictions("<run>"), PREDICTIONS)
+    for name, (path, schema) in where.items():
+        out.append(f"### `{name}` — `{path}`\n")
+        out.append("| column | type | null | meaning |\n| --- | --- | --- | --- |")
+        for fld in schema:
+            doc = (fld.metadata or {}).get(b"doc", b"").decode()
+            out.append(f"| `{fld.name}` | `{fld.type}` | {'yes' if fld.nullable else 'no'} | {doc} |")
+        out.append("")
+    return "\n".join(out)
