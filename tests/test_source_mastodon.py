@@ -16,6 +16,7 @@ from pipeline.scrape.sources.base import SourceError
 from pipeline.scrape.sources.mastodon import (
     DEV_AUTHOR_KEY,
     MastodonSource,
+    MissingAuthorKey,
     author_keyer,
     normalize_status,
 )
@@ -152,11 +153,16 @@ def test_status_without_id_is_unplaced():
     assert norm("not a dict") is None
 
 
-def test_dev_author_key_warns(caplog):
+def test_dev_author_key_only_for_the_simulator(caplog):
     with caplog.at_level(logging.WARNING):
-        k = author_keyer("LIKERANK_UNSET_FOR_TEST", env={})
+        k = author_keyer("LIKERANK_UNSET_FOR_TEST", env={}, required=False)
     assert "LIKERANK_UNSET_FOR_TEST" in caplog.text
     assert k("u") == hmac.new(DEV_AUTHOR_KEY, b"u", hashlib.sha256).hexdigest()
+
+
+def test_a_real_source_refuses_to_run_without_a_pseudonym_key():
+    with pytest.raises(MissingAuthorKey, match=r"\$LIKERANK_UNSET_FOR_TEST is unset.*export LIKERANK_UNSET_FOR_TEST="):
+        author_keyer("LIKERANK_UNSET_FOR_TEST", env={})
 
 
 # ------------------------------------------------------------------ paging over loopback

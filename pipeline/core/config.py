@@ -119,6 +119,9 @@ class ScrapeConfig:
     total_timeout_s: float = doc("Whole-download timeout, seconds.", default=60.0)
     retries: int = doc("Retries on connection errors, 5xx and 429.", default=4)
     backoff_s: float = doc("First retry delay, seconds; doubles each retry, with jitter.", default=0.5)
+    max_server_wait_s: float = doc("Longest wait a server may ask for (Retry-After, X-RateLimit-Reset), seconds; "
+                                   "a longer one ends the (instance, hashtag) run with its state saved.",
+                                   default=120.0)
     max_bytes: int = doc("Largest image body accepted, bytes (enforced while streaming).", default=20_000_000)
     max_pixels: int = doc("Largest decoded image accepted, pixels (decompression-bomb guard).", default=40_000_000)
     max_images_per_post: int = doc("Images downloaded per post (the first is the one labeled).", default=1)
@@ -132,7 +135,7 @@ class ScrapeConfig:
         for name in ("threads", "per_host_concurrency", "max_images_per_post", "max_bytes", "max_pixels"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}: must be >= 1")
-        for name in ("per_host_rps", "connect_timeout_s", "read_timeout_s", "total_timeout_s"):
+        for name in ("per_host_rps", "connect_timeout_s", "read_timeout_s", "total_timeout_s", "max_server_wait_s"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name}: must be > 0")
         if self.retries < 0 or self.backoff_s < 0 or self.max_posts < 0 or self.backfill_days < 0:

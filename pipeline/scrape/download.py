@@ -40,7 +40,7 @@ from pipeline.scrape.http import HttpClient
 warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
 
 STATUSES = ("ok", "http_error", "timeout", "too_large", "not_image", "decode_error", "bomb",
-            "blocked", "connection_error", "redirect_loop")
+            "blocked", "bad_url", "connection_error", "redirect_loop")
 
 
 def sniff_format(head: bytes) -> str | None:

@@ -17,11 +17,16 @@
 - **Size**: ``Content-Length`` is checked first, then the decoded body is counted while
   streaming and the transfer is abandoned as soon as it passes ``max_bytes``.
 - **Redirects**: followed by hand (at most :data:`MAX_REDIRECTS`), the SSRF guard checking
-  each hop before it is requested; a hop back to a URL already visited is a loop.
+  each hop before it is requested; a hop back to a URL already visited is a loop. A hop to
+  another origin (scheme, host, port) drops the credential headers (:data:`CREDENTIAL_HEADERS`):
+  a token is sent only to the origin it was given for.
+- **Server waits**: a wait longer than ``max_server_wait_s`` is never slept through: the
+  fetch ends ``http_error`` with :attr:`FetchResult.retry_after_s` set, so the caller can say
+  when to come back.
 
 A fetch never raises for an item-level failure; it returns a :class:`FetchResult` whose
-``status`` is one of ``ok, http_error, timeout, too_large, blocked, connection_error,
-redirect_loop`` (the ``downloads`` table's vocabulary).
+``status`` is one of ``ok, http_error, timeout, too_large, blocked, bad_url,
+connection_error, redirect_loop`` (the ``downloads`` table's vocabulary).
 """
 
 from __future__ import annotations
@@ -45,9 +50,9 @@ from pipeline.core.config import ScrapeConfig
 from pipeline.scrape.ssrf import BlockedURL, SSRFGuard, UnresolvableHost
 
 MAX_REDIRECTS = 5
-#: Longest server-requested wait honoured for a request without a total budget (API pages), s.
-MAX_SERVER_WAIT_S = 900.0
 CHUNK = 64 * 1024
+#: Headers that carry credentials: never sent past a redirect to another origin.
+CREDENTIAL_HEADERS = frozenset({"authorization", "proxy-authorization", "cookie"})
 
 
 @dataclass
@@ -62,6 +67,7 @@ class FetchResult:
     elapsed_ms: float = 0.0
     headers: Mapping[str, str] = field(default_factory=dict)
     final_url: str = ""
+    retry_after_s: float | None = None  # set when the server asked for a wait beyond max_server_wait_s
 
     @property
     def ok(self) -> bool:
@@ -248,11 +254,15 @@ class HttpClient:
         """GET ``url`` under the policy above; never raises for a failed item."""
         start = self.clock()
         deadline = None if total_timeout_s is None else start + total_timeout_s
-        max_wait = MAX_SERVER_WAIT_S if deadline is None else None
+        max_wait = self.cfg.max_server_wait_s
         res = FetchResult(url=url, status="connection_error", final_url=url)
         visited = {url}
         current = url
         retries = 0
+        try:
+            first_origin = origin(url)
+        except ValueError as exc:
+            return FetchResult(url=url, status="bad_url", error=f"malformed URL {url!r}: {exc}", final_url=url)
 
         def done(status: str, error: str | None = None, http_status: int | None = None) -> FetchResult:
             res.status, res.error = status, error
@@ -269,12 +279,16 @@ class HttpClient:
                 return done("blocked", f"{exc} ({current})")
             except UnresolvableHost as exc:
                 return done("connection_error", str(exc))
-            host = urlsplit(current).netloc.lower()
-            if not self.limiter.acquire(host, deadline):
+            host = urlsplit(current).hostname or ""  # the limiter keys on the host, not user@host:port
+            # Without a total budget (API pages), no wait for the host may pass max_server_wait_s.
+            if not self.limiter.acquire(host, deadline if deadline is not None else self.clock() + max_wait):
                 wait = self.limiter.closed_until(host) - self.clock()
-                why = f"rate limited by {host} for {wait:.1f} s more" if wait > 0 else "waiting for a request slot"
-                return done("http_error" if wait > 0 else "timeout",
-                            f"{why}; total timeout {total_timeout_s} s would pass first", 429 if wait > 0 else None)
+                if wait <= 0:
+                    return done("timeout", f"waiting for a request slot at {host}; the time budget would pass first")
+                res.retry_after_s = wait
+                limit = f"total timeout {total_timeout_s} s" if deadline is not None else f"scrape.max_server_wait_s = {max_wait:g} s"
+                return done("http_error", f"rate limited by {host} for {wait:.0f} s more (retry after "
+                                          f"{_wall_after(wait)}); beyond {limit}", 429)
             retryable: str | None = None  # why this attempt may be retried
             try:
                 res.attempts += 1
@@ -287,6 +301,8 @@ class HttpClient:
                                               allow_redirects=False, timeout=timeout)
                 except BlockedURL as exc:
                     return done("blocked", f"{exc} ({current})")
+                except ValueError as exc:  # requests parses a redirect's Location eagerly (Response.next)
+                    return done("bad_url", f"malformed redirect Location from {current}: {exc}")
                 except requests.exceptions.ConnectTimeout as exc:
                     retryable, kind, err = "timeout", "timeout", f"connect timeout after {timeout[0]} s: {current} ({_short(exc)})"
                 except requests.exceptions.ReadTimeout:
@@ -303,9 +319,15 @@ class HttpClient:
                         self._note_rate_limit(host, resp)
                         if resp.is_redirect:
                             location = resp.headers.get("Location", "")
-                            nxt = urljoin(current, location)
                             if not location:
                                 return done("http_error", f"redirect {resp.status_code} without Location: {current}")
+                            try:
+                                nxt = urljoin(current, location)
+                                cross_origin = origin(nxt) != first_origin
+                            except ValueError as exc:
+                                return done("bad_url", f"malformed redirect Location {location!r} from {current}: {exc}")
+                            if cross_origin and headers:
+                                headers = {k: v for k, v in headers.items() if k.lower() not in CREDENTIAL_HEADERS}
                             if nxt in visited:
                                 return done("redirect_loop", f"redirect loop: {current} -> {nxt}")
                             if len(visited) > MAX_REDIRECTS:
@@ -335,7 +357,11 @@ class HttpClient:
             server_wait = retry_after_s(res.headers) if retryable == "status" else None
             now = self.clock()
             if server_wait is not None:
-                if (deadline is not None and now + server_wait > deadline) or (max_wait is not None and server_wait > max_wait):
+                if server_wait > max_wait:
+                    res.retry_after_s = server_wait
+                    return done(kind, f"{err}; the server asks to wait {server_wait:.0f} s (retry after "
+                                      f"{_wall_after(server_wait)}), beyond scrape.max_server_wait_s = {max_wait:g} s")
+                if deadline is not None and now + server_wait > deadline:
                     return done(kind, f"{err}; server asks to wait {server_wait:.1f} s, beyond the time budget")
                 self.limiter.close_until(host, now + server_wait)  # acquire() waits it out
             else:
@@ -380,6 +406,24 @@ class HttpClient:
             wait = retry_after_s({"X-RateLimit-Reset": resp.headers.get("X-RateLimit-Reset", "")})
             if wait:
                 self.limiter.close_until(host, self.clock() + wait)
+
+
+def origin(url: str) -> tuple[str, str, int | None]:
+    """(scheme, host, port) of ``url``, the unit credentials belong to; ValueError when malformed."""
+    parts = urlsplit(url)
+    port = parts.port  # raises ValueError on a bad port
+    default = {"http": 80, "https": 443}.get(parts.scheme)
+    return parts.scheme.lower(), (parts.hostname or "").lower(), port if port is not None else default
+
+
+def _wall_after(seconds: float) -> str:
+    """The wall-clock time ``seconds`` from now, for messages that say when to retry."""
+    from datetime import timedelta
+
+    try:
+        return (datetime.now(UTC) + timedelta(seconds=seconds)).strftime("%Y-%m-%d %H:%M UTC")
+    except OverflowError:
+        return "a date beyond year 9999"
 
 
 def _short(exc: BaseException) -> str:

@@ -61,7 +61,7 @@ from pipeline.core.storage import Storage, open_storage
 from pipeline.core.tables import get_json, partition_key, put_json, write_partition
 from pipeline.scrape.download import Downloader
 from pipeline.scrape.http import HttpClient
-from pipeline.scrape.sources.base import Item, Page, Source, id_key
+from pipeline.scrape.sources.base import Item, Page, Source, SourceRateLimited, id_key
 from pipeline.scrape.sources.mastodon import MastodonSource, author_keyer
 
 log = logging.getLogger(__name__)
@@ -241,7 +241,8 @@ def scrape(cfg: Config, instance: str, hashtag: str, logical_date: str | date | 
     limit = cfg.scrape.max_posts if max_posts is None else max_posts
     storage = open_storage(cfg.storage)
     client = HttpClient(cfg.scrape)
-    src = source or MastodonSource(instance, client, author_key=author_keyer(cfg.source.author_key_secret_env),
+    src = source or MastodonSource(instance, client, author_key=author_keyer(cfg.source.author_key_secret_env,
+                                                                            required=cfg.source.kind != "simulator"),
                                    token=resolve_token(cfg, token), page_limit=cfg.scrape.page_limit, now=now)
     instance = src.instance
     skey = state_key(instance, hashtag)
@@ -315,6 +316,11 @@ def scrape(cfg: Config, instance: str, hashtag: str, logical_date: str | date | 
                 if action == "stop":
                     break
         flush()
+    except SourceRateLimited as exc:
+        # Not a failure: keep what was read, save the state, say when to come back.
+        flush()
+        cov.stop = f"rate limited: {exc}"
+        log.warning("scrape %s #%s: stopped early, state saved: %s", instance, hashtag, exc)
     except BaseException:
         # Keep what was read: flush it (and cover it) before failing, unless the flush itself fails.
         try:

@@ -29,6 +29,7 @@ METADATA_ADDRESSES = frozenset({
     ipaddress.ip_address("100.100.100.200"),   # Alibaba Cloud
 })
 METADATA_HOSTS = frozenset({"metadata.google.internal", "metadata", "instance-data"})
+NAT64 = ipaddress.ip_network("64:ff9b::/96")  # RFC 6052 well-known prefix
 
 
 class BlockedURL(Exception):
@@ -41,8 +42,15 @@ class UnresolvableHost(Exception):
 
 def address_problem(ip: ipaddress.IPv4Address | ipaddress.IPv6Address) -> str | None:
     """Why ``ip`` may not be contacted, or None when it is a public unicast address."""
-    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
-        ip = ip.ipv4_mapped
+    if isinstance(ip, ipaddress.IPv6Address):
+        # IPv6 forms that carry an IPv4 address reach that address: judge the embedded one.
+        # Python 3.11 treats 6to4 (2002::/16) as global (NOTES.md), and NAT64 (64:ff9b::/96)
+        # and Teredo hand the packet to the IPv4 network on the way.
+        embedded = ip.ipv4_mapped or ip.sixtofour or (ip.teredo[1] if ip.teredo else None)
+        if embedded is None and ip in NAT64:
+            embedded = ipaddress.IPv4Address(int(ip) & 0xFFFFFFFF)
+        if embedded is not None:
+            return address_problem(embedded)
     if ip in METADATA_ADDRESSES:
         return "a cloud metadata address"
     for name in ("loopback", "link_local", "multicast", "private", "reserved", "unspecified"):

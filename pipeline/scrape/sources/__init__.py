@@ -8,6 +8,7 @@ from pipeline.scrape.sources.base import (
     Post,
     Source,
     SourceError,
+    SourceRateLimited,
 )
 
-__all__ = ["SKIP_REASONS", "Item", "Observation", "Page", "Post", "Source", "SourceError"]
+__all__ = ["SKIP_REASONS", "Item", "Observation", "Page", "Post", "Source", "SourceError", "SourceRateLimited"]

@@ -27,6 +27,16 @@ class SourceError(RuntimeError):
     """A whole page (or request) could not be read after retries; the message names the URL."""
 
 
+class SourceRateLimited(SourceError):
+    """The server asked for a wait longer than ``scrape.max_server_wait_s``: come back later.
+
+    Not a failure of the run: what was read is kept and the crawl state saved."""
+
+    def __init__(self, message: str, retry_after_s: float):
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
+
+
 def id_key(post_id: str) -> tuple[int, str]:
     """Sort key for ids: numeric ids by value (Mastodon ids are decimal strings), then text."""
     return (len(post_id), post_id) if post_id.isdigit() else (1 << 30, post_id)

@@ -43,25 +43,45 @@ from urllib.parse import quote, urlencode, urljoin, urlsplit
 
 from requests.utils import parse_header_links
 
-from pipeline.scrape.http import HttpClient
-from pipeline.scrape.sources.base import Item, Observation, Page, Post, Source, SourceError, id_key
+from pipeline.scrape.http import HttpClient, origin
+from pipeline.scrape.sources.base import (
+    Item,
+    Observation,
+    Page,
+    Post,
+    Source,
+    SourceError,
+    SourceRateLimited,
+    id_key,
+)
 
 log = logging.getLogger(__name__)
 
-#: Used when the author-key secret is unset: pseudonyms stay stable in development, but
-#: anyone with this (public) key can test a guessed account against them. Set the secret
-#: in production.
+#: The simulator's key (its accounts are invented): anyone with this public key can test a
+#: guessed account against a pseudonym, so a real source refuses to run on it.
 DEV_AUTHOR_KEY = b"likerank-dev-author-key-not-secret"
+
+
+class MissingAuthorKey(ValueError):
+    """A real source was asked to run without a pseudonymization key."""
 VIDEO_TYPES = frozenset({"video", "gifv", "audio"})
 
 
-def author_keyer(secret_env: str, env: dict[str, str] | None = None) -> Callable[[str], str]:
-    """HMAC-SHA256 of an account URI, keyed by ``$secret_env`` (or :data:`DEV_AUTHOR_KEY`)."""
+def author_keyer(secret_env: str, env: dict[str, str] | None = None, *, required: bool = True) -> Callable[[str], str]:
+    """HMAC-SHA256 of an account URI, keyed by ``$secret_env``.
+
+    Unset, a real source (``required``) refuses with :class:`MissingAuthorKey`; the simulator
+    (``required=False``) uses :data:`DEV_AUTHOR_KEY`.
+    """
     env = os.environ if env is None else env
     secret = env.get(secret_env, "")
+    if not secret and required:
+        raise MissingAuthorKey(
+            f"refusing to scrape a real instance without a pseudonymization key: ${secret_env} is unset. "
+            f"Set it to a long random secret and keep it (e.g. export {secret_env}=$(openssl rand -hex 32)); "
+            "the same key must be used for every run, or the same author gets a new pseudonym")
     if not secret:
-        log.warning("author-key secret %s is unset: using the fixed development key; "
-                    "author pseudonyms are then guessable. Set %s in production.", secret_env, secret_env)
+        log.warning("author-key secret %s is unset: using the simulator's fixed development key", secret_env)
     key = secret.encode() if secret else DEV_AUTHOR_KEY
 
     def author_key(uri: str) -> str:
@@ -227,8 +247,10 @@ class MastodonSource(Source):
         return f"MastodonSource({self.instance!r})"
 
     def _same_instance(self, url: str) -> bool:
-        p = urlsplit(url)
-        return f"{p.scheme}://{p.netloc}".lower() == self.instance
+        try:
+            return origin(url) == origin(self.instance)
+        except ValueError:
+            return False
 
     def get_json(self, url: str) -> tuple[Any, dict[str, str]]:
         """GET an API URL; return its parsed JSON and the response headers. Bodies that are
@@ -240,6 +262,8 @@ class MastodonSource(Source):
         tries = self.client.cfg.retries + 1
         for attempt in range(tries):
             res = self.client.fetch(url, headers=headers)
+            if res.retry_after_s is not None:
+                raise SourceRateLimited(f"{url}: {res.error}", res.retry_after_s)
             if not res.ok:
                 hint = " (the instance may need an access token: source.token_env)" if res.http_status in (401, 403) else ""
                 raise SourceError(f"cannot read {url}: {res.status}: {res.error}{hint}")
@@ -280,7 +304,12 @@ class MastodonSource(Source):
         if data:
             for link in parse_header_links(headers.get("Link", "") or ""):
                 if link.get("rel") == "next" and link.get("url"):
-                    page.next_url = urljoin(url, link["url"])
+                    try:
+                        page.next_url = urljoin(url, link["url"])
+                        origin(page.next_url)
+                    except ValueError:
+                        log.warning("%s: malformed Link rel=next %r; paging by max_id instead", url, link["url"][:200])
+                        page.next_url = None
             if page.next_url is None and page.items:
                 page.next_url = self.page_url(hashtag, page.items[-1].post_id)
         return page
