@@ -145,12 +145,16 @@ def build_labels(cfg: Config, run_id: str, storage: Storage | None = None) -> di
 
     Rerunning a run id replaces its partition, config and summary (idempotent).
     """
-    from pipeline.core.tables import put_json, write_partition
+    from pipeline.core.tables import get_json, put_json, write_partition
 
     storage = storage or open_storage(cfg.storage)
     cands, counts = read_candidates(storage, cfg)
     labels, summary = label_candidates(cands, cfg, run_id, counts=counts)
-    # A rebuilt run must be validated again before it can be published.
+    # A rebuilt run must be validated again before it can be published, and must not stay
+    # published meanwhile: training would otherwise read data nobody validated.
+    if (get_json(storage, keys.PUBLISHED_LABELS) or {}).get("run_id") == run_id:
+        storage.delete(keys.PUBLISHED_LABELS)
+        log.warning("labels run %s was the published run: unpublished until the rebuilt run passes validation", run_id)
     storage.delete(keys.validation_result(run_id))
     summary["labels_key"] = write_partition(storage, "labels", run_id, labels)
     summary["config_key"] = keys.labels_config(run_id)

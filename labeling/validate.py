@@ -146,11 +146,19 @@ def with_checks(labels: pd.DataFrame, group_size: int) -> pd.DataFrame:
 
 def read_labels_frame(storage: Storage, run_id: str) -> pd.DataFrame:
     """The labels partition of a run as written (no schema enforcement: validation is the check)."""
+    return read_labels_file(storage, run_id)[0]
+
+
+def read_labels_file(storage: Storage, run_id: str) -> tuple[pd.DataFrame, str]:
+    """The labels partition of a run and the sha256 of exactly the bytes it was read from."""
+    import hashlib
+
     import pyarrow.parquet as pq
 
     from pipeline.core.tables import partition_key
 
-    return pq.read_table(io.BytesIO(storage.get_bytes(partition_key("labels", run_id)))).to_pandas()
+    data = storage.get_bytes(partition_key("labels", run_id))
+    return pq.read_table(io.BytesIO(data)).to_pandas(), hashlib.sha256(data).hexdigest()
 
 
 def _table_frame(storage: Storage, table: str) -> pd.DataFrame | None:
@@ -233,7 +241,7 @@ def validate_run(cfg: Config, run_id: str, storage: Storage | None = None, *,
     from pipeline.core.tables import get_json, put_json
 
     storage = storage or open_storage(cfg.storage)
-    labels = read_labels_frame(storage, run_id)
+    labels, labels_sha256 = read_labels_file(storage, run_id)
     summary = get_json(storage, keys.labels_summary(run_id), default={}) or {}
     labeler = summary.get("labeler") or cfg.labeling.labeler
     group_size = cfg.labeling.group_size if labeler == "groups" else max(len(labels), 2)
@@ -262,6 +270,7 @@ def validate_run(cfg: Config, run_id: str, storage: Storage | None = None, *,
         "success": all(r["success"] for r in results.values()),
         "labeler": labeler,
         "group_size": group_size,
+        "labels_sha256": labels_sha256,  # what this result vouches for: publishing and training check it
         "tables": {t: {k: r[k] for k in ("success", "rows", "statistics")} for t, r in results.items()},
         "failed_expectations": len(failures),
         "failures": failures,

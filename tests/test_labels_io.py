@@ -23,7 +23,7 @@ INSTANCE = "https://sim.example"
 
 def post(pid: str, *, author: str = "a1", n_tags: int = 1, followers: int = 100, urls=None, instance=INSTANCE,
          scraped_at=T0) -> dict:
-    return {"source": "mastodon", "instance": instance, "hashtag": "selfie", "post_id": pid, "post_url": None,
+    return {"source": "mastodon", "instance": instance, "hashtag": "selfie", "post_id": pid,
             "created_at": T0, "author_key": author, "author_followers": followers, "tags": ["selfie"] * n_tags,
             "n_tags": n_tags, "likes": 0, "reposts": 0, "replies": 0, "views": None,
             "image_urls": [f"http://img/{pid}.jpg"] if urls is None else urls, "sensitive": False,
@@ -151,3 +151,49 @@ def test_bring_your_own_errors_name_the_file_and_the_column(tmp_path, capsys, ch
     err = capsys.readouterr().err
     assert rc == 2 and str(src) in err and message in err
     assert not (tmp_path / "out.parquet").exists()
+
+
+def test_no_secret_in_the_saved_config_or_anything_else_the_run_writes(local_storage, tmp_path):
+    """The resolved config saved beside the labels shows *** for every secret."""
+    write_world(local_storage)
+    cfg = load_config(overrides=["storage.access_key_id=dummy-key-id-5150",
+                                 "storage.secret_access_key=dummy-secret-8086"])
+    build_labels(cfg, "run1", local_storage)
+    saved = local_storage.get_text("labels/run=run1/_config.toml")
+    assert 'secret_access_key = "***"' in saved and 'access_key_id = "***"' in saved
+    for path in local_storage.path.rglob("*"):
+        if path.is_file():
+            data = path.read_bytes()
+            assert b"dummy-secret-8086" not in data and b"dummy-key-id-5150" not in data, path
+    assert "dummy-secret-8086" not in repr(cfg) and "dummy-secret-8086" not in str(cfg.storage)
+
+
+def test_rebuilding_the_published_run_unpublishes_it_until_validated_again(local_storage):
+    from labeling.publish import NotValidated, publish, published
+    from labeling.validate import validate_run
+
+    write_world(local_storage)
+    cfg = load_config(overrides=["validation.min_rows=4", "labeling.group_size=2", "validation.data_docs=false"])
+    build_labels(cfg, "run1", local_storage)
+    validate_run(cfg, "run1", local_storage, inputs=False)
+    pointer = publish(cfg, "run1", local_storage)
+    assert pointer["labels_sha256"] and published(local_storage)["run_id"] == "run1"
+    build_labels(cfg, "run1", local_storage)
+    assert published(local_storage) is None
+    with pytest.raises(NotValidated, match="no validation result"):
+        publish(cfg, "run1", local_storage)
+
+
+def test_labels_changed_after_validation_cannot_be_published(local_storage):
+    from labeling.publish import NotValidated, publish
+    from labeling.validate import validate_run
+    from pipeline.core.tables import partition_key
+
+    write_world(local_storage)
+    cfg = load_config(overrides=["validation.min_rows=4", "labeling.group_size=2", "validation.data_docs=false"])
+    build_labels(cfg, "run1", local_storage)
+    validate_run(cfg, "run1", local_storage, inputs=False)
+    key = partition_key("labels", "run1")
+    local_storage.put_bytes(key, local_storage.get_bytes(key) + b"\0")  # what a stray writer might do
+    with pytest.raises(NotValidated, match="changed after validation"):
+        publish(cfg, "run1", local_storage)

@@ -141,3 +141,52 @@ def test_the_limiter_keys_on_the_host(fake_mastodon, scrape_cfg):
         assert set(client.limiter._hosts) == {"127.0.0.1"}
 
 
+
+
+# ------------------------------------------------------------------ no handles in any table
+
+
+def test_no_handle_or_post_url_reaches_the_posts_row():
+    from tests.test_source_mastodon import STATUS, norm
+
+    status = {**STATUS, "media_attachments": [{
+        **STATUS["media_attachments"][0], "url": "https://media.example/accounts/Gargron/@Gargron/original/1.jpg"}]}
+    post = norm(status).post
+    row = post.row()
+    assert "post_url" not in row and "fetch_urls" not in row
+    assert row["image_urls"] == ["https://media.example/accounts/_/_/original/1.jpg"]
+    assert post.fetch_urls == ["https://media.example/accounts/Gargron/@Gargron/original/1.jpg"]
+    assert "gargron" not in repr(row).lower()
+
+
+def test_a_handle_in_an_image_url_is_fetched_but_never_stored(fake_mastodon, scrape_cfg):
+    fake_mastodon.media["alice/1.jpg"] = jpeg_bytes()
+    fake_mastodon.statuses = [{
+        "id": "7", "created_at": "2026-11-01T00:00:00Z", "reblog": None, "favourites_count": 1,
+        "reblogs_count": 0, "replies_count": 0, "tags": [{"name": "selfie"}],
+        "url": f"{fake_mastodon.url}/@alice/7",
+        "account": {"uri": "https://x/users/alice", "username": "alice", "acct": "alice", "followers_count": 3},
+        "media_attachments": [{"type": "image", "url": f"{fake_mastodon.url}/media/alice/1.jpg"},
+                              {"type": "image", "url": f"{fake_mastodon.url}/media/alice/missing.jpg"}],
+    }]
+    scrape_cfg.scrape.max_images_per_post = 2
+    scrape(scrape_cfg, fake_mastodon.url, "selfie", "2026-11-02")
+    assert "/media/alice/1.jpg" in [p for p, _ in fake_mastodon.auth]  # the real URL was fetched
+    storage = LocalStorage(scrape_cfg.storage.root)
+    for table in ("posts", "downloads", "images", "engagement"):
+        text = repr(read_table(storage, table).to_pylist())
+        assert "alice" not in text, table
+    downloads = {r["url"]: r for r in read_table(storage, "downloads").to_pylist()}
+    assert downloads[f"{fake_mastodon.url}/media/_/1.jpg"]["status"] == "ok"
+    assert downloads[f"{fake_mastodon.url}/media/_/missing.jpg"]["status"] == "http_error"
+
+
+@pytest.mark.parametrize("account, skipped", [
+    ({"noindex": True}, True), ({"discoverable": False}, True), ({"indexable": False}, True),
+    ({"noindex": False, "discoverable": True, "indexable": None}, False),
+])
+def test_opt_outs_are_honoured_and_counted(account, skipped):
+    from tests.test_source_mastodon import STATUS, norm
+
+    item = norm({**STATUS, "account": {**STATUS["account"], **account}})
+    assert (item.skip == "opted_out") is skipped and (item.post is None) is skipped

@@ -14,9 +14,10 @@ from datetime import UTC, datetime
 import numpy as np
 import pyarrow as pa
 
+from pipeline.core import keys
 from pipeline.core.schemas import FACES, LABELS
 from pipeline.core.storage import ImageStore, Storage
-from pipeline.core.tables import put_json, write_partition
+from pipeline.core.tables import get_json, object_sha256, put_json, write_partition
 
 LABELS_RUN = "lbl-test-1"
 DETECTOR = "det-test-sha"
@@ -65,12 +66,15 @@ def make_labels_run(storage: Storage, *, run_id: str = LABELS_RUN, n: dict[str, 
             })
             i += 1
     labels = pa.Table.from_pylist(rows, schema=LABELS)
-    write_partition(storage, "labels", run_id, labels)
+    key = write_partition(storage, "labels", run_id, labels)
     write_partition(storage, "faces", "2026-01-01", pa.Table.from_pylist(faces, schema=FACES))
-    if publish:
-        put_json(storage, "labels/_published.json", {
+    if publish:  # as labeling's validate + publish leave it: a passing result for these bytes
+        sha = object_sha256(storage, key)
+        put_json(storage, keys.validation_result(run_id), {"run_id": run_id, "success": True, "labels_sha256": sha})
+        put_json(storage, keys.PUBLISHED_LABELS, {
             "run_id": run_id, "published_at": "2026-01-02T00:00:00Z", "rows": len(rows),
-            "params_hash": "p" * 16, "labeler": "groups", "validation_key": f"validation/run={run_id}/result.json",
+            "params_hash": "p" * 16, "labeler": "groups", "validation_key": keys.validation_result(run_id),
+            "labels_sha256": sha,
         })
     return labels
 
@@ -123,6 +127,29 @@ def test_only_the_published_run_is_trainable(local_storage):
     assert resolve_labels_run(local_storage, LABELS_RUN)["run_id"] == LABELS_RUN
     with pytest.raises(LabelsNotPublished, match="'lbl-unvalidated' is not published"):
         resolve_labels_run(local_storage, "lbl-unvalidated")
+
+
+def test_labels_rewritten_under_the_pointer_are_refused(local_storage):
+    """Rebuilding the published run's data (without validating it again) must stop training."""
+    make_labels_run(local_storage, n={"train": 4, "val": 2, "test": 2})
+    make_labels_run(local_storage, publish=False, seed=1, n={"train": 4, "val": 2, "test": 2})  # same run id
+    with pytest.raises(LabelsNotPublished, match="is not the file that was validated"):
+        resolve_labels_run(local_storage)
+
+
+@pytest.mark.parametrize("result, message", [
+    (None, "no validation result"),
+    ({"success": False}, "its validation failed"),
+])
+def test_a_missing_or_failed_validation_is_refused(local_storage, result, message):
+    make_labels_run(local_storage, n={"train": 4, "val": 2, "test": 2})
+    key = keys.validation_result(LABELS_RUN)
+    if result is None:
+        local_storage.delete(key)
+    else:
+        put_json(local_storage, key, {**get_json(local_storage, key), **result})
+    with pytest.raises(LabelsNotPublished, match=message):
+        resolve_labels_run(local_storage)
 
 
 def test_examples_carry_splits_and_face_boxes(local_storage):

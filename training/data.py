@@ -32,7 +32,7 @@ from torch.utils.data import Dataset
 from pipeline.core import keys
 from pipeline.core.config import StorageConfig
 from pipeline.core.storage import ImageStore, Storage, open_storage
-from pipeline.core.tables import get_json, list_partitions, partition_key, read_table
+from pipeline.core.tables import get_json, list_partitions, object_sha256, partition_key, read_table
 
 log = logging.getLogger(__name__)
 
@@ -43,7 +43,8 @@ STD = (0.229, 0.224, 0.225)
 
 
 class LabelsNotPublished(RuntimeError):
-    """No labels run is published, or the one asked for is not the published one."""
+    """No labels run is published, or the one asked for is not the published one, or its
+    validation result is missing, failed, or vouches for other bytes."""
 
 
 def published_labels(storage: Storage) -> dict[str, Any]:
@@ -69,12 +70,30 @@ def resolve_labels_run(storage: Storage, run_id: str | None = None) -> dict[str,
             f"labels run {run_id!r} is not published (the published run is {pointer['run_id']!r} "
             f"per {storage.uri(keys.PUBLISHED_LABELS)}); refusing to train on unvalidated labels"
         )
-    key = partition_key("labels", pointer["run_id"])
+    check_validated(storage, pointer)
+    return pointer
+
+
+def check_validated(storage: Storage, pointer: dict[str, Any]) -> None:
+    """Refuse a labels run whose validation result is missing or failed, or whose file is not
+    the one validated (its sha256 differs from the result's and the publication's)."""
+    run = pointer["run_id"]
+    key = partition_key("labels", run)
     if not storage.exists(key):
         raise LabelsNotPublished(
-            f"{storage.uri(keys.PUBLISHED_LABELS)} names run {pointer['run_id']!r} but {storage.uri(key)} is missing"
-        )
-    return pointer
+            f"{storage.uri(keys.PUBLISHED_LABELS)} names run {run!r} but {storage.uri(key)} is missing")
+    result = get_json(storage, keys.validation_result(run))
+    if result is None:
+        raise LabelsNotPublished(f"labels run {run!r}: no validation result at "
+                                 f"{storage.uri(keys.validation_result(run))}; refusing to train on unvalidated labels")
+    if not result.get("success"):
+        raise LabelsNotPublished(f"labels run {run!r}: its validation failed ({storage.uri(keys.validation_result(run))}); "
+                                 "refusing to train on it")
+    current = object_sha256(storage, key)
+    if not (pointer.get("labels_sha256") == result.get("labels_sha256") == current):
+        raise LabelsNotPublished(f"labels run {run!r}: {storage.uri(key)} is not the file that was validated and "
+                                 f"published (sha256 now {current[:12]}, validated {str(result.get('labels_sha256'))[:12]}, "
+                                 f"published {str(pointer.get('labels_sha256'))[:12]}); label, validate and publish again")
 
 
 @dataclass

@@ -53,7 +53,7 @@ from pipeline.core.storage import open_storage
 from pipeline.core.tables import put_json
 from training import metrics as M
 from training import registry
-from training.data import LabeledImages, load_examples, resolve_labels_run
+from training.data import LabeledImages, check_validated, load_examples, resolve_labels_run
 from training.model import NORMS, build_model
 
 log = logging.getLogger("training.train")
@@ -227,6 +227,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.labels_run and args.labels_run != published["run_id"]:
             raise ValueError(f"model run {run_id!r} was started on labels run {published['run_id']!r}, not "
                              f"{args.labels_run!r}; use a new --run-id")
+        check_validated(storage, published)  # the labels may have been rebuilt since the run started
     else:
         published = resolve_labels_run(storage, args.labels_run)
     labels_run = published["run_id"]

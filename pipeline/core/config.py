@@ -43,7 +43,8 @@ def doc(text: str, *, secret: bool = False, **kwargs: Any) -> Any:
     ``secret=True`` marks a credential: every printed or saved form of the config shows it as
     :data:`REDACTED` (see :meth:`Config.to_dict`).
     """
-    return field(metadata={"doc": text, "secret": secret}, **kwargs)
+    # repr=False: a config in a log line, an exception or a traceback never shows a secret.
+    return field(metadata={"doc": text, "secret": secret}, repr=not secret, **kwargs)
 
 
 #: How a secret value appears wherever the config is printed or saved.

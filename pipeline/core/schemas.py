@@ -42,7 +42,6 @@ POSTS = pa.schema([
     f("instance", pa.string(), "Base URL of the instance the post was read from."),
     f("hashtag", pa.string(), "The hashtag queried (lower case, no '#')."),
     f("post_id", pa.string(), "Post id, unique within its instance (Mastodon status id)."),
-    f("post_url", pa.string(), "Public URL of the post.", nullable=True),
     f("created_at", UTC_TS, "When the post was published (UTC)."),
     f("author_key", pa.string(), "Keyed hash of the author's account URI (pseudonym)."),
     f("author_followers", pa.int64(), "Author's follower count when scraped."),

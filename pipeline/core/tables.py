@@ -9,6 +9,7 @@ rather than appends. A writer killed mid-write leaves the previous partition int
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 from typing import Any
@@ -64,6 +65,11 @@ def dataset(storage: Storage, table: str, partitions: list[str] | None = None) -
 def read_table(storage: Storage, table: str, partitions: list[str] | None = None,
                columns: list[str] | None = None, filter: Any = None) -> pa.Table:
     return dataset(storage, table, partitions).to_table(columns=columns, filter=filter)
+
+
+def object_sha256(storage: Storage, key: str) -> str:
+    """The sha256 of one stored object's bytes (e.g. a labels partition: what validation vouched for)."""
+    return hashlib.sha256(storage.get_bytes(key)).hexdigest()
 
 
 def put_json(storage: Storage, key: str, obj: Any) -> None:

@@ -131,14 +131,19 @@ class Downloader:
 
     # ---------------------------------------------------------------- one URL
 
-    def fetch(self, post_id: str, url: str) -> Downloaded:
-        """Download, check and store one image; never raises for a bad item."""
+    def fetch(self, post_id: str, url: str, stored_url: str | None = None) -> Downloaded:
+        """Download, check and store one image; never raises for a bad item.
+
+        ``stored_url`` is the form of ``url`` the row records (the post's ``image_urls`` entry,
+        with any segment naming the author blanked); it replaces ``url`` in errors too."""
         attempted_at = self.now()
         t0 = time.monotonic()
         res = self.client.fetch(url, max_bytes=self.cfg.max_bytes, total_timeout_s=self.cfg.total_timeout_s)
+        shown = stored_url or url
         row = {
-            "source": self.source, "post_id": post_id, "url": url, "status": res.status,
-            "http_status": res.http_status, "error": res.error, "bytes": res.body_bytes,
+            "source": self.source, "post_id": post_id, "url": shown, "status": res.status,
+            "http_status": res.http_status, "error": res.error.replace(url, shown) if res.error else None,
+            "bytes": res.body_bytes,
             "elapsed_ms": 0.0, "attempts": res.attempts, "sha256": None, "attempted_at": attempted_at,
         }
         image = None
@@ -154,7 +159,7 @@ class Downloader:
                     image = {"sha256": sha, "width": check.width, "height": check.height,
                              "format": check.format, "phash": check.phash, "bytes": len(data), "storage_key": key}
                 else:
-                    row["status"], row["error"] = check.status, f"{check.error} ({url})"
+                    row["status"], row["error"] = check.status, f"{check.error} ({shown})"
             finally:
                 res.body = None  # bodies never outlive their check
         row["elapsed_ms"] = (time.monotonic() - t0) * 1000.0
@@ -162,7 +167,7 @@ class Downloader:
 
     # ---------------------------------------------------------------- many URLs
 
-    def submit(self, post_id: str, url: str) -> list[Downloaded]:
+    def submit(self, post_id: str, url: str, stored_url: str | None = None) -> list[Downloaded]:
         """Queue one URL; blocks while ``2 * threads`` are in flight. Returns results finished meanwhile."""
         if self._pool is None:
             self._pool = ThreadPoolExecutor(self.cfg.threads, thread_name_prefix="download")
@@ -170,7 +175,7 @@ class Downloader:
         while len(self._pending) >= 2 * self.cfg.threads:
             done, self._pending = wait(self._pending, return_when=FIRST_COMPLETED)
             out += [f.result() for f in done]
-        self._pending.add(self._pool.submit(self.fetch, post_id, url))
+        self._pending.add(self._pool.submit(self.fetch, post_id, url, stored_url))
         return out
 
     def finished(self) -> list[Downloaded]:

@@ -301,8 +301,9 @@ def scrape(cfg: Config, instance: str, hashtag: str, logical_date: str | date | 
                         "replies": post.replies, "views": post.views, "author_followers": post.author_followers,
                         "age_days": (post.scraped_at - post.created_at).total_seconds() / 86400.0,
                     })
-                    for url in post.image_urls[:cfg.scrape.max_images_per_post]:
-                        collect(downloader.submit(post.post_id, url))
+                    fetch_urls = post.fetch_urls or post.image_urls
+                    for url, stored in list(zip(fetch_urls, post.image_urls, strict=True))[:cfg.scrape.max_images_per_post]:
+                        collect(downloader.submit(post.post_id, url, stored))
                 collect(downloader.finished())
                 safe_state = cov.state()
                 unflushed += len(new)

@@ -18,7 +18,7 @@ SKIP_REASONS = {
     "boost": "a boost/reblog (the original is counted where it was posted)",
     "no_image": "no image attachment",
     "video": "has a video, gifv or audio attachment (a still of a clip is not the photo that was liked)",
-    "opted_out": "author account has discoverable: false or indexable: false",
+    "opted_out": "author account has discoverable: false, indexable: false or noindex: true",
     "missing_field": "a required field is missing or malformed (logged with the status id and field)",
 }
 
@@ -50,7 +50,6 @@ class Post:
     instance: str
     hashtag: str
     post_id: str
-    post_url: str | None
     created_at: datetime
     author_key: str
     author_followers: int
@@ -65,8 +64,14 @@ class Post:
     language: str | None
     scraped_at: datetime
 
+    #: The URLs to download, where they differ from the stored ``image_urls`` (which have any
+    #: path segment naming the author replaced by ``_``). Not a column.
+    fetch_urls: list[str] | None = field(default=None, repr=False, compare=False)
+
     def row(self) -> dict:
-        return asdict(self)
+        row = asdict(self)
+        del row["fetch_urls"]
+        return row
 
 
 @dataclass

@@ -14,15 +14,16 @@ row, and what is skipped (each skipped status counted under one reason, in this 
 2. any ``video``, ``gifv`` or ``audio`` attachment → ``video``: the likes of a post with a clip
    may be the clip's, so even its still images are not a clean label.
 3. no attachment of ``type == "image"`` → ``no_image``.
-4. the author's ``discoverable`` or ``indexable`` is ``false`` → ``opted_out`` (a ``null``
-   means the account predates the setting and is kept).
+4. the author's ``discoverable`` or ``indexable`` is ``false``, or ``noindex`` is ``true`` →
+   ``opted_out`` (a ``null`` means the account predates the setting and is kept).
 5. a required field missing or of the wrong type → ``missing_field``, with a warning naming
    the status id and the field.
 
 The author is stored only as ``author_key`` = HMAC-SHA256(secret, account ``uri``) (falling
 back to the account's ``url`` for servers older than 4.2, which lack ``uri``); the secret is
 read from the environment variable named by ``source.author_key_secret_env``. Handles and
-display names are never read into a row. An access token, when given, is sent only to the
+display names are never read into a row: the post's URL (``/@handle/id``) is not kept, and an
+image URL path segment naming the author (``username``, ``acct``) is stored as ``_``. An access token, when given, is sent only to the
 instance's API, never to media hosts, and is never logged.
 """
 
@@ -125,6 +126,15 @@ def _int(obj: dict, key: str, where: str = "") -> int:
     return v
 
 
+def without_handles(url: str, handles: set[str]) -> str:
+    """``url`` with every path segment that names the author (``alice``, ``@alice``) replaced by ``_``."""
+    if not handles:
+        return url
+    parts = urlsplit(url)
+    segments = ["_" if seg.lower().lstrip("@") in handles else seg for seg in parts.path.split("/")]
+    return parts._replace(path="/".join(segments)).geturl()
+
+
 def normalize_status(status: Any, *, instance: str, hashtag: str, author_key: Callable[[str], str],
                      scraped_at: datetime, source: str = "mastodon") -> Item | None:
     """One Status → an :class:`Item` (kept or skipped); None when it has no usable id at all."""
@@ -154,7 +164,7 @@ def normalize_status(status: Any, *, instance: str, hashtag: str, author_key: Ca
     account = status.get("account")
     if not isinstance(account, dict):
         return _missing(item, instance, "account")
-    if account.get("discoverable") is False or account.get("indexable") is False:
+    if account.get("discoverable") is False or account.get("indexable") is False or account.get("noindex") is True:
         item.skip = "opted_out"
         return item
     try:
@@ -169,6 +179,9 @@ def normalize_status(status: Any, *, instance: str, hashtag: str, author_key: Ca
             if not isinstance(u, str) or not u.startswith(("http://", "https://")):
                 raise _Missing(f"media_attachments[{i}].url")
             urls.append(u)
+        handles = {h.lower() for h in (account.get("username"), *str(account.get("acct") or "").split("@")[:1])
+                   if isinstance(h, str) and h}
+        stored = [without_handles(u, handles) for u in urls]
         tags = []
         for t in status.get("tags") or []:
             name = t.get("name") if isinstance(t, dict) else None
@@ -182,7 +195,6 @@ def normalize_status(status: Any, *, instance: str, hashtag: str, author_key: Ca
             instance=instance,
             hashtag=hashtag.lower(),
             post_id=sid,
-            post_url=status.get("url") or status.get("uri") or None,
             created_at=created_at,
             author_key=author_key(uri),
             author_followers=_int(account, "followers_count", "account."),
@@ -192,7 +204,8 @@ def normalize_status(status: Any, *, instance: str, hashtag: str, author_key: Ca
             reposts=_int(status, "reblogs_count"),
             replies=_int(status, "replies_count"),
             views=None,  # Mastodon does not count views
-            image_urls=urls,
+            image_urls=stored,
+            fetch_urls=urls if stored != urls else None,
             sensitive=bool(status.get("sensitive", False)),
             language=language if isinstance(language, str) and language else None,
             scraped_at=scraped_at,
