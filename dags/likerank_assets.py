@@ -27,6 +27,10 @@ START_DATE = pendulum.datetime(2020, 1, 1, tz="UTC")
 #: Defaults every DAG shares: an owner to page, retries for transient failures (network,
 #: storage) after 1 then 2 minutes. Errors that cannot heal (bad config, failed validation)
 #: raise AirflowFailException in the task and skip the retries.
+#: Longest a task that talks to the network may run: a server that stalls every request just
+#: under the client's timeouts still cannot hold a worker slot forever.
+HTTP_TASK_TIMEOUT = timedelta(hours=6)
+
 DEFAULT_ARGS = {
     "owner": "likerank-data",
     "retries": 2,

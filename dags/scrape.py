@@ -27,7 +27,7 @@ Owner: likerank-data.
 from __future__ import annotations
 
 from airflow.sdk import Param, dag, task
-from likerank_assets import DEFAULT_ARGS, ENGAGEMENT, IMAGES, POSTS, START_DATE
+from likerank_assets import DEFAULT_ARGS, ENGAGEMENT, HTTP_TASK_TIMEOUT, IMAGES, POSTS, START_DATE
 
 
 @dag(
@@ -54,7 +54,7 @@ def scrape_dag():
         return scrape_pairs(load_config(), params.get("instances") or [], params.get("hashtags") or [],
                             params.get("max_posts"))
 
-    @task(max_active_tis_per_dag=1, outlets=[POSTS, IMAGES, ENGAGEMENT])
+    @task(max_active_tis_per_dag=1, outlets=[POSTS, IMAGES, ENGAGEMENT], execution_timeout=HTTP_TASK_TIMEOUT)
     def scrape(pair: dict, **context) -> dict:
         from pipeline.core.config import load_config
         from pipeline.scrape.scrape import scrape as run

@@ -23,6 +23,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from pipeline.core.config import Config, FacesConfig, LabelingConfig
+from pipeline.core.forget import load_tombstones, tombstoned
 from pipeline.core.storage import Storage
 
 CANDIDATES = pa.schema([
@@ -40,6 +41,7 @@ CANDIDATES = pa.schema([
 
 #: Why a post is not labeled, in the order the checks run (a post counts under the first).
 DROP_REASONS = (
+    "forgotten",  # the author or post was removed by `likerank forget` (its rows are gone; a straggler is dropped)
     "duplicate_post_id",  # the same post_id read from two instances: the first instance wins
     "age_below_min",  # likes not observed at age >= min_age_days
     "followers_out_of_range",  # outside [min_followers, max_followers]
@@ -177,7 +179,7 @@ WITH p AS (
 )
 SELECT p.post_id, p.author_key, d.sha256 AS image_sha256, o.likes,
        o.author_followers AS followers, p.n_tags, o.age_days, o.views,
-       f.n_faces, f.face_share,
+       f.n_faces, f.face_share, p.instance,
        row_number() OVER (PARTITION BY p.post_id ORDER BY p.instance) AS nth
 FROM p
 LEFT JOIN o ON o.instance = p.instance AND o.post_id = p.post_id
@@ -217,11 +219,16 @@ def read_candidates(storage: Storage, cfg: Config) -> tuple[pa.Table, dict[str, 
             con.register(name, read_table(storage, name, columns=cols))
         joined = con.sql(_CANDIDATES_SQL, params={"min_age_days": cfg.labeling.min_age_days,
                                                   "min_score": cfg.faces.min_score}).to_arrow_table()
+    counts = empty_counts()
+    tomb = load_tombstones(storage)
+    if tomb and joined.num_rows:
+        gone = tombstoned(joined, tomb)
+        counts["forgotten"] = pc.sum(gone).as_py() or 0
+        joined = joined.filter(pc.invert(gone))
     # Post ids are unique within an instance only; a label row needs a unique post_id.
     first = pc.equal(joined.column("nth"), 1)
-    counts = empty_counts()
     counts["duplicate_post_id"] = joined.num_rows - pc.sum(first).as_py() if joined.num_rows else 0
-    joined = joined.filter(first).drop_columns(["nth"])
+    joined = joined.filter(first).drop_columns(["nth", "instance"])
     return joined.cast(CANDIDATES), counts
 
 

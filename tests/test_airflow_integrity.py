@@ -47,7 +47,16 @@ def test_dags_import_without_errors(dagbag):
 
 
 def test_the_chain_is_all_there(dagbag):
-    assert set(dagbag.dags) == {"scrape", "refresh_engagement", "detect_faces", "build_labels", "retrain"}
+    assert set(dagbag.dags) == {"scrape", "refresh_engagement", "detect_faces", "build_labels", "retrain", "forget"}
+
+
+def test_tasks_that_talk_to_the_network_have_an_execution_timeout(dagbag):
+    for dag_id, task_id in (("scrape", "scrape"), ("refresh_engagement", "refresh"), ("forget", "forget")):
+        assert dagbag.dags[dag_id].get_task(task_id).execution_timeout, f"{dag_id}.{task_id}"
+
+
+def test_forget_asks_for_whom_in_its_trigger_form(dagbag):
+    assert set(dagbag.dags["forget"].params) == {"account", "author_key", "instance", "post_id"}
 
 
 def test_every_dag_is_owned_tagged_retried_and_documented(dagbag):

@@ -7,12 +7,13 @@ from datetime import UTC, datetime
 
 import pytest
 
+from pipeline.core.pseudonym import author_keyer
 from pipeline.core.storage import LocalStorage
 from pipeline.core.tables import get_json, read_table
 from pipeline.scrape.download import Downloader
 from pipeline.scrape.http import HttpClient
 from pipeline.scrape.scrape import scrape, state_key
-from pipeline.scrape.sources.mastodon import MastodonSource, author_keyer
+from pipeline.scrape.sources.mastodon import MastodonSource
 from pipeline.scrape.ssrf import BlockedURL, SSRFGuard
 from tests.fixtures.scrape import FakeMastodon, jpeg_bytes
 
@@ -190,3 +191,21 @@ def test_opt_outs_are_honoured_and_counted(account, skipped):
 
     item = norm({**STATUS, "account": {**STATUS["account"], **account}})
     assert (item.skip == "opted_out") is skipped and (item.post is None) is skipped
+
+
+@pytest.mark.parametrize("value, kept", [
+    ("noai", False), ("noimageai", False), ("otherbot: noindex, NoAI", False), ("noindex", True), (None, True),
+])
+def test_x_robots_tag_opt_out_keeps_no_bytes(fake_mastodon, scrape_cfg, tmp_path, value, kept):
+    headers = {"X-Robots-Tag": value} if value else {}
+    fake_mastodon.faults["img"] = lambda h: FakeMastodon.send(h, 200, jpeg_bytes(), "image/jpeg", headers)
+    storage = LocalStorage(tmp_path / "s")
+    d = Downloader(scrape_cfg.scrape, storage)
+    try:
+        got = d.fetch("p1", f"{fake_mastodon.url}/fault/img")
+    finally:
+        d.close()
+    assert (got.download["status"] == "ok") is kept and (got.image is not None) is kept
+    if not kept:
+        assert got.download["status"] == "opted_out" and "X-Robots-Tag" in got.download["error"]
+        assert not list((tmp_path / "s").rglob("*"))  # no image bytes written

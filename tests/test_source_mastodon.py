@@ -11,15 +11,10 @@ from datetime import UTC, datetime
 
 import pytest
 
+from pipeline.core.pseudonym import DEV_AUTHOR_KEY, MissingAuthorKey, author_keyer
 from pipeline.scrape.http import HttpClient
 from pipeline.scrape.sources.base import SourceError
-from pipeline.scrape.sources.mastodon import (
-    DEV_AUTHOR_KEY,
-    MastodonSource,
-    MissingAuthorKey,
-    author_keyer,
-    normalize_status,
-)
+from pipeline.scrape.sources.mastodon import MastodonSource, normalize_status
 
 # Account, following the documented example (Gargron on mastodon.social), with 4.2+'s uri/indexable.
 ACCOUNT = {

@@ -25,6 +25,7 @@ COMMAND_MODULES = [
     "pipeline.cli.train_cmd",
     "pipeline.cli.retrain_cmd",
     "pipeline.cli.label_cmd",
+    "pipeline.cli.forget_cmd",
 ]
 
 

@@ -15,6 +15,7 @@ imports the key it needs instead of spelling it.
 ``images/<aa>/<sha256>``                content-addressed image bytes
 ``faces/_manifests/<partition>.json``   one detection shard's list of images
 ``state/scrape/<host>/<tag>.json``      crawl coverage per (instance, hashtag)
+``state/tombstones.json``               who and what ``likerank forget`` removed
 ``runs/scrape/<day>/``                  one summary per scrape run
 ======================================  ==============================================
 """
@@ -27,6 +28,8 @@ from pipeline.core.schemas import TABLES
 
 PUBLISHED_LABELS = "labels/_published.json"
 LATEST_MODEL = "models/latest.json"
+#: Forgotten authors and posts (and the images they referenced): never collected again.
+TOMBSTONES = "state/tombstones.json"
 
 # ---------------------------------------------------------------- labels and their validation
 

@@ -74,7 +74,7 @@ DOWNLOADS = pa.schema([
     f("source", pa.string(), "Source kind."),
     f("post_id", pa.string(), "Post the URL belongs to."),
     f("url", pa.string(), "The URL attempted."),
-    f("status", pa.string(), "ok, http_error, timeout, too_large, not_image, decode_error, bomb, blocked, bad_url, connection_error, redirect_loop."),
+    f("status", pa.string(), "ok, http_error, timeout, too_large, not_image, decode_error, bomb, blocked, bad_url, connection_error, redirect_loop, opted_out (X-Robots-Tag noai/noimageai: the bytes are not kept)."),
     f("http_status", pa.int32(), "Last HTTP status code, if a response came.", nullable=True),
     f("error", pa.string(), "What went wrong, for humans.", nullable=True),
     f("bytes", pa.int64(), "Body bytes received."),

@@ -40,7 +40,21 @@ from pipeline.scrape.http import HttpClient
 warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
 
 STATUSES = ("ok", "http_error", "timeout", "too_large", "not_image", "decode_error", "bomb",
-            "blocked", "bad_url", "connection_error", "redirect_loop")
+            "blocked", "bad_url", "connection_error", "redirect_loop", "opted_out")
+#: ``X-Robots-Tag`` directives that mean "do not use this image for AI": the bytes are not kept.
+OPT_OUT_DIRECTIVES = frozenset({"noai", "noimageai"})
+
+
+def robots_opt_out(value: str | None) -> str | None:
+    """The opt-out directive in an ``X-Robots-Tag`` header value, or None.
+
+    The header is a comma-separated list of directives, each optionally prefixed by a user
+    agent (``otherbot: noindex, noai``); any agent's opt-out is honoured."""
+    for part in (value or "").split(","):
+        directive = part.rsplit(":", 1)[-1].strip().lower()
+        if directive in OPT_OUT_DIRECTIVES:
+            return directive
+    return None
 
 
 def sniff_format(head: bytes) -> str | None:
@@ -147,7 +161,11 @@ class Downloader:
             "elapsed_ms": 0.0, "attempts": res.attempts, "sha256": None, "attempted_at": attempted_at,
         }
         image = None
-        if res.ok:
+        opt_out = robots_opt_out(res.headers.get("X-Robots-Tag")) if res.ok else None
+        if opt_out:
+            row["status"], row["error"] = "opted_out", f"X-Robots-Tag: {opt_out} ({shown})"
+            res.body = None
+        elif res.ok:
             data = res.body or b""
             try:
                 check = check_image(data, self.cfg.max_pixels)

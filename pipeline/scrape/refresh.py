@@ -15,8 +15,10 @@ an old-enough snapshot and duplicates nothing.
 
 "Now" is each instance's clock, read from the ``Date`` header of ``GET /api/v1/instance``
 (the simulator's world clock; a real instance's wall clock). A deleted status (404/410) is
-counted, not fatal; other failures are counted with their first error; the run fails only
-when an instance had posts to refresh and not one of them could be read.
+forgotten (:func:`pipeline.core.forget.forget`: every row, its images, a tombstone), and so
+is every post of an author found opted out since (``discoverable``/``indexable`` false,
+``noindex``); other failures are counted with their first error; the run fails only when an
+instance had posts to refresh and not one of them could be read.
 """
 
 from __future__ import annotations
@@ -32,10 +34,13 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from pipeline.core.config import Config
+from pipeline.core.forget import forget
+from pipeline.core.pseudonym import author_keyer
 from pipeline.core.storage import open_storage
 from pipeline.core.tables import list_partitions, read_table
 from pipeline.scrape.http import HttpClient
 from pipeline.scrape.scrape import logical_day, merge_partition, resolve_token
+from pipeline.scrape.sources.base import OptedOut
 from pipeline.scrape.sources.mastodon import MastodonSource, server_time
 
 log = logging.getLogger(__name__)
@@ -82,7 +87,10 @@ def refresh_engagement(cfg: Config, logical_date: str | date | datetime, *, inst
     now = now or (lambda: datetime.now(UTC))
     storage = open_storage(cfg.storage)
     summary: dict[str, Any] = {"date": day, "partition": refresh_partition(day), "due": 0, "refreshed": 0,
-                               "deleted": 0, "failed": 0, "errors": [], "instances": {}}
+                               "deleted": 0, "opted_out": 0, "failed": 0, "errors": [], "instances": {},
+                               "forgotten": {}}
+    deleted: set[tuple[str, str]] = set()
+    opted_out: set[str] = set()
     if not list_partitions(storage, "posts"):
         summary["elapsed_s"] = round(time.monotonic() - t0, 2)
         return summary
@@ -97,8 +105,9 @@ def refresh_engagement(cfg: Config, logical_date: str | date | datetime, *, inst
     instance_now: dict[str, datetime] = {}
     try:
         for inst in sorted(set(posts["instance"].to_pylist())):
-            src = MastodonSource(inst, client, author_key=_no_author,
-                                 token=resolve_token(cfg, token), now=now)
+            src = MastodonSource(inst, client, token=resolve_token(cfg, token), now=now,
+                                 author_key=author_keyer(cfg.source.author_key_secret_env,
+                                                         required=cfg.source.kind != "simulator"))
             res = client.fetch(f"{src.instance}/api/v1/instance", headers=src._headers)
             if res.status in ("connection_error", "timeout", "blocked"):
                 summary["errors"].append(f"{inst}: unreachable ({res.error})")
@@ -117,9 +126,14 @@ def refresh_engagement(cfg: Config, logical_date: str | date | datetime, *, inst
             for i in range(0, len(items), BATCH):
                 rows = []
                 for pid, result in sources[inst].reobserve([p for p, _ in items[i:i + BATCH]]):
+                    if isinstance(result, OptedOut):
+                        counts["opted_out"] += 1
+                        opted_out.add(result.author_key)
+                        continue
                     if isinstance(result, str):
                         if result == "deleted":
                             counts["deleted"] += 1
+                            deleted.add((sources[inst].instance, pid))
                         else:
                             counts["failed"] += 1
                             if len(summary["errors"]) < 5:
@@ -132,20 +146,18 @@ def refresh_engagement(cfg: Config, logical_date: str | date | datetime, *, inst
                 if rows:
                     merge_partition(storage, "engagement", refresh_partition(day), rows)
                 bar.update(min(BATCH, len(items) - i))
-            for k in ("refreshed", "deleted", "failed"):
+            for k in ("refreshed", "deleted", "opted_out", "failed"):
                 summary[k] += counts[k]
             summary["instances"][inst] = dict(counts)
-            if counts["failed"] and not counts["refreshed"] and not counts["deleted"]:
+            if counts["failed"] and not counts["refreshed"] and not counts["deleted"] and not counts["opted_out"]:
                 raise RefreshError(f"{inst}: none of {len(items)} due posts could be re-read; first error: "
                                    f"{summary['errors'][0] if summary['errors'] else '?'}")
         bar.close()
     finally:
         client.close()
+    if deleted or opted_out:  # deletions and opt-outs at the source are applied here, everywhere
+        summary["forgotten"] = forget(storage, authors=opted_out, posts=deleted, reason="deleted or opted out at source")
     summary["elapsed_s"] = round(time.monotonic() - t0, 2)
-    log.info("refresh %s: %d due, %d refreshed, %d deleted, %d failed", day, summary["due"],
-             summary["refreshed"], summary["deleted"], summary["failed"])
+    log.info("refresh %s: %d due, %d refreshed, %d deleted and %d opted out (forgotten), %d failed", day,
+             summary["due"], summary["refreshed"], summary["deleted"], summary["opted_out"], summary["failed"])
     return summary
-
-
-def _no_author(uri: str) -> str:  # re-reads never write posts rows, so no author key is needed
-    return ""

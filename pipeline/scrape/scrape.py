@@ -56,13 +56,15 @@ import pyarrow.parquet as pq
 
 from pipeline.core import keys
 from pipeline.core.config import Config
+from pipeline.core.forget import load_tombstones
+from pipeline.core.pseudonym import author_keyer
 from pipeline.core.schemas import TABLES, conform
 from pipeline.core.storage import Storage, open_storage
 from pipeline.core.tables import get_json, partition_key, put_json, write_partition
 from pipeline.scrape.download import Downloader
 from pipeline.scrape.http import HttpClient
 from pipeline.scrape.sources.base import Item, Page, Source, SourceRateLimited, id_key
-from pipeline.scrape.sources.mastodon import MastodonSource, author_keyer
+from pipeline.scrape.sources.mastodon import MastodonSource
 
 log = logging.getLogger(__name__)
 
@@ -252,6 +254,7 @@ def scrape(cfg: Config, instance: str, hashtag: str, logical_date: str | date | 
     cov = Coverage(load_state(storage, instance, hashtag), backfill=cfg.scrape.backfill_days > 0,
                    horizon=horizon, limit=limit)
     buf = DayBuffer(storage, day)
+    tombstones = load_tombstones(storage)
     downloader = Downloader(cfg.scrape, storage, client, source=src.kind, now=now)
     skipped: Counter[str] = Counter()
     downloads: Counter[str] = Counter()
@@ -293,6 +296,9 @@ def scrape(cfg: Config, instance: str, hashtag: str, logical_date: str | date | 
                         skipped[it.skip or "missing_field"] += 1
                         continue
                     post = it.post
+                    if tombstones and tombstones.covers(post.author_key, post.instance, post.post_id):
+                        skipped["forgotten"] += 1
+                        continue
                     kept += 1
                     buf.rows["posts"].append(post.row())
                     buf.rows["engagement"].append({

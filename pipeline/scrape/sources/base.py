@@ -20,6 +20,7 @@ SKIP_REASONS = {
     "video": "has a video, gifv or audio attachment (a still of a clip is not the photo that was liked)",
     "opted_out": "author account has discoverable: false, indexable: false or noindex: true",
     "missing_field": "a required field is missing or malformed (logged with the status id and field)",
+    "forgotten": "the author or the post was removed by `likerank forget` (tombstoned)",
 }
 
 
@@ -87,6 +88,13 @@ class Observation:
     replies: int
     views: int | None
     author_followers: int
+
+
+@dataclass(frozen=True)
+class OptedOut:
+    """A re-read found that the author has opted out since (their pseudonym, to forget them)."""
+
+    author_key: str
 
 
 @dataclass

@@ -30,11 +30,8 @@ instance's API, never to media hosts, and is never logged.
 from __future__ import annotations
 
 import email.utils
-import hashlib
-import hmac
 import json
 import logging
-import os
 import random
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -48,6 +45,7 @@ from pipeline.scrape.http import HttpClient, origin
 from pipeline.scrape.sources.base import (
     Item,
     Observation,
+    OptedOut,
     Page,
     Post,
     Source,
@@ -58,38 +56,7 @@ from pipeline.scrape.sources.base import (
 
 log = logging.getLogger(__name__)
 
-#: The simulator's key (its accounts are invented): anyone with this public key can test a
-#: guessed account against a pseudonym, so a real source refuses to run on it.
-DEV_AUTHOR_KEY = b"likerank-dev-author-key-not-secret"
-
-
-class MissingAuthorKey(ValueError):
-    """A real source was asked to run without a pseudonymization key."""
 VIDEO_TYPES = frozenset({"video", "gifv", "audio"})
-
-
-def author_keyer(secret_env: str, env: dict[str, str] | None = None, *, required: bool = True) -> Callable[[str], str]:
-    """HMAC-SHA256 of an account URI, keyed by ``$secret_env``.
-
-    Unset, a real source (``required``) refuses with :class:`MissingAuthorKey`; the simulator
-    (``required=False``) uses :data:`DEV_AUTHOR_KEY`.
-    """
-    env = os.environ if env is None else env
-    secret = env.get(secret_env, "")
-    if not secret and required:
-        raise MissingAuthorKey(
-            f"refusing to scrape a real instance without a pseudonymization key: ${secret_env} is unset. "
-            f"Set it to a long random secret and keep it (e.g. export {secret_env}=$(openssl rand -hex 32)); "
-            "the same key must be used for every run, or the same author gets a new pseudonym")
-    if not secret:
-        log.warning("author-key secret %s is unset: using the simulator's fixed development key", secret_env)
-    key = secret.encode() if secret else DEV_AUTHOR_KEY
-
-    def author_key(uri: str) -> str:
-        return hmac.new(key, uri.encode(), hashlib.sha256).hexdigest()
-
-    return author_key
-
 
 def server_time(headers: Any) -> datetime | None:
     """The response's ``Date`` header as an aware UTC datetime (None if absent or unreadable).
@@ -135,6 +102,12 @@ def without_handles(url: str, handles: set[str]) -> str:
     return parts._replace(path="/".join(segments)).geturl()
 
 
+def opted_out(account: dict) -> bool:
+    """The account asks not to be collected: ``discoverable`` or ``indexable`` false, or
+    ``noindex`` true (a ``null`` predates the setting and is not an opt-out)."""
+    return account.get("discoverable") is False or account.get("indexable") is False or account.get("noindex") is True
+
+
 def normalize_status(status: Any, *, instance: str, hashtag: str, author_key: Callable[[str], str],
                      scraped_at: datetime, source: str = "mastodon") -> Item | None:
     """One Status → an :class:`Item` (kept or skipped); None when it has no usable id at all."""
@@ -164,7 +137,7 @@ def normalize_status(status: Any, *, instance: str, hashtag: str, author_key: Ca
     account = status.get("account")
     if not isinstance(account, dict):
         return _missing(item, instance, "account")
-    if account.get("discoverable") is False or account.get("indexable") is False or account.get("noindex") is True:
+    if opted_out(account):
         item.skip = "opted_out"
         return item
     try:
@@ -334,11 +307,14 @@ class MastodonSource(Source):
             yield page
             url = page.next_url
 
-    def reobserve(self, post_ids: Iterable[str], *, workers: int | None = None) -> Iterator[tuple[str, Observation | str]]:
+    def reobserve(self, post_ids: Iterable[str], *,
+                  workers: int | None = None) -> Iterator[tuple[str, Observation | OptedOut | str]]:
+        """Re-read each post: its :class:`Observation`, :class:`OptedOut` when its author has opted
+        out since, ``"deleted"`` (404/410), or an error message."""
         ids = list(post_ids)
         workers = workers or max(1, self.client.cfg.per_host_concurrency)
 
-        def one(pid: str) -> tuple[str, Observation | str]:
+        def one(pid: str) -> tuple[str, Observation | OptedOut | str]:
             url = f"{self.instance}/api/v1/statuses/{quote(pid, safe='')}"
             res = self.client.fetch(url, headers=self._headers)
             if res.http_status in (404, 410):
@@ -349,6 +325,10 @@ class MastodonSource(Source):
                 status = json.loads(res.body)
                 if not isinstance(status, dict):
                     raise ValueError("not a JSON object")
+                account = status.get("account") if isinstance(status.get("account"), dict) else {}
+                uri = account.get("uri") or account.get("url")
+                if opted_out(account) and isinstance(uri, str) and uri:
+                    return pid, OptedOut(self.author_key(uri))
                 observed_at = server_time(res.headers) or self.now()
                 return pid, observation(status, instance=self.instance, observed_at=observed_at, source=self.kind)
             except (ValueError, UnicodeDecodeError) as exc:

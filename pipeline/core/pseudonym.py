@@ -1,0 +1,48 @@
+"""Pseudonyms: an author is stored only as a keyed hash of their account's stable id.
+
+``author_key = HMAC-SHA256(key, account id)`` (Mastodon: the account ``uri``; Bluesky: the
+DID), with the key from the environment variable ``source.author_key_secret_env``. Without
+the key nobody can test a guessed account against a pseudonym; with it, ``likerank forget
+--account`` can find a person's rows.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import logging
+import os
+from collections.abc import Callable
+
+log = logging.getLogger(__name__)
+
+#: The simulator's key (its accounts are invented): anyone with this public key can test a
+#: guessed account against a pseudonym, so a real source refuses to run on it.
+DEV_AUTHOR_KEY = b"likerank-dev-author-key-not-secret"
+
+
+class MissingAuthorKey(ValueError):
+    """A real source was asked to run without a pseudonymization key."""
+
+
+def author_keyer(secret_env: str, env: dict[str, str] | None = None, *, required: bool = True) -> Callable[[str], str]:
+    """HMAC-SHA256 of an account URI, keyed by ``$secret_env``.
+
+    Unset, a real source (``required``) refuses with :class:`MissingAuthorKey`; the simulator
+    (``required=False``) uses :data:`DEV_AUTHOR_KEY`.
+    """
+    env = os.environ if env is None else env
+    secret = env.get(secret_env, "")
+    if not secret and required:
+        raise MissingAuthorKey(
+            f"refusing to scrape a real instance without a pseudonymization key: ${secret_env} is unset. "
+            f"Set it to a long random secret and keep it (e.g. export {secret_env}=$(openssl rand -hex 32)); "
+            "the same key must be used for every run, or the same author gets a new pseudonym")
+    if not secret:
+        log.warning("author-key secret %s is unset: using the simulator's fixed development key", secret_env)
+    key = secret.encode() if secret else DEV_AUTHOR_KEY
+
+    def author_key(uri: str) -> str:
+        return hmac.new(key, uri.encode(), hashlib.sha256).hexdigest()
+
+    return author_key

@@ -1,0 +1,157 @@
+"""``likerank forget``: an author or a post leaves every table, the image store, labels,
+predictions and reports, and a tombstone keeps them out of later scrapes and labels runs.
+
+The world is scraped for real from a Mastodon-compatible server on loopback; a labels run and
+a model's predictions over it are written as the labeler and the trainer write them.
+"""
+
+from __future__ import annotations
+
+import io
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from pipeline.cli.main import main
+from pipeline.core import keys
+from pipeline.core.forget import load_tombstones
+from pipeline.core.pseudonym import author_keyer
+from pipeline.core.schemas import LABELS, conform
+from pipeline.core.storage import LocalStorage
+from pipeline.core.tables import list_partitions, put_json, read_table, write_partition
+from pipeline.scrape.scrape import scrape, state_key
+from tests.fixtures.scrape import jpeg_bytes
+
+DAY = "2026-11-02"
+ALICE, BOB = "https://x.example/users/alice", "https://x.example/users/bob"
+KEY = author_keyer("LIKERANK_AUTHOR_KEY", env={}, required=False)  # the simulator's key, as the default config
+
+
+def status(i: int, account: str, media: str) -> dict:
+    return {"id": str(100 + i), "created_at": "2026-10-01T00:00:00Z", "reblog": None, "favourites_count": i,
+            "reblogs_count": 0, "replies_count": 0, "tags": [{"name": "selfie"}],
+            "account": {"uri": account, "followers_count": 10 + i},
+            "media_attachments": [{"type": "image", "url": media}]}
+
+
+@pytest.fixture
+def world(fake_mastodon, scrape_cfg):
+    """alice: posts 0-2; bob: posts 3-5; post 5 (bob) re-posts alice's first photo."""
+    u = fake_mastodon.url
+    for i in range(5):
+        fake_mastodon.media[f"{i}.jpg"] = jpeg_bytes(seed=i)
+    fake_mastodon.statuses = [status(i, ALICE if i < 3 else BOB, f"{u}/media/{i if i < 5 else 0}.jpg")
+                              for i in range(6)][::-1]
+    scrape_cfg.scrape.backfill_days = 60
+    scrape(scrape_cfg, u, "selfie", DAY)
+    storage = LocalStorage(scrape_cfg.storage.root)
+    posts = read_table(storage, "posts").to_pylist()
+    downloads = {d["post_id"]: d["sha256"] for d in read_table(storage, "downloads").to_pylist()}
+    labels = [{"post_id": p["post_id"], "image_sha256": downloads[p["post_id"]], "author_key": p["author_key"],
+               "likes": p["likes"], "followers": p["author_followers"], "n_tags": 1, "age_days": 40.0,
+               "exposure": 10.0, "group_id": 0, "rank_in_group": r + 1, "label": int(r >= 3), "score": 0.5,
+               "split": "test", "labeler": "groups", "params_hash": "p", "run_id": "L1"}
+              for r, p in enumerate(sorted(posts, key=lambda p: p["post_id"]))]
+    write_partition(storage, "labels", "L1", pa.Table.from_pylist(labels, schema=LABELS))
+    put_json(storage, keys.validation_result("L1"), {"success": True})
+    put_json(storage, keys.PUBLISHED_LABELS, {"run_id": "L1"})
+    storage.put_text("reports/L1/index.html", "<html>thumbnails</html>")
+    preds = conform("predictions", pa.table({
+        "post_id": [p["post_id"] for p in posts], "split": ["test"] * len(posts), "prob": [0.5] * len(posts),
+        "pred_score": [0.5] * len(posts), "label": [1] * len(posts), "weight": [1.0] * len(posts)}))
+    buf = io.BytesIO()
+    pq.write_table(preds, buf)
+    storage.put_bytes(keys.model_predictions("M1"), buf.getvalue())
+    return storage, {d["post_id"]: d["sha256"] for d in read_table(storage, "downloads").to_pylist()}
+
+
+def every_row(storage: LocalStorage) -> dict[str, list[dict]]:
+    out = {t: read_table(storage, t).to_pylist() for t in ("posts", "engagement", "downloads", "images", "labels")}
+    out["predictions"] = pq.read_table(io.BytesIO(storage.get_bytes(keys.model_predictions("M1")))).to_pylist()
+    return out
+
+
+def test_forget_an_account_removes_it_everywhere_but_keeps_shared_images(world, scrape_cfg, capsys):
+    storage, sha = world
+    alice = KEY(ALICE)
+    assert main(["--set", f"storage.root={scrape_cfg.storage.root}", "forget", "--account", ALICE]) == 0
+    out = capsys.readouterr().out
+    assert "forgot: posts 3, engagement 3, downloads 3" in out and "unpublished labels run L1" in out
+    rows = every_row(storage)
+    assert {r["post_id"] for r in rows["posts"]} == {"103", "104", "105"}
+    for table, kept in rows.items():
+        assert alice not in repr(kept), table
+        assert not {"100", "101", "102"} & {r.get("post_id") for r in kept}, table
+    # Alice's photos are gone, except the one Bob posted too (post 105 re-posts image 0).
+    assert not storage.exists(keys.image_bytes(sha["101"])) and not storage.exists(keys.image_bytes(sha["102"]))
+    assert storage.exists(keys.image_bytes(sha["100"])) and sha["100"] == sha["105"]
+    assert {r["sha256"] for r in rows["images"]} == {sha["103"], sha["104"], sha["100"]}
+    # The changed labels run is unpublished and lost what quoted its rows.
+    assert not storage.exists(keys.PUBLISHED_LABELS)
+    assert not storage.exists(keys.validation_result("L1")) and not storage.list("reports/L1/")
+    assert load_tombstones(storage).authors == {alice}
+
+
+def test_forget_one_post(world, fake_mastodon, scrape_cfg):
+    storage, sha = world
+    assert main(["--set", f"storage.root={scrape_cfg.storage.root}", "forget", "--post", fake_mastodon.url, "104"]) == 0
+    rows = every_row(storage)
+    for table, kept in rows.items():
+        assert "104" not in {r.get("post_id") for r in kept}, table
+    assert not storage.exists(keys.image_bytes(sha["104"]))
+    assert len(rows["posts"]) == 5
+
+
+def test_a_forgotten_author_is_not_collected_again(world, fake_mastodon, scrape_cfg):
+    storage, _ = world
+    main(["--set", f"storage.root={scrape_cfg.storage.root}", "forget", "--author-key", KEY(ALICE)])
+    storage.delete(state_key(fake_mastodon.url, "selfie"))  # crawl everything again
+    summary = scrape(scrape_cfg, fake_mastodon.url, "selfie", "2026-11-03", max_posts=0)
+    assert KEY(ALICE) not in repr(read_table(storage, "posts").to_pylist())
+    assert summary["skipped"]["forgotten"] == 3 and summary["kept"] == 3
+
+
+def test_a_forgotten_author_is_excluded_from_a_new_labels_run(world, scrape_cfg):
+    """Rows that come back by another path (e.g. a restored backup) are dropped and counted."""
+    from labeling.eligibility import read_candidates
+
+    storage, _ = world
+    posts_before = read_table(storage, "posts")
+    main(["--set", f"storage.root={scrape_cfg.storage.root}", "forget", "--author-key", KEY(BOB)])
+    write_partition(storage, "posts", "2026-11-09", posts_before.drop_columns(["dt"]))  # bob comes back
+    cands, counts = read_candidates(storage, scrape_cfg)
+    assert KEY(BOB) not in cands["author_key"].to_pylist() and counts["forgotten"] == 3
+
+
+def test_forget_is_idempotent_and_names_what_it_needs(world, scrape_cfg, capsys):
+    args = ["--set", f"storage.root={scrape_cfg.storage.root}", "forget"]
+    assert main([*args, "--author-key", KEY(ALICE)]) == 0
+    capsys.readouterr()
+    assert main([*args, "--author-key", KEY(ALICE)]) == 0
+    assert "forgot: posts 0, engagement 0" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        main([*args])  # one of --account, --author-key, --post is required
+    assert list_partitions(world[0], "posts")
+
+
+def test_refresh_forgets_deleted_posts_and_authors_who_opted_out(world, fake_mastodon, scrape_cfg):
+    from pipeline.scrape.refresh import refresh_engagement
+
+    storage, sha = world
+    # Every snapshot so far was young (likes still climbing): all six posts are due a re-read.
+    for part in list_partitions(storage, "engagement"):
+        t = read_table(storage, "engagement", [part]).drop_columns(["dt"])
+        write_partition(storage, "engagement", part, t.set_column(
+            t.schema.get_field_index("age_days"), "age_days", pa.array([1.0] * t.num_rows)))
+    fake_mastodon.deleted.add("104")  # bob deleted one post
+    for s in fake_mastodon.statuses:  # alice opted out of search and indexing since
+        if s["account"]["uri"] == ALICE:
+            s["account"] = {**s["account"], "noindex": True}
+    summary = refresh_engagement(scrape_cfg, "2026-12-30")
+    assert (summary["deleted"], summary["opted_out"], summary["refreshed"]) == (1, 3, 2)
+    posts = read_table(storage, "posts").to_pylist()
+    assert {p["post_id"] for p in posts} == {"103", "105"}
+    assert KEY(ALICE) in load_tombstones(storage).authors
+    assert (fake_mastodon.url, "104") in load_tombstones(storage).posts
+    assert not storage.exists(keys.image_bytes(sha["104"])) and storage.exists(keys.image_bytes(sha["105"]))
