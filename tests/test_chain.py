@@ -26,6 +26,16 @@ MIN_AGE = 30.0
 
 pytestmark = pytest.mark.slow
 
+#: Credentials set for the whole chain: none may be printed, logged, saved beside outputs, or
+#: kept in XCom or Airflow's metadata. (Local storage ignores the S3 keys; the simulator
+#: ignores the token; the author key keys the pseudonyms.)
+DUMMY_SECRETS = {
+    "LIKERANK_STORAGE__ACCESS_KEY_ID": "dummy-access-key-31337",
+    "LIKERANK_STORAGE__SECRET_ACCESS_KEY": "dummy-secret-key-27182",
+    "LIKERANK_SOURCE_TOKEN": "dummy-source-token-16180",
+    "LIKERANK_AUTHOR_KEY": "dummy-author-key-14142",
+}
+
 
 @pytest.fixture(scope="module")
 def chain(tmp_path_factory):
@@ -49,6 +59,7 @@ def chain(tmp_path_factory):
         "LIKERANK_TRAINING__WEIGHTS": "none",
         "LIKERANK_TRAINING__WORKERS": "0",
         "LIKERANK_TRAINING__NPROC": "1",
+        **DUMMY_SECRETS,
     })
     subprocess.run([str(Path(sys.executable).with_name("airflow")), "db", "migrate"], env=env, check=True,
                    capture_output=True, timeout=300)
@@ -60,7 +71,7 @@ def chain(tmp_path_factory):
         assert p.returncode == 0, p.stdout[-4000:] + p.stderr[-4000:]
         runs.append(p.stdout)
         counts.append({t: read_table(storage, t).num_rows for t in ("posts", "images", "downloads", "faces")})
-    return {"storage": storage, "stdout": runs, "counts": counts}
+    return {"storage": storage, "stdout": runs, "counts": counts, "work": work}
 
 
 def test_every_stage_ran_and_the_summary_says_so(chain):
@@ -110,3 +121,16 @@ def test_report_shows_every_section(chain):
 def test_second_run_is_incremental(chain):
     first, second = chain["counts"]
     assert first["posts"] > 0 and second == first, (first, second)
+
+
+def test_no_secret_is_stored_or_printed_anywhere(chain):
+    """Every file under the storage root and Airflow's home (task logs, XCom in the metadata DB)."""
+    work = chain["work"]
+    found = []
+    for root in (work / "data", work / "airflow"):
+        for path in root.rglob("*"):
+            if path.is_file():
+                data = path.read_bytes()
+                found += [(str(path), v) for v in DUMMY_SECRETS.values() if v.encode() in data]
+    assert not found
+    assert not [v for v in DUMMY_SECRETS.values() if any(v in out for out in chain["stdout"])]

@@ -100,3 +100,21 @@ def test_s3_bad_credentials_give_a_clear_error(seaweed):
                     access_key_id=seaweed["key"], secret_access_key="wrong")
     with pytest.raises(StorageError, match="refused the credentials"):
         bad.put_bytes("k", b"v")
+
+
+def test_a_killed_writers_leftover_temp_file_is_cleaned_on_the_next_write(local_storage):
+    import os
+    import time
+
+    from pipeline.core.storage import STALE_TEMP_S
+
+    local_storage.put_bytes("t/data.parquet", b"v1")
+    folder = local_storage.path / "t"
+    stale, fresh = folder / ".tmp-dead-data.parquet", folder / ".tmp-live-data.parquet"
+    stale.write_bytes(b"half")
+    fresh.write_bytes(b"being written")
+    old = time.time() - STALE_TEMP_S - 60
+    os.utime(stale, (old, old))
+    local_storage.put_bytes("t/data.parquet", b"v2")
+    assert not stale.exists() and fresh.exists()  # a running writer's temp file is left alone
+    assert local_storage.get_bytes("t/data.parquet") == b"v2" and local_storage.list("t/") == ["t/data.parquet"]

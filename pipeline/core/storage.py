@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import os
+import time
 import uuid
 from abc import ABC, abstractmethod
 from pathlib import Path
@@ -75,6 +76,10 @@ class Storage(ABC):
         return self.get_bytes(key).decode()
 
 
+#: Age after which a leftover ``.tmp-*`` file is a killed writer's, not a running one's, seconds.
+STALE_TEMP_S = 600.0
+
+
 class LocalStorage(Storage):
     def __init__(self, root: str | Path):
         self.path = Path(root).expanduser().resolve()
@@ -89,6 +94,7 @@ class LocalStorage(Storage):
     def put_bytes(self, key: str, data: bytes, *, durable: bool = True) -> None:
         dest = self._p(key)
         dest.parent.mkdir(parents=True, exist_ok=True)
+        self._remove_stale_temps(dest)
         tmp = dest.parent / f".tmp-{uuid.uuid4().hex}-{dest.name}"
         try:
             with open(tmp, "wb") as fh:
@@ -97,9 +103,25 @@ class LocalStorage(Storage):
                     fh.flush()
                     os.fsync(fh.fileno())
             os.replace(tmp, dest)  # atomic on POSIX: readers see old or new, never half
+            if durable:  # the rename itself survives a power cut only once its folder is synced
+                fd = os.open(dest.parent, os.O_RDONLY)
+                try:
+                    os.fsync(fd)
+                finally:
+                    os.close(fd)
         finally:
             with contextlib.suppress(FileNotFoundError):
                 tmp.unlink()
+
+    @staticmethod
+    def _remove_stale_temps(dest: Path) -> None:
+        """Temp files a killed writer of ``dest`` left behind. Only old ones: a temp file younger
+        than :data:`STALE_TEMP_S` may belong to a writer still running."""
+        cutoff = time.time() - STALE_TEMP_S
+        for old in dest.parent.glob(f".tmp-*-{dest.name}"):
+            with contextlib.suppress(FileNotFoundError):
+                if old.stat().st_mtime < cutoff:
+                    old.unlink()
 
     def sync(self) -> None:
         os.sync()  # one call for a whole batch of durable=False puts
