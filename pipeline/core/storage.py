@@ -158,6 +158,9 @@ class LocalStorage(Storage):
         return pyarrow.fs.LocalFileSystem(), self.root
 
 
+#: Whole GETs tried when a response body breaks off (connection reset, short body).
+BODY_ATTEMPTS = 4
+
 _AUTH_CODES = {"InvalidAccessKeyId", "SignatureDoesNotMatch", "AccessDenied", "InvalidToken", "ExpiredToken"}
 
 
@@ -223,10 +226,24 @@ class S3Storage(Storage):
             raise self._error(exc, key) from exc
 
     def get_bytes(self, key: str) -> bytes:
-        try:
-            return self.client.get_object(Bucket=self.bucket, Key=self._k(key))["Body"].read()
-        except Exception as exc:  # noqa: BLE001
-            raise self._error(exc, key) from exc
+        from botocore.exceptions import (
+            IncompleteReadError,
+            ReadTimeoutError,
+            ResponseStreamingError,
+        )
+
+        # botocore retries a failed request, but not a body cut short after the headers came:
+        # that read is retried here, as a whole new GET.
+        for attempt in range(BODY_ATTEMPTS):
+            try:
+                return self.client.get_object(Bucket=self.bucket, Key=self._k(key))["Body"].read()
+            except (ResponseStreamingError, IncompleteReadError, ReadTimeoutError) as exc:
+                if attempt + 1 == BODY_ATTEMPTS:
+                    raise self._error(exc, key) from exc
+                time.sleep(0.2 * 2 ** attempt)
+            except Exception as exc:  # noqa: BLE001
+                raise self._error(exc, key) from exc
+        raise AssertionError("unreachable")
 
     def exists(self, key: str) -> bool:
         from botocore.exceptions import ClientError
