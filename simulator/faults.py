@@ -32,6 +32,10 @@ oversized           media    ``size_bytes`` (64 MiB) streamed; ``declare_length`
 redirect_loop       media    302 between the URL and ``URL?loop=1`` forever
 redirect_private    media    302 to ``target`` ("http://169.254.169.254/latest/meta-data/"),
                              e.g. "http://10.0.0.1/x.jpg"
+redirect_origin     api      302 to the same path on another origin of this server: ``host``
+                             ("localhost") instead of 127.0.0.1 (see ``SimServer.credentials_seen``)
+bad_media_url       api      statuses whose attachment URLs are malformed (``http://[::1/<id>.jpg``)
+retry_after         all      429 with ``Retry-After: seconds`` (315,360,000: ten years)
 ==================  =======  ===========================================================
 """
 
@@ -58,6 +62,9 @@ MODES: dict[str, tuple[str, dict[str, Any]]] = {
     "oversized": ("media", {"size_bytes": 64 * 1024 * 1024, "declare_length": True}),
     "redirect_loop": ("media", {}),
     "redirect_private": ("media", {"target": "http://169.254.169.254/latest/meta-data/"}),
+    "redirect_origin": ("api", {"host": "localhost"}),
+    "bad_media_url": ("api", {}),
+    "retry_after": ("all", {"seconds": 315_360_000}),
 }
 SCOPES = ("api", "media", "all")
 

@@ -105,6 +105,8 @@ class SimState:
         self.index = TimelineIndex(world)
         self.offset_ms = 0
         self.faults = FaultSet()
+        #: Host header -> requests that carried an Authorization header (credentials per origin).
+        self.credentials_seen: dict[str, int] = {}
         self.limiter = RateLimiter(rate_limit) if rate_limit else None
         self.cache = ImageCache(image_cache_bytes)
         self.base = ""  # set once the port is known
@@ -113,6 +115,10 @@ class SimState:
     @property
     def now_ms(self) -> int:
         return self.world.now_ms + self.offset_ms
+
+    def note_credentials(self, host: str) -> None:
+        with self._lock:
+            self.credentials_seen[host] = self.credentials_seen.get(host, 0) + 1
 
     def advance(self, days: float) -> int:
         if not days >= 0:
@@ -178,6 +184,8 @@ class _Handler(BaseHTTPRequestHandler):
         self._dispatch("DELETE")
 
     def _dispatch(self, method: str) -> None:
+        if self.headers.get("Authorization"):
+            self.state.note_credentials(self.headers.get("Host") or "")
         try:
             url = urlsplit(self.path)
             path, params = url.path, parse_qs(url.query, keep_blank_values=True)
@@ -218,6 +226,14 @@ class _Handler(BaseHTTPRequestHandler):
             return True
         if rule := faults.fire("redirect_private", scope, target, post_id):
             self._send(302, b"", "text/html; charset=utf-8", [("Location", str(rule.params["target"]))])
+            return True
+        host = (self.headers.get("Host") or "").split(":")[0]
+        if host != "localhost" and (rule := faults.fire("redirect_origin", scope, target, post_id)):
+            port = self.server.server_address[1]
+            self._send(302, b"", "text/html; charset=utf-8", [("Location", f"http://{rule.params['host']}:{port}{self.path}")])
+            return True
+        if rule := faults.fire("retry_after", scope, target, post_id):
+            self._json(429, {"error": "Too many requests"}, [("Retry-After", str(int(rule.params["seconds"])))])
             return True
         return False
 
@@ -280,6 +296,9 @@ class _Handler(BaseHTTPRequestHandler):
             if rule := st.faults.fire("missing_fields", "api", post_id, post_id):
                 for name in rule.params["fields"]:
                     obj.pop(name, None)
+            if st.faults.fire("bad_media_url", "api", post_id, post_id):
+                for m in obj.get("media_attachments") or []:
+                    m["url"], m["remote_url"] = f"http://[::1/{m['id']}.jpg", None
         return obj
 
     def _api_body(self, obj: Any, headers: list[tuple[str, str]], method: str, post_id: str | None) -> None:
@@ -460,6 +479,11 @@ class SimServer:
 
     def clear_faults(self, mode: str | None = None) -> None:
         self._state.faults.clear(mode)
+
+    def credentials_seen(self) -> dict[str, int]:
+        """Host header -> requests that carried credentials: which origins got a token."""
+        with self._state._lock:
+            return dict(self._state.credentials_seen)
 
     def fault_hits(self, mode: str) -> int:
         """How many times a mode has fired since the server started."""

@@ -209,3 +209,11 @@ def test_x_robots_tag_opt_out_keeps_no_bytes(fake_mastodon, scrape_cfg, tmp_path
     if not kept:
         assert got.download["status"] == "opted_out" and "X-Robots-Tag" in got.download["error"]
         assert not list((tmp_path / "s").rglob("*"))  # no image bytes written
+
+
+def test_a_malformed_attachment_url_keeps_the_post_and_still_hides_the_handle():
+    from tests.test_source_mastodon import STATUS, norm
+
+    status = {**STATUS, "media_attachments": [{**STATUS["media_attachments"][0], "url": "http://[::1/Gargron/1.jpg"}]}
+    post = norm(status).post
+    assert post.image_urls == ["http://[::1/_/1.jpg"]

@@ -97,9 +97,17 @@ def without_handles(url: str, handles: set[str]) -> str:
     """``url`` with every path segment that names the author (``alice``, ``@alice``) replaced by ``_``."""
     if not handles:
         return url
-    parts = urlsplit(url)
-    segments = ["_" if seg.lower().lstrip("@") in handles else seg for seg in parts.path.split("/")]
-    return parts._replace(path="/".join(segments)).geturl()
+
+    def blank(path: str) -> str:
+        return "/".join("_" if seg.lower().lstrip("@") in handles else seg for seg in path.split("/"))
+
+    try:
+        parts = urlsplit(url)
+    except ValueError:  # unparseable: stored as given but blanked all the same; it downloads as bad_url
+        scheme, sep, rest = url.partition("://")
+        host, slash, path = rest.partition("/")
+        return f"{scheme}{sep}{host}{slash}{blank(path)}"
+    return parts._replace(path=blank(parts.path)).geturl()
 
 
 def opted_out(account: dict) -> bool:
