@@ -34,17 +34,6 @@ def cfg(**kw) -> FacesConfig:
     return c
 
 
-@pytest.mark.parametrize("settings, passing", [
-    ({}, {"one_big", "one_small", "two", "one_sure_one_doubtful"}),  # default: >= 1 face
-    ({"max_faces": 1}, {"one_big", "one_small"}),  # exactly-one-face dataset
-    ({"max_faces": 1, "min_score": 0.7}, {"one_big", "one_small", "one_sure_one_doubtful"}),
-    ({"min_face_share": 0.1}, {"one_big", "two", "one_sure_one_doubtful"}),
-    ({"min_face_share": 0.1, "min_score": 0.7}, {"one_big", "two"}),  # the 60-px face does not count
-    ({"min_faces": 2}, {"two", "one_sure_one_doubtful"}),
-    ({"min_faces": 0}, {"none", "one_big", "one_small", "two", "one_sure_one_doubtful"}),  # never broken rows
-    ({"min_faces": 0, "max_faces": 0, "min_score": 1.0}, {"none", "one_big", "one_small", "two",
-                                                          "one_sure_one_doubtful"}),
-])
 def passing_images(faces: pa.Table, fc: FacesConfig) -> set[str]:
     """The images whose post the labeler keeps, all other filters passing."""
     counted = {r["sha256"]: r for r in face_counts(faces, fc.min_score).to_pylist()}
