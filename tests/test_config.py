@@ -86,6 +86,13 @@ def test_secrets_are_masked_in_show():
     assert "hunter2" not in out and "secret_access_key = ***" in out
 
 
+@pytest.mark.parametrize("form", [["--toml"], ["--docs"]])
+def test_secrets_are_masked_in_every_form_of_show(form):
+    res = _cli("--set", "storage.secret_access_key=hunter2", "--set", "storage.access_key_id=AKIA-x",
+               "config", "show", *form)
+    assert res.returncode == 0 and "hunter2" not in res.stdout and "AKIA-x" not in res.stdout
+
+
 def test_readme_table_reference_is_generated_from_the_schemas():
     from pipeline.core.tables import markdown_reference
 
