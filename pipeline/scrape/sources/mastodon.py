@@ -257,7 +257,7 @@ class MastodonSource(Source):
         for attempt in range(tries):
             res = self.client.fetch(url, headers=headers)
             if res.retry_after_s is not None:
-                raise SourceRateLimited(f"{url}: {res.error}", res.retry_after_s)
+                raise SourceRateLimited(res.error or f"{url}: rate limited", res.retry_after_s)
             if not res.ok:
                 hint = " (the instance may need an access token: source.token_env)" if res.http_status in (401, 403) else ""
                 raise SourceError(f"cannot read {url}: {res.status}: {res.error}{hint}")
