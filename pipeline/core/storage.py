@@ -158,6 +158,8 @@ class LocalStorage(Storage):
         return pyarrow.fs.LocalFileSystem(), self.root
 
 
+#: Attempts per S3 request (boto3 and pyarrow alike): transient errors are retried with backoff.
+S3_ATTEMPTS = 8
 #: Whole GETs tried when a response body breaks off (connection reset, short body).
 BODY_ATTEMPTS = 4
 
@@ -194,7 +196,7 @@ class S3Storage(Storage):
             region_name=self.region,
             aws_access_key_id=self._keys[0],
             aws_secret_access_key=self._keys[1],
-            config=BotoConfig(retries={"max_attempts": 5, "mode": "standard"}, s3={"addressing_style": "path"}),
+            config=BotoConfig(retries={"max_attempts": S3_ATTEMPTS, "mode": "standard"}, s3={"addressing_style": "path"}),
         )
 
     def _k(self, key: str) -> str:
@@ -288,6 +290,9 @@ class S3Storage(Storage):
         if self._keys[0]:
             kwargs["access_key"], kwargs["secret_key"] = self._keys
         base = f"{self.bucket}/{self.prefix}" if self.prefix else self.bucket
+        # pyarrow's default is 3 attempts; S3 answers 503 SlowDown in bursts under load, and
+        # dataset reads run several requests at once, so one read can meet several faults.
+        kwargs["retry_strategy"] = pyarrow.fs.AwsStandardS3RetryStrategy(max_attempts=S3_ATTEMPTS)
         return pyarrow.fs.S3FileSystem(**kwargs), base
 
 
