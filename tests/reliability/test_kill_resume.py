@@ -36,7 +36,7 @@ pytestmark = pytest.mark.slow
 def child_code(root: Path, sim_url: str, stage: str) -> str:
     common = ("from pipeline.core.config import load_config\n"
               f"cfg = load_config(overrides=['storage.root={root}', 'scrape.backfill_days=100000', "
-              "'scrape.page_limit=10', 'scrape.threads=4', 'faces.shard_size=15', "
+              "'scrape.page_limit=10', 'scrape.threads=4', 'faces.shard_size=5', "
               "'faces.providers=CPUExecutionProvider'])\n"
               "cfg.scrape.allow_hosts = ['127.0.0.1']\n")
     if stage == "scrape":
@@ -100,24 +100,30 @@ def assert_same_as_clean(got: dict[str, Counter], clean: dict[str, Counter], tab
         assert not missing and not extra, f"{table}: {sum(missing.values())} missing, {sum(extra.values())} extra"
 
 
-def kill_repeatedly(code: str, clean_s: float, rng: random.Random, rows: Callable[[], int],
-                    total: int) -> list[int]:
+def kill_repeatedly(code: str, clean_s: float, rng: random.Random, rows: Callable[[], int], total: int,
+                    progress: tuple[Callable[[], int], int] | None = None) -> list[int]:
     """Run ``code`` KILLS times and SIGKILL each run at a random point; return the table's row
-    count after each kill. Half the points are times within a clean run's length (start-up
-    included); half are "once the table has grown past a random row count, plus up to 0.3 s",
-    which lands between and inside flushes however little work the resumed run has left."""
+    count after each kill.
+
+    Half the points are times within what is left of a clean run (start-up included); half are
+    "once the work has grown past a random point short of the end, plus up to 0.1 s", which
+    lands between and inside flushes however little the resumed run has left. ``progress`` is
+    a cheaper measure of the work done and its total (default: ``rows``, ``total``), polled
+    every 20 ms while a child runs."""
+    done, end = progress or (rows, total)
     seen = []
     for i in range(KILLS):
         if i % 2 == 0:
-            at = rng.uniform(0.2, clean_s)
+            at = rng.uniform(0.2, max(0.3, clean_s * (1 - done() / end)))
             run_child(code, kill_when=lambda t, at=at: t >= at)
         else:
-            target, extra, grown_at = rng.randint(rows(), total), rng.uniform(0.0, 0.3), [None]
+            now = done()
+            target, extra, reached = rng.randint(min(now + 1, end - 1), end - 1), rng.uniform(0.0, 0.1), [None]
 
-            def kill_when(t, target=target, extra=extra, grown_at=grown_at):
-                if grown_at[0] is None and rows() >= target:
-                    grown_at[0] = t
-                return grown_at[0] is not None and t >= grown_at[0] + extra
+            def kill_when(t, target=target, extra=extra, reached=reached):
+                if reached[0] is None and done() >= target:
+                    reached[0] = t
+                return reached[0] is not None and t >= reached[0] + extra
 
             run_child(code, kill_when=kill_when)
         seen.append(rows())
@@ -130,7 +136,7 @@ def row_count(root: Path, table: str) -> Callable[[], int]:
 
 
 def test_kill_9_scrape_and_detection_then_resume(sim_server_factory, tmp_path):
-    sim = sim_server_factory(posts=400)
+    sim = sim_server_factory(posts=600)
     sim.set_fault("slow", scope="media", delay_s=0.02)  # a crawl of a few seconds: room for the kills
     clean, killed = tmp_path / "clean", tmp_path / "killed"
     rng = random.Random(20261201)
@@ -146,8 +152,11 @@ def test_kill_9_scrape_and_detection_then_resume(sim_server_factory, tmp_path):
     assert_same_as_clean(got, want, ["posts", "engagement", "downloads", "images"])
 
     detect_s = run_child(child_code(clean, sim.url, "faces"))
+    # One faces partition per shard: counting them is cheap enough to poll.
+    shards = (lambda: len(list_partitions(LocalStorage(killed), "faces")),
+              len(list_partitions(LocalStorage(clean), "faces")))
     after_kills = kill_repeatedly(child_code(killed, sim.url, "faces"), detect_s, rng, row_count(killed, "faces"),
-                                  sum(snapshot(clean)["faces"].values()))
+                                  sum(snapshot(clean)["faces"].values()), progress=shards)
     run_child(child_code(killed, sim.url, "faces"))
     got, want = snapshot(killed), snapshot(clean)
     assert sum(want["faces"].values()) == sum(want["images"].values())
