@@ -70,11 +70,15 @@ def load_tombstones(storage: Storage) -> Tombstones:
     return out
 
 
-def _add_tombstone(storage: Storage, authors: set[str], posts: set[PostRef], images: set[str], reason: str) -> None:
+def _add_tombstone(storage: Storage, authors: set[str], posts: set[PostRef], images: set[str],
+                   reason: str) -> set[str]:
+    """Append a tombstone record; return the images of every record (earlier ones included, so
+    a run killed before its images were cleaned gets them cleaned now)."""
     records = get_json(storage, keys.TOMBSTONES, default=None) or []
     records.append({"at": datetime.now(UTC).isoformat(timespec="seconds"), "reason": reason,
                     "authors": sorted(authors), "posts": sorted(list(p) for p in posts), "images": sorted(images)})
     put_json(storage, keys.TOMBSTONES, records)
+    return {sha for r in records for sha in r.get("images", [])}
 
 
 def forget(storage: Storage, *, authors: Iterable[str] = (), posts: Iterable[PostRef] = (),
@@ -93,12 +97,12 @@ def forget(storage: Storage, *, authors: Iterable[str] = (), posts: Iterable[Pos
     post_ids = {p for _, p in doomed["refs"]}
     urls = doomed["urls"]
     shas = _download_shas(storage, post_ids, urls)
-    _add_tombstone(storage, authors, posts | doomed["refs"], shas, reason)
+    tombstoned_images = _add_tombstone(storage, authors, posts | doomed["refs"], shas, reason)
 
     removed.update(_forget_labels(storage, authors, post_ids, shas))
     removed["predictions"] = _forget_predictions(storage, removed.pop("label_post_ids"))
     removed["downloads"] = _rewrite(storage, "downloads", lambda t: pc.and_(_in(t, "post_id", post_ids), _in(t, "url", urls)))
-    orphans = _unreferenced(storage, shas | load_tombstones(storage).images)
+    orphans = _unreferenced(storage, tombstoned_images)
     removed["faces"] = _rewrite(storage, "faces", lambda t: _in(t, "sha256", orphans))
     removed["images"] = _rewrite(storage, "images", lambda t: _in(t, "sha256", orphans))
     for sha in sorted(orphans):
@@ -175,7 +179,7 @@ def _forget_labels(storage: Storage, authors: set[str], post_ids: set[str], shas
             out["unpublished"] = run
         write_partition(storage, "labels", run, t.filter(pc.invert(drop)))
         storage.delete_prefix(keys.validation_run(run) + "/")  # its result and Data Docs quote rows
-        storage.delete_prefix(f"reports/{run}/")  # thumbnails of the photos (local reports)
+        storage.delete_prefix(keys.report_run(run) + "/")  # thumbnails of the photos (local reports)
         out["labels"] += n
         out["labels_runs"].append(run)
     return out

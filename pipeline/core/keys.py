@@ -17,6 +17,7 @@ imports the key it needs instead of spelling it.
 ``state/scrape/<host>/<tag>.json``      crawl coverage per (instance, hashtag)
 ``state/tombstones.json``               who and what ``likerank forget`` removed
 ``runs/scrape/<day>/``                  one summary per scrape run
+``reports/<run>/``                      the HTML report of a labels run (local storage)
 ======================================  ==============================================
 """
 
@@ -104,11 +105,25 @@ def faces_manifest(partition: str) -> str:
     return f"faces/_manifests/{partition}.json"
 
 
+def _host_name(host: str) -> str:
+    """``host[:port]`` as one path segment (a port must not make a second folder level)."""
+    return host.lower().replace(":", "_")
+
+
 def crawl_state(host: str, hashtag: str) -> str:
-    """``host`` with ``:`` replaced, so a port cannot make a second folder level."""
-    return f"state/scrape/{host.lower().replace(':', '_')}/{hashtag.lower()}.json"
+    return f"state/scrape/{_host_name(host)}/{hashtag.lower()}.json"
 
 
 def scrape_runs(day: str = "") -> str:
-    """Where each scrape run leaves its summary: ``runs/scrape/<day>/<host>__<tag>-<stamp>.json``."""
+    """The folder of the scrape run summaries (of one day, or of all)."""
     return f"runs/scrape/{day}/" if day else "runs/scrape/"
+
+
+def scrape_run(day: str, host: str, hashtag: str, stamp: str) -> str:
+    """One scrape run's summary; ``stamp`` makes it unique, so no run overwrites another."""
+    return f"{scrape_runs(day)}{_host_name(host)}__{hashtag}-{stamp}.json"
+
+
+def report_run(run_id: str) -> str:
+    """The report of a labels run, on local storage (elsewhere it goes to ``./reports/``)."""
+    return f"reports/{run_id}"

@@ -73,8 +73,8 @@ def default_out_dir(storage: Storage, labels_run: str | None) -> Path:
     """``<storage root>/reports/<run>/`` on local storage, else ``./reports/<run>/``."""
     name = labels_run or "no-labels"
     if isinstance(storage, LocalStorage):
-        return storage.path / "reports" / name
-    return Path("reports") / name
+        return storage.path / keys.report_run(name)
+    return Path(keys.report_run(name))
 
 def load_context(storage: Storage, labels_run: str | None, model_run: str | None,
                   out: str | Path | None) -> ReportContext:

@@ -350,8 +350,7 @@ def scrape(cfg: Config, instance: str, hashtag: str, logical_date: str | date | 
     # A run log: skip reasons exist nowhere else (skipped statuses are not stored), and the
     # funnel (`make run`, the report) adds them up. One file per run, never overwritten.
     stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%S%fZ")
-    host = urlsplit(instance).netloc.lower().replace(":", "_")
-    put_json(storage, f"{keys.scrape_runs(day)}{host}__{hashtag}-{stamp}.json", summary)
+    put_json(storage, keys.scrape_run(day, urlsplit(instance).netloc, hashtag, stamp), summary)
     log.info("scrape %s #%s %s: %d seen, %d kept, skipped %s, downloads %s (%s)", instance, hashtag, day,
              summary["seen"], kept, summary["skipped"], summary["downloads"], cov.stop)
     return summary
