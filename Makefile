@@ -60,10 +60,14 @@ airflow: setup ## Airflow UI + scheduler on http://localhost:8080 (Ctrl-C stops 
 retrain: setup ## fine-tune on the latest published labels (through the scheduler if `make airflow` runs)
 	$(BIN)/likerank retrain
 
+lock: setup ## rewrite requirements.lock from the working .venv (after a deliberate upgrade)
+	{ sed -n '1,2p' requirements.lock; $(BIN)/pip freeze --exclude-editable | LC_ALL=C sort -f; } > requirements.lock.new
+	mv requirements.lock.new requirements.lock
+
 lint: setup ## ruff
 	$(BIN)/ruff check pipeline labeling training simulator dags tests bench
 
 clean: ## remove the venv, Airflow's state and ./data
 	rm -rf $(VENV) .airflow data .pytest_cache
 
-.PHONY: help setup run test bench airflow retrain lint clean
+.PHONY: help setup run test bench airflow retrain lock lint clean

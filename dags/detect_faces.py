@@ -9,7 +9,8 @@ publishes **faces** (Asset `likerank_faces`) for the labeling DAG.
 * `plan` writes each shard's image list to `faces/_manifests/` and hands on only its key.
 * `detect` (mapped) loads the model once and writes one partition
   `faces/dt=<date>-s<shard>-<digest>/`; a retry replaces that partition, nothing else.
-  It runs on `faces.queue` / `faces.pool` when set (e.g. a GPU worker queue).
+  It runs on `faces.queue` (default `gpu`: the GPU workers) and `faces.pool`, and with
+  `faces.kubernetes_gpus` its pod requests GPUs under the Kubernetes executor.
 * `summarize` merges the shard summaries (images, 0/1/many faces, errors, provider).
 
 Bad images are rows with a `status`, not failures. Re-running with a new model (a new
@@ -22,14 +23,7 @@ from contextlib import contextmanager
 
 from airflow.sdk import dag, task
 from likerank_assets import DEFAULT_ARGS, FACES, IMAGES, START_DATE
-
-
-def _detect_routing() -> dict:
-    """queue/pool for the detection tasks, from the [faces] config (cheap: TOML + env only)."""
-    from pipeline.core.config import load_config
-
-    faces = load_config().faces
-    return {key: value for key, value in (("queue", faces.queue), ("pool", faces.pool)) if value}
+from likerank_routing import detect_routing
 
 
 @contextmanager
@@ -73,7 +67,7 @@ def detect_faces():
             return write_shard_manifests(load_config(), _run_day(context),
                                          max_shards=conf.getint("core", "max_map_length"))
 
-    @task(**_detect_routing())
+    @task(**detect_routing())
     def detect(shard: dict, **context) -> dict:
         from pipeline.core.config import load_config
         from pipeline.faces.detect_faces import detect_manifest

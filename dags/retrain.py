@@ -9,7 +9,8 @@ published (the `likerank_labels` Asset), or when triggered by hand (`make retrai
 - **launch** starts `training.train` on the published labels with `training.backend`:
   `local` runs torchrun inside the task (blocking), `kubernetes` creates a Kubeflow
   PyTorchJob. The model run id is derived from this DAG run's id, so a retried task
-  resumes the same run from its last checkpoint instead of starting over.
+  resumes the same run from its last checkpoint instead of starting over. It runs on the
+  `training.queue` (default `train`: the GPU workers).
 - **wait** polls the PyTorchJob (kubernetes) and checks the run completed.
 - **evaluate** returns the run's val/test metrics summary (`models/<run>/metrics.json`).
 - **register** points `models/latest.json` at the run.
@@ -21,6 +22,7 @@ from __future__ import annotations
 
 from airflow.sdk import dag, task
 from likerank_assets import DEFAULT_ARGS, LABELS, MODEL, START_DATE
+from likerank_routing import train_routing
 
 
 @dag(
@@ -34,7 +36,7 @@ from likerank_assets import DEFAULT_ARGS, LABELS, MODEL, START_DATE
     doc_md=__doc__,
 )
 def retrain():
-    @task
+    @task(**train_routing())
     def launch(dag_run_id: str) -> dict:
         from training.launch import launch as start_training
 

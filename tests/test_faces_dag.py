@@ -49,3 +49,19 @@ def test_detection_routes_to_the_configured_queue_and_pool(monkeypatch):
     detect = dag.get_task("detect")
     assert detect.queue == "gpu" and detect.pool == "gpu_pool"
     assert dag.get_task("plan").queue != "gpu"
+
+
+def test_by_default_shards_go_to_the_gpu_queue_and_everything_else_to_default(dag):
+    assert dag.get_task("detect").queue == "gpu"
+    assert {dag.get_task(t).queue for t in ("plan", "summarize")} == {"default"}
+    assert not dag.get_task("detect").executor_config  # no pod override unless asked
+
+
+def test_kubernetes_gpus_puts_a_gpu_request_on_the_shard_pods(monkeypatch):
+    pytest.importorskip("airflow")
+    dag = load_dag(monkeypatch, LIKERANK_FACES__KUBERNETES_GPUS="2")
+    pod = dag.get_task("detect").executor_config["pod_override"]
+    (container,) = pod.spec.containers
+    assert container.name == "base"  # the Kubernetes executor's task container
+    assert container.resources.limits == {"nvidia.com/gpu": "2"}
+    assert not dag.get_task("plan").executor_config

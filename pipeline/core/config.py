@@ -162,16 +162,20 @@ class FacesConfig:
     max_faces: int = doc("Label filter: most faces allowed; 0 = no limit (1 = exactly-one-face dataset).", default=0)
     min_face_share: float = doc("Label filter: smallest largest-face area / image area.", default=0.0)
     min_score: float = doc("Label filter: a face counts only at this detector score or above.", default=0.5)
-    queue: str = doc("Airflow queue for detection tasks (e.g. 'gpu'); empty = default.", default="")
+    queue: str = doc("Airflow queue of the detection shards. Under the CeleryExecutor a worker must listen "
+                     "on it (infra/compose.yaml: the GPU worker); the local executors ignore it; "
+                     "empty = Airflow's default queue.", default="gpu")
     pool: str = doc("Airflow pool for detection tasks; empty = default.", default="")
+    kubernetes_gpus: int = doc("GPUs (nvidia.com/gpu) each detection shard's pod requests under the "
+                               "Kubernetes executor (a pod_override); 0 = no override.", default=0)
 
     def validate(self) -> None:
         if self.det_size < 32 or self.fallback_det_size < 0:
             raise ValueError("det_size: must be >= 32; fallback_det_size >= 0")
         if not 0 <= self.det_thresh <= 1 or not 0 <= self.min_score <= 1:
             raise ValueError("det_thresh, min_score: must be within 0..1")
-        if self.min_faces < 0 or self.max_faces < 0:
-            raise ValueError("min_faces, max_faces: must be >= 0")
+        if self.min_faces < 0 or self.max_faces < 0 or self.kubernetes_gpus < 0:
+            raise ValueError("min_faces, max_faces, kubernetes_gpus: must be >= 0")
         if self.max_faces and self.max_faces < self.min_faces:
             raise ValueError("max_faces: must be >= min_faces (or 0 for no limit)")
         if not 0 <= self.min_face_share <= 1:
@@ -237,6 +241,9 @@ class TrainingConfig:
     nproc: int = doc("Processes per node for the local launcher (torchrun --nproc_per_node).", default=1)
     backend: str = doc("Launcher: 'local' (torchrun here) or 'kubernetes' (Kubeflow PyTorchJob).", default="local")
     seed: int = doc("Base random seed (each rank adds its rank).", default=0)
+    queue: str = doc("Airflow queue of the `retrain` DAG's launch task (torchrun runs inside it with the "
+                     "local backend). Under the CeleryExecutor a worker must listen on it; the local "
+                     "executors ignore it; empty = Airflow's default queue.", default="train")
     image: str = doc("Container image for the kubernetes backend.", default="ghcr.io/likerank/likerank:latest")
     namespace: str = doc("Kubernetes namespace.", default="default")
     replicas: int = doc("Kubernetes worker replicas.", default=2)
