@@ -1,17 +1,19 @@
 """
 ### Build labels
 
-Runs when new **faces** or new **engagement** snapshots land (Assets `likerank_faces`,
-`likerank_engagement`), or by hand. Labels every eligible face post by the rule in DESIGN.md
-(follower-normalized like rank in exposure groups of `labeling.group_size`), then gates and
-publishes the run:
+Runs when new **faces** land (Asset `likerank_faces`, from `detect_faces`) or mature
+**engagement** does (Asset `likerank_engagement`, from `refresh_engagement`), or by hand.
+Labels every eligible face post by the rule in the README (follower-normalized like rank in
+exposure groups of `labeling.group_size`), then gates and publishes the run:
 
 * `label` writes `labels/run=<run>/` (data, `_config.toml`, `_summary.json` with the drop
-  counts by reason) and hands on the summary;
+  counts by reason) and hands on the summary. With too few new eligible posts (less than a
+  group, or than `validation.min_rows`, or less than a group's worth not in the published
+  run) it writes nothing and the run ends **skipped**, the reason and drop counts in the log;
 * `validate` runs the Great Expectations checkpoints (labels, posts, faces) and writes the
   result and Data Docs to `validation/run=<run>/`; a failed expectation fails the task, with
-  the failed expectations and offending rows in its log (failed at once, not retried:
-  data does not heal; storage errors are retried);
+  the failed expectations, offending rows and drop counts in its log (failed at once, not
+  retried: data does not heal; storage errors are retried);
 * `publish` points `labels/_published.json` at the run and emits **labels**
   (Asset `likerank_labels`), which triggers retraining. It only runs after a pass.
 
@@ -38,11 +40,16 @@ from likerank_assets import DEFAULT_ARGS, ENGAGEMENT, FACES, LABELS, START_DATE
 def build_labels():
     @task
     def label(**context) -> dict:
+        from airflow.sdk.exceptions import AirflowSkipException
+
+        from labeling.build_labels import NothingToLabel, clean_run_id
         from labeling.build_labels import build_labels as build
-        from labeling.build_labels import clean_run_id
         from pipeline.core.config import load_config
 
-        return build(load_config(), clean_run_id(context["run_id"]))
+        try:
+            return build(load_config(), clean_run_id(context["run_id"]))
+        except NothingToLabel as exc:  # not a failure: the run ends skipped, saying why
+            raise AirflowSkipException(str(exc)) from exc
 
     @task
     def validate(summary: dict) -> dict:

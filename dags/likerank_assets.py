@@ -1,7 +1,7 @@
 """The Assets the likerank DAGs hand each other (data-aware scheduling).
 
-scrape -> posts, images, engagement -> detect_faces -> faces -> build_labels -> labels -> retrain -> model
-refresh_engagement -> engagement
+scrape -> posts, images -> detect_faces -> faces -> build_labels -> labels -> retrain -> model
+refresh_engagement -> engagement -> build_labels
 
 Each URI names a table under the configured storage root; the Asset is the logical hand-off,
 the storage root says where the bytes are.

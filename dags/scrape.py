@@ -3,8 +3,10 @@
 
 Daily: reads each configured hashtag from each instance (Mastodon API), keeps the eligible
 photo posts, downloads their images and writes the day's `posts`, `engagement`, `images` and
-`downloads` partitions, then emits **posts**, **images** and **engagement** (Assets
-`likerank_posts`, `likerank_images`, `likerank_engagement`) for face detection and labeling.
+`downloads` partitions, then emits **posts** and **images** (Assets `likerank_posts`,
+`likerank_images`), which trigger face detection. Its first-look `engagement` rows are stored
+but emit no Asset event: labeling waits for the faces (and for `refresh_engagement`'s mature
+snapshots), so it never starts on posts whose faces are not detected yet.
 
 * `pairs` resolves the params (`instances`, `hashtags`; defaults from the `[source]` config)
   into (instance, hashtag) pairs. With `source.kind = "simulator"` an instance URL must be
@@ -27,7 +29,7 @@ Owner: likerank-data.
 from __future__ import annotations
 
 from airflow.sdk import Param, dag, task
-from likerank_assets import DEFAULT_ARGS, ENGAGEMENT, HTTP_TASK_TIMEOUT, IMAGES, POSTS, START_DATE
+from likerank_assets import DEFAULT_ARGS, HTTP_TASK_TIMEOUT, IMAGES, POSTS, START_DATE
 
 
 @dag(
@@ -54,7 +56,7 @@ def scrape_dag():
         return scrape_pairs(load_config(), params.get("instances") or [], params.get("hashtags") or [],
                             params.get("max_posts"))
 
-    @task(max_active_tis_per_dag=1, outlets=[POSTS, IMAGES, ENGAGEMENT], execution_timeout=HTTP_TASK_TIMEOUT)
+    @task(max_active_tis_per_dag=1, outlets=[POSTS, IMAGES], execution_timeout=HTTP_TASK_TIMEOUT)
     def scrape(pair: dict, **context) -> dict:
         from pipeline.core.config import load_config
         from pipeline.scrape.scrape import scrape as run
@@ -72,7 +74,9 @@ def scrape_dag():
     def summarize(summaries: list[dict]) -> dict:
         from pipeline.scrape.scrape import merge_summaries
 
-        return merge_summaries(list(summaries))
+        # Indexing (not iterating) the lazy XCom sequence: iteration probes one past the end
+        # and logs a false "XCom not found" error.
+        return merge_summaries([summaries[i] for i in range(len(summaries))])
 
     summarize(scrape.expand(pair=pairs()))
 

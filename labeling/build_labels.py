@@ -38,6 +38,37 @@ log = logging.getLogger(__name__)
 LABELERS = ("groups", "median_likes", "ratio", "residual")
 
 
+class NothingToLabel(Exception):
+    """Not enough new eligible posts for a labels run yet: the run has nothing to do (a DAG run
+    ends *skipped*, not failed). The message says why, with the drop counts by reason."""
+
+    def __init__(self, reason: str, summary: dict[str, Any]):
+        drops = ", ".join(f"{k} {v}" for k, v in sorted(summary["dropped"].items(), key=lambda kv: -kv[1]) if v)
+        super().__init__(f"labels run {summary['run_id']}: nothing to label yet: {reason}. "
+                         f"{summary['rows_in']} candidate posts; dropped: {drops or 'none'}")
+        self.reason, self.summary = reason, summary
+
+
+def check_enough(summary: dict[str, Any], labeled_ids: set[str], published: dict[str, Any] | None,
+                 published_ids: set[str], min_rows: int) -> None:
+    """Raise :class:`NothingToLabel` unless this run is worth validating and publishing.
+
+    It is when it labels at least one whole group and ``validation.min_rows`` rows, and, if a
+    run is published, at least a group's worth of posts that run did not have (so a refresh
+    that matured a handful of posts does not relabel and retrain on nearly the same data).
+    """
+    group_size = summary["group_size"]
+    if summary["rows_out"] < max(group_size, min_rows, 1):
+        raise NothingToLabel(f"{summary['rows_out']} posts would be labeled, a run needs at least "
+                             f"{max(group_size, min_rows, 1)} (one group of {group_size}, "
+                             f"validation.min_rows {min_rows})", summary)
+    if published:
+        new = len(labeled_ids - published_ids)
+        if new < group_size:
+            raise NothingToLabel(f"{new} of the posts it would label are new since the published labels run "
+                                 f"{published['run_id']}, fewer than one group of {group_size}", summary)
+
+
 def new_run_id(now: datetime | None = None) -> str:
     """A run id from the UTC time, e.g. ``20261123T101500Z``."""
     return (now or datetime.now(UTC)).strftime("%Y%m%dT%H%M%SZ")
@@ -143,13 +174,24 @@ def label_candidates(cands: pa.Table, cfg: Config, run_id: str, *, labeler: str 
 def build_labels(cfg: Config, run_id: str, storage: Storage | None = None) -> dict[str, Any]:
     """Label the project's tables into ``labels/run=<run_id>/``; return the run summary.
 
-    Rerunning a run id replaces its partition, config and summary (idempotent).
+    Raises :class:`NothingToLabel` (writing nothing) when too few new eligible posts exist
+    (:func:`check_enough`). Rerunning a run id replaces its partition, config and summary
+    (idempotent).
     """
-    from pipeline.core.tables import get_json, put_json, write_partition
+    from pipeline.core.tables import get_json, put_json, read_table, write_partition
 
     storage = storage or open_storage(cfg.storage)
     cands, counts = read_candidates(storage, cfg)
     labels, summary = label_candidates(cands, cfg, run_id, counts=counts)
+    published = get_json(storage, keys.PUBLISHED_LABELS)
+    if published and published.get("run_id") == run_id:
+        published = None  # a rerun of the published run compares against nothing
+    published_ids: set[str] = set()
+    if published:
+        published_ids = set(read_table(storage, "labels", partitions=[published["run_id"]],
+                                       columns=["post_id"]).column("post_id").to_pylist())
+    check_enough(summary, set(labels.column("post_id").to_pylist()), published, published_ids,
+                 cfg.validation.min_rows)
     # A rebuilt run must be validated again before it can be published, and must not stay
     # published meanwhile: training would otherwise read data nobody validated.
     if (get_json(storage, keys.PUBLISHED_LABELS) or {}).get("run_id") == run_id:

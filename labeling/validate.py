@@ -227,6 +227,10 @@ def format_failures(report: dict[str, Any]) -> str:
             else f"observed {f['observed_value']!r}"
         lines.append(f"- {f['table']}: {f['expectation']}({what}): {count}")
         lines += [f"    {row}" for row in f["rows"][:3]]
+    dropped = {k: v for k, v in (report.get("dropped") or {}).items() if v}
+    if dropped:
+        lines.append("posts dropped before labeling, by reason: "
+                     + ", ".join(f"{k} {v}" for k, v in sorted(dropped.items(), key=lambda kv: -kv[1])))
     return "\n".join(lines)
 
 
@@ -270,6 +274,7 @@ def validate_run(cfg: Config, run_id: str, storage: Storage | None = None, *,
         "success": all(r["success"] for r in results.values()),
         "labeler": labeler,
         "group_size": group_size,
+        "dropped": summary.get("dropped", {}),  # the labels run's drop counts, for the failure message
         "labels_sha256": labels_sha256,  # what this result vouches for: publishing and training check it
         "tables": {t: {k: r[k] for k in ("success", "rows", "statistics")} for t, r in results.items()},
         "failed_expectations": len(failures),

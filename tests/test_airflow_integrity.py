@@ -77,3 +77,19 @@ def test_dag_files_only_wire():
             names = [a.name for a in node.names] if isinstance(node, ast.Import) else (
                 [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
             assert not any(n.split(".")[0] in heavy for n in names), f"{path.name} imports {names} at module level"
+
+
+def test_labeling_starts_on_faces_or_mature_engagement_never_on_scrape(dagbag):
+    """Scrape's first look must not start a labels run before its faces are detected."""
+    producers = {(dag_id, t.task_id) for dag_id, dag in dagbag.dags.items() for t in dag.tasks
+                 if any(getattr(o, "name", "") == "likerank_engagement" for o in t.outlets)}
+    assert producers == {("refresh_engagement", "refresh")}
+    trigger = dagbag.dags["build_labels"].timetable.asset_condition
+    assert {a.name for a in trigger.objects} == {"likerank_faces", "likerank_engagement"}
+
+
+def test_heavy_tasks_are_routed_to_their_queues(dagbag):
+    assert dagbag.dags["detect_faces"].get_task("detect").queue == "gpu"
+    assert dagbag.dags["retrain"].get_task("launch").queue == "train"
+    others = {t.queue for dag in dagbag.dags.values() for t in dag.tasks if t.task_id not in ("detect", "launch")}
+    assert others == {"default"}

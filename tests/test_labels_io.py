@@ -86,7 +86,7 @@ def test_candidates_from_project_tables(local_storage):
 
 def test_build_labels_writes_run_config_and_summary(storage):
     write_world(storage)
-    cfg = load_config(env={}, overrides=["labeling.group_size=2"])
+    cfg = load_config(env={}, overrides=["labeling.group_size=2", "validation.min_rows=2"])
     summary = build_labels(cfg, "run1", storage)
     d = summary["dropped"]
     assert (d["duplicate_post_id"], d["age_below_min"], d["followers_out_of_range"], d["too_many_tags"],
@@ -98,6 +98,38 @@ def test_build_labels_writes_run_config_and_summary(storage):
 
     labels = read_table(storage, "labels", ["run1"])
     assert labels.num_rows == 6 and set(labels.column("label").to_pylist()) == {0, 1}
+
+
+def test_too_few_eligible_posts_is_nothing_to_label_and_writes_nothing(local_storage):
+    from labeling.build_labels import NothingToLabel
+
+    write_world(local_storage)  # 6 eligible posts
+    cfg = load_config(env={}, overrides=["labeling.group_size=4", "validation.min_rows=8"])
+    with pytest.raises(NothingToLabel) as caught:
+        build_labels(cfg, "run1", local_storage)
+    message = str(caught.value)
+    assert "4 posts would be labeled, a run needs at least 8" in message
+    assert "15 candidate posts" in message and "age_below_min 1" in message and "partial_group 2" in message
+    assert not local_storage.list("labels/")
+
+
+def test_a_run_with_under_a_group_of_new_posts_since_the_published_one_is_nothing_to_label(local_storage):
+    from labeling.build_labels import NothingToLabel
+    from labeling.publish import publish
+    from labeling.validate import validate_run
+
+    write_world(local_storage, n_good=4)
+    cfg = load_config(env={}, overrides=["labeling.group_size=2", "validation.min_rows=2",
+                                         "validation.data_docs=false"])
+    build_labels(cfg, "run1", local_storage)
+    validate_run(cfg, "run1", local_storage, inputs=False)
+    publish(cfg, "run1", local_storage)
+    write_world(local_storage, n_good=5)  # one more eligible post: a partial group, nothing new to label
+    with pytest.raises(NothingToLabel, match="0 of the posts it would label are new since the published labels run run1"):
+        build_labels(cfg, "run2", local_storage)
+    write_world(local_storage, n_good=6)  # two new: a whole group
+    assert build_labels(cfg, "run2", local_storage)["rows_out"] == 6
+    assert build_labels(cfg, "run1", local_storage)["rows_out"] == 6  # rerunning the published run compares to nothing
 
 
 def test_label_command_on_project_tables_validates_and_publishes(tmp_path, monkeypatch, capsys):
@@ -157,7 +189,8 @@ def test_no_secret_in_the_saved_config_or_anything_else_the_run_writes(local_sto
     """The resolved config saved beside the labels shows *** for every secret."""
     write_world(local_storage)
     cfg = load_config(overrides=["storage.access_key_id=dummy-key-id-5150",
-                                 "storage.secret_access_key=dummy-secret-8086"])
+                                 "storage.secret_access_key=dummy-secret-8086",
+                                 "labeling.group_size=2", "validation.min_rows=2"])
     build_labels(cfg, "run1", local_storage)
     saved = local_storage.get_text("labels/run=run1/_config.toml")
     assert 'secret_access_key = "***"' in saved and 'access_key_id = "***"' in saved

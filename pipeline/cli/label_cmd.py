@@ -38,7 +38,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def label_command(args: argparse.Namespace, cfg: Config) -> int:
-    from labeling.build_labels import build_labels, clean_run_id, label_file, new_run_id
+    from labeling.build_labels import NothingToLabel, build_labels, clean_run_id, label_file, new_run_id
     from labeling.eligibility import InputError
     from labeling.publish import publish
     from labeling.validate import ValidationFailed, validate_run
@@ -56,7 +56,11 @@ def label_command(args: argparse.Namespace, cfg: Config) -> int:
         print(json.dumps(summary, indent=2))
         return 0
 
-    summary = build_labels(cfg, run_id)
+    try:
+        summary = build_labels(cfg, run_id)
+    except NothingToLabel as exc:  # not an error: nothing was written, the published run stands
+        print(f"likerank label: {exc}", file=sys.stderr)
+        return 0
     print(json.dumps(summary, indent=2))
     try:
         report = validate_run(cfg, run_id)
