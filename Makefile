@@ -16,7 +16,7 @@ export AIRFLOW__CORE__DAGS_FOLDER := $(CURDIR)/dags
 export AIRFLOW__CORE__LOAD_EXAMPLES := False
 # The default (32) forks 32 LocalExecutor workers of ~140 MB each; 2 suits a small machine.
 export AIRFLOW__CORE__PARALLELISM := 2
-export AIRFLOW__LOGGING__LOGGING_LEVEL := WARNING
+export AIRFLOW__LOGGING__LOGGING_LEVEL := INFO
 export PATH := $(CURDIR)/$(BIN):$(PATH)
 
 help: ## list the targets

@@ -38,7 +38,13 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def label_command(args: argparse.Namespace, cfg: Config) -> int:
-    from labeling.build_labels import NothingToLabel, build_labels, clean_run_id, label_file, new_run_id
+    from labeling.build_labels import (
+        NothingToLabel,
+        build_labels,
+        clean_run_id,
+        label_file,
+        new_run_id,
+    )
     from labeling.eligibility import InputError
     from labeling.publish import publish
     from labeling.validate import ValidationFailed, validate_run
