@@ -8,6 +8,7 @@ import subprocess
 import sys
 import time
 from collections import Counter
+from itertools import pairwise
 from pathlib import Path
 
 import pyarrow.compute as pc
@@ -114,6 +115,26 @@ def test_second_run_after_clock_advance_reads_only_new_posts(scfg, sim_server):
     s3 = scrape(scfg, sim_server.url, TAG, "2025-06-05")
     assert (s3["seen"], s3["pages"]) == (0, 1)
     assert_exact(scfg, sim_server)
+
+
+def test_backfill_of_past_days_stores_each_days_posts_in_its_own_partition(scfg, sim):
+    """Runs for past days (``airflow backfill create``), oldest first, then today's: each
+    partition holds the posts created up to its day's end that no earlier run stored."""
+    from datetime import timedelta
+
+    today = sim.now.date()
+    days = [(today - timedelta(days=n)).isoformat() for n in (20, 10, 3, 0)]
+    for day in days:
+        scrape(scfg, sim.url, TAG, day)
+    rows = assert_exact(scfg, sim)  # together: every eligible post once
+    by_day = Counter(r["dt"] for r in rows)
+    assert set(by_day) == set(days), by_day  # each day found posts of its own
+    for r in rows:
+        day_end = r["dt"] + "T23:59:59.999999+00:00"
+        assert r["created_at"].isoformat() <= day_end, (r["post_id"], r["created_at"], r["dt"])
+    for earlier, later in pairwise(days):
+        newest_earlier = max(r["created_at"] for r in rows if r["dt"] == earlier)
+        assert all(r["created_at"] > newest_earlier for r in rows if r["dt"] == later)
 
 
 def test_max_posts_runs_leave_no_gap(scfg, sim):

@@ -16,7 +16,9 @@ Coverage state (``state/scrape/<instance-host>/<hashtag>.json``)
     stopped by ``max_posts`` (or a crash) left. Below the lowest interval it walks only to
     backfill: to ``logical_date - scrape.backfill_days`` (or the timeline's end). With
     ``backfill_days = 0`` ("forward only") a first run reads just the newest page and later
-    runs read what appears after it.
+    runs read what appears after it. A run for a past day (``airflow backfill create``)
+    starts at the end of that day (``max_id`` from the snowflake id), so its partition holds
+    the posts created up to then that no run read before.
 
 Durability and reruns
     Rows are buffered and flushed every :data:`FLUSH_EVERY` statuses and at the end: the
@@ -248,6 +250,10 @@ def scrape(cfg: Config, instance: str, hashtag: str, logical_date: str | date | 
                                    token=resolve_token(cfg, token), page_limit=cfg.scrape.page_limit, now=now)
     instance = src.instance
     skey = state_key(instance, hashtag)
+    # A past day (a backfill run) reads the posts created up to its end, not today's: its
+    # partition holds what existed that day. Today's runs start at the newest post.
+    day_end = datetime.fromisoformat(day).replace(tzinfo=UTC) + timedelta(days=1)
+    start = src.max_id_before(day_end) if day_end < datetime.now(UTC) else None
     horizon = None
     if cfg.scrape.backfill_days:
         horizon = datetime.fromisoformat(day).replace(tzinfo=UTC) - timedelta(days=cfg.scrape.backfill_days)
@@ -282,7 +288,7 @@ def scrape(cfg: Config, instance: str, hashtag: str, logical_date: str | date | 
         unflushed = 0
 
     try:
-        cursor: str | None = None
+        cursor: str | None = start
         walking = True
         while walking:
             walking = False

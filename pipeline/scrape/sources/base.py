@@ -127,6 +127,11 @@ class Source(ABC):
         """Pages of ``hashtag``'s timeline from ``max_id`` (exclusive; None = newest) down to
         the oldest, each page newest first. Raises :class:`SourceError` when a page cannot be read."""
 
+    def max_id_before(self, when: datetime) -> str | None:
+        """A ``max_id`` that starts :meth:`pages` at the posts created before ``when`` (a backfill
+        of a past day reads that day's posts, not today's); None where ids carry no time."""
+        return None
+
     @abstractmethod
     def reobserve(self, post_ids: Iterable[str]) -> Iterator[tuple[str, Observation | str]]:
         """Re-read posts: yields ``(post_id, Observation)``, or ``(post_id, reason)`` where

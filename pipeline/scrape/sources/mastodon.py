@@ -308,6 +308,10 @@ class MastodonSource(Source):
                 page.next_url = self.page_url(hashtag, page.items[-1].post_id)
         return page
 
+    def max_id_before(self, when: datetime) -> str:
+        # Mastodon status ids are snowflakes: creation time in ms, shifted past 16 random bits.
+        return str(int(when.timestamp() * 1000) << 16)
+
     def pages(self, hashtag: str, max_id: str | None = None) -> Iterator[Page]:
         url: str | None = self.page_url(hashtag, max_id)
         while url:
