@@ -53,12 +53,11 @@ test: setup ## run the test suite (what CI runs)
 bench: setup ## run the benchmarks; each prints its figures as ratios against a baseline
 	for b in bench/*.py; do echo "== $$b"; $(BIN)/python $$b; done
 
-airflow: setup ## Airflow UI + scheduler on http://localhost:8080 (Ctrl-C stops it)
-	@echo "admin password: $(AIRFLOW_HOME)/simple_auth_manager_passwords.json.generated"
-	exec $(BIN)/airflow standalone
+airflow: setup ## the demo world under the real scheduler: UI on http://127.0.0.1:8080, home .airflow-live, tables in data-live (Ctrl-C stops it)
+	AIRFLOW_HOME=$(CURDIR)/.airflow-live exec $(BIN)/python -m pipeline.orchestrate live
 
-retrain: setup ## fine-tune on the latest published labels (through the scheduler if `make airflow` runs)
-	$(BIN)/likerank retrain
+retrain: setup ## fine-tune on the latest published labels (through the scheduler if `make airflow` runs; WAIT=1 waits and exits with the run's state)
+	$(BIN)/likerank retrain $(if $(WAIT),--wait)
 
 lock: setup ## rewrite requirements.lock from the working .venv (after a deliberate upgrade)
 	{ sed -n '1,2p' requirements.lock; $(BIN)/pip freeze --exclude-editable | LC_ALL=C sort -f; } > requirements.lock.new
@@ -67,7 +66,7 @@ lock: setup ## rewrite requirements.lock from the working .venv (after a deliber
 lint: setup ## ruff
 	$(BIN)/ruff check pipeline labeling training simulator dags tests bench
 
-clean: ## remove the venv, Airflow's state and ./data
-	rm -rf $(VENV) .airflow data .pytest_cache
+clean: ## remove the venv, Airflow's state and the tables (./data, ./data-live)
+	rm -rf $(VENV) .airflow .airflow-live data data-live .pytest_cache
 
 .PHONY: help setup run test bench airflow retrain lock lint clean

@@ -25,6 +25,12 @@ What it does, in order:
 4. stops the simulator.
 
 A second ``make run`` is incremental: the scraper resumes from the newest post it stored.
+
+``make airflow`` (:func:`live`) is the same demo world under the real scheduler: the
+simulator with its clock at the real current time (so scheduled runs, backfills and
+partitions carry real dates), Airflow's API server (on 127.0.0.1 only), scheduler,
+DAG processor and triggerer, in an Airflow home and storage root of their own
+(:data:`LIVE_HOME`, :data:`LIVE_ROOT`); Ctrl-C stops them all.
 """
 
 from __future__ import annotations
@@ -32,6 +38,7 @@ from __future__ import annotations
 import datetime as dt
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -43,6 +50,10 @@ import requests
 from pipeline.core.config import Config, load_config
 
 REPO = Path(__file__).resolve().parents[1]
+#: ``make airflow``'s Airflow home and storage root: apart from ``make run``'s (``.airflow``,
+#: ``./data``), whose simulated clock and metadata would otherwise mix with the real ones.
+LIVE_HOME = REPO / ".airflow-live"
+LIVE_ROOT = REPO / "data-live"
 
 
 @dataclass(frozen=True)
@@ -63,9 +74,11 @@ CHAIN = [
 class Simulator:
     """``likerank sim serve`` in a child process; its base URL is the first line it prints."""
 
-    def __init__(self, cfg: Config, log: Path):
+    def __init__(self, cfg: Config, log: Path, now: str | None = None):
+        """``now``: the world's clock (ISO 8601; default: the simulator's fixed demo date)."""
         cmd = [sys.executable, "-m", "pipeline.cli.main", "sim", "serve",
-               "--seed", str(cfg.simulator.seed), "--posts", str(cfg.simulator.posts), "--port", str(cfg.simulator.port)]
+               "--seed", str(cfg.simulator.seed), "--posts", str(cfg.simulator.posts), "--port", str(cfg.simulator.port),
+               *(["--now", now] if now else [])]
         self.log = open(log, "w")
         self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=self.log, text=True)
         assert self.proc.stdout is not None
@@ -123,7 +136,7 @@ def dags_test(dag_id: str, logical_date: str | None = None, *, env: dict[str, st
 
 def airflow_url() -> str:
     """The Airflow API server to talk to: ``$LIKERANK_AIRFLOW_URL``, default ``make airflow``'s."""
-    return os.environ.get("LIKERANK_AIRFLOW_URL", "http://localhost:8080").rstrip("/")
+    return os.environ.get("LIKERANK_AIRFLOW_URL", "http://127.0.0.1:8080").rstrip("/")
 
 
 def airflow_is_up(url: str, timeout_s: float = 2.0) -> bool:
@@ -133,10 +146,14 @@ def airflow_is_up(url: str, timeout_s: float = 2.0) -> bool:
         return False
 
 
+PASSWORDS_FILE = "simple_auth_manager_passwords.json.generated"
+
+
 def admin_password(airflow_home: str | None = None) -> tuple[str, str]:
-    """The user and password ``airflow standalone`` generated (simple auth manager)."""
-    home = Path(airflow_home or os.environ.get("AIRFLOW_HOME") or REPO / ".airflow")
-    f = home / "simple_auth_manager_passwords.json.generated"
+    """The user and password Airflow's simple auth manager generated: in ``airflow_home``, else
+    ``$AIRFLOW_HOME``, else ``make airflow``'s home."""
+    homes = [Path(h) for h in (airflow_home, os.environ.get("AIRFLOW_HOME")) if h] + [LIVE_HOME]
+    f = next((h / PASSWORDS_FILE for h in homes if (h / PASSWORDS_FILE).is_file()), homes[0] / PASSWORDS_FILE)
     if not f.is_file():
         raise RuntimeError(f"Airflow is up but {f} does not exist: set AIRFLOW_HOME to the running instance's home")
     users = json.loads(f.read_text())
@@ -165,9 +182,38 @@ def trigger_dag(url: str, dag_id: str, *, wait: bool = False, poll_s: float = 10
     while True:
         state = s.get(f"{url}/api/v2/dags/{dag_id}/dagRuns/{run_id}", timeout=10).json().get("state")
         if state in ("success", "failed"):
-            print(f"DAG {dag_id!r} run {run_id!r}: {state}")
+            tis = s.get(f"{url}/api/v2/dags/{dag_id}/dagRuns/{run_id}/taskInstances", timeout=10).json()
+            states = ", ".join(f"{t['task_id']} {t['state']}" for t in tis.get("task_instances", []))
+            print(f"DAG {dag_id!r} run {run_id!r}: {state} ({states})")
             return 0 if state == "success" else 1
         time.sleep(poll_s)
+
+
+def simulator_env(env: dict[str, str], sim_url: str, truth: Path) -> None:
+    """Point the DAGs at the simulator (``setdefault``: what the caller set wins)."""
+    env["LIKERANK_SOURCE__INSTANCE_URL"] = sim_url
+    # The simulator lives on loopback; the SSRF guard refuses it unless allow-listed.
+    env.setdefault("LIKERANK_SCRAPE__ALLOW_HOSTS", "127.0.0.1")
+    # Our own loopback server: no need for the polite defaults meant for real instances.
+    env.setdefault("LIKERANK_SCRAPE__PER_HOST_RPS", "1000")
+    env.setdefault("LIKERANK_SCRAPE__PER_HOST_CONCURRENCY", "16")
+    # Read the whole simulated world (its posts span ~90 days), not just the newest page.
+    env.setdefault("LIKERANK_SCRAPE__BACKFILL_DAYS", "120")
+    # The hidden ground truth (never served): training and the summary report ROC-AUC
+    # against true quality with it.
+    env.setdefault("LIKERANK_TRAINING__TRUTH_FILE", str(truth))
+    # A demo-sized model so the whole chain ends in minutes on a laptop CPU (224 px ResNet-18
+    # trains at ~10 images/s on 2 cores); `likerank retrain --direct` uses the config as is.
+    env.setdefault("LIKERANK_TRAINING__IMAGE_SIZE", "96")
+
+
+def write_world_truth(cfg: Config, folder: Path, now: str | None = None) -> Path:
+    from simulator import build_world, write_truth
+
+    world = {"now": dt.datetime.fromisoformat(now)} if now else {}
+    truth = folder / f"truth-seed{cfg.simulator.seed}-posts{cfg.simulator.posts}{'-' + now[:10] if now else ''}.parquet"
+    write_truth(build_world(cfg.simulator.seed, cfg.simulator.posts, tuple(cfg.simulator.hashtags), **world), truth)
+    return truth
 
 
 def run_step(step: Step, logical_date: str, env: dict[str, str], logs: Path) -> tuple[bool, float, Path]:
@@ -191,25 +237,9 @@ def main() -> int:
             print(f"simulator: starting a world of {cfg.simulator.posts} posts (seed {cfg.simulator.seed}) ...")
             sim = Simulator(cfg, logs / "simulator.log")
             print(f"simulator: {sim.url}")
-            env["LIKERANK_SOURCE__INSTANCE_URL"] = sim.url
-            # The simulator lives on loopback; the SSRF guard refuses it unless allow-listed.
-            env.setdefault("LIKERANK_SCRAPE__ALLOW_HOSTS", "127.0.0.1")
-            # Our own loopback server: no need for the polite defaults meant for real instances.
-            env.setdefault("LIKERANK_SCRAPE__PER_HOST_RPS", "1000")
-            env.setdefault("LIKERANK_SCRAPE__PER_HOST_CONCURRENCY", "16")
-            # Read the whole simulated world (its posts span ~90 days), not just the newest page.
-            env.setdefault("LIKERANK_SCRAPE__BACKFILL_DAYS", "120")
             logical_date = sim.now()
-            from simulator import build_world, write_truth
-
-            # The hidden ground truth (never served): training and the summary report
-            # ROC-AUC against true quality with it.
-            truth = logs / f"truth-seed{cfg.simulator.seed}-posts{cfg.simulator.posts}.parquet"
-            write_truth(build_world(cfg.simulator.seed, cfg.simulator.posts, tuple(cfg.simulator.hashtags)), truth)
-            env.setdefault("LIKERANK_TRAINING__TRUTH_FILE", str(truth))
-            # A demo-sized model so the whole chain ends in minutes on a laptop CPU (224 px
-            # ResNet-18 trains at ~10 images/s on 2 cores); `make retrain` uses the config as is.
-            env.setdefault("LIKERANK_TRAINING__IMAGE_SIZE", "96")
+            truth = write_world_truth(cfg, logs)
+            simulator_env(env, sim.url, truth)
         for step in CHAIN:
             if step.dag_id == "refresh_engagement" and sim is not None:
                 sim.advance(cfg.labeling.min_age_days)
@@ -233,5 +263,120 @@ def main() -> int:
     return 0
 
 
+class AirflowProcesses:
+    """Airflow components as child processes of this one, each logging to ``<logs>/<name>.log``.
+
+    Each runs in a process group of its own, so :meth:`stop` ends it with everything it forked
+    (task runners, gunicorn/uvicorn workers).
+    """
+
+    def __init__(self, env: dict[str, str], logs: Path):
+        self.env, self.logs = env, logs
+        self.procs: dict[str, subprocess.Popen] = {}
+        logs.mkdir(parents=True, exist_ok=True)
+
+    def airflow(self, *args: str, timeout_s: float = 600) -> None:
+        """A one-shot command (``db migrate``, ``dags unpause``); raises with its output on failure."""
+        p = subprocess.run([_airflow_bin(), *args], env=self.env, cwd=REPO, capture_output=True, text=True,
+                           timeout=timeout_s)
+        if p.returncode:
+            raise RuntimeError(f"airflow {' '.join(args)} failed ({p.returncode}):\n{(p.stdout + p.stderr)[-3000:]}")
+
+    def start(self, name: str, *args: str, env: dict[str, str] | None = None) -> None:
+        with open(self.logs / f"{name}.log", "w") as log:
+            self.procs[name] = subprocess.Popen([_airflow_bin(), *args], env={**self.env, **(env or {})}, cwd=REPO,
+                                                stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+
+    def exited(self) -> list[str]:
+        """Components that have stopped by themselves (a crash: see their logs)."""
+        return [name for name, p in self.procs.items() if p.poll() is not None]
+
+    def stop(self) -> None:
+        for p in self.procs.values():
+            if p.poll() is None:
+                os.killpg(p.pid, signal.SIGTERM)
+        for p in self.procs.values():
+            try:
+                p.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                os.killpg(p.pid, signal.SIGKILL)
+                p.wait()
+
+
+def _airflow_bin() -> str:
+    airflow = Path(sys.executable).with_name("airflow")
+    return str(airflow) if airflow.exists() else "airflow"
+
+
+def wait_for_api(url: str, procs: AirflowProcesses, timeout_s: float = 300) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not airflow_is_up(url):
+        if procs.exited() or time.monotonic() > deadline:
+            raise RuntimeError(f"the Airflow API server did not come up at {url}; "
+                               f"see {procs.logs}/api-server.log (exited: {', '.join(procs.exited()) or 'none'})")
+        time.sleep(1)
+
+
+def live() -> int:
+    """``make airflow``: the demo world under the real scheduler, on 127.0.0.1, until Ctrl-C."""
+    cfg = load_config()
+    env = dict(os.environ)
+    home = Path(env.setdefault("AIRFLOW_HOME", str(LIVE_HOME)))
+    env.setdefault("LIKERANK_STORAGE__ROOT", str(LIVE_ROOT))
+    env.setdefault("AIRFLOW__CORE__DAGS_FOLDER", str(REPO / "dags"))
+    env.setdefault("AIRFLOW__CORE__LOAD_EXAMPLES", "False")
+    env.setdefault("AIRFLOW__CORE__EXECUTOR", "LocalExecutor")
+    # The demo runs by itself: the chain's DAGs start unpaused (a deployment keeps Airflow's
+    # default, paused, and unpauses deliberately).
+    env.setdefault("AIRFLOW__CORE__DAGS_ARE_PAUSED_AT_CREATION", "False")
+    env.setdefault("AIRFLOW__LOGGING__LOGGING_LEVEL", "INFO")
+    env["AIRFLOW__API__HOST"] = env.get("AIRFLOW__API__HOST", "127.0.0.1")
+    port = env.setdefault("AIRFLOW__API__PORT", "8080")
+    url = f"http://{env['AIRFLOW__API__HOST']}:{port}"
+    # Tasks reach the execution API on the same loopback address.
+    env.setdefault("AIRFLOW__CORE__EXECUTION_API_SERVER_URL", f"{url}/execution/")
+    logs = home / "logs" / "components"
+    procs = AirflowProcesses(env, logs)
+    sim: Simulator | None = None
+
+    def on_signal(signum: int, _frame: object) -> None:
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, on_signal)
+    try:
+        if cfg.source.kind == "simulator":
+            # One clock: the world's "now" is the real current time, so scheduled runs, backfills
+            # and partitions carry real dates.
+            now = dt.datetime.now(dt.UTC).replace(microsecond=0).isoformat()
+            sim = Simulator(cfg, logs / "simulator.log", now=now)
+            simulator_env(env, sim.url, write_world_truth(cfg, logs, now))
+            print(f"simulator: {sim.url} ({cfg.simulator.posts} posts, its clock at {now})")
+        print(f"airflow: home {home}, tables under {env['LIKERANK_STORAGE__ROOT']}; migrating the metadata DB ...",
+              flush=True)
+        procs.airflow("db", "migrate")
+        # No log-server processes (they listen on every interface): with one machine and one
+        # Airflow home, the API server reads the task logs from disk.
+        procs.start("api-server", "api-server", "--host", env["AIRFLOW__API__HOST"], "--port", port)
+        procs.start("scheduler", "scheduler", "--skip-serve-logs")
+        procs.start("dag-processor", "dag-processor")
+        procs.start("triggerer", "triggerer", "--skip-serve-logs")
+        wait_for_api(url, procs)
+        print(f"airflow: UI and REST API on {url}\n"
+              f"airflow: user admin, password in {home / PASSWORDS_FILE}\n"
+              f"airflow: component logs in {logs}; Ctrl-C stops everything", flush=True)
+        while not procs.exited():
+            time.sleep(2)
+        print(f"airflow: {', '.join(procs.exited())} exited; see {logs}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("\nairflow: stopping ...")
+        return 0
+    finally:
+        procs.stop()
+        if sim is not None:
+            sim.stop()
+        print("airflow: stopped")
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(live() if sys.argv[1:] == ["live"] else main())

@@ -1,0 +1,130 @@
+"""``make airflow`` (``python -m pipeline.orchestrate live``): the demo world under the real
+scheduler. What a new user sees: the chain of DAG runs goes green by itself, with real dates;
+``airflow backfill create`` over past days runs green too; nothing listens beyond 127.0.0.1;
+Ctrl-C (SIGTERM here) stops every process. Slow: a few minutes.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import psutil
+import pytest
+
+from tests.conftest import free_port
+
+REPO = Path(__file__).resolve().parents[1]
+WAIT_S = 20 * 60
+
+pytestmark = pytest.mark.slow
+
+
+def runs(home: Path) -> list[tuple[str, str, str, str]]:
+    with sqlite3.connect(home / "airflow.db") as db:
+        return db.execute("select dag_id, run_id, run_type, state from dag_run").fetchall()
+
+
+def wait_for(condition, what: str, home: Path, timeout_s: float = WAIT_S) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        assert time.monotonic() < deadline, f"{what}: not within {timeout_s / 60:.0f} min: {runs(home)}"
+        time.sleep(3)
+
+
+@pytest.fixture(scope="module")
+def live(tmp_path_factory):
+    work = tmp_path_factory.mktemp("live")
+    home = work / "airflow"
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("LIKERANK_", "AIRFLOW"))}
+    env.update({
+        "PATH": f"{Path(sys.executable).parent}:{env.get('PATH', '')}",
+        "AIRFLOW_HOME": str(home),
+        "AIRFLOW__API__PORT": str(free_port()),
+        "AIRFLOW__CORE__PARALLELISM": "2",
+        "LIKERANK_STORAGE__ROOT": str(work / "data"),
+        "LIKERANK_SIMULATOR__PORT": str(free_port()),
+        "LIKERANK_SIMULATOR__POSTS": "600",
+        "LIKERANK_LABELING__GROUP_SIZE": "20",
+        "LIKERANK_VALIDATION__MIN_ROWS": "20",
+        "LIKERANK_TRAINING__IMAGE_SIZE": "48",
+        "LIKERANK_TRAINING__EPOCHS": "1",
+        "LIKERANK_TRAINING__WEIGHTS": "none",
+        "LIKERANK_TRAINING__WORKERS": "0",
+    })
+    out = open(work / "live.out", "w+")
+    proc = subprocess.Popen([sys.executable, "-m", "pipeline.orchestrate", "live"], env=env, cwd=REPO,
+                            stdout=out, stderr=subprocess.STDOUT, text=True)
+    try:
+        wait_for(lambda: "Ctrl-C stops everything" in (work / "live.out").read_text() or proc.poll() is not None,
+                 "make airflow's start", home, 300)
+        assert proc.poll() is None, (work / "live.out").read_text()
+        tree = [psutil.Process(proc.pid), *psutil.Process(proc.pid).children(recursive=True)]
+        listening = {(c.laddr.ip, c.laddr.port) for p in tree for c in p.net_connections("inet")
+                     if c.status == psutil.CONN_LISTEN}
+
+        def chain_done() -> bool:
+            states = runs(home)
+            return any(d == "retrain" and s == "success" for d, _, _, s in states) and \
+                all(s in ("success", "failed") for *_, s in states)
+
+        wait_for(chain_done, "the chain through retrain", home)
+        chain = runs(home)
+        today = datetime.now(UTC).date()
+        first, last = (today - timedelta(days=3)).isoformat(), (today - timedelta(days=1)).isoformat()
+        subprocess.run([str(Path(sys.executable).with_name("airflow")), "backfill", "create", "--dag-id", "scrape",
+                        "--from-date", first, "--to-date", last], env=env, check=True, capture_output=True,
+                       timeout=300)
+        wait_for(lambda: sum(1 for d, _, t, s in runs(home) if t == "backfill" and s in ("success", "failed")) == 3,
+                 "the backfill runs", home)
+        backfill = [r for r in runs(home) if r[2] == "backfill"]
+        proc.send_signal(signal.SIGTERM)  # what Ctrl-C does
+        proc.wait(timeout=120)
+        survivors = [p for p in tree[1:] if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
+        return {"out": (work / "live.out").read_text(), "listening": listening, "chain": chain,
+                "backfill": backfill, "survivors": survivors, "home": home, "rc": proc.returncode,
+                "root": work / "data", "first": first, "last": last}
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        for child in psutil.Process().children(recursive=True):
+            child.kill()
+
+
+def test_it_says_where_the_ui_and_the_password_are(live):
+    out = live["out"]
+    assert "UI and REST API on http://127.0.0.1:" in out
+    assert f"password in {live['home'] / 'simple_auth_manager_passwords.json.generated'}" in out
+    assert (live["home"] / "simple_auth_manager_passwords.json.generated").is_file()
+
+
+def test_nothing_listens_beyond_loopback(live):
+    assert live["listening"], "found no listening socket at all"
+    assert {ip for ip, _ in live["listening"]} == {"127.0.0.1"}, live["listening"]
+
+
+def test_the_chain_goes_green_by_itself_with_real_dates(live):
+    chain = live["chain"]
+    assert {d for d, *_ in chain} >= {"scrape", "detect_faces", "build_labels", "retrain"}
+    assert [r for r in chain if r[3] != "success"] == []
+    today = datetime.now(UTC).date().isoformat()
+    partitions = {p.name for p in (live["root"] / "posts").iterdir()}
+    assert partitions == {f"dt={today}"}, partitions  # the simulator's clock is the real one
+
+
+def test_backfill_over_past_days_runs_green(live):
+    backfill = live["backfill"]
+    assert sorted(r[1] for r in backfill) == [f"backfill__{d}T00:00:00+00:00" for d in (
+        live["first"], (datetime.fromisoformat(live["first"]) + timedelta(days=1)).date().isoformat(), live["last"])]
+    assert {r[3] for r in backfill} == {"success"}
+
+
+def test_ctrl_c_stops_everything(live):
+    assert live["rc"] == 0 and "airflow: stopped" in live["out"]
+    assert live["survivors"] == []
