@@ -14,20 +14,19 @@ import os
 import secrets
 import shutil
 import subprocess
-import sys
 import tempfile
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
+from pipeline.orchestrate import AirflowProcesses, wait_for_api
 from tests.conftest import free_port
 
 REPO = Path(__file__).resolve().parents[2]
-AIRFLOW = str(Path(sys.executable).with_name("airflow"))
 
 
 def require(binary: str, found: str | None) -> str:
@@ -122,31 +121,13 @@ class CeleryDeployment:
     ``hostname_callable``), so a task instance's ``hostname`` says which worker ran it.
     """
 
-    env: dict[str, str]
-    home: Path
+    procs: AirflowProcesses
     api_url: str
-    procs: list[subprocess.Popen] = field(default_factory=list)
 
     WORKERS = {"default": "default", "gpu-train": "gpu,train"}
 
-    def airflow(self, *args: str, timeout_s: float = 300) -> subprocess.CompletedProcess:
-        return subprocess.run([AIRFLOW, *args], env=self.env, capture_output=True, text=True, timeout=timeout_s,
-                              cwd=REPO, check=True)
-
-    def start(self, name: str, *args: str, env: dict[str, str] | None = None) -> None:
-        log = open(self.home / f"{name}.log", "w")
-        self.procs.append(subprocess.Popen([AIRFLOW, *args], env={**self.env, **(env or {})}, stdout=log,
-                                           stderr=subprocess.STDOUT, cwd=REPO, start_new_session=True))
-
-    def stop(self) -> None:
-        for proc in self.procs:
-            if proc.poll() is None:
-                os.killpg(proc.pid, 15)
-        for proc in self.procs:
-            try:
-                proc.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, 9)
+    def airflow(self, *args: str) -> None:
+        self.procs.airflow(*args)
 
 
 def worker_name() -> str:
@@ -180,28 +161,20 @@ def celery_deployment(base_env: dict[str, str], home: Path, database: str, broke
         "AIRFLOW__SCHEDULER__SCHEDULER_HEARTBEAT_SEC": "2",
         "AIRFLOW__DAG_PROCESSOR__REFRESH_INTERVAL": "10",
     }
-    home.mkdir(parents=True, exist_ok=True)
-    deployment = CeleryDeployment(env=env, home=home, api_url=f"http://127.0.0.1:{api_port}")
-    deployment.airflow("db", "migrate")
+    procs = AirflowProcesses(env, home)
+    deployment = CeleryDeployment(procs=procs, api_url=f"http://127.0.0.1:{api_port}")
+    procs.airflow("db", "migrate")
     try:
-        deployment.start("api-server", "api-server")
-        deployment.start("scheduler", "scheduler")
-        deployment.start("dag-processor", "dag-processor")
+        procs.start("api-server", "api-server")
+        procs.start("scheduler", "scheduler")
+        procs.start("dag-processor", "dag-processor")
         for name, queues in CeleryDeployment.WORKERS.items():
             # Each worker's log server on a port of its own (the default, 8793, would collide).
-            deployment.start(f"worker-{name}", "celery", "worker", "--queues", queues, "--concurrency", "2",
-                             "--celery-hostname", f"{name}@%h",
-                             env={"LIKERANK_WORKER_NAME": name,
-                                  "AIRFLOW__LOGGING__WORKER_LOG_SERVER_PORT": str(free_port())})
-        import requests
-
-        def api_up() -> bool:
-            try:
-                return requests.get(f"{deployment.api_url}/api/v2/monitor/health", timeout=5).ok
-            except requests.RequestException:
-                return False
-
-        wait_until(api_up, 180, "the Airflow API server", home / "api-server.log")
+            procs.start(f"worker-{name}", "celery", "worker", "--queues", queues, "--concurrency", "2",
+                        "--celery-hostname", f"{name}@%h",
+                        env={"LIKERANK_WORKER_NAME": name,
+                             "AIRFLOW__LOGGING__WORKER_LOG_SERVER_PORT": str(free_port())})
+        wait_for_api(deployment.api_url, procs, timeout_s=180)
         yield deployment
     finally:
-        deployment.stop()
+        procs.stop()
