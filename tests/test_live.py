@@ -125,6 +125,16 @@ def test_backfill_over_past_days_runs_green(live):
     assert {r[3] for r in backfill} == {"success"}
 
 
+def test_task_logs_say_what_happened_without_false_errors(live):
+    logs = {p: p.read_text(errors="replace") for p in (live["home"] / "logs").rglob("attempt=*.log")}
+    assert logs, "no task logs"
+    assert not [p for p, text in logs.items() if "XCom not found" in text]
+    scrape = "".join(text for p, text in logs.items() if "task_id=scrape" in str(p) and "map_index=0" in str(p))
+    assert " kept, skipped " in scrape and "downloads {'ok'" in scrape  # the scrape's counts at INFO
+    train = "".join(text for p, text in logs.items() if "task_id=launch" in str(p))
+    assert "epoch 1 done" in train
+
+
 def test_ctrl_c_stops_everything(live):
     assert live["rc"] == 0 and "airflow: stopped" in live["out"]
     assert live["survivors"] == []

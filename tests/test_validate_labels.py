@@ -98,6 +98,7 @@ def test_corrupted_runs_fail_and_are_not_published(local_storage, corrupt, expec
     message = str(err.value)
     assert "validation of labels run bad failed" in message and expectation in message
     assert "unexpected row(s)" in message and "post_id" in message  # counts and offending rows
+    assert "posts dropped before labeling, by reason: partial_group 2" in message  # from the run's summary
     assert get_json(local_storage, "validation/run=bad/result.json")["success"] is False
     assert local_storage.exists("validation/run=bad/data_docs/index.html")
     with pytest.raises(NotValidated):
