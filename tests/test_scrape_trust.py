@@ -3,7 +3,7 @@ rows, and an over-long server wait ends the run with its state saved instead of 
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 
 import pytest
 
@@ -100,7 +100,7 @@ def test_a_wait_far_in_the_future_ends_the_fetch_at_once(fake_mastodon, scrape_c
 @pytest.mark.timeout(120)
 def test_a_rate_limited_scrape_keeps_what_it_read_and_saves_its_state(fake_mastodon, scrape_cfg):
     """Page 1 is served, then the instance asks for a wait of a day: the run ends, not hangs."""
-    base = datetime(2026, 11, 1, tzinfo=UTC)
+    base = datetime.now(UTC).replace(microsecond=0) - timedelta(days=1)  # today's run starts at the newest page
     fake_mastodon.statuses = [
         {"id": str(100 - i), "created_at": base.isoformat(), "reblog": None, "favourites_count": i,
          "reblogs_count": 0, "replies_count": 0, "tags": [{"name": "selfie"}], "visibility": "public",
@@ -119,7 +119,7 @@ def test_a_rate_limited_scrape_keeps_what_it_read_and_saves_its_state(fake_masto
 
     fake_mastodon.route = route
     scrape_cfg.scrape.backfill_days = 30
-    summary = scrape(scrape_cfg, fake_mastodon.url, "selfie", "2026-11-02")
+    summary = scrape(scrape_cfg, fake_mastodon.url, "selfie", datetime.now(UTC).date().isoformat())
     assert summary["kept"] == 5 and summary["stopped"].startswith("rate limited:") and "retry after" in summary["stopped"]
     storage = LocalStorage(scrape_cfg.storage.root)
     assert read_table(storage, "posts").num_rows == 5
