@@ -1,7 +1,7 @@
 """Download throughput against img2dataset, and memory at 2,000 vs 10,000 images.
 
-    .venv/bin/python bench/scrape.py                 # 2,000 images, 16 threads, + RSS at 10,000
-    .venv/bin/python bench/scrape.py --images 500 --big 0   # quick look
+    .venv/bin/python bench/scrape.py                 # 2,000 images, 16 threads, 3 pairs, + RSS at 10,000
+    .venv/bin/python bench/scrape.py --images 500 --big 0 --pairs 1   # quick look
 
 What it does, all on loopback:
 
@@ -18,12 +18,17 @@ What it does, all on loopback:
    ``$IMG2DATASET_PYTHON`` (default ``/tmp/i2d/bin/python``; install with
    ``python3 -m venv /tmp/i2d && /tmp/i2d/bin/pip install img2dataset`` — its pins clash with
    ours). If it is missing, the bench says so and still prints likerank's figures;
-5. peak RSS of the likerank child at ``--images`` and at ``--big`` URLs (the big list repeats
+5. steps 3 and 4 alternate ``--pairs`` times (likerank, img2dataset, likerank, ...), each run a
+   fresh process writing to an empty folder, so a busy moment on a shared machine slows both
+   sides of a pair rather than one client; each pair prints its own ratio;
+6. peak RSS of the likerank child at ``--images`` and at ``--big`` URLs (the big list repeats
    the rendered images under distinct URLs, ``?copy=k``, so the simulator renders no more;
    content addressing then stores each once, but every URL is a full download and a row).
 
-Prints images/s for both and the ratio (goal: likerank >= 1.2x img2dataset while also writing
-its tables and hashes), and the two peak RSS figures (goal: flat).
+Prints images/s for both, per pair and as the median (min..max) over pairs, and the median of
+the per-pair ratios (goal: likerank >= 1.2x img2dataset while also writing its tables and
+hashes); the two peak RSS figures (goal: flat); and the load average before and after, since
+the figures mean little on a machine that something else keeps busy.
 """
 
 from __future__ import annotations
@@ -33,6 +38,7 @@ import json
 import os
 import resource
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -105,6 +111,28 @@ def run_child(args: list[str]) -> dict:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
+def run_img2dataset(urls_file: Path, out: Path, threads: int) -> float | None:
+    """img2dataset's images/s over ``urls_file`` (files written into ``out``), or None if it failed."""
+    res = subprocess.run([I2D_PYTHON, "-c", I2D, str(urls_file), str(out), str(threads)], capture_output=True, text=True)
+    if res.returncode:
+        print(f"img2dataset: FAILED to run ({I2D_PYTHON}): {res.stderr.strip().splitlines()[-1:]}")
+        return None
+    secs = json.loads(res.stdout.strip().splitlines()[-1])["seconds"]
+    # resize_mode="no" still re-encodes to the output format: PNGs may land as .jpg, so count both.
+    got = len(list(out.rglob("*.jpg"))) + len(list(out.rglob("*.png")))
+    return got / secs
+
+
+def spread(values: list[float], fmt: str = ".0f") -> str:
+    """``median (min..max)``: the median is the figure to quote, the range says how noisy it was."""
+    return f"{statistics.median(values):{fmt}} ({min(values):{fmt}}..{max(values):{fmt}})"
+
+
+def load() -> str:
+    """The machine's load averages: the bench shares its cores, so say how busy they were."""
+    return ", ".join(f"{x:.2f}" for x in os.getloadavg())
+
+
 def collect_urls(url: str, n: int) -> list[str]:
     from pipeline.core.config import load_config
     from pipeline.scrape.http import HttpClient
@@ -127,6 +155,7 @@ def main() -> None:
     ap.add_argument("--images", type=int, default=2000)
     ap.add_argument("--big", type=int, default=10000, help="URLs for the second RSS figure; 0 = skip")
     ap.add_argument("--threads", type=int, default=16)
+    ap.add_argument("--pairs", type=int, default=3, help="interleaved (likerank, img2dataset) runs; medians are quoted")
     ap.add_argument("--child", nargs=3, metavar=("URLS", "THREADS", "ROOT"), help=argparse.SUPPRESS)
     a = ap.parse_args()
     if a.child:
@@ -145,40 +174,53 @@ def main() -> None:
         if len(urls) < a.images:
             print(f"note: the world has only {len(urls)} eligible images")
         (work / "urls.txt").write_text("\n".join(urls) + "\n")
+        print(f"load average (1, 5, 15 min) at start: {load()}")
         t0 = time.perf_counter()
         with requests.Session() as sess, ThreadPoolExecutor(8) as pool:
             list(pool.map(lambda u: sess.get(u, timeout=60).content, urls))
         print(f"warm-up (simulator renders {len(urls)} images, not counted): {time.perf_counter() - t0:.1f} s")
 
-        lr = run_child([str(work / "urls.txt"), str(a.threads), str(work / "likerank")])
-        lr_rate = lr["ok"] / lr["seconds"]
-        print(f"likerank:    {lr['ok']}/{lr['urls']} ok in {lr['seconds']:.2f} s = {lr_rate:.0f} images/s "
-              f"(stored, phashed, downloads+images tables written), peak RSS {lr['rss_mb']:.0f} MB")
-
-        i2d_rate = None
-        if Path(I2D_PYTHON).exists():
-            out = subprocess.run([I2D_PYTHON, "-c", I2D, str(work / "urls.txt"), str(work / "i2d"), str(a.threads)],
-                                 capture_output=True, text=True)
-            if out.returncode == 0:
-                secs = json.loads(out.stdout.strip().splitlines()[-1])["seconds"]
-                got = len(list((work / "i2d").rglob("*.jpg"))) + len(list((work / "i2d").rglob("*.png")))
-                i2d_rate = got / secs
-                print(f"img2dataset: {got}/{len(urls)} ok in {secs:.2f} s = {i2d_rate:.0f} images/s "
-                      f"(resize_mode=no, output_format=files, thread_count={a.threads}, processes_count=1)")
-            else:
-                print(f"img2dataset: FAILED to run ({I2D_PYTHON}): {out.stderr.strip().splitlines()[-1:]}")
-        else:
+        # Interleaved pairs, each run in a fresh process writing to a fresh folder, so a slow
+        # moment on the machine hits both sides of a pair; the figures are medians over pairs.
+        i2d_ok = Path(I2D_PYTHON).exists()
+        if not i2d_ok:
             print(f"img2dataset: NOT INSTALLED at {I2D_PYTHON} (set IMG2DATASET_PYTHON, or "
                   "`python3 -m venv /tmp/i2d && /tmp/i2d/bin/pip install img2dataset`); baseline skipped")
-        if i2d_rate:
-            print(f"ratio likerank / img2dataset: {lr_rate / i2d_rate:.2f}x (goal >= 1.2x)")
+        lr_rates: list[float] = []
+        lr_rss: list[float] = []  # MB
+        i2d_rates: list[float] = []
+        ratios: list[float] = []
+        for k in range(1, a.pairs + 1):
+            lr = run_child([str(work / "urls.txt"), str(a.threads), str(work / f"likerank-{k}")])
+            shutil.rmtree(work / f"likerank-{k}")  # ~100 MB of images a run; the next run starts empty
+            lr_rates.append(lr["ok"] / lr["seconds"])
+            lr_rss.append(lr["rss_mb"])
+            print(f"pair {k} likerank:    {lr['ok']}/{lr['urls']} ok in {lr['seconds']:.2f} s = {lr_rates[-1]:.0f} images/s "
+                  f"(stored, phashed, downloads+images tables written), peak RSS {lr['rss_mb']:.0f} MB")
+            if not i2d_ok:
+                continue
+            i2d_rate = run_img2dataset(work / "urls.txt", work / f"i2d-{k}", a.threads)
+            shutil.rmtree(work / f"i2d-{k}", ignore_errors=True)
+            if i2d_rate is None:
+                i2d_ok = False
+                continue
+            i2d_rates.append(i2d_rate)
+            ratios.append(lr_rates[-1] / i2d_rate)
+            print(f"pair {k} img2dataset: {i2d_rate:.0f} images/s; ratio {ratios[-1]:.2f}x  (load {load()})")
+        print(f"likerank:    median {spread(lr_rates)} images/s over {len(lr_rates)} runs")
+        if ratios:
+            print(f"img2dataset: median {spread(i2d_rates)} images/s over {len(i2d_rates)} runs "
+                  f"(resize_mode=no, output_format=files, thread_count={a.threads}, processes_count=1)")
+            print(f"ratio likerank / img2dataset, per pair: median {spread(ratios, '.2f')}x (goal >= 1.2x)")
 
         if a.big:
             big = [f"{u}?copy={k}" for k in range(a.big // len(urls) + 1) for u in urls][:a.big]
             (work / "big.txt").write_text("\n".join(big) + "\n")
             lb = run_child([str(work / "big.txt"), str(a.threads), str(work / "likerank-big")])
-            print(f"peak RSS: {lr['urls']} images {lr['rss_mb']:.0f} MB, {lb['urls']} images {lb['rss_mb']:.0f} MB "
-                  f"(ratio {lb['rss_mb'] / lr['rss_mb']:.2f}; goal: flat); {lb['ok'] / lb['seconds']:.0f} images/s")
+            rss = statistics.median(lr_rss)
+            print(f"peak RSS: {len(urls)} images {rss:.0f} MB (median of the runs above), {lb['urls']} images "
+                  f"{lb['rss_mb']:.0f} MB (ratio {lb['rss_mb'] / rss:.2f}; goal: flat); {lb['ok'] / lb['seconds']:.0f} images/s")
+        print(f"load average (1, 5, 15 min) at the end: {load()}")
     finally:
         server.terminate()
         server.wait(timeout=10)

@@ -8,7 +8,7 @@ import time
 import pytest
 
 from pipeline.core.storage import ImageStore, LocalStorage
-from pipeline.scrape.download import Downloader, check_image
+from pipeline.scrape.download import Downloader, ImageCheck, check_image
 from pipeline.scrape.http import HttpClient, retry_after_s
 from pipeline.scrape.ssrf import BlockedURL, SSRFGuard
 from tests.fixtures.scrape import FakeMastodon, jpeg_bytes, png_header_bomb
@@ -196,3 +196,48 @@ def test_retry_after_parsing():
     assert 0 < retry_after_s({"Retry-After": "Wed, 21 Oct 2099 07:28:00 GMT"})
     assert retry_after_s({"X-RateLimit-Reset": "2000-01-01T00:00:00.000Z"}) == 0
     assert retry_after_s({}) is None
+
+
+def png_bytes(size=(40, 30), seed=3) -> bytes:
+    import io
+
+    from PIL import Image
+
+    im = Image.frombytes("RGB", size, bytes((i * seed) % 256 for i in range(size[0] * size[1] * 3)))
+    buf = io.BytesIO()
+    im.save(buf, "PNG")
+    return buf.getvalue()
+
+
+@pytest.mark.parametrize("data", [JPEG, jpeg_bytes(size=(900, 700), seed=5), png_bytes()])
+def test_check_image_phash_is_imagehash(data):
+    import io
+
+    import imagehash
+    from PIL import Image
+
+    with Image.open(io.BytesIO(data)) as im:
+        width, height, fmt = im.width, im.height, im.format
+        if fmt == "JPEG":
+            im.draft("L", (64, 64))  # the hash input check_image decodes: see its docstring
+        want = str(imagehash.phash(im))
+    assert check_image(data, max_pixels=10**8) == ImageCheck("ok", None, width, height, fmt, want)
+
+
+def test_check_image_bad_png_checksum_and_lying_magic():
+    png = bytearray(png_bytes())
+    png[-20] ^= 0xFF  # inside the last IDAT chunk's data: its CRC no longer matches
+    assert check_image(bytes(png), max_pixels=10**8).status == "decode_error"
+    # PNG magic bytes in front of a JPEG: only the announced format's parser is tried.
+    assert check_image(png_bytes()[:8] + JPEG, max_pixels=10**8).status == "decode_error"
+
+
+def test_run_returns_every_item_once_with_few_threads(fake_mastodon, faults, scrape_cfg, tmp_path):
+    scrape_cfg.scrape.threads = 2  # at most 4 in flight: submit() has to wait for results many times
+    names = ["ok", "missing", "html", "truncated", "ok-again"] * 6
+    with Downloader(scrape_cfg.scrape, LocalStorage(tmp_path / "store")) as d:
+        out = list(d.run((f"p{i}", f"{fake_mastodon.url}/fault/{n}") for i, n in enumerate(names)))
+        assert d.finished() == [] and d.drain() == []
+    assert sorted(r.download["post_id"] for r in out) == sorted(f"p{i}" for i in range(len(names)))
+    want = {"ok": "ok", "ok-again": "ok", "missing": "http_error", "html": "not_image", "truncated": "decode_error"}
+    assert all(r.status == want[names[int(r.download["post_id"][1:])]] for r in out)

@@ -10,27 +10,31 @@ concurrency cap, retries, timeouts, streamed size cap), then these content check
    own guard (``Image.MAX_IMAGE_PIXELS``; it raises ``DecompressionBombError`` above twice
    that) also maps to ``bomb``; its warning between 1x and 2x is silenced here because our
    limit is the one that decides;
-3. ``verify()`` and a full decode (JPEGs decode in draft mode at reduced DCT scale, enough
-   for a 32x32 hash input and several times faster) → any failure is ``decode_error``;
+3. ``verify()`` (PNG: every chunk's CRC; Pillow's other formats verify nothing) and a full
+   decode of the pixel data (JPEGs decode in draft mode at reduced DCT scale, enough for a 32x32
+   hash input and several times faster) → any failure is ``decode_error``;
 4. the bytes are stored content-addressed (``ImageStore``: the same image posted twice is
    stored once; both posts' ``downloads`` rows carry its sha256) and a 64-bit perceptual
    hash (``imagehash.phash``, 16 hex digits) goes into the ``images`` row.
 
 Only ``scrape.threads`` downloads are in flight (twice that queued), so memory holds at most
-that many bodies at once, whatever the run's size.
+that many bodies at once, whatever the run's size. Finished work comes back through a queue fed
+by each future's done-callback (see ``Downloader.submit``).
 """
 
 from __future__ import annotations
 
 import io
+import queue
 import time
 import warnings
 from collections.abc import Callable, Iterable, Iterator
-from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
 import imagehash
+import scipy.fftpack  # noqa: F401 - imagehash.phash imports it on first call: here, not under 16 threads mid-run
 from PIL import Image
 
 from pipeline.core.config import ScrapeConfig
@@ -87,31 +91,40 @@ class ImageCheck:
 
 
 def check_image(data: bytes, max_pixels: int) -> ImageCheck:
-    """Magic bytes, header dimensions against ``max_pixels``, verify(), decode, phash."""
+    """Magic bytes, header dimensions against ``max_pixels``, verify() (PNG), decode, phash."""
     announced = sniff_format(data[:16])
     if announced is None:
         return ImageCheck("not_image", f"not an image: body starts with {data[:16]!r}")
+    width = height = 0
+    fmt = announced
+    stage = "header/verify"  # named in the error: a bad header or checksum, or bad pixel data
     try:
-        with Image.open(io.BytesIO(data)) as im:  # header only: no pixel is decoded here
+        # Only the announced format's parser is tried; a body that lies about its format fails here.
+        im = Image.open(io.BytesIO(data), formats=[announced])  # header only: no pixel is decoded here
+        try:
             width, height = im.size
             fmt = im.format or announced
             if width * height > max_pixels:
                 return ImageCheck("bomb", f"{width}x{height} = {width * height} pixels exceeds max_pixels {max_pixels}",
                                   width, height, fmt)
-            im.verify()
+            if fmt == "PNG":
+                # The only format whose verify() checks anything (every chunk's CRC, also those
+                # after the pixel data); it spends the image object, so the decode reopens.
+                im.verify()
+                im.close()
+                im = Image.open(io.BytesIO(data), formats=["PNG"])
+            elif fmt == "JPEG":
+                im.draft("L", (64, 64))  # DCT-domain downscale to >= 2x the 32x32 hash input
+            stage = "decode"
+            im.load()  # the full decode: truncated or corrupt data raises here
+            phash = str(imagehash.phash(im))
+        finally:
+            im.close()
     except Image.DecompressionBombError as exc:
         return ImageCheck("bomb", f"Pillow refused it: {exc}")
     except Exception as exc:  # noqa: BLE001 - Pillow raises many types for bad files
-        return ImageCheck("decode_error", f"{announced} header/verify failed: {type(exc).__name__}: {exc}")
-    try:
-        with Image.open(io.BytesIO(data)) as im:
-            if im.format == "JPEG":
-                im.draft("L", (64, 64))  # >= 2x the 32x32 phash input
-            im.load()
-            phash = str(imagehash.phash(im))
-    except Image.DecompressionBombError as exc:
-        return ImageCheck("bomb", f"Pillow refused it: {exc}")
-    except Exception as exc:  # noqa: BLE001
+        if stage != "decode":
+            return ImageCheck("decode_error", f"{announced} header/verify failed: {type(exc).__name__}: {exc}")
         return ImageCheck("decode_error", f"{fmt} {width}x{height} does not decode: {type(exc).__name__}: {exc}",
                           width, height, fmt)
     return ImageCheck("ok", None, width, height, fmt, phash)
@@ -141,7 +154,10 @@ class Downloader:
         self.source = source
         self.now = now
         self._pool: ThreadPoolExecutor | None = None
-        self._pending: set[Future] = set()
+        # Finished futures arrive here from their worker's done-callback: one cheap put per URL,
+        # where wait(FIRST_COMPLETED) over every pending future cost the main thread O(in flight).
+        self._done: queue.SimpleQueue[Future] = queue.SimpleQueue()
+        self._in_flight = 0
 
     # ---------------------------------------------------------------- one URL
 
@@ -190,23 +206,34 @@ class Downloader:
         if self._pool is None:
             self._pool = ThreadPoolExecutor(self.cfg.threads, thread_name_prefix="download")
         out: list[Downloaded] = []
-        while len(self._pending) >= 2 * self.cfg.threads:
-            done, self._pending = wait(self._pending, return_when=FIRST_COMPLETED)
-            out += [f.result() for f in done]
-        self._pending.add(self._pool.submit(self.fetch, post_id, url, stored_url))
+        if self._in_flight >= 2 * self.cfg.threads:
+            out.append(self._take(block=True))
+            out += self.finished()
+        self._in_flight += 1
+        self._pool.submit(self.fetch, post_id, url, stored_url).add_done_callback(self._done.put)
         return out
 
     def finished(self) -> list[Downloaded]:
         """Results done so far, without waiting."""
-        done = {f for f in self._pending if f.done()}
-        self._pending -= done
-        return [f.result() for f in done]
+        out: list[Downloaded] = []
+        while self._in_flight:
+            try:
+                out.append(self._take(block=False))
+            except queue.Empty:
+                break
+        return out
 
     def drain(self) -> list[Downloaded]:
         """Wait for everything in flight."""
-        done, _ = wait(self._pending)
-        self._pending = set()
-        return [f.result() for f in done]
+        out: list[Downloaded] = []
+        while self._in_flight:
+            out.append(self._take(block=True))
+        return out
+
+    def _take(self, block: bool) -> Downloaded:
+        future = self._done.get(block=block)  # raises queue.Empty when not blocking and none is done
+        self._in_flight -= 1
+        return future.result()
 
     def run(self, items: Iterable[tuple[str, str]]) -> Iterator[Downloaded]:
         """Download ``(post_id, url)`` pairs; results in completion order."""
@@ -218,6 +245,7 @@ class Downloader:
         if self._pool is not None:
             self._pool.shutdown(wait=True, cancel_futures=True)
             self._pool = None
+            self._done, self._in_flight = queue.SimpleQueue(), 0  # results nobody took are dropped
         if self._own_client:
             self.client.close()
 
