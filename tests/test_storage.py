@@ -103,10 +103,11 @@ def test_s3_bad_credentials_give_a_clear_error(seaweed):
 
 
 def test_a_killed_writers_leftover_temp_file_is_cleaned_on_the_next_write(local_storage):
+    """The next process to write into the folder clears it (once per folder per process)."""
     import os
     import time
 
-    from pipeline.core.storage import STALE_TEMP_S
+    from pipeline.core.storage import STALE_TEMP_S, LocalStorage
 
     local_storage.put_bytes("t/data.parquet", b"v1")
     folder = local_storage.path / "t"
@@ -115,6 +116,6 @@ def test_a_killed_writers_leftover_temp_file_is_cleaned_on_the_next_write(local_
     fresh.write_bytes(b"being written")
     old = time.time() - STALE_TEMP_S - 60
     os.utime(stale, (old, old))
-    local_storage.put_bytes("t/data.parquet", b"v2")
+    LocalStorage(local_storage.path).put_bytes("t/data.parquet", b"v2")  # the next run's process
     assert not stale.exists() and fresh.exists()  # a running writer's temp file is left alone
     assert local_storage.get_bytes("t/data.parquet") == b"v2" and local_storage.list("t/") == ["t/data.parquet"]

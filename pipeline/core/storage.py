@@ -84,6 +84,7 @@ class LocalStorage(Storage):
     def __init__(self, root: str | Path):
         self.path = Path(root).expanduser().resolve()
         self.root = str(self.path)
+        self._swept: set[Path] = set()  # folders already cleared of stale temp files
 
     def _p(self, key: str) -> Path:
         p = (self.path / key).resolve()
@@ -94,8 +95,11 @@ class LocalStorage(Storage):
     def put_bytes(self, key: str, data: bytes, *, durable: bool = True) -> None:
         dest = self._p(key)
         dest.parent.mkdir(parents=True, exist_ok=True)
-        self._remove_stale_temps(dest)
+        if dest.parent not in self._swept:  # once per folder: listing it on every put costs O(files)
+            self._remove_stale_temps(dest.parent)
+            self._swept.add(dest.parent)
         tmp = dest.parent / f".tmp-{uuid.uuid4().hex}-{dest.name}"
+        replaced = False
         try:
             with open(tmp, "wb") as fh:
                 fh.write(data)
@@ -103,6 +107,7 @@ class LocalStorage(Storage):
                     fh.flush()
                     os.fsync(fh.fileno())
             os.replace(tmp, dest)  # atomic on POSIX: readers see old or new, never half
+            replaced = True
             if durable:  # the rename itself survives a power cut only once its folder is synced
                 fd = os.open(dest.parent, os.O_RDONLY)
                 try:
@@ -110,15 +115,16 @@ class LocalStorage(Storage):
                 finally:
                     os.close(fd)
         finally:
-            with contextlib.suppress(FileNotFoundError):
-                tmp.unlink()
+            if not replaced:
+                with contextlib.suppress(FileNotFoundError):
+                    tmp.unlink()
 
     @staticmethod
-    def _remove_stale_temps(dest: Path) -> None:
-        """Temp files a killed writer of ``dest`` left behind. Only old ones: a temp file younger
-        than :data:`STALE_TEMP_S` may belong to a writer still running."""
+    def _remove_stale_temps(folder: Path) -> None:
+        """Temp files killed writers left in ``folder``. Only old ones: a temp file younger than
+        :data:`STALE_TEMP_S` may belong to a writer still running."""
         cutoff = time.time() - STALE_TEMP_S
-        for old in dest.parent.glob(f".tmp-*-{dest.name}"):
+        for old in folder.glob(".tmp-*"):
             with contextlib.suppress(FileNotFoundError):
                 if old.stat().st_mtime < cutoff:
                     old.unlink()
