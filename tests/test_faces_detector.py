@@ -75,6 +75,40 @@ def test_boxes_match_insightface_in_original_pixels(face_detector):
         np.testing.assert_allclose(gk, rk, atol=1.5)
 
 
+@pytest.mark.parametrize("height, width, size, canvas", [
+    (443, 640, 640, (480, 640)),  # t1 at 640: one 32-px cell below, rounded up
+    (480, 640, 640, (512, 640)),
+    (640, 512, 640, (640, 544)),
+    (640, 640, 640, (640, 640)),  # never beyond det_size
+    (630, 640, 640, (640, 640)),
+    (160, 320, 320, (192, 320)),  # the fallback pass
+    (1, 640, 640, (64, 640)),
+])
+def test_cpu_canvas_is_the_picture_plus_one_cell(face_detector, height, width, size, canvas):
+    assert face_detector.canvas_shape(height, width, size) == canvas
+    rgb = np.full((height, width, 3), 255, np.uint8)
+    blob = face_detector.blob(rgb, size)
+    assert blob.shape == (1, 3, *canvas) and blob.dtype == np.float32
+    assert blob[0, :, :height, :width].min() == blob.max() == (255 - 127.5) / 128
+    assert blob[0, :, height:, :].size == 0 or blob[0, :, height:, :].max() == -127.5 / 128  # letterbox
+
+
+def test_cut_canvas_finds_the_faces_of_the_square_one(face_detector):
+    """The cut canvas (CPU) and insightface's full 640x640 letterbox give the same faces on t1."""
+    img = decode_fitted(photo_bytes("t1"), 640)
+    h, w = img.rgb.shape[:2]
+    square = np.full((1, 3, 640, 640), -127.5 / 128, np.float32)
+    square[0, :, :h, :w] = (img.rgb.transpose(2, 0, 1) - 127.5) / 128
+    ref = face_detector.faces_from_outputs(face_detector.run(square), 0, (640, 640), img, (w, h))
+    cut = face_detector.blob(img.rgb, 640)
+    assert cut.shape[2:] == (480, 640)
+    got = face_detector.detect_fitted(img, cut)
+    assert len(got) == len(ref) == 6
+    for a, b in zip(sorted(ref, key=lambda f: f.x1), sorted(got, key=lambda f: f.x1), strict=True):
+        np.testing.assert_allclose([b.x1, b.y1, b.x2, b.y2], [a.x1, a.y1, a.x2, a.y2], atol=1.5)
+        assert abs(a.score - b.score) < 0.01
+
+
 def test_exif_orientation_is_applied(face_detector):
     """A phone photo stored sideways with EXIF orientation 6 is detected upright."""
     upright = Image.open(photo_path("astronaut")).convert("RGB")
