@@ -27,6 +27,10 @@ def env(tmp_path, monkeypatch):
     return tmp_path
 
 
+#: The state the fake API reports for the triggered run (a test sets it).
+RUN_STATE = {"state": "success"}
+
+
 @pytest.fixture
 def fake_airflow(monkeypatch):
     calls: list[tuple[str, str, dict, str]] = []
@@ -50,6 +54,12 @@ def fake_airflow(monkeypatch):
             self._record()
             if self.path == "/api/v2/monitor/health":
                 return self._reply(200, {"metadatabase": {"status": "healthy"}})
+            if self.path == "/api/v2/dags/retrain/dagRuns/manual__x":
+                return self._reply(200, {"dag_run_id": "manual__x", "state": RUN_STATE["state"]})
+            if self.path == "/api/v2/dags/retrain/dagRuns/manual__x/taskInstances":
+                tasks = {"launch": RUN_STATE["state"], "register": "upstream_failed" if RUN_STATE["state"] == "failed"
+                         else "success"}
+                return self._reply(200, {"task_instances": [{"task_id": t, "state": s} for t, s in tasks.items()]})
             return self._reply(404, {})
 
         def do_POST(self):  # noqa: N802
@@ -89,6 +99,16 @@ def test_triggers_the_dag_through_the_api_when_airflow_is_up(env, fake_airflow, 
     authed = [(m, p, b) for m, p, b, auth in fake_airflow if auth == "Bearer tok"]
     assert ("PATCH", "/api/v2/dags/retrain", {"is_paused": False}) in authed
     assert ("POST", "/api/v2/dags/retrain/dagRuns", {"logical_date": None, "conf": {}}) in authed
+
+
+@pytest.mark.parametrize("state, rc", [("success", 0), ("failed", 1)])
+def test_wait_exits_with_the_runs_state_and_names_each_tasks(env, fake_airflow, capsys, monkeypatch, state, rc):
+    """`make retrain WAIT=1`: waits for the triggered run, then exits 0 on success, 1 on failure."""
+    make_labels_run(LocalStorage(env / "data"), n={"train": 4, "val": 2, "test": 2})
+    monkeypatch.setitem(RUN_STATE, "state", state)
+    assert main(["retrain", "--wait"]) == rc
+    out = capsys.readouterr().out
+    assert f"DAG 'retrain' run 'manual__x': {state} (launch {state}, register " in out
 
 
 def test_falls_back_to_dags_test_without_airflow(env, monkeypatch):
