@@ -6,6 +6,7 @@ Ctrl-C (SIGTERM here) stops every process. Slow: a few minutes.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import sqlite3
@@ -59,6 +60,7 @@ def live(tmp_path_factory):
         "LIKERANK_TRAINING__WORKERS": "0",
     })
     out = open(work / "live.out", "w+")
+    tree: list[psutil.Process] = []
     proc = subprocess.Popen([sys.executable, "-m", "pipeline.orchestrate", "live"], env=env, cwd=REPO,
                             stdout=out, stderr=subprocess.STDOUT, text=True)
     try:
@@ -90,11 +92,14 @@ def live(tmp_path_factory):
         return {"out": (work / "live.out").read_text(), "listening": listening, "chain": chain,
                 "backfill": backfill, "survivors": survivors, "home": home, "rc": proc.returncode,
                 "root": work / "data", "first": first, "last": last}
-    finally:
+    finally:  # only make airflow's own process tree: other fixtures' servers are children of pytest too
+        leftovers = list(tree)
         if proc.poll() is None:
+            leftovers += psutil.Process(proc.pid).children(recursive=True)
             proc.kill()
-        for child in psutil.Process().children(recursive=True):
-            child.kill()
+        for p in leftovers:
+            with contextlib.suppress(psutil.NoSuchProcess):
+                p.kill()
 
 
 def test_it_says_where_the_ui_and_the_password_are(live):
