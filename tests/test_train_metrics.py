@@ -55,3 +55,17 @@ def test_label_metrics():
 def test_truth_metrics_half_split():
     q = np.array([0.1, 0.2, 0.3, 0.4])
     assert M.truth_metrics(q, np.array([0.0, 0.1, 0.9, 1.0]))["roc_auc"] == 1.0
+
+
+def test_the_xcom_summary_is_strict_json_when_a_split_is_empty():
+    """An empty test split has NaN metrics; Airflow's XCom API refuses NaN, so they travel as None."""
+    import json
+    import math
+
+    from training.registry import summarize
+
+    metrics = {"run_id": "r", "labels_run": "l", "steps": 3, "model": {"weights": "none"},
+               "val": {"accuracy": 0.5, "roc_auc": 0.7}, "test": {"accuracy": math.nan, "roc_auc": math.nan}}
+    out = summarize(metrics)
+    assert out["val_roc_auc"] == 0.7 and out["test_accuracy"] is None and out["test_roc_auc"] is None
+    json.dumps(out, allow_nan=False)

@@ -15,6 +15,7 @@ Every write is one atomic ``Storage.put_bytes``.
 from __future__ import annotations
 
 import io
+import math
 import re
 import secrets
 import subprocess
@@ -131,7 +132,8 @@ def summarize(metrics: dict[str, Any]) -> dict[str, Any]:
                 out[f"{split}_{k}"] = m[k]
     if metrics.get("truth"):
         out["test_truth_roc_auc"] = metrics["truth"].get("test", {}).get("roc_auc")
-    return out
+    # A metric of an empty split is NaN, which JSON (and so Airflow's XCom API) refuses: None.
+    return {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in out.items()}
 
 
 def evaluate_run(run_id: str, cfg: Config | None = None) -> dict[str, Any]:
