@@ -49,8 +49,8 @@ class NothingToLabel(Exception):
         self.reason, self.summary = reason, summary
 
 
-def check_enough(summary: dict[str, Any], labeled_ids: set[str], published: dict[str, Any] | None,
-                 published_ids: set[str], min_rows: int) -> None:
+def check_enough(summary: dict[str, Any], labeled_ids: pa.ChunkedArray | pa.Array, published: dict[str, Any] | None,
+                 published_ids: pa.ChunkedArray | pa.Array | None, min_rows: int) -> None:
     """Raise :class:`NothingToLabel` unless this run is worth validating and publishing.
 
     It is when it labels at least one whole group and ``validation.min_rows`` rows, and, if a
@@ -62,8 +62,9 @@ def check_enough(summary: dict[str, Any], labeled_ids: set[str], published: dict
         raise NothingToLabel(f"{summary['rows_out']} posts would be labeled, a run needs at least "
                              f"{max(group_size, min_rows, 1)} (one group of {group_size}, "
                              f"validation.min_rows {min_rows})", summary)
-    if published:
-        new = len(labeled_ids - published_ids)
+    if published and published_ids is not None:
+        # Vectorized membership: Python sets of millions of id strings cost seconds and GBs.
+        new = len(labeled_ids) - pc.sum(pc.is_in(labeled_ids, value_set=published_ids)).as_py()
         if new < group_size:
             raise NothingToLabel(f"{new} of the posts it would label are new since the published labels run "
                                  f"{published['run_id']}, fewer than one group of {group_size}", summary)
@@ -186,11 +187,11 @@ def build_labels(cfg: Config, run_id: str, storage: Storage | None = None) -> di
     published = get_json(storage, keys.PUBLISHED_LABELS)
     if published and published.get("run_id") == run_id:
         published = None  # a rerun of the published run compares against nothing
-    published_ids: set[str] = set()
+    published_ids = None
     if published:
-        published_ids = set(read_table(storage, "labels", partitions=[published["run_id"]],
-                                       columns=["post_id"]).column("post_id").to_pylist())
-    check_enough(summary, set(labels.column("post_id").to_pylist()), published, published_ids,
+        published_ids = read_table(storage, "labels", partitions=[published["run_id"]],
+                                   columns=["post_id"]).column("post_id").combine_chunks()
+    check_enough(summary, labels.column("post_id"), published, published_ids,
                  cfg.validation.min_rows)
     # A rebuilt run must be validated again before it can be published, and must not stay
     # published meanwhile: training would otherwise read data nobody validated.
