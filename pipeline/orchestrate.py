@@ -54,6 +54,11 @@ REPO = Path(__file__).resolve().parents[1]
 #: ``./data``), whose simulated clock and metadata would otherwise mix with the real ones.
 LIVE_HOME = REPO / ".airflow-live"
 LIVE_ROOT = REPO / "data-live"
+#: SQLite connection arguments for ``make airflow``'s metadata DB, by import path in its
+#: ``airflow.cfg``. Python's default busy timeout is 5 s; the scheduler and the task processes
+#: hold SQLite's single write lock longer than that at times, and a CLI command beside them
+#: (``airflow backfill create``) then failed with "database is locked". Seconds.
+SQLITE_CONNECT_ARGS = {"timeout": 120}
 
 
 @dataclass(frozen=True)
@@ -317,6 +322,26 @@ def wait_for_api(url: str, procs: AirflowProcesses, timeout_s: float = 300) -> N
         time.sleep(1)
 
 
+def configure_live_home(home: Path) -> Path:
+    """Add to ``home``'s ``airflow.cfg`` what every process on its SQLite DB needs, the user's
+    own ``airflow`` commands included (they read the file, not ``make airflow``'s environment):
+    a busy timeout (:data:`SQLITE_CONNECT_ARGS`). Every other setting is kept, the secrets
+    Airflow generated into the file on its first start among them: the API server and the
+    scheduler must share its ``jwt_secret``, or every task fails with "Invalid auth token"."""
+    import configparser
+
+    path = home / "airflow.cfg"
+    cfg = configparser.ConfigParser(interpolation=None)
+    cfg.read(path)
+    if not cfg.has_section("database"):
+        cfg.add_section("database")
+    cfg.set("database", "sql_alchemy_connect_args", "pipeline.orchestrate.SQLITE_CONNECT_ARGS")
+    home.mkdir(parents=True, exist_ok=True)
+    with open(path, "w") as f:
+        cfg.write(f)
+    return path
+
+
 def live() -> int:
     """``make airflow``: the demo world under the real scheduler, on 127.0.0.1, until Ctrl-C."""
     cfg = load_config()
@@ -353,7 +378,8 @@ def live() -> int:
             print(f"simulator: {sim.url} ({cfg.simulator.posts} posts, its clock at {now})")
         print(f"airflow: home {home}, tables under {env['LIKERANK_STORAGE__ROOT']}; migrating the metadata DB ...",
               flush=True)
-        procs.airflow("db", "migrate")
+        procs.airflow("db", "migrate")  # also writes airflow.cfg with its generated secrets, once
+        configure_live_home(home)
         # No log-server processes (they listen on every interface): with one machine and one
         # Airflow home, the API server reads the task logs from disk.
         procs.start("api-server", "api-server", "--host", env["AIRFLOW__API__HOST"], "--port", port)

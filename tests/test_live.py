@@ -81,9 +81,10 @@ def live(tmp_path_factory):
         chain = runs(home)
         today = datetime.now(UTC).date()
         first, last = (today - timedelta(days=3)).isoformat(), (today - timedelta(days=1)).isoformat()
-        subprocess.run([str(Path(sys.executable).with_name("airflow")), "backfill", "create", "--dag-id", "scrape",
-                        "--from-date", first, "--to-date", last], env=env, check=True, capture_output=True,
-                       timeout=300)
+        created = subprocess.run([str(Path(sys.executable).with_name("airflow")), "backfill", "create",
+                                  "--dag-id", "scrape", "--from-date", first, "--to-date", last],
+                                 env=env, capture_output=True, text=True, timeout=300)
+        assert created.returncode == 0, created.stdout + created.stderr
         wait_for(lambda: sum(1 for d, _, t, s in runs(home) if t == "backfill" and s in ("success", "failed")) == 3,
                  "the backfill runs", home)
         backfill = [r for r in runs(home) if r[2] == "backfill"]
