@@ -3,17 +3,19 @@
     .venv/bin/python bench/labels.py              # 10 million posts (goals: <= 5 s, <= 3.5 GB, >= 20x naive)
     .venv/bin/python bench/labels.py --rows 200000
 
-What is timed: :func:`labeling.build_labels.label_candidates` on an in-memory candidates table
-(filters, duplicate-image collapse, exposure, the two sorts, ranks, splits, the LABELS table);
-not the data generation, not Parquet I/O. The candidates are generated once and written to a
+What is timed: :func:`labeling.build_labels.label_run` on an in-memory candidates table
+(filters, duplicate-image collapse, exposure, the two sorts, ranks, splits) and every slice of
+the LABELS rows it yields, built as ``build_labels`` builds them to write them; not the data
+generation, not Parquet encoding or I/O. The candidates are generated once and written to a
 temporary Arrow file; each timed run is a fresh process that reads it and labels it, so the
 median and the spread of ``--runs`` runs are reported, and each run's peak RSS includes the
 resident input, as a real run's would. Posts look like the project's: 18-digit Mastodon ids,
 16-hex author keys (one author per 5 posts), 64-hex image sha256s with 0.1% re-posted images,
-log-normal followers, 5% too young, 2% without a face.
+log-normal followers, 5% too young, 2% without a face; 70% from one source, 30% from another
+(groups never mix sources).
 
-The naive reference runs the same rule (filters, duplicate collapse, exposure sort, then
-``groupby(group_id).apply`` ranking each group) on the first ``--naive-rows`` posts and is
+The naive reference runs the same rule (filters, duplicate collapse, exposure sort per source,
+then ``groupby(group_id).apply`` ranking each group) on the first ``--naive-rows`` posts and is
 scaled linearly to N. Its cost is dominated by the per-group Python call, linear in the number
 of groups, while its sorts grow n log n, so the linear scaling flatters the naive side. It also
 skips the split assignment. Both are checked to give the same (group, rank) on the sample.
@@ -33,7 +35,7 @@ import pyarrow as pa
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from labeling.build_labels import label_candidates  # noqa: E402
+from labeling.build_labels import label_candidates, label_run  # noqa: E402
 from labeling.eligibility import CANDIDATES  # noqa: E402
 from pipeline.core.config import load_config  # noqa: E402
 
@@ -65,8 +67,9 @@ def synthetic_candidates(n: int, seed: int = 0) -> pa.Table:
     likes = rng.poisson(0.1 * followers**0.8 * np.exp(rng.normal(0, 1, n))).astype(np.int64)
     age = np.where(rng.random(n) < 0.05, rng.uniform(0, 30, n), rng.uniform(30, 400, n))
     n_faces = np.where(rng.random(n) < 0.02, 0, 1).astype(np.int32)
+    source = pa.DictionaryArray.from_arrays((rng.random(n) < 0.3).astype(np.int32), ["mastodon", "bluesky"])
     return pa.table({
-        "post_id": post_id, "author_key": author_key, "image_sha256": sha, "likes": likes,
+        "post_id": post_id, "source": source, "author_key": author_key, "image_sha256": sha, "likes": likes,
         "followers": followers, "n_tags": n_tags, "age_days": age, "views": pa.nulls(n, pa.int64()),
         "n_faces": n_faces, "face_share": np.full(n, 0.1),
     }).cast(CANDIDATES)
@@ -78,9 +81,14 @@ def naive_labels(df: pd.DataFrame, cfg) -> pd.DataFrame:
     df = df[(df["age_days"] >= lab.min_age_days) & df["followers"].between(lab.min_followers, lab.max_followers)
             & (df["n_tags"] <= lab.max_tags) & (df["n_faces"] >= cfg.faces.min_faces)]
     df = df.sort_values("post_id").drop_duplicates("image_sha256", keep="first")
-    df = df.assign(exposure=df["followers"] * (1 + lab.tag_bonus * (df["n_tags"] - 1).clip(lower=0)))
-    df = df.sort_values(["exposure", "post_id"], ascending=[False, True], kind="stable")
-    df = df.iloc[: len(df) // G * G].assign(group_id=np.arange(len(df) // G * G) // G)
+    df = df.assign(exposure=df["followers"] * (1 + lab.tag_bonus * (df["n_tags"] - 1).clip(lower=0)),
+                   source=df["source"].astype(str))
+    parts = []
+    for _, part in sorted(df.groupby("source"), key=lambda kv: kv[0]):  # groups never mix sources
+        part = part.sort_values(["exposure", "post_id"], ascending=[False, True], kind="stable")
+        parts.append(part.iloc[: len(part) // G * G])
+    df = pd.concat(parts)
+    df = df.assign(group_id=np.arange(len(df)) // G)
 
     def rank_group(g: pd.DataFrame) -> pd.DataFrame:
         g = g.sort_values(["likes", "post_id"])
@@ -117,8 +125,11 @@ def child(path: str, cfg) -> int:
     cands = feather.read_table(path, memory_map=False)  # the input, resident like a real run's
     input_rss = peak_rss_mb()
     t0 = time.perf_counter()
-    labels, summary = label_candidates(cands, cfg, "bench")
+    run = label_run(cands, cfg, "bench")
+    for piece in run.slices():  # what build_labels hands the Parquet writer, one slice at a time
+        del piece
     seconds = time.perf_counter() - t0
+    summary = run.summary
     print(json.dumps({"seconds": seconds, "peak_rss_mb": peak_rss_mb(), "input_rss_mb": input_rss,
                       "rows_out": summary["rows_out"], "groups": summary["groups"],
                       "dropped": summary["rows_dropped"]}))

@@ -17,6 +17,8 @@ from __future__ import annotations
 import logging
 import re
 import time
+from collections.abc import Iterator
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -27,10 +29,11 @@ import pyarrow.compute as pc
 
 from labeling import baselines
 from labeling.eligibility import apply_filters, filter_rows, read_candidates, read_input_file
-from labeling.rank_groups import Ranking, exposure, post_id_key, rank_groups
-from labeling.splits import SPLITS, assign_splits
+from labeling.rank_groups import Ranking, exposure, post_id_key, rank_groups, source_codes
+from labeling.splits import SPLITS, split_index
 from pipeline.core import keys
 from pipeline.core.config import Config
+from pipeline.core.schemas import LABELS
 from pipeline.core.storage import Storage, open_storage
 
 log = logging.getLogger(__name__)
@@ -49,25 +52,23 @@ class NothingToLabel(Exception):
         self.reason, self.summary = reason, summary
 
 
-def check_enough(summary: dict[str, Any], labeled_ids: pa.ChunkedArray | pa.Array, published: dict[str, Any] | None,
-                 published_ids: pa.ChunkedArray | pa.Array | None, min_rows: int) -> None:
+def check_enough(summary: dict[str, Any], published: dict[str, Any] | None, new_posts: int | None,
+                 min_rows: int) -> None:
     """Raise :class:`NothingToLabel` unless this run is worth validating and publishing.
 
     It is when it labels at least one whole group and ``validation.min_rows`` rows, and, if a
-    run is published, at least a group's worth of posts that run did not have (so a refresh
-    that matured a handful of posts does not relabel and retrain on nearly the same data).
+    run is published, at least a group's worth of posts (``new_posts``) that run did not have
+    (so a refresh that matured a handful of posts does not relabel and retrain on nearly the
+    same data).
     """
     group_size = summary["group_size"]
     if summary["rows_out"] < max(group_size, min_rows, 1):
         raise NothingToLabel(f"{summary['rows_out']} posts would be labeled, a run needs at least "
                              f"{max(group_size, min_rows, 1)} (one group of {group_size}, "
                              f"validation.min_rows {min_rows})", summary)
-    if published and published_ids is not None:
-        # Vectorized membership: Python sets of millions of id strings cost seconds and GBs.
-        new = len(labeled_ids) - pc.sum(pc.is_in(labeled_ids, value_set=published_ids)).as_py()
-        if new < group_size:
-            raise NothingToLabel(f"{new} of the posts it would label are new since the published labels run "
-                                 f"{published['run_id']}, fewer than one group of {group_size}", summary)
+    if published and new_posts is not None and new_posts < group_size:
+        raise NothingToLabel(f"{new_posts} of the posts it would label are new since the published labels run "
+                             f"{published['run_id']}, fewer than one group of {group_size}", summary)
 
 
 def new_run_id(now: datetime | None = None) -> str:
@@ -84,10 +85,10 @@ def clean_run_id(text: str) -> str:
 
 
 def rank(labeler: str, *, likes: np.ndarray, followers: np.ndarray, n_tags: np.ndarray,
-         exposure_: np.ndarray, key: np.ndarray, group_size: int) -> Ranking:
+         exposure_: np.ndarray, key: np.ndarray, source: np.ndarray, group_size: int) -> Ranking:
     """Run one labeler (the rule or a comparison) on eligible rows."""
     if labeler == "groups":
-        return rank_groups(exposure_, likes, key, group_size)
+        return rank_groups(exposure_, likes, key, group_size, source)
     if labeler == "median_likes":
         return baselines.median_likes(likes, exposure_, key)
     if labeler == "ratio":
@@ -97,10 +98,84 @@ def rank(labeler: str, *, likes: np.ndarray, followers: np.ndarray, n_tags: np.n
     raise ValueError(f"unknown labeler {labeler!r} (known: {', '.join(LABELERS)})")
 
 
-def label_candidates(cands: pa.Table, cfg: Config, run_id: str, *, labeler: str | None = None,
-                     check_faces: bool = True, check_face_share: bool = True,
-                     counts: dict[str, int] | None = None) -> tuple[pa.Table, dict[str, Any]]:
-    """Label candidates (:data:`labeling.eligibility.CANDIDATES`): the LABELS table and a summary.
+#: Candidate rows turned into LABELS rows at a time: the labels are written a slice at a time,
+#: so a 10M-row run never holds the whole output table (~2 GB) beside its input.
+SLICE_ROWS = 1 << 20
+SPLIT_NAMES = pa.array(SPLITS)
+#: Candidate columns copied into the labels unchanged.
+_PASSED = ["post_id", "image_sha256", "author_key", "source", "n_tags", "age_days"]
+
+
+@dataclass
+class LabelsRun:
+    """A labeled candidates table, not yet materialized: which rows get a label and their ranking.
+
+    :meth:`slices` builds the LABELS rows (candidates order) a slice of candidates at a time,
+    :meth:`table` all at once. ``rows`` and the arrays below are aligned: one entry per label.
+    """
+
+    cands: pa.Table
+    rows: np.ndarray  # int64 candidate row indices, ascending
+    likes: np.ndarray
+    followers: np.ndarray
+    exposure: np.ndarray
+    ranking: Ranking
+    split: np.ndarray  # int8 index into SPLITS
+    labeler: str
+    params_hash: str
+    run_id: str
+    summary: dict[str, Any]
+
+    def slices(self, rows_per_slice: int = SLICE_ROWS) -> Iterator[pa.Table]:
+        """The LABELS rows in pieces of at most ``rows_per_slice`` candidates (at least one piece)."""
+        n = self.cands.num_rows
+        keep = np.zeros(n, dtype=bool)
+        keep[self.rows] = True
+        passed = self.cands.select(_PASSED)
+        done = 0
+        for lo in range(0, max(n, 1), rows_per_slice):
+            hi = min(n, lo + rows_per_slice)
+            mask = keep[lo:hi]
+            k = int(mask.sum())
+            if k == 0 and done:
+                continue
+            part = filter_rows(passed.slice(lo, hi - lo), mask)
+            at = slice(done, done + k)
+            done += k
+            yield pa.table({
+                "post_id": part.column("post_id"),
+                "source": part.column("source").cast(pa.string()).fill_null(""),
+                "image_sha256": part.column("image_sha256"),
+                "author_key": part.column("author_key"),
+                "likes": self.likes[at],
+                "followers": self.followers[at],
+                "n_tags": part.column("n_tags"),
+                "age_days": part.column("age_days"),
+                "exposure": self.exposure[at],
+                "group_id": self.ranking.group_id[at],
+                "rank_in_group": self.ranking.rank_in_group[at],
+                "label": self.ranking.label()[at] if k else np.zeros(0, np.int8),
+                "score": self.ranking.score()[at] if k else np.zeros(0),
+                "split": SPLIT_NAMES.take(pa.array(self.split[at])),
+                "labeler": pa.repeat(self.labeler, k),
+                "params_hash": pa.repeat(self.params_hash, k),
+                "run_id": pa.repeat(self.run_id, k),
+            }, schema=LABELS)
+
+    def table(self) -> pa.Table:
+        return pa.concat_tables(self.slices())
+
+    def count_new(self, published_ids: pa.ChunkedArray | pa.Array) -> int:
+        """How many labeled posts are not among ``published_ids`` (vectorized membership:
+        Python sets of millions of id strings cost seconds and GBs)."""
+        published = np.asarray(pc.is_in(self.cands.column("post_id"), value_set=published_ids), dtype=bool)
+        return len(self.rows) - int(published[self.rows].sum())
+
+
+def label_run(cands: pa.Table, cfg: Config, run_id: str, *, labeler: str | None = None,
+              check_faces: bool = True, check_face_share: bool = True,
+              counts: dict[str, int] | None = None) -> LabelsRun:
+    """Label candidates (:data:`labeling.eligibility.CANDIDATES`): the run, its summary included.
 
     ``counts`` carries drops made while reading (``duplicate_post_id``); they count in ``rows_in``.
     """
@@ -111,65 +186,64 @@ def label_candidates(cands: pa.Table, cfg: Config, run_id: str, *, labeler: str 
                                       check_face_share=check_face_share)
     for reason, n in (counts or {}).items():
         dropped[reason] += n
+    rows = np.flatnonzero(eligible)
+    del eligible
 
     def ints(name: str) -> np.ndarray:  # nulls occur only in ineligible rows
-        return np.asarray(cands.column(name).fill_null(0), dtype=np.int64)[eligible]
+        return np.asarray(cands.column(name).fill_null(0), dtype=np.int64)[rows]
 
     likes, followers, n_tags = ints("likes"), ints("followers"), ints("n_tags")
-    views = np.asarray(cands.column("views").cast(pa.float64()).fill_null(np.nan), dtype=np.float64)[eligible]
+    views = np.asarray(cands.column("views").cast(pa.float64()).fill_null(np.nan), dtype=np.float64)[rows]
     exp = exposure(followers, n_tags, lab.tag_bonus, views)
-    key = post_id_key(cands.column("post_id"))[eligible]  # order-preserving on all rows: no string copy
+    del views
+    key = post_id_key(cands.column("post_id"))[rows]  # order-preserving on all rows: no string copy
+    source, names = source_codes(cands.column("source"))
+    source = source[rows]
     ranking = rank(labeler, likes=likes, followers=followers, n_tags=n_tags, exposure_=exp, key=key,
-                   group_size=lab.group_size)
+                   source=source, group_size=lab.group_size)
+    del key, n_tags
     mask = ranking.kept
-    kept = ranking.select(mask)
     dropped["partial_group"] = int((~mask).sum())
-
-    labeled = np.flatnonzero(eligible)[mask]  # candidate rows that get a label
-    keep = np.zeros(cands.num_rows, dtype=bool)
-    keep[labeled] = True
-    rows = filter_rows(cands.select(["post_id", "image_sha256", "author_key", "n_tags", "age_days"]), keep)
-    n = rows.num_rows
-    labels = pa.table({
-        "post_id": rows.column("post_id"),
-        "image_sha256": rows.column("image_sha256"),
-        "author_key": rows.column("author_key"),
-        "likes": likes[mask],
-        "followers": followers[mask],
-        "n_tags": rows.column("n_tags"),
-        "age_days": rows.column("age_days"),
-        "exposure": exp[mask],
-        "group_id": kept.group_id,
-        "rank_in_group": kept.rank_in_group,
-        "label": kept.label(),
-        "score": kept.score(),
-        "split": assign_splits(rows.column("author_key"), lab),
-        "labeler": pa.repeat(labeler, n),
-        "params_hash": pa.repeat(cfg.section_hash("labeling"), n),
-        "run_id": pa.repeat(run_id, n),
-    })
-    positive = int(labels.column("label").to_numpy().sum()) if n else 0
-    split_counts = {s: 0 for s in SPLITS}
-    if n:
-        for row in pc.value_counts(labels.column("split")).to_pylist():
-            split_counts[row["values"]] = row["counts"]
-    summary = {
+    run = LabelsRun(cands=cands, rows=rows[mask], likes=likes[mask], followers=followers[mask],
+                    exposure=exp[mask], ranking=ranking.select(mask),
+                    # Hashed over every candidate: a view of the key strings, no copy of the kept ones.
+                    split=split_index(cands.column("author_key"), lab)[rows[mask]], labeler=labeler,
+                    params_hash=cfg.section_hash("labeling"), run_id=run_id, summary={})
+    n = len(run.rows)
+    kept_source = source[mask]
+    del likes, followers, exp, ranking, source, mask
+    labels = run.ranking.label()
+    positive = int(labels.sum())
+    split_counts = dict(zip(SPLITS, np.bincount(run.split, minlength=len(SPLITS)).tolist(), strict=True))
+    per_source = {}
+    for code in np.unique(kept_source):
+        here = kept_source == code
+        per_source[names[code]] = {"rows_out": int(here.sum()), "groups": int(here.sum()) // run.ranking.group_size,
+                                   "positive": int(labels[here].sum())}
+    run.summary = {
         "run_id": run_id,
         "labeler": labeler,
-        "params_hash": cfg.section_hash("labeling"),
-        "group_size": ranking.group_size,
+        "params_hash": run.params_hash,
+        "group_size": run.ranking.group_size,
         "rows_in": cands.num_rows + sum((counts or {}).values()),
         "rows_dropped": sum(dropped.values()),
         "dropped": dropped,
         "rows_out": n,
-        "groups": n // ranking.group_size,
+        "groups": n // run.ranking.group_size,
         "partial_group_rows": dropped["partial_group"],
         "label_balance": {"positive": positive, "negative": n - positive,
                           "positive_share": round(positive / n, 6) if n else None},
         "splits": split_counts,
+        "sources": per_source,
         "seconds": round(time.perf_counter() - started, 3),
     }
-    return labels, summary
+    return run
+
+
+def label_candidates(cands: pa.Table, cfg: Config, run_id: str, **options: Any) -> tuple[pa.Table, dict[str, Any]]:
+    """:func:`label_run` materialized: the LABELS table and the summary (for small inputs and tests)."""
+    run = label_run(cands, cfg, run_id, **options)
+    return run.table(), run.summary
 
 
 def build_labels(cfg: Config, run_id: str, storage: Storage | None = None) -> dict[str, Any]:
@@ -183,23 +257,23 @@ def build_labels(cfg: Config, run_id: str, storage: Storage | None = None) -> di
 
     storage = storage or open_storage(cfg.storage)
     cands, counts = read_candidates(storage, cfg)
-    labels, summary = label_candidates(cands, cfg, run_id, counts=counts)
+    run = label_run(cands, cfg, run_id, counts=counts)
+    summary = run.summary
     published = get_json(storage, keys.PUBLISHED_LABELS)
     if published and published.get("run_id") == run_id:
         published = None  # a rerun of the published run compares against nothing
-    published_ids = None
+    new_posts = None
     if published:
-        published_ids = read_table(storage, "labels", partitions=[published["run_id"]],
-                                   columns=["post_id"]).column("post_id").combine_chunks()
-    check_enough(summary, labels.column("post_id"), published, published_ids,
-                 cfg.validation.min_rows)
+        new_posts = run.count_new(read_table(storage, "labels", partitions=[published["run_id"]],
+                                             columns=["post_id"]).column("post_id"))
+    check_enough(summary, published, new_posts, cfg.validation.min_rows)
     # A rebuilt run must be validated again before it can be published, and must not stay
     # published meanwhile: training would otherwise read data nobody validated.
     if (get_json(storage, keys.PUBLISHED_LABELS) or {}).get("run_id") == run_id:
         storage.delete(keys.PUBLISHED_LABELS)
         log.warning("labels run %s was the published run: unpublished until the rebuilt run passes validation", run_id)
     storage.delete(keys.validation_result(run_id))
-    summary["labels_key"] = write_partition(storage, "labels", run_id, labels)
+    summary["labels_key"] = write_partition(storage, "labels", run_id, run.slices())
     summary["config_key"] = keys.labels_config(run_id)
     summary["summary_key"] = keys.labels_summary(run_id)
     summary["labels_uri"] = storage.uri(summary["labels_key"])
@@ -212,25 +286,25 @@ def build_labels(cfg: Config, run_id: str, storage: Storage | None = None) -> di
 
 def label_file(input_path: str | Path, output_path: str | Path, cfg: Config, run_id: str) -> dict[str, Any]:
     """Label a bring-your-own Parquet/CSV file into ``output_path`` (.parquet or .csv)."""
-    from pipeline.core.schemas import conform
-
     output_path = Path(output_path)
     if output_path.suffix.lower() not in (".parquet", ".pq", ".csv"):
         raise ValueError(f"output {output_path}: unknown format {output_path.suffix!r} (use .parquet or .csv)")
     cands, absent = read_input_file(input_path)
-    labels, summary = label_candidates(cands, cfg, run_id, check_faces="n_faces" not in absent,
-                                       check_face_share=False)
-    labels = conform("labels", labels)
+    run = label_run(cands, cfg, run_id, check_faces="n_faces" not in absent, check_face_share=False)
+    summary = run.summary
     output_path.parent.mkdir(parents=True, exist_ok=True)
     tmp = output_path.with_name(f".tmp-{output_path.name}")
     if output_path.suffix.lower() == ".csv":
         import pyarrow.csv as pcsv
 
-        pcsv.write_csv(labels, tmp)
+        writer = pcsv.CSVWriter(tmp, LABELS)
     else:
         import pyarrow.parquet as pq
 
-        pq.write_table(labels, tmp, compression="zstd")
+        writer = pq.ParquetWriter(tmp, LABELS, compression="zstd")
+    with writer:
+        for piece in run.slices():
+            writer.write_table(piece)
     tmp.replace(output_path)  # atomic: a reader sees the old file or the new one
     summary["input"] = str(input_path)
     summary["output"] = str(output_path)

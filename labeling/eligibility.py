@@ -28,6 +28,9 @@ from pipeline.core.storage import Storage
 
 CANDIDATES = pa.schema([
     ("post_id", pa.string()),
+    # The platform: groups never mix sources. Dictionary-encoded: a handful of values over
+    # millions of rows. "" (a file without the column) is one source.
+    ("source", pa.dictionary(pa.int32(), pa.string())),
     ("author_key", pa.string()),
     ("image_sha256", pa.string()),  # null: no ok download of the first image; "" = not tracked (BYO)
     ("likes", pa.int64()),
@@ -159,7 +162,7 @@ FACE_COUNTS_SQL = """
 
 _CANDIDATES_SQL = f"""
 WITH p AS (
-    SELECT instance, post_id, author_key, n_tags, image_urls[1] AS first_url
+    SELECT instance, post_id, source, author_key, n_tags, image_urls[1] AS first_url
     FROM posts
     QUALIFY row_number() OVER (PARTITION BY instance, post_id ORDER BY scraped_at DESC, dt DESC) = 1
 ), o AS (
@@ -177,7 +180,7 @@ WITH p AS (
     -- list columns carried through the joins below (caught by tests/test_labels_io.py).
 {FACE_COUNTS_SQL}
 )
-SELECT p.post_id, p.author_key, d.sha256 AS image_sha256, o.likes,
+SELECT p.post_id, p.source, p.author_key, d.sha256 AS image_sha256, o.likes,
        o.author_followers AS followers, p.n_tags, o.age_days, o.views,
        f.n_faces, f.face_share, p.instance,
        row_number() OVER (PARTITION BY p.post_id ORDER BY p.instance) AS nth
@@ -208,7 +211,7 @@ def read_candidates(storage: Storage, cfg: Config) -> tuple[pa.Table, dict[str, 
     from pipeline.core.tables import read_table
 
     columns = {
-        "posts": ["instance", "post_id", "author_key", "n_tags", "image_urls", "scraped_at", "dt"],
+        "posts": ["instance", "post_id", "source", "author_key", "n_tags", "image_urls", "scraped_at", "dt"],
         "engagement": ["instance", "post_id", "observed_at", "likes", "author_followers", "views", "age_days"],
         "downloads": ["url", "status", "sha256", "attempted_at"],
         "faces": ["sha256", "detector_id", "status", "width", "height", "faces", "largest_face_share",
@@ -237,7 +240,7 @@ def read_candidates(storage: Storage, cfg: Config) -> tuple[pa.Table, dict[str, 
 #: The columns of a bring-your-own file (DESIGN.md): name -> kind.
 REQUIRED_COLUMNS = {"post_id": "string", "author_key": "string", "likes": "integer",
                     "followers": "integer", "n_tags": "integer", "age_days": "number"}
-OPTIONAL_COLUMNS = {"views": "integer", "n_faces": "integer", "image_sha256": "string"}
+OPTIONAL_COLUMNS = {"views": "integer", "n_faces": "integer", "image_sha256": "string", "source": "string"}
 
 
 def _kind_ok(kind: str, typ: pa.DataType) -> bool:
@@ -254,7 +257,8 @@ def read_input_file(path: str | Path) -> tuple[pa.Table, list[str]]:
     """A bring-your-own Parquet or CSV file as candidates, and the columns it lacked (optional ones).
 
     Missing optional columns: ``views`` (exposure from followers), ``n_faces`` (no face filter),
-    ``image_sha256`` (filled with "", so no image check and no duplicate-image collapse).
+    ``image_sha256`` (filled with "", so no image check and no duplicate-image collapse),
+    ``source`` (filled with "": every row one source, so groups span the whole file).
     Raises :class:`InputError` naming the file and every missing column, wrong type, null or
     negative count, and duplicated post_id.
     """
@@ -289,7 +293,8 @@ def read_input_file(path: str | Path) -> tuple[pa.Table, list[str]]:
     absent = [c for c in OPTIONAL_COLUMNS if c not in table.column_names]
     n = table.num_rows
     fills = {"views": pa.nulls(n, pa.int64()), "n_faces": pa.nulls(n, pa.int32()),
-             "image_sha256": pa.array([""] * n, pa.string()), "face_share": pa.nulls(n, pa.float64())}
+             "image_sha256": pa.array([""] * n, pa.string()), "face_share": pa.nulls(n, pa.float64()),
+             "source": pa.DictionaryArray.from_arrays(np.zeros(n, dtype=np.int32), pa.array([""]))}
     columns = [table.column(f.name) if f.name in table.column_names else fills[f.name] for f in CANDIDATES]
     try:
         return pa.Table.from_arrays(columns, names=CANDIDATES.names).cast(CANDIDATES), absent

@@ -56,6 +56,7 @@ def _candidates(rows: pd.DataFrame) -> pa.Table:
     n = len(rows)
     data = {
         "post_id": rows["post_id"].astype(str).to_numpy(),
+        "source": (rows["source"] if "source" in rows else pd.Series([""] * n)).astype(str).to_numpy(),
         "author_key": (rows["author_key"] if "author_key" in rows else rows["post_id"]).astype(str).to_numpy(),
         "image_sha256": rows["image_sha256"].to_numpy() if "image_sha256" in rows else np.full(n, "", dtype=object),
         "likes": rows["likes"].to_numpy(), "followers": rows["followers"].to_numpy(),

@@ -3,8 +3,11 @@
 Given eligible posts (see :mod:`labeling.eligibility`):
 
 1. ``exposure = followers * (1 + tag_bonus * max(n_tags - 1, 0))``, or ``views`` where present;
-2. sort by exposure descending, ties by ``post_id`` ascending; cut the sorted list into
-   consecutive groups of ``group_size`` (group 0 = highest exposure); drop the trailing partial group;
+2. per source (``mastodon``, ``bluesky``: exposure means something else on each platform, so
+   groups never mix them), sort by exposure descending, ties by ``post_id`` ascending; cut the
+   sorted list into consecutive groups of ``group_size``; drop each source's trailing partial
+   group. Group ids are unique across sources: sources in name order, group 0 = the first
+   source's highest exposure;
 3. within a group sort by likes ascending, ties by ``post_id`` ascending: ``rank_in_group`` 1..G;
 4. ``label = rank_in_group > G / 2``; ``score = (rank_in_group - 0.5) / G``.
 
@@ -85,25 +88,68 @@ def post_id_key(post_id: pa.Array | pa.ChunkedArray) -> np.ndarray:
     return np.asarray(rank, dtype=np.int64)
 
 
-def exposure_order(exposure_: np.ndarray, key: np.ndarray) -> np.ndarray:
-    """Row indices sorted by exposure descending, then ``key`` (post id order) ascending."""
+def source_codes(source: pa.Array | pa.ChunkedArray) -> tuple[np.ndarray, list[str]]:
+    """An int32 code per row whose order is the source names' order, and the names by code
+    (a null is the source "").
+
+    Groups never mix sources (exposure means something else on each platform), so the rule
+    sorts by this code before exposure. Dictionary-encoded input costs no string work per row.
+    """
+    if len(source) == 0:
+        return np.empty(0, dtype=np.int32), []
+    encoded = source
+    if pa.types.is_dictionary(encoded.type) and encoded.null_count:
+        encoded = encoded.cast(pa.string())
+    if not pa.types.is_dictionary(encoded.type):
+        encoded = pc.dictionary_encode(encoded.fill_null(""))
+    if isinstance(encoded, pa.ChunkedArray):
+        encoded = encoded.unify_dictionaries()
+        names = encoded.chunk(0).dictionary if encoded.num_chunks else pa.array([], pa.string())
+        indices = np.concatenate([np.asarray(c.indices, dtype=np.int32) for c in encoded.chunks])
+    else:
+        names, indices = encoded.dictionary, np.asarray(encoded.indices, dtype=np.int32)
+    listed = names.to_pylist()
+    by_name = sorted(range(len(listed)), key=listed.__getitem__)
+    rank_of_code = np.empty(len(listed), dtype=np.int32)
+    rank_of_code[by_name] = np.arange(len(listed), dtype=np.int32)
+    return rank_of_code[indices], [listed[i] for i in by_name]
+
+
+def exposure_order(exposure_: np.ndarray, key: np.ndarray, source: np.ndarray | None = None) -> np.ndarray:
+    """Row indices sorted by source code, exposure descending, then ``key`` (post id order) ascending."""
     from labeling.duck import connect
 
     n = len(exposure_)
-    table = pa.table({"i": np.arange(n, dtype=np.int64), "e": exposure_, "k": key})
+    columns = {"i": np.arange(n, dtype=np.int64), "e": exposure_, "k": key}
+    if source is not None:
+        columns["s"] = source
     with connect() as con:
-        con.register("t", table)
-        order = con.sql("SELECT i FROM t ORDER BY e DESC, k ASC").to_arrow_table().column(0)
+        con.register("t", pa.table(columns))
+        by = "s ASC, e DESC, k ASC" if source is not None else "e DESC, k ASC"
+        order = con.sql(f"SELECT i FROM t ORDER BY {by}").to_arrow_table().column(0)
     return np.asarray(order, dtype=np.int64)
 
 
-def rank_groups(exposure_: np.ndarray, likes: np.ndarray, key: np.ndarray, group_size: int) -> Ranking:
-    """Steps 3-4 of the rule on aligned arrays (``key`` from :func:`post_id_key`)."""
+def rank_groups(exposure_: np.ndarray, likes: np.ndarray, key: np.ndarray, group_size: int,
+                source: np.ndarray | None = None) -> Ranking:
+    """Steps 2-4 of the rule on aligned arrays (``key`` from :func:`post_id_key`, ``source``
+    from :func:`source_codes`): each source is cut into its own groups, its trailing partial
+    group dropped; group ids run on across sources, in source-name order."""
     if group_size < 2 or group_size % 2:
         raise ValueError(f"group_size must be even and >= 2, got {group_size}")
     n = len(exposure_)
-    n_full = n // group_size * group_size  # the trailing partial group (lowest exposure) is dropped
-    grouped = exposure_order(exposure_, key)[:n_full].reshape(-1, group_size)
+    order = exposure_order(exposure_, key, source)
+    if source is None or n == 0:
+        grouped = order[:n // group_size * group_size]
+    else:
+        sorted_source = source[order]
+        bounds = np.r_[0, np.flatnonzero(sorted_source[1:] != sorted_source[:-1]) + 1, n]
+        # Each source's full groups; its trailing partial group (lowest exposure) is dropped.
+        grouped = np.concatenate([order[a:a + (b - a) // group_size * group_size]
+                                  for a, b in zip(bounds[:-1], bounds[1:], strict=True)])
+        del sorted_source
+    del order
+    grouped = grouped.reshape(-1, group_size)
     # np.lexsort: the last key is primary -> likes ascending, then post id ascending, per row.
     within = np.lexsort((key[grouped], likes[grouped]), axis=1)
     by_rank = np.take_along_axis(grouped, within, axis=1)

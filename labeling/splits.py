@@ -123,8 +123,13 @@ def split_of(author_key: str, lab: LabelingConfig) -> str:
     return SPLITS[int(_split_index(author_hash_one(lab.split_salt, author_key) % BUCKETS, lab))]
 
 
+def split_index(author_key: pa.Array | pa.ChunkedArray, lab: LabelingConfig) -> np.ndarray:
+    """The split of every row as an index into :data:`SPLITS` (int8), aligned with ``author_key``."""
+    bucket = author_hash(lab.split_salt, author_key) % np.uint64(BUCKETS)
+    return _split_index(bucket, lab)
+
+
 def assign_splits(author_key: pa.Array | pa.ChunkedArray, lab: LabelingConfig) -> pa.Array:
     """The split of every row, as a string array aligned with ``author_key``."""
-    bucket = author_hash(lab.split_salt, author_key) % np.uint64(BUCKETS)
     # take() from the three names: 6x faster than casting a dictionary array to strings (10M rows).
-    return pa.array(SPLITS).take(pa.array(_split_index(bucket, lab)))
+    return pa.array(SPLITS).take(pa.array(split_index(author_key, lab)))

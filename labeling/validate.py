@@ -83,7 +83,7 @@ def faces_suite() -> list:
 
 
 CHECK_COLUMNS = ["chk_group_rows", "chk_group_positives", "chk_group_ranks", "chk_label_matches_rank",
-                 "chk_likes_ascending", "chk_exposure_descending", "chk_author_splits"]
+                 "chk_likes_ascending", "chk_exposure_descending", "chk_author_splits", "chk_group_sources"]
 
 
 def labels_suite(cfg: Config, run_id: str, labeler: str, group_size: int) -> list:
@@ -113,6 +113,7 @@ def labels_suite(cfg: Config, run_id: str, labeler: str, group_size: int) -> lis
         gxe.ExpectColumnValuesToBeInSet(column="chk_likes_ascending", value_set=one),
         gxe.ExpectColumnValuesToBeInSet(column="chk_exposure_descending", value_set=one),
         gxe.ExpectColumnValuesToBeBetween(column="chk_author_splits", min_value=1, max_value=1),
+        gxe.ExpectColumnValuesToBeBetween(column="chk_group_sources", min_value=1, max_value=1),
     ]
 
 
@@ -123,6 +124,7 @@ def with_checks(labels: pd.DataFrame, group_size: int) -> pd.DataFrame:
     df["chk_group_rows"] = by_group["post_id"].transform("size")
     df["chk_group_positives"] = by_group["label"].transform("sum")
     df["chk_group_ranks"] = by_group["rank_in_group"].transform("nunique")
+    df["chk_group_sources"] = by_group["source"].transform("nunique")  # groups never mix sources
     df["chk_label_matches_rank"] = df["label"] == (2 * df["rank_in_group"] > group_size).astype("int64")
     df["chk_author_splits"] = df.groupby("author_key", dropna=True)["split"].transform("nunique")
 
@@ -133,9 +135,9 @@ def with_checks(labels: pd.DataFrame, group_size: int) -> pd.DataFrame:
     ordered = (s["likes"] > prev_likes) | ((s["likes"] == prev_likes) & (s["post_id"] > prev_id))
     df["chk_likes_ascending"] = (~same_group | ordered).reindex(df.index)
 
-    # Group g's lowest exposure is at least group g+1's highest.
-    stats = by_group["exposure"].agg(["min", "max"]).sort_index()
-    next_max = stats["max"].shift(-1)
+    # Group g's lowest exposure is at least group g+1's highest, where g+1 is of the same source.
+    stats = by_group.agg(min=("exposure", "min"), max=("exposure", "max"), source=("source", "first")).sort_index()
+    next_max = stats["max"].shift(-1).where(stats["source"].shift(-1) == stats["source"])
     ok = next_max.isna() | (stats["min"] >= next_max)
     df["chk_exposure_descending"] = df["group_id"].map(ok).fillna(False).astype(bool)
     return df

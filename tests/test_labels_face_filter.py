@@ -40,7 +40,7 @@ def passing_images(faces: pa.Table, fc: FacesConfig) -> set[str]:
     shas = faces.column("sha256").to_pylist()
     n = len(shas)
     cands = pa.table({
-        "post_id": [str(i) for i in range(n)], "author_key": ["a"] * n, "image_sha256": shas,
+        "post_id": [str(i) for i in range(n)], "source": ["mastodon"] * n, "author_key": ["a"] * n, "image_sha256": shas,
         "likes": [1] * n, "followers": [100] * n, "n_tags": [1] * n, "age_days": [60.0] * n, "views": [None] * n,
         "n_faces": [counted.get(s, {}).get("n_faces") for s in shas],
         "face_share": [counted.get(s, {}).get("face_share") for s in shas],

@@ -8,7 +8,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from labeling.build_labels import label_candidates
+from labeling.build_labels import label_candidates, label_run
 from labeling.eligibility import CANDIDATES
 from labeling.rank_groups import exposure, post_id_key
 from labeling.splits import split_of
@@ -22,7 +22,7 @@ def config(**labeling):
 
 def cands(rows: list[dict]) -> pa.Table:
     """Candidates from partial rows; defaults make a row eligible under ``config()``."""
-    defaults = {"author_key": None, "image_sha256": None, "likes": 0, "followers": 100, "n_tags": 1,
+    defaults = {"source": "mastodon", "author_key": None, "image_sha256": None, "likes": 0, "followers": 100, "n_tags": 1,
                 "age_days": 40.0, "views": None, "n_faces": 1, "face_share": 0.2}
     full = []
     for r in rows:
@@ -166,22 +166,26 @@ def test_splits_are_author_disjoint_and_reproducible():
 
 
 def naive_reference(rows: list[dict], group_size: int, tag_bonus: float) -> dict[str, tuple[int, int]]:
-    """The rule written as plainly as possible, for eligible rows: post -> (group, rank)."""
+    """The rule written as plainly as possible, for eligible rows: post -> (group, rank).
+    Each source is grouped on its own; group ids run on across sources in name order."""
     def exp(r):
         return r["views"] if r["views"] is not None else r["followers"] * (1 + tag_bonus * max(r["n_tags"] - 1, 0))
-    ordered = sorted(rows, key=lambda r: r["post_id"])
-    ordered = sorted(ordered, key=lambda r: -exp(r))  # stable: ties keep post_id order
-    out = {}
-    for g in range(len(ordered) // group_size):
-        group = sorted(ordered[g * group_size:(g + 1) * group_size], key=lambda r: (r["likes"], r["post_id"]))
-        for rank, r in enumerate(group, start=1):
-            out[r["post_id"]] = (g, rank)
+    out, next_group = {}, 0
+    for source in sorted({r["source"] for r in rows}):
+        ordered = sorted((r for r in rows if r["source"] == source), key=lambda r: r["post_id"])
+        ordered = sorted(ordered, key=lambda r: -exp(r))  # stable: ties keep post_id order
+        for g in range(len(ordered) // group_size):
+            group = sorted(ordered[g * group_size:(g + 1) * group_size], key=lambda r: (r["likes"], r["post_id"]))
+            for rank, r in enumerate(group, start=1):
+                out[r["post_id"]] = (next_group, rank)
+            next_group += 1
     return out
 
 
 numeric_ids = st.integers(0, 10**6 - 1).map(lambda i: f"{i:06d}")
 text_ids = st.text(alphabet="ab9Zé", min_size=0, max_size=4)
 row = st.fixed_dictionaries({
+    "source": st.sampled_from(["mastodon", "mastodon", "bluesky"]),
     "likes": st.integers(0, 5), "followers": st.sampled_from([0, 1, 50, 51, 99, 100, 1000]),
     "n_tags": st.integers(0, 4), "views": st.one_of(st.none(), st.sampled_from([0, 60, 100])),
 })
@@ -198,10 +202,15 @@ def test_rule_matches_naive_reference_and_invariants(ids, data, half, tag_bonus)
     got = {r["post_id"]: (r["group_id"], r["rank_in_group"]) for r in labels.to_pylist()}
     assert got == naive_reference(rows, group_size, tag_bonus)
 
-    n_groups = len(rows) // group_size
-    assert labels.num_rows == n_groups * group_size and summary["partial_group_rows"] == len(rows) % group_size
+    per_source = {s: sum(r["source"] == s for r in rows) for s in {r["source"] for r in rows}}
+    n_groups = sum(n // group_size for n in per_source.values())
+    assert labels.num_rows == n_groups * group_size
+    assert summary["partial_group_rows"] == sum(n % group_size for n in per_source.values())
+    assert {s: v["groups"] for s, v in summary["sources"].items()} == {
+        s: n // group_size for s, n in per_source.items() if n >= group_size}
     for g in range(n_groups):
         members = [r for r in labels.to_pylist() if r["group_id"] == g]
+        assert len({r["source"] for r in members}) == 1  # groups never mix sources
         assert sorted(r["rank_in_group"] for r in members) == list(range(1, group_size + 1))
         assert sum(r["label"] for r in members) == half
         assert all(0 < r["score"] < 1 and r["label"] == (r["rank_in_group"] > half) for r in members)
@@ -239,3 +248,15 @@ def test_author_hash_of_fixed_width_keys_matches_the_reference(width):
     assert author_hash("salt", arr).tolist() == [author_hash_one("salt", k) for k in keys]
     sliced = arr.slice(7, 20)  # a non-zero offset into Arrow's buffers
     assert author_hash("salt", sliced).tolist() == [author_hash_one("salt", k) for k in keys[7:27]]
+
+
+def test_labels_built_in_slices_equal_the_whole_table():
+    rng = np.random.default_rng(3)
+    rows = [{"post_id": f"{i:05d}", "source": ["mastodon", "bluesky"][i % 3 == 0], "likes": int(rng.integers(0, 9)),
+             "followers": int(rng.integers(0, 500)), "age_days": [40.0, 3.0][i % 11 == 0]} for i in range(300)]
+    run = label_run(cands(rows), config(group_size=6), "r")
+    pieces = list(run.slices(rows_per_slice=7))
+    assert len(pieces) > 10 and sum(p.num_rows for p in pieces) == run.summary["rows_out"] > 0
+    assert pa.concat_tables(pieces).equals(run.table())
+    ids = pa.concat_tables(pieces).column("post_id").to_pylist()
+    assert ids == sorted(ids)  # the candidates' order, slice after slice

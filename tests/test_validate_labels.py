@@ -20,7 +20,8 @@ CFG = load_config(env={}, overrides=["labeling.group_size=4", "labeling.min_foll
 
 
 def good_labels(run_id: str) -> tuple[pa.Table, dict]:
-    rows = [dict(post_id=f"p{i:03d}", author_key=f"a{i % 7}", followers=100 + 3 * i, likes=(i * 7) % 11)
+    rows = [dict(post_id=f"p{i:03d}", source=["mastodon", "bluesky"][i % 3 == 0], author_key=f"a{i % 7}",
+                 followers=100 + 3 * i, likes=(i * 7) % 11)
             for i in range(42)]
     return label_candidates(cands(rows), CFG, run_id)
 
@@ -79,8 +80,15 @@ def author_in_two_splits(t: pa.Table) -> pa.Table:
     return _set(t, "split", splits)
 
 
+def sources_mixed(t: pa.Table) -> pa.Table:
+    sources = t.column("source").to_pylist()
+    sources[0] = "bluesky"  # one post of a mastodon group relabeled as another platform's
+    return _set(t, "source", sources)
+
+
 @pytest.mark.parametrize("corrupt, expectation", [
     (unbalanced, "chk_group_positives"),
+    (sources_mixed, "chk_group_sources"),
     (null_label, "expect_column_values_to_not_be_null"),
     (duplicate_post, "expect_column_values_to_be_unique"),
     (author_in_two_splits, "chk_author_splits"),

@@ -118,6 +118,7 @@ FACES = pa.schema([
 
 LABELS = pa.schema([
     f("post_id", pa.string(), "Post id."),
+    f("source", pa.string(), "Platform of the post ('mastodon', 'bluesky'); groups never mix sources."),
     f("image_sha256", pa.string(), "The labeled image (the post's first)."),
     f("author_key", pa.string(), "Author pseudonym."),
     f("likes", pa.int64(), "Likes used (observed at age >= min_age_days)."),

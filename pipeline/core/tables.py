@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+from collections.abc import Iterable
 from typing import Any
 
 import pyarrow as pa
@@ -32,11 +33,19 @@ def partition_key(table: str, value: str) -> str:
     return f"{t.path}/{t.partition}={value}/{DATA_FILE}"
 
 
-def write_partition(storage: Storage, table: str, value: str, data: pa.Table) -> str:
-    """Check ``data`` against the table's schema and write it as partition ``value``; return its key."""
-    data = conform(table, data)
+def write_partition(storage: Storage, table: str, value: str, data: pa.Table | Iterable[pa.Table]) -> str:
+    """Check ``data`` against the table's schema and write it as partition ``value``; return its key.
+
+    ``data`` may come in pieces (one row group or more each), so a large table is written
+    without ever being whole in memory; the file is stored once all are written.
+    """
     buf = io.BytesIO()
-    pq.write_table(data, buf, compression="zstd")
+    if isinstance(data, pa.Table):
+        pq.write_table(conform(table, data), buf, compression="zstd")
+    else:
+        with pq.ParquetWriter(buf, TABLES[table].schema, compression="zstd") as writer:
+            for piece in data:
+                writer.write_table(conform(table, piece))
     key = partition_key(table, value)
     storage.put_bytes(key, buf.getvalue())
     return key
