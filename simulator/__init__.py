@@ -1,9 +1,11 @@
-"""A local Mastodon-compatible server over a generated social world with hidden ground truth.
+"""A local Mastodon- and Bluesky-compatible server over a generated social world with hidden ground truth.
 
 Modules, one verb each: ``world`` generates, ``images`` composes pictures, ``likes`` is the
 engagement model (its docstring holds every number), ``entities`` renders Mastodon JSON,
-``timeline`` paginates, ``ratelimit`` throttles, ``faults`` breaks things on purpose,
-``server`` serves, ``truth`` tells what the server never does.
+``bluesky`` renders AT Protocol views and searches them, ``timeline`` paginates,
+``ratelimit`` throttles, ``faults`` breaks things on purpose, ``server`` serves, ``truth``
+tells what the server never does. ``bluesky_share`` (default 0) puts that share of the
+accounts, and their posts, on Bluesky's XRPC API instead of Mastodon's.
 
 Typical use::
 
@@ -31,6 +33,6 @@ __all__ = [
 
 
 def world_truth(seed: int = 7, posts: int = 5000, hashtags: tuple[str, ...] | list[str] = ("selfie",),
-                now: datetime = DEFAULT_NOW) -> pa.Table:
+                now: datetime = DEFAULT_NOW, bluesky_share: float = 0.0) -> pa.Table:
     """Ground truth of the world with these parameters (the same world the server serves)."""
-    return truth_table(build_world(seed, posts, tuple(hashtags), now))
+    return truth_table(build_world(seed, posts, tuple(hashtags), now, bluesky_share))

@@ -2,11 +2,14 @@
 
 A rule names a mode and what it targets:
 
-* ``scope`` — ``api`` (``/api/...``), ``media`` (attachment files) or ``all``; each mode has
-  a default (table below).
+* ``scope`` — ``api`` (``/api/...`` and Bluesky's ``/xrpc/...``), ``media`` (attachment files,
+  Bluesky's ``/img/...`` and ``/watch/...`` included) or ``all``; each mode has a default
+  (table below).
 * ``post_ids`` — only requests about these statuses: their attachment files, their
   ``/api/v1/statuses/:id``, and (``missing_fields``) their entries in timeline pages.
-  Empty = any request in scope.
+  Empty = any request in scope. A Bluesky post is named by its world status id too (the
+  ``post_id`` of the truth table, not its rkey or at-URI), so one rule can target both
+  platforms: its image files and (``missing_fields``) its post views in search and getPosts.
 * ``fraction`` — the share of targets hit, chosen by a stable hash of (mode, target): the
   same URL is hit every time, so a test knows which items must end as error rows
   (:meth:`FaultRule.selects`). The target is the attachment id for media, the status id for
@@ -24,7 +27,10 @@ truncated           media    full ``Content-Length``, then the connection closes
 wrong_content_type  media    the normal body labeled ``content_type`` ("text/html; charset=utf-8")
 html                api      an HTML error page with ``status`` (200) and ``text/html``
 malformed_json      api      ``application/json`` whose body is cut in the middle
-missing_fields      api      statuses without ``fields`` (["account", "created_at"])
+missing_fields      api      statuses without ``fields`` (["account", "created_at"]); in
+                             Bluesky post views "account" drops ``author``, "created_at"
+                             drops ``record.createdAt``, any other name the view key of that
+                             name, "record.<key>" a key of the record
 bomb                media    a valid 1-bit PNG of ``width`` x ``height`` (30,000 x 30,000 =
                              9e8 pixels) in ~110 kB
 oversized           media    ``size_bytes`` (64 MiB) streamed; ``declare_length`` (true) sends
@@ -35,8 +41,18 @@ redirect_private    media    302 to ``target`` ("http://169.254.169.254/latest/m
 redirect_origin     api      302 to the same path on another origin of this server: ``host``
                              ("localhost") instead of 127.0.0.1 (see ``SimServer.credentials_seen``)
 bad_media_url       api      statuses whose attachment URLs are malformed (``http://[::1/<id>.jpg``)
-retry_after         all      429 with ``Retry-After: seconds`` (315,360,000: ten years)
+retry_after         all      429 with ``Retry-After: seconds`` (315,360,000: ten years); on
+                             XRPC also ``RateLimit-Reset`` (Unix seconds, now + seconds) and
+                             ``{"error": "RateLimitExceeded"}``
+expired_token       api      XRPC only: an authenticated request gets 400 ``ExpiredToken`` and
+                             its access token is expired from then on, so the client must
+                             call ``refreshSession``; ``count`` bounds how many requests fire
 ==================  =======  ===========================================================
+
+On XRPC every error body is ``{"error": <Name>, "message": ...}``: ``error_5xx`` names the
+status as the XRPC client libraries do (500 InternalServerError, 502 UpstreamFailure, 503
+NotEnoughResources, 504 UpstreamTimeout), ``html`` and ``malformed_json`` replace the body of
+a successful response, as for Mastodon.
 """
 
 from __future__ import annotations
@@ -65,6 +81,7 @@ MODES: dict[str, tuple[str, dict[str, Any]]] = {
     "redirect_origin": ("api", {"host": "localhost"}),
     "bad_media_url": ("api", {}),
     "retry_after": ("all", {"seconds": 315_360_000}),
+    "expired_token": ("api", {}),
 }
 SCOPES = ("api", "media", "all")
 

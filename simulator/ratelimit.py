@@ -7,6 +7,11 @@ response carries ``X-RateLimit-Limit``, ``X-RateLimit-Remaining`` and ``X-RateLi
 (ISO 8601 with microseconds); a throttled one is ``429`` with ``{"error": "Too many
 requests"}`` and, as most servers send and clients honour, ``Retry-After`` in whole seconds.
 The clock is the wall clock (throttling is about real request rates), not the world's clock.
+
+Bluesky's services announce the same kind of window in the IETF draft headers instead:
+``RateLimit-Limit``, ``RateLimit-Remaining``, ``RateLimit-Reset`` (Unix seconds) and
+``RateLimit-Policy`` (``<limit>;w=<window seconds>``); a throttled XRPC request is ``429``
+with ``{"error": "RateLimitExceeded"}`` and no ``Retry-After`` (:meth:`Decision.xrpc_headers`).
 """
 
 from __future__ import annotations
@@ -48,6 +53,12 @@ class Decision:
         if not self.allowed:
             h.append(("Retry-After", str(self.retry_after_s)))
         return h
+
+    def xrpc_headers(self, period_s: float) -> list[tuple[str, str]]:
+        """The headers Bluesky's PDS and AppView send (see the module docstring)."""
+        return [("RateLimit-Limit", str(self.limit)), ("RateLimit-Remaining", str(self.remaining)),
+                ("RateLimit-Reset", str(math.ceil(self.reset_at))),
+                ("RateLimit-Policy", f"{self.limit};w={math.ceil(period_s)}")]
 
 
 class RateLimiter:

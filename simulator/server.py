@@ -1,11 +1,26 @@
-"""The simulator's HTTP server: the Mastodon API over a generated world, on loopback.
+"""The simulator's HTTP server: the Mastodon API and Bluesky's XRPC over a generated world, on loopback.
 
-Routes (Mastodon's):
+Routes (Mastodon's), serving the world's Mastodon accounts and their statuses only:
 
 * ``GET /api/v1/timelines/tag/:hashtag`` — ``limit``, ``max_id``, ``since_id``, ``min_id``,
   ``only_media``, ``any[]``/``all[]``/``none[]``; newest first; ``Link`` header.
 * ``GET /api/v1/statuses/:id``, ``GET /api/v1/accounts/:id``, ``GET /api/v1/instance``.
 * ``GET|HEAD /system/media_attachments/files/<id partition>/(original|small)/<id>.<ext>``.
+
+Routes (Bluesky's, on the same port), serving the world's Bluesky accounts and posts only
+(bodies: :mod:`.bluesky`); errors are ``{"error": <Name>, "message": ...}``:
+
+* ``POST /xrpc/com.atproto.server.createSession`` (``{"identifier", "password"}``, any
+  non-empty pair) and ``POST /xrpc/com.atproto.server.refreshSession`` (``Authorization:
+  Bearer <refreshJwt>``). Access tokens expire after ``access_ttl_s`` seconds of real time.
+* With ``Authorization: Bearer <accessJwt>``: ``GET /xrpc/app.bsky.feed.searchPosts`` (``q``,
+  ``tag`` (repeatable, all must match), ``since`` (inclusive), ``until`` (exclusive),
+  ``sort``, ``lang``, ``author``, ``limit`` 1..100 (25), ``cursor``; newest first; a query
+  pages through at most ``max_search_results`` posts, then the cursor ends and a client walks
+  back with ``until``), ``GET /xrpc/app.bsky.actor.getProfiles?actors=...`` and ``GET
+  /xrpc/app.bsky.feed.getPosts?uris=...`` (at most 25 each).
+* ``GET|HEAD /img/(feed_fullsize|feed_thumbnail)/plain/<did>/<blob cid>@jpeg`` (the same bytes
+  as the attachment's original and small files) and ``/watch/<did>/<cid>/thumbnail.jpg``.
 
 Only statuses created at or before the world's clock exist; the clock only moves when told
 (``POST /_sim/advance?days=N`` or :meth:`SimServer.advance`), so counts are reproducible.
@@ -14,8 +29,12 @@ the server's ``Date`` (as it should for a real instance too) gets ages on the wo
 
 Admin routes (not Mastodon's, never rate limited): ``GET /_sim/now``, ``POST /_sim/advance``,
 ``GET|POST|DELETE /_sim/faults`` (body: ``{"mode": ..., "fraction": ..., "post_ids": [...],
-"count": N, "scope": ..., <mode parameters>}``; see :mod:`.faults`), ``GET /_sim/health``.
+"count": N, "scope": ..., <mode parameters>}``; see :mod:`.faults`), ``GET /_sim/health``,
+``GET /_sim/bluesky`` (Bluesky accounts, posts and reposts up to the clock, session calls).
 Ground truth is never served.
+
+The rate limit, when on, counts Mastodon clients per token or IP (``X-RateLimit-*``) and
+XRPC clients per account or IP (``RateLimit-*``), in separate windows.
 
 HTTP/1.1 with keep-alive on a ``ThreadingHTTPServer`` (one daemon thread per connection).
 Rendered images are cached in a byte-bounded LRU; each image is rendered once even when
@@ -27,6 +46,7 @@ from __future__ import annotations
 import email.utils
 import json
 import logging
+import math
 import re
 import socket
 import threading
@@ -38,7 +58,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 from urllib.parse import parse_qs, unquote, urlsplit
 
-from simulator import entities
+from simulator import bluesky, entities
 from simulator.faults import (
     HTML_ERROR_PAGE,
     FaultError,
@@ -56,6 +76,12 @@ log = logging.getLogger(__name__)
 
 JSON_TYPE = "application/json; charset=utf-8"
 MEDIA_RE = re.compile(r"^/system/media_attachments/files/(?:\d{3}/)+(original|small)/(\d+)\.(jpg|png|mp4)$")
+BSKY_IMG_RE = re.compile(r"^/img/(feed_fullsize|feed_thumbnail)/plain/([^/]+)/([a-z2-7]+)@jpeg$")
+BSKY_WATCH_RE = re.compile(r"^/watch/([^/]+)/([a-z2-7]+)/(playlist\.m3u8|thumbnail\.jpg)$")
+MEDIA_PREFIXES = ("/system/", "/img/", "/watch/")  # file routes: no credentials belong there
+#: XRPC error names for 5xx statuses (as @atproto/xrpc names its response types).
+XRPC_5XX = {500: "InternalServerError", 501: "MethodNotImplemented", 502: "UpstreamFailure",
+            503: "NotEnoughResources", 504: "UpstreamTimeout"}
 # A minimal MP4 header (ftyp + free boxes): enough to be recognised as video/mp4 and skipped.
 MP4_STUB = (b"\x00\x00\x00\x18ftypisom\x00\x00\x02\x00isomiso2" + b"\x00\x00\x00\x08free")
 STREAM_CHUNK = 64 * 1024
@@ -100,14 +126,23 @@ class ImageCache:
 class SimState:
     """Everything a request handler needs; shared by all handler threads."""
 
-    def __init__(self, world: World, rate_limit: RateLimit | None, image_cache_bytes: int):
+    def __init__(self, world: World, rate_limit: RateLimit | None, image_cache_bytes: int,
+                 access_ttl_s: float = 7200.0, max_search_results: int = 1000):
+        if max_search_results < 1:
+            raise ValueError(f"simulator: max_search_results must be >= 1, got {max_search_results}")
         self.world = world
         self.index = TimelineIndex(world)
+        self.bsky = bluesky.BlueskyIndex(world)
+        self.sessions = bluesky.Sessions(access_ttl_s)
+        self.max_search_results = max_search_results
         self.offset_ms = 0
         self.faults = FaultSet()
         #: Host header -> requests that carried an Authorization header (credentials per origin).
         self.credentials_seen: dict[str, int] = {}
+        #: Authorization header value -> requests to a file route that carried it (should be none).
+        self.media_credentials: dict[str, int] = {}
         self.limiter = RateLimiter(rate_limit) if rate_limit else None
+        self.xrpc_limiter = RateLimiter(rate_limit) if rate_limit else None  # Bluesky: its own windows
         self.cache = ImageCache(image_cache_bytes)
         self.base = ""  # set once the port is known
         self._lock = threading.Lock()
@@ -116,9 +151,11 @@ class SimState:
     def now_ms(self) -> int:
         return self.world.now_ms + self.offset_ms
 
-    def note_credentials(self, host: str) -> None:
+    def note_credentials(self, host: str, path: str, value: str) -> None:
         with self._lock:
             self.credentials_seen[host] = self.credentials_seen.get(host, 0) + 1
+            if path.startswith(MEDIA_PREFIXES):
+                self.media_credentials[value] = self.media_credentials.get(value, 0) + 1
 
     def advance(self, days: float) -> int:
         if not days >= 0:
@@ -184,8 +221,8 @@ class _Handler(BaseHTTPRequestHandler):
         self._dispatch("DELETE")
 
     def _dispatch(self, method: str) -> None:
-        if self.headers.get("Authorization"):
-            self.state.note_credentials(self.headers.get("Host") or "")
+        if auth := self.headers.get("Authorization"):
+            self.state.note_credentials(self.headers.get("Host") or "", self.path, auth)
         try:
             url = urlsplit(self.path)
             path, params = url.path, parse_qs(url.query, keep_blank_values=True)
@@ -193,8 +230,16 @@ class _Handler(BaseHTTPRequestHandler):
                 self._admin(method, path, params)
             elif path.startswith("/api/"):
                 self._api(method, path, params)
+            elif path.startswith("/xrpc/"):
+                self._xrpc(method, path[len("/xrpc/"):], params)
             elif m := MEDIA_RE.match(path):
                 self._media(method, m.group(1), m.group(2), m.group(3), params)
+            elif m := BSKY_IMG_RE.match(path):
+                style = "small" if m.group(1) == "feed_thumbnail" else "original"
+                self._bsky_file(method, unquote(m.group(2)), m.group(3), style, video=False)
+            elif m := BSKY_WATCH_RE.match(path):
+                style = "small" if m.group(3) == "thumbnail.jpg" else "playlist"
+                self._bsky_file(method, unquote(m.group(1)), m.group(2), style, video=True)
             else:
                 self._send(404, b"Not Found\n", "text/plain; charset=utf-8", head=method == "HEAD")
         except (BrokenPipeError, ConnectionResetError):
@@ -202,19 +247,29 @@ class _Handler(BaseHTTPRequestHandler):
         except Exception:  # noqa: BLE001 - a bug here must not kill the connection thread silently
             log.exception("simulator: error serving %s", self.path)
             try:
-                self._error(500, "Internal server error")
+                if self.path.startswith("/xrpc/"):
+                    self._json(500, {"error": "InternalServerError", "message": "Internal Server Error"})
+                else:
+                    self._error(500, "Internal server error")
             except OSError:
                 self.close_connection = True
 
     # ------------------------------------------------------------------ faults shared by API and media
 
-    def _common_faults(self, scope: str, target: str, post_id: str | None) -> bool:
-        """Apply error_5xx / slow / redirects; True when a response was already sent."""
+    def _common_faults(self, scope: str, target: str, post_id: str | None, xrpc: bool = False) -> bool:
+        """Apply error_5xx / slow / redirects; True when a response was already sent.
+
+        ``xrpc``: answer errors in XRPC's shape (``{"error": Name, "message": ...}``).
+        """
         faults = self.state.faults
         if not faults:
             return False
         if rule := faults.fire("error_5xx", scope, target, post_id):
-            self._error(int(rule.params["status"]), "Service Unavailable")
+            status = int(rule.params["status"])
+            if xrpc:
+                self._json(status, {"error": XRPC_5XX.get(status, "InternalServerError"), "message": "Service Unavailable"})
+            else:
+                self._error(status, "Service Unavailable")
             return True
         if rule := faults.fire("slow", scope, target, post_id):
             time.sleep(float(rule.params["delay_s"]))
@@ -233,7 +288,13 @@ class _Handler(BaseHTTPRequestHandler):
             self._send(302, b"", "text/html; charset=utf-8", [("Location", f"http://{rule.params['host']}:{port}{self.path}")])
             return True
         if rule := faults.fire("retry_after", scope, target, post_id):
-            self._json(429, {"error": "Too many requests"}, [("Retry-After", str(int(rule.params["seconds"])))])
+            seconds = int(rule.params["seconds"])
+            if xrpc:
+                self._json(429, {"error": "RateLimitExceeded", "message": "Rate Limit Exceeded"},
+                           [("Retry-After", str(seconds)), ("RateLimit-Remaining", "0"),
+                            ("RateLimit-Reset", str(math.ceil(time.time()) + seconds))])
+            else:
+                self._json(429, {"error": "Too many requests"}, [("Retry-After", str(seconds))])
             return True
         return False
 
@@ -273,13 +334,13 @@ class _Handler(BaseHTTPRequestHandler):
             self._api_body(body, headers, method, None)
         elif status_id is not None:
             i = st.world.post_by_id.get(status_id)
-            if i is None or st.world.posts[i].created_ms > now:
+            if i is None or st.world.posts[i].created_ms > now or not st.index.served[i]:
                 self._error(404, "Record not found", headers)
                 return
             self._api_body(self._status_json(i, now), headers, method, status_id)
         elif len(parts) == 4 and parts[1:3] == ["v1", "accounts"]:
             a = st.world.account_by_id.get(parts[3])
-            if a is None:
+            if a is None or st.world.on_bluesky[a]:
                 self._error(404, "Record not found", headers)
                 return
             self._api_body(entities.account(st.world, a, st.base, now), headers, method, None)
@@ -323,8 +384,8 @@ class _Handler(BaseHTTPRequestHandler):
         return {
             "uri": host, "title": "likerank simulator", "short_description": "A generated world.",
             "description": "", "email": "", "version": "4.3.0 (compatible; likerank-sim)",
-            "urls": {}, "stats": {"user_count": len(st.world.accounts),
-                                  "status_count": st.index.n_visible(st.now_ms), "domain_count": 1},
+            "urls": {}, "stats": {"user_count": len(st.world.accounts) - len(st.bsky.accounts),
+                                  "status_count": st.index.n_served(st.now_ms), "domain_count": 1},
             "languages": ["en"], "registrations": False, "approval_required": False,
             "invites_enabled": False, "configuration": {"statuses": {"max_media_attachments": 4}},
             "rules": [],
@@ -344,9 +405,16 @@ class _Handler(BaseHTTPRequestHandler):
             self._send(404, b"Not Found\n", "text/plain; charset=utf-8", head=head)
             return
         post = st.world.posts[m.post]
-        if post.created_ms > st.now_ms:
+        if post.created_ms > st.now_ms or st.world.on_bluesky[post.author]:  # Bluesky's files are on its CDN
             self._send(404, b"Not Found\n", "text/plain; charset=utf-8", head=head)
             return
+        self._media_file(i, style, head)
+
+    def _media_file(self, i: int, style: str, head: bool) -> None:
+        """Send attachment ``i``'s file (``style`` original or small) with the media faults."""
+        st = self.state
+        m = st.world.media[i]
+        post = st.world.posts[m.post]
         if st.faults and self._media_faults(m.id, post.id, head):
             return
         if style == "small":
@@ -400,12 +468,146 @@ class _Handler(BaseHTTPRequestHandler):
             return True
         return False
 
+    # ------------------------------------------------------------------ Bluesky (XRPC)
+
+    def _bearer(self) -> str | None:
+        auth = self.headers.get("Authorization") or ""
+        scheme, _, token = auth.partition(" ")
+        return token.strip() if scheme.lower() == "bearer" and token.strip() else None
+
+    def _xrpc_error(self, exc: bluesky.XrpcError, headers: list[tuple[str, str]] = ()) -> None:
+        self._json(exc.status, exc.body(), headers)
+
+    def _xrpc(self, method: str, nsid: str, params: dict[str, list[str]]) -> None:
+        st = self.state
+        token = self._bearer()
+        # Read the body whatever the answer: bytes left unread would corrupt the next request
+        # on this keep-alive connection.
+        length = int(self.headers.get("Content-Length") or 0)
+        raw = self.rfile.read(length) if length > 0 else b""
+        headers: list[tuple[str, str]] = []
+        if st.xrpc_limiter is not None:
+            decision = st.xrpc_limiter.hit(st.sessions.did_of(token) or self.client_address[0])
+            headers = decision.xrpc_headers(st.xrpc_limiter.rule.period_s)
+            if not decision.allowed:
+                self._json(429, {"error": "RateLimitExceeded", "message": "Rate Limit Exceeded"}, headers)
+                return
+        if self._common_faults("api", self.path, None, xrpc=True):
+            return
+        try:
+            if nsid in ("com.atproto.server.createSession", "com.atproto.server.refreshSession"):
+                if method != "POST":
+                    raise bluesky.XrpcError(400, "InvalidRequest", f"Incorrect HTTP method ({method}) expected POST")
+                st.sessions.note_call(nsid.rsplit(".", 1)[1])
+                if nsid.endswith("createSession"):
+                    obj = self._create_session(raw)
+                else:
+                    obj = st.sessions.refresh(token)
+                self._api_body(obj, headers, method, None)
+                return
+            if method not in ("GET", "HEAD"):
+                raise bluesky.XrpcError(400, "InvalidRequest", f"Incorrect HTTP method ({method}) expected GET")
+            st.sessions.check(token)
+            if st.faults and st.faults.fire("expired_token", "api", self.path):
+                st.sessions.expire(token or "")
+                raise bluesky.XrpcError(400, "ExpiredToken", "Token has expired")
+            now = st.now_ms
+            if nsid == "app.bsky.feed.searchPosts":
+                q = bluesky.parse_search(params)
+                page, cursor, total = st.bsky.search(q, now, st.max_search_results)
+                obj = {"hitsTotal": total, "posts": [self._post_view(i, now) for i in page]}
+                if cursor:
+                    obj["cursor"] = cursor
+            elif nsid == "app.bsky.actor.getProfiles":
+                actors = self._batch(params, "actors")
+                found = (st.bsky.account_by_actor.get(a.lower().lstrip("@")) for a in actors)
+                obj = {"profiles": [st.bsky.profile_detailed(a, now) for a in found if a is not None]}
+            elif nsid == "app.bsky.feed.getPosts":
+                uris = self._batch(params, "uris")
+                found = (st.bsky.post_by_uri(u) for u in uris)
+                obj = {"posts": [self._post_view(i, now) for i in found
+                                 if i is not None and st.world.posts[i].created_ms <= now]}
+            else:
+                raise bluesky.XrpcError(501, "MethodNotImplemented", "Method Not Implemented")
+        except bluesky.XrpcError as exc:
+            self._xrpc_error(exc, headers)
+            return
+        self._api_body(obj, headers, method, None)
+
+    def _create_session(self, raw: bytes) -> dict[str, Any]:
+        try:
+            body = json.loads(raw or b"{}")
+        except ValueError:
+            raise bluesky.XrpcError(400, "InvalidRequest", "Request body is not valid JSON") from None
+        if not isinstance(body, dict):
+            raise bluesky.XrpcError(400, "InvalidRequest", "Input must be an object")
+        identifier, password = body.get("identifier"), body.get("password")
+        if not isinstance(identifier, str) or not isinstance(password, str) or not identifier or not password:
+            raise bluesky.XrpcError(401, "AuthenticationRequired", "Invalid identifier or password")
+        did, handle = bluesky.session_identity(self.state.bsky, identifier)
+        return self.state.sessions.create(did, handle)
+
+    @staticmethod
+    def _batch(params: dict[str, list[str]], name: str) -> list[str]:
+        values = params.get(name, []) + params.get(f"{name}[]", [])
+        if not values:
+            raise bluesky.XrpcError(400, "InvalidRequest", f'Params must have the property "{name}"')
+        if len(values) > bluesky.MAX_BATCH:
+            raise bluesky.XrpcError(400, "InvalidRequest", f"{name} must not have more than {bluesky.MAX_BATCH} elements")
+        return values
+
+    def _post_view(self, i: int, now: int) -> dict[str, Any]:
+        st = self.state
+        view = st.bsky.post_view(i, st.base, now)
+        if st.faults:
+            post_id = st.world.posts[i].id
+            if rule := st.faults.fire("missing_fields", "api", post_id, post_id):
+                for name in rule.params["fields"]:
+                    if name == "account":
+                        view.pop("author", None)
+                    elif name == "created_at":
+                        view["record"].pop("createdAt", None)
+                    elif name.startswith("record."):
+                        view["record"].pop(name[len("record."):], None)
+                    else:
+                        view.pop(name, None)
+        return view
+
+    def _bsky_file(self, method: str, did: str, cid: str, style: str, video: bool) -> None:
+        """A file of a Bluesky post's attachment: ``original`` / ``small`` (an image's, or a
+        video's preview frame) or ``playlist`` (a video's stub); ``video``: a ``/watch/`` URL."""
+        st = self.state
+        head = method == "HEAD"
+        if method not in ("GET", "HEAD"):
+            self._send(405, b"", "text/plain; charset=utf-8")
+            return
+        i = st.bsky.media_by_cid.get(cid)
+        m = st.world.media[i] if i is not None else None
+        post = st.world.posts[m.post] if m is not None else None
+        if (m is None or post is None or st.bsky.did.get(post.author) != did or post.created_ms > st.now_ms
+                or video != (m.type == "video")):
+            self._send(404, b"Not Found\n", "text/plain; charset=utf-8", head=head)
+            return
+        if style == "playlist":
+            if st.faults and self._common_faults("media", m.id, post.id):
+                return
+            body = b"#EXTM3U\n#EXT-X-VERSION:3\n"  # a stub: videos are never downloaded
+            self._send(200, body, "application/vnd.apple.mpegurl", head=head)
+            return
+        self._media_file(i, style, head)
+
     # ------------------------------------------------------------------ admin
 
     def _admin(self, method: str, path: str, params: dict[str, list[str]]) -> None:
         st = self.state
         if path == "/_sim/health":
             self._json(200, {"ok": True})
+        elif path == "/_sim/bluesky" and method == "GET":
+            n_posts = st.bsky.n_posts(st.now_ms)
+            n_all = int(sum(st.world.on_bluesky[st.world.posts[i].author]
+                            for i in range(st.index.n_visible(st.now_ms))))
+            self._json(200, {"accounts": len(st.bsky.accounts), "posts": n_posts, "reposts": n_all - n_posts,
+                             "sessions": st.sessions.calls_snapshot()})
         elif path == "/_sim/now" and method == "GET":
             self._json(200, {"now": entities.iso_ms(st.now_ms)})
         elif path == "/_sim/advance" and method == "POST":
@@ -485,6 +687,18 @@ class SimServer:
         with self._state._lock:
             return dict(self._state.credentials_seen)
 
+    def media_credentials(self) -> dict[str, int]:
+        """Authorization header value -> requests to file routes (Mastodon's or Bluesky's) that carried it.
+
+        Empty when no client sent a token (or any credential) to an image or video URL.
+        """
+        with self._state._lock:
+            return dict(self._state.media_credentials)
+
+    def session_calls(self) -> dict[str, int]:
+        """How many ``createSession`` and ``refreshSession`` calls the XRPC side answered."""
+        return self._state.sessions.calls_snapshot()
+
     def fault_hits(self, mode: str) -> int:
         """How many times a mode has fired since the server started."""
         return self._state.faults.hits.get(mode, 0)
@@ -516,14 +730,23 @@ class SimServer:
 def start_server(world: World | None = None, *, seed: int = 7, posts: int = 5000,
                  hashtags: tuple[str, ...] | list[str] = ("selfie",), now: datetime = DEFAULT_NOW,
                  host: str = "127.0.0.1", port: int = 0, rate_limit: RateLimit | None = None,
-                 image_cache_mb: int = 256) -> SimServer:
+                 image_cache_mb: int = 256, bluesky_share: float = 0.0, access_ttl_s: float = 7200.0,
+                 max_search_results: int = 1000) -> SimServer:
     """Start a simulator on ``host:port`` (0 = a free port) in a background thread.
 
-    ``world`` defaults to :func:`build_world(seed, posts, hashtags, now)`; ``rate_limit`` is off
-    unless given (``MASTODON_RATE_LIMIT`` is Mastodon's 300 per 5 minutes).
+    ``world`` defaults to :func:`build_world(seed, posts, hashtags, now, bluesky_share)`; a
+    given world brings its own share (``bluesky_share``, if not 0, must match it).
+    ``rate_limit`` is off unless given (``MASTODON_RATE_LIMIT`` is Mastodon's 300 per 5
+    minutes) and applies to Mastodon and XRPC clients alike. ``access_ttl_s``: lifetime of
+    XRPC access tokens in real seconds (a PDS's is 2 hours); ``max_search_results``: posts one
+    ``searchPosts`` query pages through before its cursor ends.
     """
-    world = world or build_world(seed, posts, tuple(hashtags), now)
-    state = SimState(world, rate_limit, image_cache_mb * 1024 * 1024)
+    if world is None:
+        world = build_world(seed, posts, tuple(hashtags), now, bluesky_share)
+    elif bluesky_share and bluesky_share != world.params.bluesky_share:
+        raise ValueError(f"start_server: bluesky_share={bluesky_share} but the given world has "
+                         f"{world.params.bluesky_share}; build the world with that share")
+    state = SimState(world, rate_limit, image_cache_mb * 1024 * 1024, access_ttl_s, max_search_results)
     handler = type("SimHandler", (_Handler,), {"state": state})
     httpd = _Server((host, port), handler)
     bound_host, bound_port = httpd.server_address[:2]

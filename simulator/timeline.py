@@ -91,9 +91,23 @@ class TimelineIndex:
         self.has_media = np.array([bool(p.media) for p in world.posts])
         self.tagsets = [frozenset(world.posts[p.reblog_of].tags if p.kind == "boost" else p.tags)
                         for p in world.posts]
+        # Served on Mastodon: statuses of Mastodon accounts, except boosts of Bluesky posts
+        # (a cross-platform boost is visible on neither API).
+        on_bsky = world.on_bluesky
+        self.served = np.array([
+            not on_bsky[p.author] and (p.kind != "boost" or not on_bsky[world.posts[p.reblog_of].author])
+            for p in world.posts
+        ], dtype=bool)
+        self.mixed = not bool(self.served.all()) if len(self.served) else False
 
     def n_visible(self, now_ms: int) -> int:
+        """Statuses of either platform created at or before ``now_ms``."""
         return int(np.searchsorted(self.world.created_ms, now_ms, side="right"))
+
+    def n_served(self, now_ms: int) -> int:
+        """Statuses the Mastodon API serves at ``now_ms``."""
+        n = self.n_visible(now_ms)
+        return int(np.count_nonzero(self.served[:n])) if self.mixed else n
 
     def select(self, q: TagQuery, now_ms: int) -> list[int]:
         """Post indices of the page, newest first."""
@@ -102,6 +116,8 @@ class TimelineIndex:
         for t in q.any:
             cands = np.union1d(cands, idx.get(t, np.empty(0, dtype=np.int64)))
         cands = cands[cands < self.n_visible(now_ms)]
+        if self.mixed:
+            cands = cands[self.served[cands]]
         if q.only_media:
             cands = cands[self.has_media[cands]]
         if q.all or q.none:

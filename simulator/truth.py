@@ -2,7 +2,9 @@
 
 One row per status (boosts and text/video posts included, told apart by ``kind``); the
 image columns describe the post's first image (the one the pipeline labels) and are null
-for posts without one. ``post_id`` is the Mastodon status id the scraper stores.
+for posts without one. ``post_id`` is the world's status id: the id the Mastodon API serves,
+and for a Bluesky post (``platform``) the id behind its at-URI (:func:`simulator.bluesky.at_uri`
+maps one to the other; :meth:`simulator.bluesky.BlueskyIndex.post_by_uri` goes back).
 """
 
 from __future__ import annotations
@@ -50,6 +52,7 @@ TRUTH_SCHEMA = pa.schema([
     _f("image_format", pa.string(), "JPEG or PNG.", nullable=True),
     _f("image_width", pa.int32(), "Pixels.", nullable=True),
     _f("image_height", pa.int32(), "Pixels.", nullable=True),
+    _f("platform", pa.string(), "mastodon or bluesky: where the author lives and the post is served."),
 ])
 
 
@@ -71,6 +74,7 @@ def truth_table(world: World) -> pa.Table:
             "like_tau_days": float(eng.tau_days[p.index]),
             "media_id": world.media[p.first_image].id if img else None,
             "has_face": bool(img and img.has_face), "n_faces": img.n_faces if img else 0,
+            "platform": world.platform(p.index),
         }
         if img:
             f = img.factors

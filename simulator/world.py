@@ -1,9 +1,9 @@
 """Generate the simulator's social world: accounts, statuses, attachments and their engagement.
 
-Deterministic from ``(seed, posts, hashtags, now)``: the same parameters give identical worlds
-(ids, texts, image plans, like arrivals) on every run, since every random draw comes from
-numpy's PCG64 streams spawned from the seed, one stream per concern so that, e.g., changing
-how captions are drawn does not move follower counts.
+Deterministic from ``(seed, posts, hashtags, now, bluesky_share)``: the same parameters give
+identical worlds (ids, texts, image plans, like arrivals) on every run, since every random
+draw comes from numpy's PCG64 streams spawned from the seed, one stream per concern so that,
+e.g., changing how captions are drawn does not move follower counts.
 
 Shape of the world (numbers are defaults; the likes model is in :mod:`.likes`):
 
@@ -20,6 +20,12 @@ Shape of the world (numbers are defaults; the likes model is in :mod:`.likes`):
   (about a third of posts carry no face).
 * Status ids are Mastodon snowflakes: ``(unix_ms << 16) | 16 random bits``, strings,
   increasing with ``created_at``.
+* Each account lives on Mastodon or, with probability ``bluesky_share`` (default 0), on
+  Bluesky; a post lives where its author does. The draw comes from a stream of its own that
+  is spawned after the others, so a world with ``bluesky_share = 0`` is exactly the world
+  generated before platforms existed, and changing the share moves nothing but platforms.
+  A boost by a Bluesky author is a repost (not a post there; see :mod:`.bluesky`), and a
+  Mastodon boost of a Bluesky post is served by neither API.
 """
 
 from __future__ import annotations
@@ -45,6 +51,7 @@ DAYS_AFTER = 14.0
 DAY_MS = 86_400_000
 
 KINDS = ("photo", "text", "video", "boost")
+PLATFORMS = ("mastodon", "bluesky")
 KIND_P = (0.86, 0.04, 0.04, 0.06)
 IMAGE_KIND_P = {"face": 0.58, "group": 0.08, "noface": 0.34}
 EXTRA_TAGS = (
@@ -124,6 +131,7 @@ class WorldParams:
     posts: int = 5000
     hashtags: tuple[str, ...] = ("selfie",)
     now: datetime = DEFAULT_NOW  # the world's "now" when its server starts (UTC)
+    bluesky_share: float = 0.0  # share of accounts that live on Bluesky (0..1)
 
 
 @dataclass
@@ -139,10 +147,19 @@ class World:
     media_by_id: dict[str, int] = field(repr=False)
     tag_index: dict[str, np.ndarray] = field(repr=False)  # tag -> post indices, ascending
     author_created: list[np.ndarray] = field(repr=False)  # per account: its statuses' created_ms
+    on_bluesky: np.ndarray = field(repr=False)  # per account: bool, the account lives on Bluesky
 
     @property
     def now_ms(self) -> int:
         return int(self.params.now.timestamp() * 1000)
+
+    def account_platform(self, account: int) -> str:
+        """Where an account lives: "mastodon" or "bluesky"."""
+        return PLATFORMS[int(self.on_bluesky[account])]
+
+    def platform(self, post: int) -> str:
+        """Where a post lives: its author's platform, "mastodon" or "bluesky"."""
+        return self.account_platform(self.posts[post].author)
 
     def counts(self, post: int, now_ms: int) -> tuple[int, int, int]:
         """(favourites, reblogs, replies) of a post when the world's clock reads ``now_ms``."""
@@ -157,8 +174,13 @@ def snowflake(ms: int, low: int) -> int:
 
 def _streams(seed: int) -> dict[str, np.random.Generator]:
     names = ("accounts", "times", "tags", "media", "quality", "engagement", "text", "ids")
-    children = np.random.SeedSequence(seed).spawn(len(names))
-    return {n: np.random.Generator(np.random.PCG64(c)) for n, c in zip(names, children, strict=True)}
+    root = np.random.SeedSequence(seed)
+    children = root.spawn(len(names))
+    # Streams added later are spawned in a second call: their spawn keys come after the
+    # first eight, which therefore draw exactly what they drew before the addition.
+    later = ("platform",)
+    children += root.spawn(len(later))
+    return {n: np.random.Generator(np.random.PCG64(c)) for n, c in zip(names + later, children, strict=True)}
 
 
 def _accounts(rng: np.random.Generator, n: int, now_ms: int, id_rng: np.random.Generator) -> list[Account]:
@@ -194,12 +216,15 @@ def generate_world(params: WorldParams) -> World:
     hashtags = tuple(h.lower().lstrip("#") for h in params.hashtags)
     if not hashtags or any(not h for h in hashtags):
         raise ValueError(f"simulator world: need at least one non-empty hashtag, got {params.hashtags!r}")
+    if not 0.0 <= params.bluesky_share <= 1.0:
+        raise ValueError(f"simulator world: bluesky_share must be within 0..1, got {params.bluesky_share}")
     rs = _streams(params.seed)
     now_ms = int(params.now.timestamp() * 1000)
     n = params.posts
     accounts = _accounts(rs["accounts"], max(10, n // 3), now_ms, rs["ids"])
     activity = np.exp(rs["accounts"].normal(0.0, 1.0, size=len(accounts)))
     activity /= activity.sum()
+    on_bluesky = rs["platform"].random(len(accounts)) < params.bluesky_share
 
     # ---- kinds, times, authors (boosts come after the post they boost)
     tr = rs["times"]
@@ -312,7 +337,7 @@ def generate_world(params: WorldParams) -> World:
     for p in posts:
         per_author[p.author].append(p.created_ms)
     return World(
-        params=WorldParams(params.seed, n, hashtags, params.now),
+        params=WorldParams(params.seed, n, hashtags, params.now, float(params.bluesky_share)),
         accounts=accounts, posts=posts, media=media, engagement=engagement,
         created_ms=np.asarray(t, dtype=np.int64),
         post_by_id={p.id: p.index for p in posts},
@@ -320,6 +345,7 @@ def generate_world(params: WorldParams) -> World:
         media_by_id={m.id: m.index for m in media},
         tag_index={k: np.asarray(v, dtype=np.int64) for k, v in tag_lists.items()},
         author_created=[np.asarray(v, dtype=np.int64) for v in per_author],
+        on_bluesky=on_bluesky,
     )
 
 
@@ -329,8 +355,8 @@ def _cached_world(params: WorldParams) -> World:
 
 
 def build_world(seed: int = 7, posts: int = 5000, hashtags: tuple[str, ...] | list[str] = ("selfie",),
-                now: datetime = DEFAULT_NOW) -> World:
+                now: datetime = DEFAULT_NOW, bluesky_share: float = 0.0) -> World:
     """The world for these parameters, generated once per process (worlds are immutable)."""
     if now.tzinfo is None:
         raise ValueError("simulator world: now must be timezone-aware (UTC)")
-    return _cached_world(WorldParams(seed, posts, tuple(hashtags), now.astimezone(UTC)))
+    return _cached_world(WorldParams(seed, posts, tuple(hashtags), now.astimezone(UTC), float(bluesky_share)))
