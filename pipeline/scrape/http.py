@@ -5,11 +5,20 @@
   connected peer address.
 - **Per host**: a token bucket (``per_host_rps``, burst of one second's worth) and a cap on
   simultaneous requests (``per_host_concurrency``). A 429 or an exhausted
-  ``X-RateLimit-Remaining`` closes the host until ``Retry-After`` / ``X-RateLimit-Reset``
-  has passed: no request to that host is sent before then, from any thread.
+  ``X-RateLimit-Remaining`` / ``RateLimit-Remaining`` closes the host until ``Retry-After`` /
+  ``X-RateLimit-Reset`` / ``RateLimit-Reset`` has passed: no request to that host is sent
+  before then, from any thread.
 - **Retries**: connection errors, timeouts, 5xx and 429 are retried ``retries`` times with
   exponential backoff (``backoff_s``, doubling) and full jitter, or after the server's
-  ``Retry-After`` when it gives one. Every other 4xx is final.
+  ``Retry-After`` when it gives one. Every other 4xx is final. A 5xx waits for the quota's
+  reset only when the quota is exhausted: Mastodon and Bluesky send a reset time on every
+  response, and it says when the window ends, not when an outage will.
+- **Methods**: GET by default; ``method="POST"`` with ``json_body`` for APIs that log in.
+  A request that is not idempotent (``idempotent=False``, the default for anything but GET
+  and HEAD) is retried only where the server cannot have acted on it: a connect timeout and
+  a 429. A 5xx, a read timeout or a dropped connection may come after the server acted, so
+  they are final. A redirect of a request with a body is not followed: the body (a password,
+  say) goes only to the URL the caller chose.
 - **Timeouts**: ``connect_timeout_s`` and ``read_timeout_s`` per socket operation, and a
   total budget per fetch (every attempt, wait and byte included) checked between reads.
   Bodies are read with ``read1`` so a server that drips bytes cannot stretch one read past
@@ -32,12 +41,14 @@ connection_error, redirect_loop`` (the ``downloads`` table's vocabulary).
 from __future__ import annotations
 
 import email.utils
+import json
 import random
 import threading
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from typing import Any
 from urllib.parse import urljoin, urlsplit
 
 import requests
@@ -51,6 +62,11 @@ from pipeline.scrape.ssrf import BlockedURL, SSRFGuard, UnresolvableHost
 
 MAX_REDIRECTS = 5
 CHUNK = 64 * 1024
+#: The most bytes of a 4xx body kept when the caller asks for it (APIs explain errors in JSON).
+MAX_ERROR_BODY = 64 * 1024
+#: A ``RateLimit-Reset`` below this is a delay in seconds (the IETF draft); above, an epoch
+#: time in seconds (Bluesky). 10**9 s is 2001-09-09: no epoch reset is that old, no delay that long.
+EPOCH_THRESHOLD_S = 1e9
 #: Headers that carry credentials: never sent past a redirect to another origin.
 CREDENTIAL_HEADERS = frozenset({"authorization", "proxy-authorization", "cookie"})
 
@@ -175,7 +191,9 @@ def _guarded_adapter(guard: SSRFGuard, pool_maxsize: int) -> HTTPAdapter:
 
 def retry_after_s(headers: Mapping[str, str], now_wall: datetime | None = None) -> float | None:
     """Seconds the server asks us to wait: ``Retry-After`` (seconds or HTTP date), else
-    ``X-RateLimit-Reset`` (Mastodon: ISO 8601; others: epoch seconds). None if neither."""
+    ``X-RateLimit-Reset`` (Mastodon: ISO 8601; others: epoch seconds), else ``RateLimit-Reset``
+    (Bluesky: epoch seconds; the IETF draft: seconds from now, told apart by
+    :data:`EPOCH_THRESHOLD_S`). None if none of them."""
     now_wall = now_wall or datetime.now(UTC)
     value = headers.get("Retry-After")
     if value:
@@ -200,7 +218,32 @@ def retry_after_s(headers: Mapping[str, str], now_wall: datetime | None = None) 
                 return max(0.0, (when - now_wall).total_seconds())
             except ValueError:
                 pass
+    reset = headers.get("RateLimit-Reset")
+    if reset:
+        try:
+            value_s = float(reset.strip())
+        except ValueError:
+            return None
+        return max(0.0, value_s - now_wall.timestamp() if value_s >= EPOCH_THRESHOLD_S else value_s)
     return None
+
+
+def _quota_exhausted(headers: Mapping[str, str]) -> bool:
+    """``X-RateLimit-Remaining`` or ``RateLimit-Remaining`` is 0."""
+    for name in ("X-RateLimit-Remaining", "RateLimit-Remaining"):
+        value = headers.get(name)
+        if value is not None and value.strip() == "0":
+            return True
+    return False
+
+
+def _server_wait_s(status: int, headers: Mapping[str, str]) -> float | None:
+    """The wait before retrying a 429 or 5xx: every hint for a 429; for a 5xx only
+    ``Retry-After``, or the quota's reset when the quota is exhausted (see the module doc)."""
+    if status == 429 or _quota_exhausted(headers):
+        return retry_after_s(headers)
+    value = headers.get("Retry-After")
+    return retry_after_s({"Retry-After": value}) if value else None
 
 
 # --------------------------------------------------------------------------- client
@@ -250,8 +293,22 @@ class HttpClient:
         return random.uniform(0, self.cfg.backoff_s * (2 ** retry))
 
     def fetch(self, url: str, *, headers: Mapping[str, str] | None = None,
-              max_bytes: int | None = None, total_timeout_s: float | None = None) -> FetchResult:
-        """GET ``url`` under the policy above; never raises for a failed item."""
+              max_bytes: int | None = None, total_timeout_s: float | None = None,
+              method: str = "GET", json_body: Any = None, idempotent: bool | None = None,
+              error_body: bool = False) -> FetchResult:
+        """Request ``url`` under the policy above; never raises for a failed item.
+
+        ``json_body`` is sent as ``application/json``. ``idempotent`` (default: True for GET
+        and HEAD) says whether a retry after the server may have acted is safe. With
+        ``error_body``, a 4xx response's body (up to :data:`MAX_ERROR_BODY` bytes) is kept in
+        :attr:`FetchResult.body` so the caller can read the API's error code."""
+        method = method.upper()
+        if idempotent is None:
+            idempotent = method in ("GET", "HEAD")
+        data = None
+        if json_body is not None:
+            data = json.dumps(json_body).encode()
+            headers = {**(headers or {}), "Content-Type": "application/json"}
         start = self.clock()
         deadline = None if total_timeout_s is None else start + total_timeout_s
         max_wait = self.cfg.max_server_wait_s
@@ -297,14 +354,14 @@ class HttpClient:
                     left = max(0.001, deadline - self.clock())
                     timeout = (min(timeout[0], left), min(timeout[1], left))
                 try:
-                    resp = self.session().get(current, headers=headers, stream=True,
-                                              allow_redirects=False, timeout=timeout)
+                    resp = self.session().request(method, current, headers=headers, data=data, stream=True,
+                                                  allow_redirects=False, timeout=timeout)
                 except BlockedURL as exc:
                     return done("blocked", f"{exc} ({current})")
                 except ValueError as exc:  # requests parses a redirect's Location eagerly (Response.next)
                     return done("bad_url", f"malformed redirect Location from {current}: {exc}")
-                except requests.exceptions.ConnectTimeout as exc:
-                    retryable, kind, err = "timeout", "timeout", f"connect timeout after {timeout[0]} s: {current} ({_short(exc)})"
+                except requests.exceptions.ConnectTimeout as exc:  # never sent: safe to retry any method
+                    retryable, kind, err = "connect", "timeout", f"connect timeout after {timeout[0]} s: {current} ({_short(exc)})"
                 except requests.exceptions.ReadTimeout:
                     retryable, kind, err = "timeout", "timeout", f"no response within {timeout[1]} s: {current}"
                 except (requests.exceptions.ConnectionError, requests.exceptions.ChunkedEncodingError,
@@ -317,6 +374,9 @@ class HttpClient:
                         res.http_status = resp.status_code
                         res.headers = resp.headers
                         self._note_rate_limit(host, resp)
+                        if resp.is_redirect and data is not None:
+                            return done("http_error", f"redirect {resp.status_code} of a {method} with a body "
+                                                      f"not followed: {current}")
                         if resp.is_redirect:
                             location = resp.headers.get("Location", "")
                             if not location:
@@ -338,10 +398,14 @@ class HttpClient:
                         if resp.status_code == 429 or resp.status_code >= 500:
                             retryable, kind = "status", "http_error"
                             err = f"HTTP {resp.status_code} {resp.reason or ''}".strip() + f": {current}"
-                            wait = retry_after_s(resp.headers)
                             if resp.status_code == 429:
+                                wait = retry_after_s(resp.headers)
                                 self.limiter.close_until(host, self.clock() + (wait if wait is not None else self._backoff(retries + 1)))
+                            elif not idempotent:  # the server may have acted: not retried
+                                retryable = None
                         elif resp.status_code >= 400:
+                            if error_body:
+                                self._read_body(resp, res, lambda *a, **k: res, MAX_ERROR_BODY, deadline, current)
                             return done("http_error", f"HTTP {resp.status_code} {resp.reason or ''}".strip() + f": {current}")
                         elif resp.status_code != 200:
                             return done("http_error", f"unexpected HTTP {resp.status_code}: {current}")
@@ -351,10 +415,12 @@ class HttpClient:
                 self.limiter.release(host)
 
             # A retryable failure: wait and go again, within the retry count and the budget.
+            if not idempotent and retryable not in ("connect", "status"):
+                return done(kind, err + f" (a {method} that may have reached the server is not retried)")
             if retries >= self.cfg.retries:
                 return done(kind, err + (f" (after {res.attempts} attempts)" if res.attempts > 1 else ""))
             retries += 1
-            server_wait = retry_after_s(res.headers) if retryable == "status" else None
+            server_wait = _server_wait_s(res.http_status or 0, res.headers) if retryable == "status" else None
             now = self.clock()
             if server_wait is not None:
                 if server_wait > max_wait:
@@ -400,12 +466,18 @@ class HttpClient:
         return done("ok")
 
     def _note_rate_limit(self, host: str, resp: requests.Response) -> None:
-        """An exhausted quota (``X-RateLimit-Remaining: 0``) closes the host until its reset."""
-        remaining = resp.headers.get("X-RateLimit-Remaining")
-        if remaining is not None and remaining.strip() == "0" and resp.status_code != 429:
-            wait = retry_after_s({"X-RateLimit-Reset": resp.headers.get("X-RateLimit-Reset", "")})
-            if wait:
-                self.limiter.close_until(host, self.clock() + wait)
+        """An exhausted quota (``X-RateLimit-Remaining: 0`` or ``RateLimit-Remaining: 0``)
+        closes the host until its reset."""
+        if resp.status_code == 429:
+            return
+        for prefix in ("X-", ""):
+            remaining = resp.headers.get(f"{prefix}RateLimit-Remaining")
+            if remaining is not None and remaining.strip() == "0":
+                name = f"{prefix}RateLimit-Reset"
+                wait = retry_after_s({name: resp.headers.get(name, "")})
+                if wait:
+                    self.limiter.close_until(host, self.clock() + wait)
+                return
 
 
 def origin(url: str) -> tuple[str, str, int | None]:

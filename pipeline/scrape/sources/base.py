@@ -15,10 +15,11 @@ from datetime import datetime
 
 #: Why a status was not kept. Every skipped status is counted under exactly one of these.
 SKIP_REASONS = {
-    "boost": "a boost/reblog (the original is counted where it was posted)",
+    "boost": "a boost/reblog/repost, or not a post record (the original is counted where it was posted)",
     "no_image": "no image attachment",
     "video": "has a video, gifv or audio attachment (a still of a clip is not the photo that was liked)",
-    "opted_out": "author account has discoverable: false, indexable: false or noindex: true",
+    "opted_out": "author account has discoverable: false, indexable: false or noindex: true "
+                 "(Mastodon), or a !no-unauthenticated label (Bluesky)",
     "missing_field": "a required field is missing or malformed (logged with the status id and field)",
     "forgotten": "the author or the post was removed by `likerank forget` (tombstoned)",
 }
@@ -68,10 +69,15 @@ class Post:
     #: The URLs to download, where they differ from the stored ``image_urls`` (which have any
     #: path segment naming the author replaced by ``_``). Not a column.
     fetch_urls: list[str] | None = field(default=None, repr=False, compare=False)
+    #: What the platform needs to re-read the post when ``post_id`` alone is not enough (Bluesky:
+    #: the post's ``at://`` URI, which names the author's DID; None for Mastodon). The scrape
+    #: stage keeps it in the crawl state, never in a table, and hands it back to
+    #: :meth:`Source.reobserve` through the source's ``refs``. Not a column.
+    ref: str | None = field(default=None, repr=False, compare=False)
 
     def row(self) -> dict:
         row = asdict(self)
-        del row["fetch_urls"]
+        del row["fetch_urls"], row["ref"]
         return row
 
 
@@ -133,9 +139,15 @@ class Source(ABC):
         return None
 
     @abstractmethod
-    def reobserve(self, post_ids: Iterable[str]) -> Iterator[tuple[str, Observation | str]]:
-        """Re-read posts: yields ``(post_id, Observation)``, or ``(post_id, reason)`` where
-        reason is ``'deleted'`` (gone) or an error text for a post that could not be read."""
+    def reobserve(self, post_ids: Iterable[str]) -> Iterator[tuple[str, Observation | OptedOut | str]]:
+        """Re-read posts: yields ``(post_id, Observation)``, ``(post_id, OptedOut)`` when the
+        author has opted out since, or ``(post_id, reason)`` where reason is ``'deleted'``
+        (gone) or an error text for a post that could not be read."""
+
+    @abstractmethod
+    def server_now(self) -> datetime:
+        """The service's clock (its ``Date`` header): the refresh computes post ages on it.
+        Raises :class:`SourceError` when the service cannot be reached."""
 
     def close(self) -> None:  # noqa: B027 - optional hook
         pass

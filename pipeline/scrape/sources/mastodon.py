@@ -312,6 +312,12 @@ class MastodonSource(Source):
         # Mastodon status ids are snowflakes: creation time in ms, shifted past 16 random bits.
         return str(int(when.timestamp() * 1000) << 16)
 
+    def server_now(self) -> datetime:
+        res = self.client.fetch(f"{self.instance}/api/v1/instance", headers=self._headers)
+        if res.status in ("connection_error", "timeout", "blocked"):
+            raise SourceError(f"{self.instance}: unreachable ({res.error})")
+        return server_time(res.headers) or self.now()
+
     def pages(self, hashtag: str, max_id: str | None = None) -> Iterator[Page]:
         url: str | None = self.page_url(hashtag, max_id)
         while url:
