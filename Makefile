@@ -43,8 +43,8 @@ ORT_VERSION := $(shell sed -n 's/^onnxruntime==//p' requirements.lock)
 	$(BIN)/airflow db migrate > .airflow/migrate.log 2>&1 || { tail -20 .airflow/migrate.log; exit 1; }
 	touch $@
 
-run: setup ## run the whole chain on the embedded default; SOURCE_URL=https://… TAG=selfie for a real instance
-	$(if $(SOURCE_URL),LIKERANK_SOURCE__KIND=mastodon LIKERANK_SOURCE__INSTANCE_URL=$(SOURCE_URL) LIKERANK_SOURCE__HASHTAGS=$(or $(TAG),selfie)) \
+run: setup ## run the whole chain on the embedded default; SOURCE_URL=https://… TAG=selfie for a real Mastodon instance
+	$(if $(SOURCE_URL),LIKERANK_SOURCE__KIND=live LIKERANK_SOURCE__PLATFORMS=mastodon LIKERANK_SOURCE__INSTANCE_URL=$(SOURCE_URL) LIKERANK_SOURCE__HASHTAGS=$(or $(TAG),selfie)) \
 	  $(BIN)/python -m pipeline.orchestrate
 
 test: setup ## run the test suite (what CI runs)

@@ -37,3 +37,20 @@ DEFAULT_ARGS = {
     "retry_delay": timedelta(minutes=1),
     "retry_exponential_backoff": True,
 }
+
+
+def source_credentials(cfg) -> dict:
+    """The credentials the `[source]` config names Airflow connections for, as keyword
+    arguments of the scrape and refresh stages: ``token`` (Mastodon: the connection's
+    password) and ``login`` (Bluesky: its login and password). Without a connection the stages
+    read the environment. Never logged."""
+    out: dict = {"token": None, "login": None}
+    if cfg.source.airflow_conn_id or cfg.source.bluesky_airflow_conn_id:
+        from airflow.sdk import Connection
+
+        if cfg.source.airflow_conn_id:
+            out["token"] = Connection.get(cfg.source.airflow_conn_id).password or None
+        if cfg.source.bluesky_airflow_conn_id:
+            conn = Connection.get(cfg.source.bluesky_airflow_conn_id)
+            out["login"] = (conn.login, conn.password) if conn.login and conn.password else None
+    return out

@@ -14,7 +14,13 @@ Owner: likerank-data.
 from __future__ import annotations
 
 from airflow.sdk import dag, task
-from likerank_assets import DEFAULT_ARGS, ENGAGEMENT, HTTP_TASK_TIMEOUT, START_DATE
+from likerank_assets import (
+    DEFAULT_ARGS,
+    ENGAGEMENT,
+    HTTP_TASK_TIMEOUT,
+    START_DATE,
+    source_credentials,
+)
 
 
 @dag(
@@ -34,12 +40,8 @@ def refresh_engagement_dag():
         from pipeline.scrape.refresh import refresh_engagement
 
         cfg = load_config()
-        token = None
-        if cfg.source.airflow_conn_id:
-            from airflow.sdk import Connection
-
-            token = Connection.get(cfg.source.airflow_conn_id).password or None
-        return refresh_engagement(cfg, context.get("logical_date") or context["dag_run"].run_after, token=token)
+        return refresh_engagement(cfg, context.get("logical_date") or context["dag_run"].run_after,
+                                  **source_credentials(cfg))
 
     refresh()
 

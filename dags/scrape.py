@@ -1,25 +1,29 @@
 """
 ### Scrape
 
-Daily: reads each configured hashtag from each instance (Mastodon API), keeps the eligible
+Daily: reads each configured hashtag from each platform (Mastodon instances, Bluesky), keeps the eligible
 photo posts, downloads their images and writes the day's `posts`, `engagement`, `images` and
 `downloads` partitions, then emits **posts** and **images** (Assets `likerank_posts`,
 `likerank_images`), which trigger face detection. Its first-look `engagement` rows are stored
 but emit no Asset event: labeling waits for the faces (and for `refresh_engagement`'s mature
 snapshots), so it never starts on posts whose faces are not detected yet.
 
-* `pairs` resolves the params (`instances`, `hashtags`; defaults from the `[source]` config)
-  into (instance, hashtag) pairs. With `source.kind = "simulator"` an instance URL must be
-  given (param or `source.instance_url`): the orchestration starts the simulator and passes
-  its URL.
-* `scrape` is mapped over the pairs (`.expand`). Each is incremental (it reads only statuses
-  not read before; state in `state/scrape/<host>/<tag>.json`) and merges into `dt=<date>`, so
-  a retry or rerun duplicates nothing. Mapped instances run one at a time
-  (`max_active_tis_per_dag=1`) because each date partition is a single file.
-  The access token comes from the Airflow connection `source.airflow_conn_id` (its password)
-  when set, else the environment variable `source.token_env`; it is never logged.
-* `summarize` adds the per-pair summaries up (statuses seen, kept, skipped by reason,
-  downloads by status) for the log and XCom.
+* `pairs` resolves the params (`platforms`, `instances`, `bluesky_services`, `hashtags`;
+  defaults from the `[source]` config) into (platform, instance, hashtag) triples. With
+  `source.kind = "simulator"` the URLs come from the orchestration, which starts the
+  simulator (it serves both platforms).
+* `scrape` is mapped over them (`.expand`): one task per platform and hashtag, so a 429 on
+  one platform does not stall the other (a long server wait ends that task early, its state
+  saved, not failed). Each is incremental (it reads only posts not read before; state in
+  `state/scrape/<host>/[bluesky/]<tag>.json`) and merges into `dt=<date>`, so a retry or
+  rerun duplicates nothing. Mapped tasks run one at a time (`max_active_tis_per_dag=1`)
+  because each date partition is a single file.
+  Credentials come from Airflow connections when set (`source.airflow_conn_id`: the Mastodon
+  token as its password; `source.bluesky_airflow_conn_id`: the Bluesky login and app
+  password), else from the environment variables the `[source]` config names; they are
+  never logged.
+* `summarize` adds the per-task summaries up (posts seen, kept, skipped by reason,
+  downloads by status, per platform) for the log and XCom.
 
 Bad images are `downloads` rows with a `status`, not failures; a task fails only when a
 whole timeline page cannot be read after retries (what was read before is kept).
@@ -29,7 +33,14 @@ Owner: likerank-data.
 from __future__ import annotations
 
 from airflow.sdk import Param, dag, task
-from likerank_assets import DEFAULT_ARGS, HTTP_TASK_TIMEOUT, IMAGES, POSTS, START_DATE
+from likerank_assets import (
+    DEFAULT_ARGS,
+    HTTP_TASK_TIMEOUT,
+    IMAGES,
+    POSTS,
+    START_DATE,
+    source_credentials,
+)
 
 
 @dag(
@@ -42,9 +53,11 @@ from likerank_assets import DEFAULT_ARGS, HTTP_TASK_TIMEOUT, IMAGES, POSTS, STAR
     tags=["likerank", "scrape"],
     doc_md=__doc__,
     params={
-        "instances": Param([], type="array", description="Instance base URLs; empty = source.instance_url."),
+        "platforms": Param([], type="array", description="'mastodon', 'bluesky'; empty = source.platforms."),
+        "instances": Param([], type="array", description="Mastodon instance base URLs; empty = source.instance_url."),
+        "bluesky_services": Param([], type="array", description="Bluesky XRPC services; empty = source.bluesky_url."),
         "hashtags": Param([], type="array", description="Hashtags without '#'; empty = source.hashtags."),
-        "max_posts": Param(None, type=["null", "integer"], description="Statuses per pair; null = scrape.max_posts."),
+        "max_posts": Param(None, type=["null", "integer"], description="Posts per task; null = scrape.max_posts."),
     },
 )
 def scrape_dag():
@@ -54,7 +67,8 @@ def scrape_dag():
         from pipeline.scrape.scrape import scrape_pairs
 
         return scrape_pairs(load_config(), params.get("instances") or [], params.get("hashtags") or [],
-                            params.get("max_posts"))
+                            params.get("max_posts"), bluesky_services=params.get("bluesky_services") or [],
+                            platforms=params.get("platforms") or [])
 
     @task(max_active_tis_per_dag=1, outlets=[POSTS, IMAGES], execution_timeout=HTTP_TASK_TIMEOUT)
     def scrape(pair: dict, **context) -> dict:
@@ -62,13 +76,9 @@ def scrape_dag():
         from pipeline.scrape.scrape import scrape as run
 
         cfg = load_config()
-        token = None
-        if cfg.source.airflow_conn_id:
-            from airflow.sdk import Connection
-
-            token = Connection.get(cfg.source.airflow_conn_id).password or None
         return run(cfg, pair["instance"], pair["hashtag"], context.get("logical_date") or context["dag_run"].run_after,
-                   max_posts=pair.get("max_posts"), token=token)
+                   max_posts=pair.get("max_posts"), platform=pair.get("source", "mastodon"),
+                   **source_credentials(cfg))
 
     @task
     def summarize(summaries: list[dict]) -> dict:

@@ -68,7 +68,7 @@ class Step:
 
 
 CHAIN = [
-    Step("scrape", "read the hashtag timeline, download images -> posts, images, downloads, engagement"),
+    Step("scrape", "read the hashtag on each platform, download images -> posts, images, downloads, engagement"),
     Step("refresh_engagement", "re-observe posts older than min_age_days -> engagement"),
     Step("detect_faces", "SCRFD on every new image -> faces"),
     Step("build_labels", "groups-of-100 labels, Great Expectations gate, publish -> labels"),
@@ -197,6 +197,7 @@ def trigger_dag(url: str, dag_id: str, *, wait: bool = False, poll_s: float = 10
 def simulator_env(env: dict[str, str], sim_url: str, truth: Path) -> None:
     """Point the DAGs at the simulator (``setdefault``: what the caller set wins)."""
     env["LIKERANK_SOURCE__INSTANCE_URL"] = sim_url
+    env["LIKERANK_SOURCE__BLUESKY_URL"] = sim_url  # the simulator serves Bluesky's XRPC too
     # The simulator lives on loopback; the SSRF guard refuses it unless allow-listed.
     env.setdefault("LIKERANK_SCRAPE__ALLOW_HOSTS", "127.0.0.1")
     # Our own loopback server: no need for the polite defaults meant for real instances.
@@ -216,8 +217,10 @@ def write_world_truth(cfg: Config, folder: Path, now: str | None = None) -> Path
     from simulator import build_world, write_truth
 
     world = {"now": dt.datetime.fromisoformat(now)} if now else {}
-    truth = folder / f"truth-seed{cfg.simulator.seed}-posts{cfg.simulator.posts}{'-' + now[:10] if now else ''}.parquet"
-    write_truth(build_world(cfg.simulator.seed, cfg.simulator.posts, tuple(cfg.simulator.hashtags), **world), truth)
+    truth = folder / (f"truth-seed{cfg.simulator.seed}-posts{cfg.simulator.posts}-bluesky{cfg.simulator.bluesky_share:g}"
+                      f"{'-' + now[:10] if now else ''}.parquet")
+    write_truth(build_world(cfg.simulator.seed, cfg.simulator.posts, tuple(cfg.simulator.hashtags),
+                            bluesky_share=cfg.simulator.bluesky_share, **world), truth)
     return truth
 
 

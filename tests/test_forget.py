@@ -48,7 +48,7 @@ def world(fake_mastodon, scrape_cfg):
     storage = LocalStorage(scrape_cfg.storage.root)
     posts = read_table(storage, "posts").to_pylist()
     downloads = {d["post_id"]: d["sha256"] for d in read_table(storage, "downloads").to_pylist()}
-    labels = [{"post_id": p["post_id"], "image_sha256": downloads[p["post_id"]], "author_key": p["author_key"],
+    labels = [{"post_id": p["post_id"], "source": p["source"], "image_sha256": downloads[p["post_id"]], "author_key": p["author_key"],
                "likes": p["likes"], "followers": p["author_followers"], "n_tags": 1, "age_days": 40.0,
                "exposure": 10.0, "group_id": 0, "rank_in_group": r + 1, "label": int(r >= 3), "score": 0.5,
                "split": "test", "labeler": "groups", "params_hash": "p", "run_id": "L1"}

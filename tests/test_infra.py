@@ -359,7 +359,7 @@ def test_the_pipeline_stores_its_data_in_the_compose_seaweedfs(services):
     env = service_env(services["airflow-dag-processor"])
     cfg = load_config(env=likerank_env(env))
     assert cfg.storage.root.startswith("s3://") and urlparse(cfg.storage.endpoint_url).hostname == "seaweedfs"
-    assert cfg.source.kind == "mastodon"
+    assert cfg.source.kind == "live" and cfg.source.platforms == ["mastodon"]
     # The bucket maker and the pipeline read one storage config, with SeaweedFS's credentials.
     storage = {k: v for k, v in env.items() if k.startswith("LIKERANK_STORAGE__")}
     assert {k: v for k, v in service_env(services["storage-init"]).items() if k.startswith("LIKERANK_STORAGE__")} == storage
@@ -462,7 +462,7 @@ def test_helm_env_asks_for_gpu_pods_and_the_kubeflow_training_backend(helm_env):
     cfg = load_config(env=likerank_env(helm_env))
     assert cfg.faces.kubernetes_gpus >= 1
     assert cfg.training.backend == "kubernetes"
-    assert cfg.source.kind == "mastodon" and cfg.storage.root.startswith("s3://")
+    assert cfg.source.kind == "live" and cfg.storage.root.startswith("s3://")
 
 
 def test_dags_parsed_with_the_helm_env_put_gpus_on_the_detection_pods(helm_dags, helm_env):

@@ -12,7 +12,7 @@ from pipeline.core.tables import put_json, write_partition
 
 def _labels(run: str, n: int) -> pa.Table:
     return pa.table({
-        "post_id": [f"{run}-{i}" for i in range(n)], "image_sha256": ["x"] * n, "author_key": ["a"] * n,
+        "post_id": [f"{run}-{i}" for i in range(n)], "source": ["mastodon"] * n, "image_sha256": ["x"] * n, "author_key": ["a"] * n,
         "likes": list(range(n)), "followers": [100] * n, "n_tags": [1] * n, "age_days": [40.0] * n,
         "exposure": [100.0] * n, "group_id": [0] * n, "rank_in_group": list(range(1, n + 1)),
         "label": [int(i >= n // 2) for i in range(n)], "score": [(i + 0.5) / n for i in range(n)],

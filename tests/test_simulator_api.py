@@ -288,7 +288,7 @@ def _cli(*args: str, **kw) -> subprocess.CompletedProcess:
 
 def test_cli_truth(tmp_path, sim_world):
     out = tmp_path / "truth.parquet"
-    r = _cli("sim", "truth", "--seed", "7", "--posts", "300", "--out", str(out))
+    r = _cli("sim", "truth", "--seed", "7", "--posts", "300", "--bluesky-share", "0", "--out", str(out))
     assert r.returncode == 0, r.stderr
     assert pq.read_table(out).equals(truth_table(sim_world))
 

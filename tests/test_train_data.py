@@ -51,7 +51,7 @@ def make_labels_run(storage: Storage, *, run_id: str = LABELS_RUN, n: dict[str, 
             sha, _ = images.put(png(arr))
             rank = 1 + (i // 2) % 8 + (8 if label else 0)  # groups of 16: positives rank 9..16
             rows.append({
-                "post_id": f"p{i:04d}", "image_sha256": sha, "author_key": f"a-{split}-{i // 4}",
+                "post_id": f"p{i:04d}", "source": "mastodon", "image_sha256": sha, "author_key": f"a-{split}-{i // 4}",
                 "likes": 10 * rank, "followers": 1000, "n_tags": 1, "age_days": 40.0, "exposure": 1000.0,
                 "group_id": i // 16, "rank_in_group": rank, "label": label, "score": (rank - 0.5) / 16,
                 "split": split, "labeler": "groups", "params_hash": "p" * 16, "run_id": run_id,

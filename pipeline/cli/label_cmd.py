@@ -107,5 +107,6 @@ def simulator_truth_file(cfg: Config) -> Path:
         raise ValueError("no ground truth: pass --truth FILE (source.kind is not 'simulator')")
     from simulator import build_world, write_truth
 
-    world = build_world(cfg.simulator.seed, cfg.simulator.posts, tuple(cfg.simulator.hashtags))
+    world = build_world(cfg.simulator.seed, cfg.simulator.posts, tuple(cfg.simulator.hashtags),
+                        bluesky_share=cfg.simulator.bluesky_share)
     return write_truth(world, Path(tempfile.mkdtemp(prefix="likerank-truth-")) / "truth.parquet")

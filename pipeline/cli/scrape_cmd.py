@@ -6,16 +6,20 @@ import argparse
 import json
 import sys
 
-from pipeline.core.config import Config
+from pipeline.core.config import PLATFORMS, Config
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("scrape", help="read a hashtag from an instance: posts, images, engagement, downloads",
-                       description="Runs the scrape stage for one (instance, hashtag) and logical date, with a "
-                                   "progress bar, then prints a one-screen summary. Incremental: it reads only "
-                                   "statuses not read before (state/scrape/<host>/<tag>.json).")
+    p = sub.add_parser("scrape", help="read a hashtag from a platform: posts, images, engagement, downloads",
+                       description="Runs the scrape stage for one (platform, instance, hashtag) and logical date, "
+                                   "with a progress bar, then prints a one-screen summary. Incremental: it reads "
+                                   "only posts not read before (state/scrape/<host>/[bluesky/]<tag>.json). Bluesky "
+                                   "logs in with $LIKERANK_BLUESKY_IDENTIFIER and $LIKERANK_BLUESKY_APP_PASSWORD "
+                                   "(the variables source.bluesky_*_env name).")
+    p.add_argument("--source", default="mastodon", choices=PLATFORMS, help="the platform (default: mastodon)")
     p.add_argument("--instance", default="", metavar="URL",
-                   help="instance base URL (default: source.instance_url; needed when source.kind = simulator)")
+                   help="Mastodon instance or Bluesky XRPC service the session is created on (default: "
+                        "source.instance_url, or source.bluesky_url for bluesky; needed when source.kind = simulator)")
     p.add_argument("--tag", action="append", default=[], metavar="TAG",
                    help="hashtag without '#' (repeatable; default: source.hashtags)")
     p.add_argument("--max-posts", type=int, default=None, metavar="N", help="read at most N statuses (default: scrape.max_posts)")
@@ -39,9 +43,10 @@ def run_scrape(args: argparse.Namespace, cfg: Config) -> int:
     from pipeline.scrape.scrape import format_summary, scrape
     from pipeline.scrape.sources.base import SourceError
 
-    instance = args.instance or cfg.source.instance_url
+    setting = "source.instance_url" if args.source == "mastodon" else "source.bluesky_url"
+    instance = args.instance or (cfg.source.instance_url if args.source == "mastodon" else cfg.source.bluesky_url)
     if not instance:
-        print("likerank scrape: no instance: give --instance URL or set source.instance_url "
+        print(f"likerank scrape: no instance: give --instance URL or set {setting} "
               "(for the simulator: the URL `likerank sim serve` prints)", file=sys.stderr)
         return 2
     try:
@@ -52,7 +57,8 @@ def run_scrape(args: argparse.Namespace, cfg: Config) -> int:
     rc = 0
     for tag in args.tag or cfg.source.hashtags:
         try:
-            summary = scrape(cfg, instance, tag, day, max_posts=args.max_posts, progress=not args.json)
+            summary = scrape(cfg, instance, tag, day, max_posts=args.max_posts, progress=not args.json,
+                             platform=args.source)
         except (SourceError, ValueError) as exc:
             print(f"likerank scrape: #{tag}: {exc} (what was read before this is kept)", file=sys.stderr)
             rc = 1

@@ -13,7 +13,7 @@ from pipeline.core.config import Config
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("sim", help="the simulated Mastodon instance (serve, ground truth, clock)")
+    p = sub.add_parser("sim", help="the simulated Mastodon and Bluesky services (serve, ground truth, clock)")
     ssub = p.add_subparsers(dest="sim_command", metavar="ACTION")
     ssub.required = True
 
@@ -23,8 +23,10 @@ def register(sub: argparse._SubParsersAction) -> None:
         q.add_argument("--hashtag", dest="hashtags", action="append",
                        help="hashtag of the world, repeatable (default: [simulator] hashtags)")
         q.add_argument("--now", help="the world's 'now' as ISO 8601 UTC (default: 2025-06-02T00:00:00Z)")
+        q.add_argument("--bluesky-share", type=float,
+                       help="share of accounts on Bluesky, 0..1 (default: [simulator] bluesky_share)")
 
-    serve = ssub.add_parser("serve", help="serve the Mastodon API on loopback until SIGINT/SIGTERM")
+    serve = ssub.add_parser("serve", help="serve the Mastodon API and Bluesky's XRPC on loopback until SIGINT/SIGTERM")
     world_args(serve)
     serve.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
     serve.add_argument("--port", type=int, default=0, help="port (default: a free one)")
@@ -51,6 +53,7 @@ def _world_params(args: argparse.Namespace, cfg: Config) -> dict:
         "seed": cfg.simulator.seed if args.seed is None else args.seed,
         "posts": cfg.simulator.posts if args.posts is None else args.posts,
         "hashtags": tuple(args.hashtags or cfg.simulator.hashtags),
+        "bluesky_share": cfg.simulator.bluesky_share if args.bluesky_share is None else args.bluesky_share,
     }
     if now is not None:
         out["now"] = now
@@ -73,7 +76,8 @@ def serve_sim(args: argparse.Namespace, cfg: Config) -> int:
     signal.signal(signal.SIGINT, on_signal)
     print(sim.url, flush=True)  # the one line callers read to find the server
     print(f"likerank sim: seed={world.params.seed} posts={world.params.posts} "
-          f"hashtags={','.join(world.params.hashtags)} now={sim.now.isoformat()}", file=sys.stderr, flush=True)
+          f"hashtags={','.join(world.params.hashtags)} bluesky_share={world.params.bluesky_share} "
+          f"now={sim.now.isoformat()}", file=sys.stderr, flush=True)
     while not stop.wait(0.5):
         pass
     sim.stop()

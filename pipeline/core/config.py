@@ -70,20 +70,43 @@ class StorageConfig:
             raise ValueError("root: s3:// needs a bucket name")
 
 
+#: The platforms a source can be (one class each under :mod:`pipeline.scrape.sources`).
+PLATFORMS = ("mastodon", "bluesky")
+
+
 @dataclass
 class SourceConfig:
-    kind: str = doc("'simulator' (the embedded demo world) or 'mastodon' (a real instance).", default="simulator")
-    instance_url: str = doc("Mastodon instance base URL, e.g. https://mastodon.social (kind = 'mastodon').", default="")
+    kind: str = doc("'simulator' (the embedded demo world serves every platform) or 'live' (the real services below).",
+                    default="simulator")
+    platforms: list[str] = doc("Platforms to collect: 'mastodon', 'bluesky'. Each (platform, hashtag) is one scrape task.",
+                               default_factory=lambda: ["mastodon", "bluesky"])
+    instance_url: str = doc("Mastodon instance base URL, e.g. https://mastodon.social (kind = 'live').", default="")
     hashtags: list[str] = doc("Hashtags to collect, without '#'.", default_factory=lambda: ["selfie"])
-    token_env: str = doc("Environment variable holding an optional access token (never logged).", default="LIKERANK_SOURCE_TOKEN")
-    airflow_conn_id: str = doc("Airflow connection whose password is the access token, if set.", default="")
+    token_env: str = doc("Environment variable holding an optional Mastodon access token (never logged).",
+                         default="LIKERANK_SOURCE_TOKEN")
+    airflow_conn_id: str = doc("Airflow connection whose password is the Mastodon access token, if set.", default="")
+    bluesky_url: str = doc("Bluesky XRPC service the session is created on (your PDS; kind = 'live').",
+                           default="https://bsky.social")
+    bluesky_identifier_env: str = doc("Environment variable with the Bluesky handle or email to log in with.",
+                                      default="LIKERANK_BLUESKY_IDENTIFIER")
+    bluesky_password_env: str = doc("Environment variable with a Bluesky app password (never logged or stored).",
+                                    default="LIKERANK_BLUESKY_APP_PASSWORD")
+    bluesky_airflow_conn_id: str = doc("Airflow connection with the Bluesky login (login) and app password "
+                                       "(password), if set.", default="")
     author_key_secret_env: str = doc("Environment variable with the key for pseudonymizing authors.", default="LIKERANK_AUTHOR_KEY")
 
     def validate(self) -> None:
-        if self.kind not in ("simulator", "mastodon"):
-            raise ValueError(f"kind: must be 'simulator' or 'mastodon', got {self.kind!r}")
-        if self.kind == "mastodon" and not self.instance_url.startswith(("http://", "https://")):
-            raise ValueError("instance_url: kind 'mastodon' needs an http(s) URL")
+        if self.kind == "mastodon":
+            raise ValueError("kind: 'mastodon' is now 'live' (with platforms = ['mastodon'] to collect Mastodon only)")
+        if self.kind not in ("simulator", "live"):
+            raise ValueError(f"kind: must be 'simulator' or 'live', got {self.kind!r}")
+        unknown = [p for p in self.platforms if p not in PLATFORMS]
+        if not self.platforms or unknown or len(set(self.platforms)) < len(self.platforms):
+            raise ValueError(f"platforms: a list of distinct platforms out of {', '.join(PLATFORMS)}, got {self.platforms!r}")
+        if self.kind == "live" and "mastodon" in self.platforms and not self.instance_url.startswith(("http://", "https://")):
+            raise ValueError("instance_url: kind 'live' with platform 'mastodon' needs an http(s) URL")
+        if "bluesky" in self.platforms and not self.bluesky_url.startswith(("http://", "https://")):
+            raise ValueError("bluesky_url: platform 'bluesky' needs an http(s) URL")
         if not self.hashtags or any(not t or t.startswith("#") for t in self.hashtags):
             raise ValueError("hashtags: need at least one, each without a leading '#'")
 
@@ -92,6 +115,8 @@ class SourceConfig:
 class SimulatorConfig:
     seed: int = doc("Seed of the generated world; the same seed gives byte-identical worlds.", default=7)
     posts: int = doc("Number of posts in the world.", default=5000)
+    bluesky_share: float = doc("Share of the world's accounts on Bluesky (served over XRPC); the rest are on "
+                               "Mastodon.", default=0.4)
     hashtags: list[str] = doc("Hashtags every post carries one of.", default_factory=lambda: ["selfie"])
     rate_limit: int = doc("Requests per 5-minute window per client before 429; 0 = off (Mastodon: 300).", default=0)
     port: int = doc("Loopback port `make run` serves the simulator on. Keep it fixed: the scrape state "
@@ -105,6 +130,8 @@ class SimulatorConfig:
             raise ValueError("posts: must be >= 1")
         if self.rate_limit < 0:
             raise ValueError("rate_limit: must be >= 0")
+        if not 0.0 <= self.bluesky_share <= 1.0:
+            raise ValueError("bluesky_share: must be within 0..1")
 
 
 @dataclass

@@ -15,8 +15,10 @@ still finds everything it has to remove):
 3. their rows in every model run's ``predictions`` file;
 4. their ``downloads`` rows; then every image those referenced that no remaining download
    references: its bytes, its ``images`` index row and its ``faces`` rows;
-5. their ``engagement`` snapshots;
-6. their ``posts`` rows.
+5. their post references in the crawl state (:mod:`pipeline.core.post_refs`: a Bluesky
+   post's ``at://`` URI, which names its author's DID);
+6. their ``engagement`` snapshots;
+7. their ``posts`` rows.
 
 A post is named by ``(instance, post_id)``. ``downloads`` and ``labels`` have no instance
 column; there a row goes when its ``post_id`` and its image URL or digest match a removed post.
@@ -36,6 +38,7 @@ import pyarrow.compute as pc
 
 from pipeline.core import keys
 from pipeline.core.config import Config
+from pipeline.core.post_refs import forget_refs
 from pipeline.core.schemas import TABLES
 from pipeline.core.storage import Storage
 from pipeline.core.tables import get_json, list_partitions, put_json, read_table, write_partition
@@ -90,7 +93,7 @@ def forget(storage: Storage, *, authors: Iterable[str] = (), posts: Iterable[Pos
         raise ValueError("forget: name an author key or a post")
     removed: dict[str, Any] = {"authors": len(authors), "posts": 0, "engagement": 0, "downloads": 0,
                                "images": 0, "image_bytes": 0, "faces": 0, "labels": 0, "predictions": 0,
-                               "labels_runs": [], "unpublished": None}
+                               "post_refs": 0, "labels_runs": [], "unpublished": None}
 
     # What the posts reference, read before anything is deleted.
     doomed = _matching_posts(storage, authors, posts)
@@ -110,6 +113,8 @@ def forget(storage: Storage, *, authors: Iterable[str] = (), posts: Iterable[Pos
             storage.delete(keys.image_bytes(sha))
             removed["image_bytes"] += 1
     refs = posts | doomed["refs"]
+    # The crawl state's post references (Bluesky at:// URIs name the author's DID).
+    removed["post_refs"] = forget_refs(storage, authors, post_ids | {p for _, p in posts})
     removed["engagement"] = _rewrite(storage, "engagement", lambda t: _pair_in(t, refs))
     removed["posts"] = _rewrite(storage, "posts", lambda t: pc.or_(_in(t, "author_key", authors), _pair_in(t, refs)))
     log.info("forgot %s", removed)

@@ -110,8 +110,25 @@ def _host_name(host: str) -> str:
     return host.lower().replace(":", "_")
 
 
-def crawl_state(host: str, hashtag: str) -> str:
-    return f"state/scrape/{_host_name(host)}/{hashtag.lower()}.json"
+def crawl_state(host: str, hashtag: str, platform: str = "mastodon") -> str:
+    """Which posts of one timeline were read. Mastodon's keep their first layout; another
+    platform's get a folder of its own (the simulator serves both from one host)."""
+    where = _host_name(host) if platform == "mastodon" else f"{_host_name(host)}/{platform}"
+    return f"state/scrape/{where}/{hashtag.lower()}.json"
+
+
+#: Per platform and host, what a re-read needs to find a post again (Bluesky: its at:// URI,
+#: which names the author's DID, so it is crawl state, never a table column).
+POST_REFS = "state/refs/"
+
+
+def post_refs_folder(platform: str, host: str) -> str:
+    return f"{POST_REFS}{platform}/{_host_name(host)}/"
+
+
+def post_refs(platform: str, host: str, day: str) -> str:
+    """The references of the posts one scrape day kept (Parquet: post_id, author_key, ref)."""
+    return f"{post_refs_folder(platform, host)}dt={day}.parquet"
 
 
 def scrape_runs(day: str = "") -> str:
@@ -119,9 +136,10 @@ def scrape_runs(day: str = "") -> str:
     return f"runs/scrape/{day}/" if day else "runs/scrape/"
 
 
-def scrape_run(day: str, host: str, hashtag: str, stamp: str) -> str:
+def scrape_run(day: str, host: str, hashtag: str, stamp: str, platform: str = "mastodon") -> str:
     """One scrape run's summary; ``stamp`` makes it unique, so no run overwrites another."""
-    return f"{scrape_runs(day)}{_host_name(host)}__{hashtag}-{stamp}.json"
+    where = _host_name(host) if platform == "mastodon" else f"{platform}__{_host_name(host)}"
+    return f"{scrape_runs(day)}{where}__{hashtag}-{stamp}.json"
 
 
 def report_run(run_id: str) -> str:

@@ -38,7 +38,7 @@ def f(name: str, type_: pa.DataType, doc: str, nullable: bool = False) -> pa.Fie
 UTC_TS = pa.timestamp("us", tz="UTC")
 
 POSTS = pa.schema([
-    f("source", pa.string(), "Source kind, e.g. 'mastodon'."),
+    f("source", pa.string(), "Platform: 'mastodon' or 'bluesky'."),
     f("instance", pa.string(), "Base URL of the instance the post was read from."),
     f("hashtag", pa.string(), "The hashtag queried (lower case, no '#')."),
     f("post_id", pa.string(), "Post id, unique within its instance (Mastodon status id)."),
@@ -58,7 +58,7 @@ POSTS = pa.schema([
 ])
 
 ENGAGEMENT = pa.schema([
-    f("source", pa.string(), "Source kind."),
+    f("source", pa.string(), "Platform: 'mastodon' or 'bluesky'."),
     f("instance", pa.string(), "Instance base URL."),
     f("post_id", pa.string(), "Post id."),
     f("observed_at", UTC_TS, "When the counts were read (UTC)."),
@@ -71,7 +71,7 @@ ENGAGEMENT = pa.schema([
 ])
 
 DOWNLOADS = pa.schema([
-    f("source", pa.string(), "Source kind."),
+    f("source", pa.string(), "Platform: 'mastodon' or 'bluesky'."),
     f("post_id", pa.string(), "Post the URL belongs to."),
     f("url", pa.string(), "The URL attempted."),
     f("status", pa.string(), "ok, http_error, timeout, too_large, not_image, decode_error, bomb, blocked, bad_url, connection_error, redirect_loop, opted_out (X-Robots-Tag noai/noimageai: the bytes are not kept)."),

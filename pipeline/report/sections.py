@@ -53,7 +53,9 @@ def funnel_section(ctx: ReportContext) -> dict[str, Any]:
         return int(ctx.sql(q).iloc[0, 0] or 0)
 
     posts = scalar("select count(distinct (instance, post_id)) from posts")
-    stages.append({"stage": "posts scraped", "count": posts, "detail": {}})
+    per_source = ctx.sql("select source, count(distinct (instance, post_id)) n from posts group by 1 order by 1")
+    stages.append({"stage": "posts scraped", "count": posts,
+                   "detail": {r.source: int(r.n) for r in per_source.itertuples()}})
     dl = ctx.sql("select status, count(*) n from downloads group by 1 order by 2 desc, 1")
     stages.append({"stage": "downloads attempted", "count": int(dl.n.sum()) if len(dl) else 0,
                    "detail": {r.status: int(r.n) for r in dl.itertuples()}})
@@ -75,6 +77,8 @@ def funnel_section(ctx: ReportContext) -> dict[str, Any]:
         detail = {f"split {k}": int(v) for k, v in lab["split"].value_counts().sort_index().items()}
         detail.update({f"label {k}": int(v) for k, v in lab["label"].value_counts().sort_index().items()})
         detail["groups"] = int(lab["group_id"].nunique())
+        if "source" in lab:  # groups never mix sources
+            detail.update({f"{k} groups": int(v) for k, v in lab.groupby("source")["group_id"].nunique().items()})
         stages.append({"stage": f"label rows (run {ctx.labels_run})", "count": len(lab), "detail": detail})
     else:
         stages.append({"stage": "label rows", "count": 0, "detail": {"not available": ctx.labels_why}})

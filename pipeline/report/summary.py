@@ -26,15 +26,19 @@ def summary(cfg: Config, truth: Path | None = None) -> str:
         return run_query(storage, sql).to_pylist()
 
     lines = ["== likerank: the funnel =="]
-    seen, skipped = 0, {}
+    seen: dict[str, int] = {}
+    skipped: dict[str, dict[str, int]] = {}
     for key in storage.list(keys.scrape_runs()):
         scrape_run = get_json(storage, key)
-        seen += scrape_run["seen"]
+        source = scrape_run.get("source", "mastodon")
+        seen[source] = seen.get(source, 0) + scrape_run["seen"]
         for reason, n in scrape_run["skipped"].items():
-            skipped[reason] = skipped.get(reason, 0) + n
-    posts = one("select count(distinct post_id) n from posts")[0]["n"]
-    lines.append(f"  statuses read         {seen:>7}   skipped: {_fmt(skipped)}")
-    lines.append(f"  posts stored          {posts:>7}")
+            skipped.setdefault(source, {})[reason] = skipped.get(source, {}).get(reason, 0) + n
+    posts = {r["source"]: r["n"] for r in one("select source, count(distinct post_id) n from posts group by 1")}
+    lines.append(f"  posts read            {sum(seen.values()):>7}")
+    for source in sorted(seen):  # each platform on its own line: the funnels differ
+        lines.append(f"    {source:<19} {seen[source]:>7}   skipped: {_fmt(skipped.get(source, {}))}")
+    lines.append(f"  posts stored          {sum(posts.values()):>7}   ({_fmt(posts)})")
     dl = {r["status"]: r["n"] for r in one("select status, count(*) n from downloads group by 1")}
     lines.append(f"  image downloads       {sum(dl.values()):>7}   ({_fmt(dl)})")
     faces = one("""select case when status <> 'ok' then status when n_faces = 0 then 'no face'
@@ -48,6 +52,8 @@ def summary(cfg: Config, truth: Path | None = None) -> str:
         summ = get_json(storage, keys.labels_summary(run), {})
         lines.append(f"  labeled posts         {summ.get('rows_out', '?'):>7}   in {summ.get('groups', '?')} groups of "
                      f"{summ.get('group_size', '?')}; dropped: {_fmt(summ.get('dropped', {}))}")
+        for source, counts in sorted(summ.get("sources", {}).items()):  # groups never mix sources
+            lines.append(f"    {source or '(no source)':<19} {counts['rows_out']:>7}   in {counts['groups']} groups")
         docs = [k for k in storage.list(keys.validation_run(run) + "/") if k.endswith("index.html")]
         lines.append("\n== validation (Great Expectations) ==")
         lines.append(f"  passed and published: labels run {run}")

@@ -29,19 +29,19 @@ from collections import Counter
 from collections.abc import Callable
 from datetime import UTC, date, datetime
 from typing import Any
+from urllib.parse import urlsplit
 
 import pyarrow as pa
 import pyarrow.compute as pc
 
 from pipeline.core.config import Config
 from pipeline.core.forget import forget
-from pipeline.core.pseudonym import author_keyer
+from pipeline.core.post_refs import load_refs
 from pipeline.core.storage import open_storage
 from pipeline.core.tables import list_partitions, read_table
 from pipeline.scrape.http import HttpClient
-from pipeline.scrape.scrape import logical_day, merge_partition, resolve_token
-from pipeline.scrape.sources.base import OptedOut
-from pipeline.scrape.sources.mastodon import MastodonSource, server_time
+from pipeline.scrape.scrape import logical_day, make_source, merge_partition
+from pipeline.scrape.sources.base import OptedOut, Source, SourceError
 
 log = logging.getLogger(__name__)
 
@@ -56,31 +56,36 @@ def refresh_partition(day: str) -> str:
     return f"{day}-refresh"
 
 
-def due_posts(posts: pa.Table, engagement: pa.Table, instance_now: dict[str, datetime], min_age_days: float) -> dict[str, list[tuple[str, datetime]]]:
-    """Per instance, the ``(post_id, created_at)`` of posts now >= ``min_age_days`` old whose
-    newest snapshot is younger than that."""
+Service = tuple[str, str]  # (platform, instance)
+
+
+def due_posts(posts: pa.Table, engagement: pa.Table, service_now: dict[Service, datetime],
+              min_age_days: float) -> dict[Service, list[tuple[str, datetime]]]:
+    """Per (platform, instance), the ``(post_id, created_at)`` of posts now >= ``min_age_days``
+    old whose newest snapshot is younger than that."""
     best: dict[tuple[str, str], float] = {}
     if engagement.num_rows:
         grouped = engagement.group_by(["instance", "post_id"]).aggregate([("age_days", "max")])
         for inst, pid, age in zip(grouped["instance"].to_pylist(), grouped["post_id"].to_pylist(),
                                   grouped["age_days_max"].to_pylist(), strict=True):
             best[(inst, pid)] = age
-    due: dict[str, list[tuple[str, datetime]]] = {}
+    due: dict[Service, list[tuple[str, datetime]]] = {}
     seen: set[tuple[str, str]] = set()
-    for inst, pid, created in zip(posts["instance"].to_pylist(), posts["post_id"].to_pylist(),
-                                  posts["created_at"].to_pylist(), strict=True):
-        if (inst, pid) in seen or inst not in instance_now:
+    for platform, inst, pid, created in zip(posts["source"].to_pylist(), posts["instance"].to_pylist(),
+                                            posts["post_id"].to_pylist(), posts["created_at"].to_pylist(), strict=True):
+        service = (platform, inst)
+        if (inst, pid) in seen or service not in service_now:
             continue
         seen.add((inst, pid))
-        age_now = (instance_now[inst] - created).total_seconds() / 86400.0
+        age_now = (service_now[service] - created).total_seconds() / 86400.0
         if age_now >= min_age_days and best.get((inst, pid), -1.0) < min_age_days:
-            due.setdefault(inst, []).append((pid, created))
+            due.setdefault(service, []).append((pid, created))
     return due
 
 
 def refresh_engagement(cfg: Config, logical_date: str | date | datetime, *, instance: str | None = None,
-                       token: str | None = None, now: Callable[[], datetime] | None = None,
-                       progress: bool = False) -> dict[str, Any]:
+                       token: str | None = None, login: tuple[str, str] | None = None,
+                       now: Callable[[], datetime] | None = None, progress: bool = False) -> dict[str, Any]:
     """Re-observe the posts due (see module doc); return a small summary."""
     t0 = time.monotonic()
     day = logical_day(logical_date)
@@ -94,38 +99,41 @@ def refresh_engagement(cfg: Config, logical_date: str | date | datetime, *, inst
     if not list_partitions(storage, "posts"):
         summary["elapsed_s"] = round(time.monotonic() - t0, 2)
         return summary
-    posts = read_table(storage, "posts", columns=["instance", "post_id", "created_at"])
+    posts = read_table(storage, "posts", columns=["source", "instance", "post_id", "created_at"])
     if instance:
         posts = posts.filter(pc.equal(posts["instance"], instance.rstrip("/").lower()))
     engagement = (read_table(storage, "engagement", columns=["instance", "post_id", "age_days"])
                   if list_partitions(storage, "engagement") else pa.table({"instance": [], "post_id": [], "age_days": []}))
 
     client = HttpClient(cfg.scrape)
-    sources: dict[str, MastodonSource] = {}
-    instance_now: dict[str, datetime] = {}
+    sources: dict[Service, Source] = {}
+    service_now: dict[Service, datetime] = {}
     try:
-        for inst in sorted(set(posts["instance"].to_pylist())):
-            src = MastodonSource(inst, client, token=resolve_token(cfg, token), now=now,
-                                 author_key=author_keyer(cfg.source.author_key_secret_env,
-                                                         required=cfg.source.kind != "simulator"))
-            res = client.fetch(f"{src.instance}/api/v1/instance", headers=src._headers)
-            if res.status in ("connection_error", "timeout", "blocked"):
-                summary["errors"].append(f"{inst}: unreachable ({res.error})")
-                summary["instances"][inst] = "unreachable"
+        for platform, inst in sorted(set(zip(posts["source"].to_pylist(), posts["instance"].to_pylist(), strict=True))):
+            name = inst if platform == "mastodon" else f"{platform} {inst}"
+            try:
+                src = make_source(cfg, platform, inst, client, now=now, token=token, login=login)
+                service_now[(platform, inst)] = src.server_now()
+            except SourceError as exc:
+                summary["errors"].append(f"{name}: unreachable ({exc})")
+                summary["instances"][name] = "unreachable"
                 continue
-            sources[inst] = src
-            instance_now[inst] = server_time(res.headers) or now()
-        due = due_posts(posts, engagement, instance_now, cfg.labeling.min_age_days)
+            sources[(platform, inst)] = src
+        due = due_posts(posts, engagement, service_now, cfg.labeling.min_age_days)
         summary["due"] = sum(len(v) for v in due.values())
 
         from tqdm import tqdm
         bar = tqdm(total=summary["due"], unit="post", desc="refresh", disable=not progress, leave=False)
-        for inst, items in due.items():
+        for (platform, inst), items in due.items():
+            name = inst if platform == "mastodon" else f"{platform} {inst}"
+            src = sources[(platform, inst)]
+            if platform != "mastodon":  # re-read by the references the scrape kept (Bluesky: at:// URIs)
+                src.refs = load_refs(storage, platform, urlsplit(src.instance).netloc, [p for p, _ in items])
             created = dict(items)
             counts: Counter[str] = Counter()
             for i in range(0, len(items), BATCH):
                 rows = []
-                for pid, result in sources[inst].reobserve([p for p, _ in items[i:i + BATCH]]):
+                for pid, result in src.reobserve([p for p, _ in items[i:i + BATCH]]):
                     if isinstance(result, OptedOut):
                         counts["opted_out"] += 1
                         opted_out.add(result.author_key)
@@ -133,7 +141,7 @@ def refresh_engagement(cfg: Config, logical_date: str | date | datetime, *, inst
                     if isinstance(result, str):
                         if result == "deleted":
                             counts["deleted"] += 1
-                            deleted.add((sources[inst].instance, pid))
+                            deleted.add((src.instance, pid))
                         else:
                             counts["failed"] += 1
                             if len(summary["errors"]) < 5:
@@ -148,9 +156,9 @@ def refresh_engagement(cfg: Config, logical_date: str | date | datetime, *, inst
                 bar.update(min(BATCH, len(items) - i))
             for k in ("refreshed", "deleted", "opted_out", "failed"):
                 summary[k] += counts[k]
-            summary["instances"][inst] = dict(counts)
+            summary["instances"][name] = dict(counts)
             if counts["failed"] and not counts["refreshed"] and not counts["deleted"] and not counts["opted_out"]:
-                raise RefreshError(f"{inst}: none of {len(items)} due posts could be re-read; first error: "
+                raise RefreshError(f"{name}: none of {len(items)} due posts could be re-read; first error: "
                                    f"{summary['errors'][0] if summary['errors'] else '?'}")
         bar.close()
     finally:

@@ -1,12 +1,14 @@
 """The scrape stage: crawl a hashtag → download its images → write the day's tables → advance state.
 
-``scrape(cfg, instance, hashtag, logical_date)`` reads the hashtag timeline of one instance,
-keeps the eligible posts (see :mod:`pipeline.scrape.sources.mastodon` for what is skipped and why),
+``scrape(cfg, instance, hashtag, logical_date, platform=...)`` reads the hashtag on one
+platform's service (a Mastodon instance's tag timeline, Bluesky's search: :func:`make_source`),
+keeps the eligible posts (see :mod:`pipeline.scrape.sources.mastodon` and
+:mod:`pipeline.scrape.sources.bluesky` for what is skipped and why),
 downloads their images (:mod:`pipeline.scrape.download`) and writes, for partition ``dt=<date>``:
 ``posts``, ``engagement`` (one snapshot per kept post, taken when it was read), ``images``
 (index rows; the bytes are content-addressed) and ``downloads`` (one row per attempted URL).
 
-Coverage state (``state/scrape/<instance-host>/<hashtag>.json``)
+Coverage state (``state/scrape/<instance-host>/[<platform>/]<hashtag>.json``)
     The timeline is walked newest to oldest (``max_id`` paging, following ``Link: rel="next"``).
     The state records which id ranges have been read completely, as disjoint intervals
     ``[low, high]``, plus how far down the lowest one reaches (``bottom``: the timeline's end,
@@ -47,7 +49,7 @@ import logging
 import os
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from datetime import UTC, date, datetime, timedelta
 from typing import Any
 from urllib.parse import urlsplit
@@ -57,8 +59,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from pipeline.core import keys
-from pipeline.core.config import Config
+from pipeline.core.config import PLATFORMS, Config
 from pipeline.core.forget import load_tombstones
+from pipeline.core.post_refs import save_refs
 from pipeline.core.pseudonym import author_keyer
 from pipeline.core.schemas import TABLES, conform
 from pipeline.core.storage import Storage, open_storage
@@ -84,12 +87,12 @@ MERGE_KEYS = {
 # --------------------------------------------------------------------------- state
 
 
-def state_key(instance: str, hashtag: str) -> str:
-    return keys.crawl_state(urlsplit(instance).netloc, hashtag)
+def state_key(instance: str, hashtag: str, platform: str = "mastodon") -> str:
+    return keys.crawl_state(urlsplit(instance).netloc, hashtag, platform)
 
 
-def load_state(storage: Storage, instance: str, hashtag: str) -> dict:
-    state = get_json(storage, state_key(instance, hashtag), default=None) or {}
+def load_state(storage: Storage, instance: str, hashtag: str, platform: str = "mastodon") -> dict:
+    state = get_json(storage, state_key(instance, hashtag, platform), default=None) or {}
     return {"version": STATE_VERSION, "intervals": state.get("intervals", []),
             "bottom": state.get("bottom", {"end": False, "horizon": None})}
 
@@ -226,16 +229,59 @@ def resolve_token(cfg: Config, token: str | None = None) -> str | None:
     return token or os.environ.get(cfg.source.token_env) or None
 
 
+#: The login ``make run`` and the tests use against the simulator, which accepts any login.
+SIMULATOR_LOGIN = ("likerank-demo.bsky.sim", "simulator-app-password")
+
+
+def resolve_bluesky_login(cfg: Config, login: tuple[str, str] | None = None) -> tuple[str, str]:
+    """The Bluesky identifier and app password: given (the DAG reads them from an Airflow
+    connection), else the environment (``source.bluesky_identifier_env`` and
+    ``source.bluesky_password_env``), else, for the simulator only, :data:`SIMULATOR_LOGIN`.
+    Raises ValueError naming the variables (never a value) when none is found."""
+    from pipeline.scrape.sources.bluesky import credentials_from_env
+
+    found = login or credentials_from_env(os.environ, cfg.source.bluesky_identifier_env,
+                                          cfg.source.bluesky_password_env)
+    if found:
+        return found
+    if cfg.source.kind == "simulator":
+        return SIMULATOR_LOGIN
+    raise ValueError(f"Bluesky needs a login: set ${cfg.source.bluesky_identifier_env} (handle or email) and "
+                     f"${cfg.source.bluesky_password_env} (an app password: Settings → Privacy and security → "
+                     "App passwords), or source.bluesky_airflow_conn_id")
+
+
+def make_source(cfg: Config, platform: str, instance: str, client: HttpClient, *, now: Callable[[], datetime],
+                token: str | None = None, login: tuple[str, str] | None = None,
+                refs: Mapping[str, str] | None = None) -> Source:
+    """The :class:`Source` of ``platform`` at ``instance`` (a Mastodon instance, a Bluesky XRPC service)."""
+    author_key = author_keyer(cfg.source.author_key_secret_env, required=cfg.source.kind != "simulator")
+    if platform == "mastodon":
+        return MastodonSource(instance, client, author_key=author_key, token=resolve_token(cfg, token),
+                              page_limit=cfg.scrape.page_limit, now=now)
+    if platform == "bluesky":
+        from pipeline.scrape.sources.bluesky import MAX_PAGE, BlueskySource
+
+        identifier, password = resolve_bluesky_login(cfg, login)
+        # scrape.page_limit is Mastodon's (at most 40); Bluesky's search pages hold up to 100.
+        return BlueskySource(instance, client, author_key=author_key, identifier=identifier, app_password=password,
+                             refs=refs, page_limit=MAX_PAGE, now=now)
+    raise ValueError(f"unknown platform {platform!r} (known: {', '.join(PLATFORMS)})")
+
+
 def scrape(cfg: Config, instance: str, hashtag: str, logical_date: str | date | datetime,
-           max_posts: int | None = None, progress: bool = False, *, token: str | None = None,
+           max_posts: int | None = None, progress: bool = False, *, platform: str = "mastodon",
+           token: str | None = None, login: tuple[str, str] | None = None,
            now: Callable[[], datetime] | None = None, source: Source | None = None,
            flush_every: int = FLUSH_EVERY) -> dict[str, Any]:
-    """Scrape one (instance, hashtag) for one logical date; return a summary (small, XCom-safe).
+    """Scrape one (platform, instance, hashtag) for one logical date; return a summary (small, XCom-safe).
 
     ``max_posts`` (default ``scrape.max_posts``; 0 = no limit) caps the statuses read this run.
     ``scraped_at``/``observed_at`` come from the server's ``Date`` header (the simulator's world
     clock); ``now`` is the fallback clock when a response has none (default: UTC wall clock).
-    ``source`` replaces the Mastodon source (tests).
+    ``token`` (Mastodon) and ``login`` (Bluesky: identifier, app password) come from an Airflow
+    connection when the DAG has one, else from the environment (:func:`make_source`).
+    ``source`` replaces the platform's source (tests).
     ``flush_every``: statuses between durable flushes.
     """
     t0 = time.monotonic()
@@ -245,11 +291,14 @@ def scrape(cfg: Config, instance: str, hashtag: str, logical_date: str | date | 
     limit = cfg.scrape.max_posts if max_posts is None else max_posts
     storage = open_storage(cfg.storage)
     client = HttpClient(cfg.scrape)
-    src = source or MastodonSource(instance, client, author_key=author_keyer(cfg.source.author_key_secret_env,
-                                                                            required=cfg.source.kind != "simulator"),
-                                   token=resolve_token(cfg, token), page_limit=cfg.scrape.page_limit, now=now)
+    try:
+        src = source or make_source(cfg, platform, instance, client, now=now, token=token, login=login)
+    except BaseException:
+        client.close()
+        raise
+    platform = src.kind
     instance = src.instance
-    skey = state_key(instance, hashtag)
+    skey = state_key(instance, hashtag, platform)
     # A past day (a backfill run) reads the posts created up to its end, not today's: its
     # partition holds what existed that day. Today's runs start at the newest post.
     day_end = datetime.fromisoformat(day).replace(tzinfo=UTC) + timedelta(days=1)
@@ -257,7 +306,7 @@ def scrape(cfg: Config, instance: str, hashtag: str, logical_date: str | date | 
     horizon = None
     if cfg.scrape.backfill_days:
         horizon = datetime.fromisoformat(day).replace(tzinfo=UTC) - timedelta(days=cfg.scrape.backfill_days)
-    cov = Coverage(load_state(storage, instance, hashtag), backfill=cfg.scrape.backfill_days > 0,
+    cov = Coverage(load_state(storage, instance, hashtag, platform), backfill=cfg.scrape.backfill_days > 0,
                    horizon=horizon, limit=limit)
     buf = DayBuffer(storage, day)
     tombstones = load_tombstones(storage)
@@ -266,6 +315,7 @@ def scrape(cfg: Config, instance: str, hashtag: str, logical_date: str | date | 
     downloads: Counter[str] = Counter()
     pages = kept = unflushed = 0
     images: set[str] = set()
+    refs: list[dict[str, str]] = []  # what a re-read needs (Bluesky: the at:// URI), kept as crawl state
     safe_state = cov.state()  # coverage whose rows are all buffered (or written)
 
     from tqdm import tqdm
@@ -283,6 +333,8 @@ def scrape(cfg: Config, instance: str, hashtag: str, logical_date: str | date | 
         nonlocal unflushed
         collect(downloader.drain())
         storage.sync()  # the images first: no row may point at bytes that are not on disk
+        save_refs(storage, platform, urlsplit(instance).netloc, day, refs)  # before the posts that need them
+        refs.clear()
         buf.flush()
         put_json(storage, skey, safe_state)  # after the data: state never covers unwritten rows
         unflushed = 0
@@ -307,6 +359,8 @@ def scrape(cfg: Config, instance: str, hashtag: str, logical_date: str | date | 
                         continue
                     kept += 1
                     buf.rows["posts"].append(post.row())
+                    if post.ref:
+                        refs.append({"post_id": post.post_id, "author_key": post.author_key, "ref": post.ref})
                     buf.rows["engagement"].append({
                         "source": post.source, "instance": post.instance, "post_id": post.post_id,
                         "observed_at": post.scraped_at, "likes": post.likes, "reposts": post.reposts,
@@ -347,7 +401,7 @@ def scrape(cfg: Config, instance: str, hashtag: str, logical_date: str | date | 
         client.close()
 
     summary = {
-        "instance": instance, "hashtag": hashtag, "date": day, "pages": pages,
+        "source": platform, "instance": instance, "hashtag": hashtag, "date": day, "pages": pages,
         "seen": kept + sum(skipped.values()),
         "kept": kept, "skipped": dict(sorted(skipped.items())), "downloads": dict(sorted(downloads.items())),
         "images": len(images), "stopped": cov.stop, "state": skey,
@@ -356,8 +410,8 @@ def scrape(cfg: Config, instance: str, hashtag: str, logical_date: str | date | 
     # A run log: skip reasons exist nowhere else (skipped statuses are not stored), and the
     # funnel (`make run`, the report) adds them up. One file per run, never overwritten.
     stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%S%fZ")
-    put_json(storage, keys.scrape_run(day, urlsplit(instance).netloc, hashtag, stamp), summary)
-    log.info("scrape %s #%s %s: %d seen, %d kept, skipped %s, downloads %s (%s)", instance, hashtag, day,
+    put_json(storage, keys.scrape_run(day, urlsplit(instance).netloc, hashtag, stamp, platform), summary)
+    log.info("scrape %s %s #%s %s: %d seen, %d kept, skipped %s, downloads %s (%s)", platform, instance, hashtag, day,
              summary["seen"], kept, summary["skipped"], summary["downloads"], cov.stop)
     return summary
 
@@ -365,7 +419,7 @@ def scrape(cfg: Config, instance: str, hashtag: str, logical_date: str | date | 
 def format_summary(s: dict[str, Any]) -> str:
     """One screen for the CLI."""
     lines = [
-        f"scrape {s['instance']} #{s['hashtag']}  date {s['date']}  ({s['elapsed_s']} s, {s['pages']} pages; stopped: {s['stopped']})",
+        f"scrape {s.get('source', 'mastodon')} {s['instance']} #{s['hashtag']}  date {s['date']}  ({s['elapsed_s']} s, {s['pages']} pages; stopped: {s['stopped']})",
         f"  statuses seen   {s['seen']:>8}",
         f"  posts kept      {s['kept']:>8}",
     ]
@@ -381,32 +435,49 @@ def format_summary(s: dict[str, Any]) -> str:
 
 
 def scrape_pairs(cfg: Config, instances: list[str] | None = None, hashtags: list[str] | None = None,
-                 max_posts: int | None = None) -> list[dict[str, Any]]:
-    """The (instance, hashtag) pairs one scheduled run scrapes: the given ones, else the config's.
+                 max_posts: int | None = None, *, bluesky_services: list[str] | None = None,
+                 platforms: list[str] | None = None) -> list[dict[str, Any]]:
+    """The (platform, instance, hashtag) triples one scheduled run scrapes, one mapped task each:
+    for every platform of ``platforms`` (default ``source.platforms``), its services (Mastodon:
+    ``instances``, else ``source.instance_url``; Bluesky: ``bluesky_services``, else
+    ``source.bluesky_url``) times the hashtags (default ``source.hashtags``).
 
-    Raises ValueError (naming the setting) when no instance URL is known, which is the case for
+    Raises ValueError (naming the setting) when a platform has no URL, which is the case for
     ``source.kind = "simulator"`` until the orchestration passes the URL of the simulator it started.
     """
-    urls = [u.strip() for u in (instances or []) if u and u.strip()] or (
-        [cfg.source.instance_url] if cfg.source.instance_url else [])
-    if not urls:
-        raise ValueError(f"no instance URL: source.kind = {cfg.source.kind!r} needs one, given as the 'instances' "
-                         "param or source.instance_url (for the simulator: the URL of the server the "
-                         "orchestration started)")
-    for u in urls:
-        if not u.startswith(("http://", "https://")):
-            raise ValueError(f"instance {u!r}: expected an http(s) base URL")
+    given = {"mastodon": instances, "bluesky": bluesky_services}
+    configured = {"mastodon": cfg.source.instance_url, "bluesky": cfg.source.bluesky_url}
+    setting = {"mastodon": "'instances' param or source.instance_url", "bluesky": "'bluesky_services' param or source.bluesky_url"}
+    chosen = [p.strip().lower() for p in (platforms or cfg.source.platforms) if p and p.strip()]
+    unknown = [p for p in chosen if p not in PLATFORMS]
+    if unknown:
+        raise ValueError(f"platform(s) {', '.join(map(repr, unknown))}: known are {', '.join(PLATFORMS)}")
     tags = [t.strip().lstrip("#").lower() for t in (hashtags or cfg.source.hashtags) if t and t.strip()]
-    return [{"instance": u.rstrip("/"), "hashtag": t, "max_posts": max_posts} for u in urls for t in tags]
+    out = []
+    for platform in chosen:
+        urls = [u.strip() for u in (given[platform] or []) if u and u.strip()] or (
+            [configured[platform]] if configured[platform] else [])
+        if not urls:
+            raise ValueError(f"no {platform} URL: source.kind = {cfg.source.kind!r} needs one, given as the "
+                             f"{setting[platform]} (for the simulator: the URL of the server the orchestration started)")
+        for u in urls:
+            if not u.startswith(("http://", "https://")):
+                raise ValueError(f"{platform} URL {u!r}: expected an http(s) base URL")
+        out += [{"source": platform, "instance": u.rstrip("/"), "hashtag": t, "max_posts": max_posts}
+                for u in urls for t in tags]
+    return out
 
 
 def merge_summaries(summaries: list[dict[str, Any]]) -> dict[str, Any]:
     """Add up per-pair scrape summaries (for a DAG run's log and XCom)."""
     out: dict[str, Any] = {"pairs": len(summaries), "seen": 0, "kept": 0, "images": 0,
-                           "skipped": Counter(), "downloads": Counter()}
+                           "skipped": Counter(), "downloads": Counter(), "sources": {}}
     for s in summaries:
         for k in ("seen", "kept", "images"):
             out[k] += s.get(k, 0)
+        per = out["sources"].setdefault(s.get("source", "mastodon"), {"seen": 0, "kept": 0})
+        per["seen"] += s.get("seen", 0)
+        per["kept"] += s.get("kept", 0)
         out["skipped"].update(s.get("skipped", {}))
         out["downloads"].update(s.get("downloads", {}))
     out["skipped"], out["downloads"] = dict(out["skipped"]), dict(out["downloads"])

@@ -57,7 +57,7 @@ TABLES = {"posts": ["instance", "post_id"], "engagement": ["instance", "post_id"
 def base_env(root: Path, sim_url: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("LIKERANK_", "AIRFLOW"))}
     env.update({"PATH": f"{Path(sys.executable).parent}:{env.get('PATH', '')}",
-                "LIKERANK_STORAGE__ROOT": str(root), "LIKERANK_SOURCE__INSTANCE_URL": sim_url, **SETTINGS})
+                "LIKERANK_STORAGE__ROOT": str(root), "LIKERANK_SOURCE__INSTANCE_URL": sim_url, "LIKERANK_SOURCE__BLUESKY_URL": sim_url, **SETTINGS})
     return env
 
 
