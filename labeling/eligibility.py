@@ -115,32 +115,87 @@ def filter_rows(table: pa.Table, mask: np.ndarray) -> pa.Table:
 def duplicate_images(cands: pa.Table, alive: np.ndarray) -> np.ndarray:
     """Rows whose image another alive row with a smaller post_id also uses (empty sha: never).
 
-    DuckDB's 64-bit ``hash`` (fast, parallel) finds candidate repeats; the exact decision is made
-    on the full strings of those few rows, so a hash collision never drops a post.
+    A 64-bit key per image finds candidate repeats: for sha256 hex digests (the pipeline's),
+    their first 16 characters read straight from Arrow's buffer, no string copied; for other
+    values, DuckDB's ``hash``. The exact decision is made on the full strings of those few
+    rows, so a key collision never drops a post.
     """
     import pandas as pd
-
-    from labeling.duck import connect
 
     dup = np.zeros(cands.num_rows, dtype=bool)
     shas = cands.column("image_sha256")
     rows = np.flatnonzero(alive & np.asarray(pc.not_equal(shas, "").fill_null(False)))
     if len(rows) < 2:
         return dup
-    with connect() as con:
-        con.register("t", pa.table({"sha": shas}))
-        hashed = np.asarray(con.sql("SELECT hash(sha) FROM t").to_arrow_table().column(0))[rows]
-        con.register("h", pa.table({"h": hashed}))
-        repeated = con.sql("SELECT h FROM h GROUP BY h HAVING count(*) > 1").to_arrow_table().column(0)
-    suspects = rows[pd.Series(hashed).isin(np.asarray(repeated)).to_numpy()]  # hash probe; np.isin sorts
+    keys = _digest_keys(shas, rows)
+    if keys is None:
+        keys = _hashed_keys(shas, rows)
+    ordered = np.sort(keys)  # one sorted copy: at 10M rows 2x faster than a DuckDB GROUP BY, 10x less memory
+    repeated = np.unique(ordered[1:][ordered[1:] == ordered[:-1]])
+    del ordered
+    suspects = rows[pd.Series(keys).isin(repeated).to_numpy()]  # a hash probe of the few repeated keys
     if len(suspects) == 0:
         return dup
-    frame = pd.DataFrame({"i": suspects,
-                          "sha": shas.take(pa.array(suspects)).to_pylist(),
-                          "post_id": cands.column("post_id").take(pa.array(suspects)).to_pylist()})
+    frame = pd.DataFrame({"i": suspects, "sha": take_rows(shas, suspects),
+                          "post_id": take_rows(cands.column("post_id"), suspects)})
     frame = frame.sort_values(["sha", "post_id"], kind="stable")
     dup[frame.loc[frame.duplicated("sha", keep="first"), "i"].to_numpy()] = True
     return dup
+
+
+def take_rows(column: pa.ChunkedArray, rows: np.ndarray) -> list:
+    """The values at ascending ``rows`` as Python objects, taken chunk by chunk: pyarrow's
+    ChunkedArray.take first concatenates every chunk (seconds and GBs for 10M strings)."""
+    bounds = np.cumsum([0] + [len(c) for c in column.chunks])
+    chunk_of = np.searchsorted(bounds, rows, side="right") - 1
+    out: list = []
+    for i in np.unique(chunk_of):
+        out += column.chunk(int(i)).take(pa.array(rows[chunk_of == i] - bounds[i])).to_pylist()
+    return out
+
+
+#: Characters of a sha256 hex digest read into the key: 16 hex characters = 64 bits.
+_KEY_CHARS = 16
+
+
+def _digest_keys(shas: pa.ChunkedArray, rows: np.ndarray) -> np.ndarray | None:
+    """A uint64 per row of ``rows`` from the first 16 characters of its value, read from the
+    string buffers in place; None unless every such value is 64 characters (a hex sha256)."""
+    keys = np.empty(len(rows), dtype=np.uint64)
+    start = done = 0
+    for chunk in shas.chunks:
+        if not pa.types.is_string(chunk.type):
+            return None
+        n_here = int(np.searchsorted(rows, start + len(chunk))) - done  # rows is ascending
+        at = rows[done:done + n_here] - start
+        start += len(chunk)
+        if n_here == 0:
+            continue
+        offsets = np.frombuffer(chunk.buffers()[1], dtype=np.int32)[chunk.offset:chunk.offset + len(chunk) + 1]
+        firsts = offsets[at].astype(np.int64)
+        if not np.all(offsets[at + 1] - offsets[at] == 64):
+            return None
+        data = np.frombuffer(chunk.buffers()[2], dtype=np.uint8)
+        heads = np.empty((n_here, 2), dtype=np.uint64)
+        # Two 8-byte words at each value's start, gathered from a uint64 view of the buffer
+        # shifted by the start's remainder mod 8 (one view per remainder; usually just 0).
+        for r in np.unique(firsts % 8):
+            sel = np.flatnonzero(firsts % 8 == r)
+            words = data[r:r + (len(data) - r) // 8 * 8].view("<u8")
+            index = (firsts[sel] - r) // 8
+            heads[sel, 0], heads[sel, 1] = words[index], words[index + 1]
+        keys[done:done + n_here] = heads[:, 0] * np.uint64(0x9E3779B97F4A7C15) ^ heads[:, 1]  # wraps mod 2**64
+        done += n_here
+    return keys
+
+
+def _hashed_keys(shas: pa.ChunkedArray, rows: np.ndarray) -> np.ndarray:
+    """DuckDB's 64-bit ``hash`` of each value (fast, parallel) for ``rows``."""
+    from labeling.duck import connect
+
+    with connect() as con:
+        con.register("t", pa.table({"sha": shas}))
+        return np.asarray(con.sql("SELECT hash(sha) FROM t").to_arrow_table().column(0))[rows]
 
 
 # --------------------------------------------------------------------------- project tables

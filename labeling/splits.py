@@ -91,8 +91,10 @@ def _byte_matrix(arr: pa.Array) -> tuple[np.ndarray, np.ndarray]:
 
 def author_hash(salt: str, author_key: pa.Array | pa.ChunkedArray) -> np.ndarray:
     """The 64-bit split hash of every row (uint64), see the module docstring."""
-    if isinstance(author_key, pa.ChunkedArray):
-        author_key = author_key.combine_chunks()
+    if isinstance(author_key, pa.ChunkedArray):  # chunk by chunk: each a view of its buffer, no copy
+        if author_key.num_chunks == 0:
+            return np.empty(0, dtype=np.uint64)
+        return np.concatenate([author_hash(salt, chunk) for chunk in author_key.chunks])
     matrix, lengths = _byte_matrix(author_key)
     words = matrix.view("<u8")
     n_words = (lengths + 7) // 8

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -260,3 +261,30 @@ def test_labels_built_in_slices_equal_the_whole_table():
     assert pa.concat_tables(pieces).equals(run.table())
     ids = pa.concat_tables(pieces).column("post_id").to_pylist()
     assert ids == sorted(ids)  # the candidates' order, slice after slice
+
+
+def test_duplicate_images_of_sha256_digests_across_chunks_match_a_plain_reference():
+    import hashlib
+
+    from labeling.eligibility import _digest_keys, duplicate_images
+
+    rng = np.random.default_rng(5)
+    digests = [hashlib.sha256(str(i).encode()).hexdigest() for i in range(40)]
+    # Repeats, a shared 16-character prefix (same key, different images), nulls.
+    digests.append(digests[0][:16] + digests[1][16:])
+    shas = [digests[int(rng.integers(0, len(digests)))] if rng.random() > 0.1 else None for _ in range(300)]
+    ids = [f"{int(rng.integers(0, 10**6)):06d}-{i}" for i in range(300)]
+    rows = [{"post_id": pid, "image_sha256": sha} for pid, sha in zip(ids, shas, strict=True)]
+    table = cands(rows)
+    chunked = pa.Table.from_batches(table.to_batches(max_chunksize=70))  # the buffers of several chunks
+    alive = rng.random(300) > 0.2
+    best: dict[str, str] = {}
+    for pid, sha, ok in zip(ids, shas, alive, strict=True):
+        if ok and sha:
+            best[sha] = min(best.get(sha, pid), pid)
+    want = [bool(ok and sha and best[sha] != pid) for pid, sha, ok in zip(ids, shas, alive, strict=True)]
+    assert sum(want) > 10
+    filled = np.flatnonzero(np.asarray(pc.is_valid(chunked.column("image_sha256"))))
+    assert _digest_keys(chunked.column("image_sha256"), filled) is not None  # the in-place path is the one tested
+    assert duplicate_images(chunked, alive).tolist() == want
+    assert duplicate_images(table, alive).tolist() == want
