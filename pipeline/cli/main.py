@@ -26,6 +26,7 @@ COMMAND_MODULES = [
     "pipeline.cli.retrain_cmd",
     "pipeline.cli.label_cmd",
     "pipeline.cli.forget_cmd",
+    "pipeline.cli.score_cmd",
 ]
 
 

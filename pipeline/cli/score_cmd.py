@@ -1,0 +1,80 @@
+"""``likerank score`` and ``likerank model export``: put a trained model to work."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from pipeline.core.config import Config
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("score", help="score face photos (files or URLs) with a trained model: one JSON line each",
+                       description="Finds each photo's largest face, crops it as training did and prints one JSON "
+                                   "line per input: prob (of label 1, the upper half of its group), the face box, "
+                                   "the model run id and the detector id. A file that cannot be read or a photo "
+                                   "without a face is a line with a status and an error; the exit code is 1 if "
+                                   "any input failed, else 0.")
+    p.add_argument("inputs", nargs="+", metavar="PATH_OR_URL", help="image files or http(s) URLs")
+    p.add_argument("--model", metavar="RUN_ID", help="a registered model run (default: the latest, models/latest.json)")
+    p.add_argument("--onnx", metavar="FILE", help="an exported model (likerank model export) on onnxruntime, no torch")
+    p.add_argument("--batch-size", type=int, default=32, metavar="N", help="faces scored per batch (default 32)")
+    p.add_argument("--output", metavar="FILE.parquet", help="also write the rows as a Parquet table")
+    p.set_defaults(handler=run_score)
+
+    m = sub.add_parser("model", help="manage trained models (export)")
+    msub = m.add_subparsers(dest="model_command", metavar="ACTION")
+    msub.required = True
+    e = msub.add_parser("export", help="write a registered model as ONNX, with its input size and normalisation")
+    e.add_argument("--format", choices=["onnx"], default="onnx", help="the format (onnx)")
+    e.add_argument("--model", metavar="RUN_ID", help="the model run (default: the latest)")
+    e.add_argument("--output", metavar="FILE.onnx", help="where (default: ./models/<run>.onnx)")
+    e.set_defaults(handler=run_export)
+
+
+def run_score(args: argparse.Namespace, cfg: Config) -> int:
+    from pipeline.core.storage import open_storage
+    from scoring.model import ModelUnavailable, OnnxModel, load_registry_model
+    from scoring.score import score_inputs
+
+    if args.batch_size < 1:
+        print("likerank score: --batch-size must be >= 1", file=sys.stderr)
+        return 2
+    try:
+        model = OnnxModel(args.onnx) if args.onnx else load_registry_model(open_storage(cfg.storage), args.model)
+    except ModelUnavailable as exc:
+        print(f"likerank score: {exc}", file=sys.stderr)
+        return 2
+    rows = []
+    failed = 0
+    for row in score_inputs(cfg, args.inputs, model, batch_size=args.batch_size):
+        record = row.record()
+        rows.append(record)
+        failed += row.status != "ok"
+        print(json.dumps(record), flush=True)
+    if args.output:
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        pq.write_table(pa.Table.from_pylist(rows), args.output)
+        print(f"likerank score: {len(rows)} rows -> {args.output}", file=sys.stderr)
+    return 1 if failed else 0
+
+
+def run_export(args: argparse.Namespace, cfg: Config) -> int:
+    from pathlib import Path
+
+    from pipeline.core.storage import open_storage
+    from scoring.model import ModelUnavailable, export_onnx, load_registry_model, spec_path
+
+    try:
+        model = load_registry_model(open_storage(cfg.storage), args.model)
+    except ModelUnavailable as exc:
+        print(f"likerank model export: {exc}", file=sys.stderr)
+        return 2
+    out = Path(args.output or f"models/{model.spec.run_id}.onnx")
+    export_onnx(model, out)
+    print(f"likerank model export: {model.spec.run_id} -> {out} (input {model.spec.image_size} px, "
+          f"normalisation in {spec_path(out)})")
+    return 0

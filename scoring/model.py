@@ -1,0 +1,171 @@
+"""A trained model, ready to score face crops: from the model registry (torch) or an exported
+ONNX file (onnxruntime, the face stage's runtime, so a scoring fleet needs no torch).
+
+Both take the same input, built by :func:`crop_batch`: the largest face's square crop
+(``training.face_margin`` around the box, as in training), resized to ``training.image_size``
+with bilinear filtering, scaled to 0..1 and normalized with ImageNet's mean and std, NCHW
+float32. Both return the label logit and the penultimate-layer features per image.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from pipeline.core.storage import Storage
+from training.data import MEAN, STD, face_crop_box
+
+#: Outputs of the exported ONNX graph, in order.
+ONNX_OUTPUTS = ("label_logit", "features")
+
+
+class ModelUnavailable(RuntimeError):
+    """No model to score with: none trained yet, an unknown run id, or an unreadable file."""
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """What a model expects and where it came from (saved beside an exported file)."""
+
+    run_id: str
+    backbone: str
+    norm: str
+    score_head: bool
+    image_size: int  # square input, pixels
+    face_margin: float  # margin around the face box, as a fraction of its size
+    mean: tuple[float, float, float] = MEAN
+    std: tuple[float, float, float] = STD
+
+    @classmethod
+    def from_metrics(cls, metrics: dict[str, Any]) -> ModelSpec:
+        training = metrics.get("config", {}).get("training", {})
+        model = metrics.get("model", {})
+        return cls(run_id=metrics["run_id"], backbone=model.get("backbone", training.get("backbone", "resnet18")),
+                   norm=model.get("norm", "batch"), score_head=bool(training.get("score_head", True)),
+                   image_size=int(training.get("image_size", 224)), face_margin=float(training.get("face_margin", 0.6)))
+
+
+def crop_batch(rgbs: list[np.ndarray], boxes: list[np.ndarray], spec: ModelSpec) -> np.ndarray:
+    """The model input for each (RGB uint8 HxWx3 image, face box in its pixels): NCHW float32."""
+    from PIL import Image
+
+    size = spec.image_size
+    out = np.empty((len(rgbs), 3, size, size), dtype=np.float32)
+    mean = np.asarray(spec.mean, dtype=np.float32)[:, None, None]
+    std = np.asarray(spec.std, dtype=np.float32)[:, None, None]
+    for i, (rgb, box) in enumerate(zip(rgbs, boxes, strict=True)):
+        img = Image.fromarray(rgb)
+        img = img.crop(face_crop_box(np.asarray(box, dtype=np.float32), spec.face_margin, img.size))
+        img = img.resize((size, size), Image.Resampling.BILINEAR)
+        out[i] = (np.asarray(img, dtype=np.float32).transpose(2, 0, 1) / 255.0 - mean) / std
+    return out
+
+
+class TorchModel:
+    """A registry model on torch (CPU, or the first GPU when there is one)."""
+
+    def __init__(self, spec: ModelSpec, state_dict: dict[str, Any]):
+        import torch
+
+        from training.model import build_model
+
+        self.spec = spec
+        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        net, _ = build_model(spec.backbone, "none", score_head=spec.score_head, norm=spec.norm)
+        net.load_state_dict(state_dict)
+        self.net = net.eval().to(self.device)
+
+    def run(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(label logits, penultimate features) of an NCHW float32 batch."""
+        import torch
+
+        with torch.inference_mode():
+            x = torch.from_numpy(batch).to(self.device)
+            features = self.net.backbone(x)
+            logit = self.net.label_head(features).squeeze(1)
+        return logit.float().cpu().numpy(), features.float().cpu().numpy()
+
+
+class OnnxModel:
+    """An exported model on onnxruntime (``likerank model export --format onnx``)."""
+
+    def __init__(self, path: str | Path, providers: list[str] | None = None):
+        import onnxruntime
+
+        path = Path(path)
+        spec_file = spec_path(path)
+        if not path.is_file():
+            raise ModelUnavailable(f"ONNX model {path}: no such file")
+        if not spec_file.is_file():
+            raise ModelUnavailable(f"ONNX model {path}: {spec_file.name} (its input size and normalisation) is missing")
+        raw = json.loads(spec_file.read_text())
+        self.spec = ModelSpec(**{**raw, "mean": tuple(raw["mean"]), "std": tuple(raw["std"])})
+        try:
+            self.session = onnxruntime.InferenceSession(
+                str(path), providers=providers or onnxruntime.get_available_providers())
+        except Exception as exc:  # noqa: BLE001 - name the file and the reason
+            raise ModelUnavailable(f"ONNX model {path}: cannot load: {type(exc).__name__}: {exc}") from None
+        self.input_name = self.session.get_inputs()[0].name
+
+    def run(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        logit, features = self.session.run(list(ONNX_OUTPUTS), {self.input_name: batch})
+        return logit.astype(np.float32), features.astype(np.float32)
+
+
+def spec_path(onnx_path: Path) -> Path:
+    """The JSON beside an exported model: its input size, normalisation and run id."""
+    return onnx_path.with_suffix(".json")
+
+
+def load_registry_model(storage: Storage, run_id: str | None = None) -> TorchModel:
+    """The model of ``run_id``, or the latest registered one (``models/latest.json``)."""
+    from training import registry
+
+    if run_id is None:
+        latest = registry.latest_model(storage)
+        if not latest:
+            raise ModelUnavailable("no model yet: run `make run` or `make retrain` first, or pass --model RUN_ID")
+        run_id = latest["run_id"]
+    try:
+        metrics = registry.read_metrics(storage, run_id)
+    except registry.ModelNotFound as exc:
+        raise ModelUnavailable(str(exc)) from None
+    if metrics.get("status") != "complete":
+        raise ModelUnavailable(f"model run {run_id!r} is not complete (status {metrics.get('status')!r})")
+    checkpoint = registry.load_checkpoint(storage, run_id)
+    if checkpoint is None:
+        raise ModelUnavailable(f"model run {run_id!r}: its checkpoint is missing")
+    return TorchModel(ModelSpec.from_metrics(metrics), checkpoint["model"])
+
+
+def export_onnx(model: TorchModel, path: str | Path, opset: int = 17) -> Path:
+    """Write ``model`` as ONNX (dynamic batch axis; outputs :data:`ONNX_OUTPUTS`) and its
+    :class:`ModelSpec` beside it as JSON; return the model's path."""
+    import torch
+
+    class Exported(torch.nn.Module):
+        def __init__(self, net: torch.nn.Module):
+            super().__init__()
+            self.net = net
+
+        def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            features = self.net.backbone(x)
+            return self.net.label_head(features).squeeze(1), features
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    size = model.spec.image_size
+    wrapper = Exported(model.net.to("cpu")).eval()
+    tmp = path.with_name(f".tmp-{path.name}")
+    # The TorchScript-based exporter: the dynamo one needs onnxscript, a dependency for this alone.
+    torch.onnx.export(wrapper, (torch.zeros(1, 3, size, size),), str(tmp), dynamo=False, opset_version=opset,
+                      input_names=["image"], output_names=list(ONNX_OUTPUTS),
+                      dynamic_axes={"image": {0: "batch"}, "label_logit": {0: "batch"}, "features": {0: "batch"}})
+    spec_path(path).write_text(json.dumps(asdict(model.spec), indent=2) + "\n")
+    tmp.replace(path)
+    model.net.to(model.device)
+    return path

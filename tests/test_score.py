@@ -1,0 +1,153 @@
+"""``likerank score`` and ``likerank model export``: real face photos, a broken file, a photo
+without a face and a URL on loopback, through a registered model and its ONNX export."""
+
+from __future__ import annotations
+
+import http.server
+import json
+import os
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+from PIL import Image
+
+from pipeline.core import keys
+from pipeline.core.config import load_config
+from pipeline.core.storage import LocalStorage
+from pipeline.core.tables import put_json
+from scoring.model import OnnxModel, crop_batch, export_onnx, load_registry_model
+from scoring.score import score_inputs
+
+REPO = Path(__file__).resolve().parents[1]
+RUN = "score-test-run"
+
+
+def photo(package: str, relative: str) -> str:
+    import importlib.util
+
+    return str(Path(importlib.util.find_spec(package).origin).parent / relative)
+
+
+FACES = [photo("insightface", "data/images/t1.jpg"), photo("insightface", "data/images/Tom_Hanks_54745.png"),
+         photo("skimage", "data/astronaut.png")]
+NO_FACE = photo("skimage", "data/chelsea.png")
+
+
+@pytest.fixture(scope="module")
+def root(tmp_path_factory) -> Path:
+    """Storage with one registered model: a real ResNet-18 (seeded weights, 64-px input)."""
+    import torch
+
+    from training import registry
+    from training.model import build_model
+
+    root = tmp_path_factory.mktemp("score") / "data"
+    storage = LocalStorage(root)
+    cfg = load_config(env={}, overrides=[f"storage.root={root}", "training.image_size=64"])
+    torch.manual_seed(0)
+    net, info = build_model("resnet18", "none", score_head=True)
+    registry.save_checkpoint(storage, RUN, {"model": net.state_dict(), "epoch": 1})
+    put_json(storage, keys.model_metrics(RUN), {"run_id": RUN, "status": "complete", "model": info,
+                                                "config": cfg.to_dict(), "finished_at": "2026-12-01T00:00:00Z"})
+    registry.publish_model(storage, RUN)
+    return root
+
+
+@pytest.fixture(scope="module")
+def cfg(root):
+    return load_config(env={}, overrides=[f"storage.root={root}", "scrape.allow_hosts=127.0.0.1"])
+
+
+@pytest.fixture(scope="module")
+def model(root):
+    return load_registry_model(LocalStorage(root))
+
+
+@pytest.fixture(scope="module")
+def image_server():
+    """The astronaut photo and a truncated copy on a loopback HTTP server."""
+    data = Path(FACES[2]).read_bytes()
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):  # noqa: N802
+            body = {"/astronaut.png": data, "/truncated.png": data[: len(data) // 3]}.get(self.path)
+            self.send_response(200 if body else 404)
+            self.send_header("Content-Length", str(len(body or b"")))
+            self.end_headers()
+            self.wfile.write(body or b"")
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+
+
+def test_every_input_gets_a_row_with_a_status(cfg, model, image_server, tmp_path):
+    broken = tmp_path / "broken.jpg"
+    broken.write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
+    inputs = [*FACES, NO_FACE, str(broken), str(tmp_path / "missing.png"),
+              f"{image_server}/astronaut.png", f"{image_server}/truncated.png", f"{image_server}/gone.png"]
+    rows = [r.record() for r in score_inputs(cfg, inputs, model, batch_size=2)]
+    assert [r["input"] for r in rows] == inputs
+    assert [r["status"] for r in rows] == ["ok", "ok", "ok", "no_face", "decode_error", "unreadable", "ok",
+                                           "decode_error", "download_error"]
+    for r in rows:
+        assert r["model_run_id"] == RUN and len(r["detector_id"]) == 64
+        if r["status"] == "ok":
+            assert 0 < r["prob"] < 1 and r["error"] is None and r["face_score"] >= cfg.faces.min_score
+            x1, y1, x2, y2 = r["face_box"]
+            assert 0 <= x1 < x2 and 0 <= y1 < y2
+        else:
+            assert r["prob"] is None and r["input"].rsplit("/", 1)[-1] in r["error"]
+    assert rows[6]["prob"] == rows[2]["prob"]  # the same photo by URL and by path
+
+
+def test_batches_do_not_change_scores(cfg, model):
+    one = [r.prob for r in score_inputs(cfg, FACES, model, batch_size=1)]
+    many = [r.prob for r in score_inputs(cfg, FACES, model, batch_size=32)]
+    assert np.allclose(one, many, atol=1e-5) and len(set(one)) == 3
+
+
+def test_onnx_export_agrees_with_torch_on_real_photos(cfg, model, tmp_path):
+    path = export_onnx(model, tmp_path / "model.onnx")
+    onnx_model = OnnxModel(path)
+    assert onnx_model.spec == model.spec
+    torch_rows = list(score_inputs(cfg, FACES, model))
+    onnx_rows = list(score_inputs(cfg, FACES, onnx_model))
+    assert [r.face_box for r in onnx_rows] == [r.face_box for r in torch_rows]
+    assert np.allclose([r.prob for r in onnx_rows], [r.prob for r in torch_rows], atol=1e-4, rtol=0)
+    batch = crop_batch([np.asarray(Image.open(FACES[2]).convert("RGB"))],
+                       [np.array(torch_rows[2].face_box, dtype=np.float32)], model.spec)
+    (t_logit, t_feat), (o_logit, o_feat) = model.run(batch), onnx_model.run(batch)
+    assert np.allclose(t_logit, o_logit, atol=1e-4) and np.allclose(t_feat, o_feat, atol=1e-4)
+
+
+def _cli(*args: str, env_root: Path) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("LIKERANK_")}
+    env["LIKERANK_STORAGE__ROOT"] = str(env_root)
+    return subprocess.run([sys.executable, "-m", "pipeline.cli.main", "score", *args], env=env, cwd=REPO,
+                          capture_output=True, text=True, timeout=300)
+
+
+def test_cli_prints_json_lines_writes_parquet_and_exits_by_the_documented_code(root, tmp_path):
+    out = tmp_path / "scores.parquet"
+    good = _cli(*FACES[:2], "--output", str(out), env_root=root)
+    assert good.returncode == 0, good.stderr
+    lines = [json.loads(line) for line in good.stdout.splitlines()]
+    assert [line["status"] for line in lines] == ["ok", "ok"]
+    assert pq.read_table(out).column("prob").to_pylist() == [line["prob"] for line in lines]
+    bad = _cli(FACES[0], NO_FACE, env_root=root)
+    assert bad.returncode == 1 and [json.loads(x)["status"] for x in bad.stdout.splitlines()] == ["ok", "no_face"]
+
+
+def test_cli_without_a_model_says_what_to_do(tmp_path):
+    res = _cli(FACES[0], env_root=tmp_path / "empty")
+    assert res.returncode == 2 and "no model yet" in res.stderr and "make retrain" in res.stderr
