@@ -50,7 +50,18 @@ class ModelSpec:
 
 
 def crop_batch(rgbs: list[np.ndarray], boxes: list[np.ndarray], spec: ModelSpec) -> np.ndarray:
-    """The model input for each (RGB uint8 HxWx3 image, face box in its pixels): NCHW float32."""
+    """The model input for each (RGB uint8 HxWx3 image, face box in its pixels), cropped as in
+    training (a square of ``face_margin`` around the face): NCHW float32."""
+    squares = []
+    for rgb, box in zip(rgbs, boxes, strict=True):
+        squares.append(face_crop_box(np.asarray(box, dtype=np.float32), spec.face_margin, (rgb.shape[1], rgb.shape[0])))
+    return inputs_from_boxes(rgbs, squares, spec)
+
+
+def inputs_from_boxes(rgbs: list[np.ndarray], boxes: list[tuple[int, int, int, int]], spec: ModelSpec) -> np.ndarray:
+    """The model input for each (image, crop box (left, top, right, bottom) in its pixels): the
+    box cut out (outside the image: black, as in training), a box that is not square centred on
+    a black square (its shape kept), resized to ``image_size`` bilinearly, normalized: NCHW float32."""
     from PIL import Image
 
     size = spec.image_size
@@ -58,10 +69,15 @@ def crop_batch(rgbs: list[np.ndarray], boxes: list[np.ndarray], spec: ModelSpec)
     mean = np.asarray(spec.mean, dtype=np.float32)[:, None, None]
     std = np.asarray(spec.std, dtype=np.float32)[:, None, None]
     for i, (rgb, box) in enumerate(zip(rgbs, boxes, strict=True)):
-        img = Image.fromarray(rgb)
-        img = img.crop(face_crop_box(np.asarray(box, dtype=np.float32), spec.face_margin, img.size))
-        img = img.resize((size, size), Image.Resampling.BILINEAR)
-        out[i] = (np.asarray(img, dtype=np.float32).transpose(2, 0, 1) / 255.0 - mean) / std
+        left, top, right, bottom = (int(v) for v in box)
+        crop = Image.fromarray(rgb).crop((left, top, right, bottom))
+        side = max(crop.size)
+        if crop.size != (side, side):
+            square = Image.new("RGB", (side, side))
+            square.paste(crop, ((side - crop.size[0]) // 2, (side - crop.size[1]) // 2))
+            crop = square
+        crop = crop.resize((size, size), Image.Resampling.BILINEAR)
+        out[i] = (np.asarray(crop, dtype=np.float32).transpose(2, 0, 1) / 255.0 - mean) / std
     return out
 
 

@@ -42,6 +42,9 @@ class ScoreRow:
     face_score: float | None = None
     model_run_id: str = ""
     detector_id: str = ""
+    #: With ``best_crop``: ``{"original_prob", "best": {"box", "aspect", "prob"}, "candidates"}``,
+    #: boxes in the original image's pixels (see :mod:`scoring.best_crop`).
+    best_crop: dict[str, Any] | None = None
     # The face stage's fitted image (not a column): what the crop is taken from.
     rgb: np.ndarray | None = field(default=None, repr=False, compare=False)
     scale: tuple[float, float] = field(default=(1.0, 1.0), repr=False, compare=False)
@@ -52,7 +55,7 @@ class ScoreRow:
         return out
 
 
-def _read(item: str, client: Any, cfg: Config) -> tuple[bytes | None, str, str]:
+def read_input(item: str, client: Any, cfg: Config) -> tuple[bytes | None, str, str]:
     """(bytes, status, error) of a path or URL."""
     if item.startswith(("http://", "https://")):
         res = client.fetch(item, max_bytes=cfg.scrape.max_bytes, total_timeout_s=cfg.scrape.total_timeout_s)
@@ -89,9 +92,31 @@ def find_face(item: str, data: bytes, detector: Any, cfg: Config, row: ScoreRow)
     return row
 
 
+def score_rows(rows: list[ScoreRow], model: TorchModel | OnnxModel, *, best_crop: bool = False) -> None:
+    """Score the rows whose face was found (:func:`find_face`), in one batch, in place."""
+    from scoring.best_crop import best_crop as search
+
+    ready = [r for r in rows if r.status == "ok" and r.rgb is not None]
+    if ready:
+        boxes = [np.asarray(r.face_box, dtype=np.float32) * np.array([*r.scale, *r.scale], dtype=np.float32)
+                 for r in ready]
+        logits, _ = model.run(crop_batch([r.rgb for r in ready], boxes, model.spec))
+        for r, logit, box in zip(ready, logits, boxes, strict=True):
+            r.prob = round(float(1.0 / (1.0 + np.exp(-float(logit)))), 6)
+            if best_crop:
+                r.best_crop = search(model, r.rgb, box)
+                if r.best_crop["best"]:  # back to the original image's pixels
+                    sx, sy = r.scale
+                    b = r.best_crop["best"]["box"]
+                    r.best_crop["best"]["box"] = [round(b[0] / sx), round(b[1] / sy), round(b[2] / sx), round(b[3] / sy)]
+    for r in rows:
+        r.rgb = None
+
+
 def score_inputs(cfg: Config, inputs: Iterable[str], model: TorchModel | OnnxModel, *,
-                 batch_size: int = 32, detector: Any = None) -> Iterator[ScoreRow]:
-    """One :class:`ScoreRow` per input, in order (see the module docstring)."""
+                 batch_size: int = 32, detector: Any = None, best_crop: bool = False) -> Iterator[ScoreRow]:
+    """One :class:`ScoreRow` per input, in order (see the module docstring). ``best_crop`` also
+    searches the crop of each photo the model likes best (:mod:`scoring.best_crop`)."""
     from pipeline.faces.detector import FaceDetector
     from pipeline.scrape.http import HttpClient
 
@@ -99,22 +124,14 @@ def score_inputs(cfg: Config, inputs: Iterable[str], model: TorchModel | OnnxMod
     pending: list[ScoreRow] = []
 
     def flush() -> Iterator[ScoreRow]:
-        ready = [r for r in pending if r.status == "ok"]
-        if ready:
-            boxes = [np.asarray(r.face_box, dtype=np.float32) * np.array([*r.scale, *r.scale], dtype=np.float32)
-                     for r in ready]
-            logits, _ = model.run(crop_batch([r.rgb for r in ready], boxes, model.spec))
-            for r, logit in zip(ready, logits, strict=True):
-                r.prob = round(float(1.0 / (1.0 + np.exp(-float(logit)))), 6)
-        for r in pending:
-            r.rgb = None
-            yield r
+        score_rows(pending, model, best_crop=best_crop)
+        yield from pending
         pending.clear()
 
     with HttpClient(cfg.scrape) as client:
         for item in inputs:
             row = ScoreRow(input=item, status="ok", model_run_id=model.spec.run_id, detector_id=detector.detector_id)
-            data, row.status, error = _read(item, client, cfg)
+            data, row.status, error = read_input(item, client, cfg)
             row.error = error or None
             if data is not None:
                 find_face(item, data, detector, cfg, row)

@@ -3,12 +3,10 @@ without a face and a URL on loopback, through a registered model and its ONNX ex
 
 from __future__ import annotations
 
-import http.server
 import json
 import os
 import subprocess
 import sys
-import threading
 from pathlib import Path
 
 import numpy as np
@@ -16,46 +14,19 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from pipeline.core import keys
 from pipeline.core.config import load_config
 from pipeline.core.storage import LocalStorage
-from pipeline.core.tables import put_json
 from scoring.model import OnnxModel, crop_batch, export_onnx, load_registry_model
 from scoring.score import score_inputs
+from tests.fixtures.scoring import FACE_PHOTOS, MODEL_RUN, NO_FACE_PHOTO
 
 REPO = Path(__file__).resolve().parents[1]
-RUN = "score-test-run"
-
-
-def photo(package: str, relative: str) -> str:
-    import importlib.util
-
-    return str(Path(importlib.util.find_spec(package).origin).parent / relative)
-
-
-FACES = [photo("insightface", "data/images/t1.jpg"), photo("insightface", "data/images/Tom_Hanks_54745.png"),
-         photo("skimage", "data/astronaut.png")]
-NO_FACE = photo("skimage", "data/chelsea.png")
+FACES, NO_FACE, RUN = FACE_PHOTOS, NO_FACE_PHOTO, MODEL_RUN
 
 
 @pytest.fixture(scope="module")
-def root(tmp_path_factory) -> Path:
-    """Storage with one registered model: a real ResNet-18 (seeded weights, 64-px input)."""
-    import torch
-
-    from training import registry
-    from training.model import build_model
-
-    root = tmp_path_factory.mktemp("score") / "data"
-    storage = LocalStorage(root)
-    cfg = load_config(env={}, overrides=[f"storage.root={root}", "training.image_size=64"])
-    torch.manual_seed(0)
-    net, info = build_model("resnet18", "none", score_head=True)
-    registry.save_checkpoint(storage, RUN, {"model": net.state_dict(), "epoch": 1})
-    put_json(storage, keys.model_metrics(RUN), {"run_id": RUN, "status": "complete", "model": info,
-                                                "config": cfg.to_dict(), "finished_at": "2026-12-01T00:00:00Z"})
-    registry.publish_model(storage, RUN)
-    return root
+def root(model_root):
+    return model_root
 
 
 @pytest.fixture(scope="module")
@@ -66,28 +37,6 @@ def cfg(root):
 @pytest.fixture(scope="module")
 def model(root):
     return load_registry_model(LocalStorage(root))
-
-
-@pytest.fixture(scope="module")
-def image_server():
-    """The astronaut photo and a truncated copy on a loopback HTTP server."""
-    data = Path(FACES[2]).read_bytes()
-
-    class Handler(http.server.BaseHTTPRequestHandler):
-        def do_GET(self):  # noqa: N802
-            body = {"/astronaut.png": data, "/truncated.png": data[: len(data) // 3]}.get(self.path)
-            self.send_response(200 if body else 404)
-            self.send_header("Content-Length", str(len(body or b"")))
-            self.end_headers()
-            self.wfile.write(body or b"")
-
-        def log_message(self, *args):
-            pass
-
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    yield f"http://127.0.0.1:{server.server_address[1]}"
-    server.shutdown()
 
 
 def test_every_input_gets_a_row_with_a_status(cfg, model, image_server, tmp_path):
@@ -151,3 +100,23 @@ def test_cli_prints_json_lines_writes_parquet_and_exits_by_the_documented_code(r
 def test_cli_without_a_model_says_what_to_do(tmp_path):
     res = _cli(FACES[0], env_root=tmp_path / "empty")
     assert res.returncode == 2 and "no model yet" in res.stderr and "make retrain" in res.stderr
+
+
+def test_best_crop_searches_crops_around_the_face_and_reports_the_best_beside_the_original(cfg, model):
+    from scoring.best_crop import candidate_boxes
+
+    rows = list(score_inputs(cfg, FACES, model, best_crop=True))
+    for r in rows:
+        found = r.best_crop
+        assert found["candidates"] >= 1 and abs(found["original_prob"] - r.prob) < 1e-5
+        best = found["best"]
+        assert best["prob"] >= 0 and best["aspect"] in ("1:1", "4:5")
+        left, top, right, bottom = best["box"]
+        x1, y1, x2, y2 = r.face_box
+        w, h = Image.open(r.input).size
+        assert 0 <= left <= x1 + 1 and 0 <= top <= y1 + 1 and x2 - 1 <= right <= w + 1 and y2 - 1 <= bottom <= h + 1
+    assert rows[2].best_crop["candidates"] > 20  # the astronaut: a small face in a large photo
+    boxes = candidate_boxes(np.array([100, 100, 150, 160]), 400, 500)
+    assert {a for _, a in boxes} == {"1:1", "4:5"} and all(b[2] <= 400 and b[3] <= 500 for b, _ in boxes)
+    four_five = [b for b, a in boxes if a == "4:5"]
+    assert all(abs((b[3] - b[1]) / (b[2] - b[0]) - 1.25) < 0.05 for b in four_five)

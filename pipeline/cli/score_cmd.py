@@ -21,7 +21,19 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--onnx", metavar="FILE", help="an exported model (likerank model export) on onnxruntime, no torch")
     p.add_argument("--batch-size", type=int, default=32, metavar="N", help="faces scored per batch (default 32)")
     p.add_argument("--output", metavar="FILE.parquet", help="also write the rows as a Parquet table")
+    p.add_argument("--best-crop", action="store_true",
+                   help="also search square and 4:5 crops around the face and report the best one beside the original")
     p.set_defaults(handler=run_score)
+
+    s = sub.add_parser("serve", help="serve the model over HTTP: POST /score, GET /healthz, and a page at /",
+                       description="Serves the latest registered model (or --model / --onnx) until Ctrl-C. "
+                                   "Binds 127.0.0.1 unless --host says otherwise; uploads are limited to "
+                                   "scrape.max_bytes and decoded under the face stage's guards.")
+    s.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
+    s.add_argument("--port", type=int, default=8000, help="port (default 8000)")
+    s.add_argument("--model", metavar="RUN_ID", help="a registered model run (default: the latest)")
+    s.add_argument("--onnx", metavar="FILE", help="an exported model on onnxruntime")
+    s.set_defaults(handler=run_serve)
 
     m = sub.add_parser("model", help="manage trained models (export)")
     msub = m.add_subparsers(dest="model_command", metavar="ACTION")
@@ -48,7 +60,7 @@ def run_score(args: argparse.Namespace, cfg: Config) -> int:
         return 2
     rows = []
     failed = 0
-    for row in score_inputs(cfg, args.inputs, model, batch_size=args.batch_size):
+    for row in score_inputs(cfg, args.inputs, model, batch_size=args.batch_size, best_crop=args.best_crop):
         record = row.record()
         rows.append(record)
         failed += row.status != "ok"
@@ -77,4 +89,35 @@ def run_export(args: argparse.Namespace, cfg: Config) -> int:
     export_onnx(model, out)
     print(f"likerank model export: {model.spec.run_id} -> {out} (input {model.spec.image_size} px, "
           f"normalisation in {spec_path(out)})")
+    return 0
+
+
+def run_serve(args: argparse.Namespace, cfg: Config) -> int:
+    import signal
+    import threading
+
+    from pipeline.core.storage import open_storage
+    from scoring.model import ModelUnavailable, OnnxModel, load_registry_model
+    from scoring.serve import ScoringService, serve
+
+    try:
+        model = OnnxModel(args.onnx) if args.onnx else load_registry_model(open_storage(cfg.storage), args.model)
+    except ModelUnavailable as exc:
+        print(f"likerank serve: {exc}", file=sys.stderr)
+        return 2
+    try:
+        server = serve(ScoringService(cfg, model), args.host, args.port)
+    except OSError as exc:
+        print(f"likerank serve: cannot listen on {args.host}:{args.port}: {exc.strerror or exc}", file=sys.stderr)
+        return 2
+    host, port = server.server_address[:2]
+    print(f"likerank serve: model {model.spec.run_id} on http://{host}:{port}/ (POST /score, GET /healthz); "
+          "Ctrl-C stops it", flush=True)
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    try:
+        stop.wait()
+    except KeyboardInterrupt:
+        pass
+    server.shutdown()
     return 0
