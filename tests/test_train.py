@@ -88,6 +88,7 @@ def test_two_process_run_trains_writes_metrics_and_publishes(world):
     assert m["config"]["training"]["image_size"] == 32
     storage = world["storage"]
     assert storage.exists(m["checkpoint_key"]) and storage.exists("models/bn2/config.toml")
+    assert "## Metrics" in storage.get_text(keys.model_card("bn2"))
     import io
 
     import pyarrow.parquet as pq

@@ -55,6 +55,7 @@ from training import metrics as M
 from training import registry
 from training.data import LabeledImages, check_validated, load_examples, resolve_labels_run
 from training.model import NORMS, build_model
+from training.model_card import write_model_card
 
 log = logging.getLogger("training.train")
 
@@ -383,6 +384,7 @@ def main(argv: list[str] | None = None) -> int:
         }
         storage.put_bytes(keys.model_predictions(run_id), predictions_parquet(examples, preds))
         put_json(storage, keys.model_metrics(run_id), result)
+        write_model_card(storage, run_id, result, cfg)
         storage.put_text(keys.model_config(run_id), cfg.to_toml())
         registry.publish_model(storage, run_id)
         log.info("run %s complete: val %s | test %s -> %s", run_id,

@@ -93,6 +93,11 @@ def model_config(run_id: str) -> str:
     return f"{model_run(run_id)}/config.toml"
 
 
+def model_card(run_id: str) -> str:
+    """What the model was trained on, its metrics, intended use, biases and licenses (Markdown)."""
+    return f"{model_run(run_id)}/MODEL_CARD.md"
+
+
 # ---------------------------------------------------------------- images, faces, scrape
 
 
