@@ -4,8 +4,10 @@ Likes are still climbing for weeks after a post appears, so the labeling rule on
 observed at ``labeling.min_age_days`` or later. A post scraped young has no such snapshot;
 ``refresh_engagement(cfg, logical_date)`` finds every post (all ``posts`` partitions) whose
 newest ``engagement`` snapshot is younger than ``min_age_days`` while the post itself is now
-at least that old, re-reads it (``GET /api/v1/statuses/:id``, through the same rate-limited,
-retrying client as the scrape) and writes one snapshot per re-read post.
+at least that old, re-reads it through its platform's source (Mastodon: ``GET
+/api/v1/statuses/:id``; Bluesky: ``getPosts`` by the at:// URIs the scrape kept in the crawl
+state, :mod:`pipeline.core.post_refs`), with the same rate-limited, retrying client as the
+scrape, and writes one snapshot per re-read post.
 
 Where the snapshots go: partition ``engagement/dt=<date>-refresh/`` — a partition of its own,
 so the refresh and the same day's scrape never rewrite one file at the same time. Like the
@@ -13,8 +15,8 @@ scrape, it is merged (key ``instance, post_id``, newest wins) in batches of :dat
 so a rerun of the same date, or one resumed after a crash, re-reads only posts still lacking
 an old-enough snapshot and duplicates nothing.
 
-"Now" is each instance's clock, read from the ``Date`` header of ``GET /api/v1/instance``
-(the simulator's world clock; a real instance's wall clock). A deleted status (404/410) is
+"Now" is each service's clock, the ``Date`` header of one request (:meth:`Source.server_now`:
+the simulator's world clock; a real service's wall clock). A deleted status (404/410) is
 forgotten (:func:`pipeline.core.forget.forget`: every row, its images, a tombstone), and so
 is every post of an author found opted out since (``discoverable``/``indexable`` false,
 ``noindex``); other failures are counted with their first error; the run fails only when an
