@@ -1,11 +1,14 @@
 """`likerank report`: the static HTML report renders every section, or says why a piece is missing.
 
 The world comes from tests/fixtures/report.py (every table, a labels run, its validation and a
-model). The last test opens the page in headless Chromium (skipped where none is installed).
+model with seeded random weights, which the map and best-crops sections run). The last test
+opens the page in headless Chromium (skipped where none is installed).
 """
 
 from __future__ import annotations
 
+import io
+import re
 import shutil
 import subprocess
 from html.parser import HTMLParser
@@ -18,7 +21,7 @@ from pipeline.core.storage import LocalStorage, Storage
 from pipeline.report.build import build_report
 from pipeline.report.charts import roc_points
 from pipeline.report.sections import SECTION_IDS
-from tests.fixtures.report import REPORT_MODEL, REPORT_RUN, make_report_dataset
+from tests.fixtures.report import FACE_BOX, REPORT_MODEL, REPORT_RUN, make_report_dataset
 
 
 class _Page(HTMLParser):
@@ -58,7 +61,7 @@ def test_full_world_renders_every_section(cfg, report_world: LocalStorage):
                 "roc", "calibration", "continuum", "top", "bottom"):
         assert sub in page.ids, sub
     for name in ("funnel.png", "distributions.png", "likes_vs_followers.png", "label_balance.png",
-                 "roc.png", "calibration.png", "history.png"):
+                 "roc.png", "calibration.png", "history.png", "map_label.png", "map_prob.png", "best_crops.png"):
         assert name in page.imgs and (index.parent / name).stat().st_size > 2000, name
     thumbs = [s for s in page.imgs if s.startswith("thumbs/")]
     assert len(thumbs) >= 14 and all((index.parent / s).is_file() for s in page.imgs)
@@ -104,7 +107,7 @@ def test_empty_storage_renders_without_crashing(cfg, local_storage: LocalStorage
 
 @pytest.mark.parametrize("predictions", ["file", None])
 def test_predictions_from_a_file_or_none(cfg, local_storage: LocalStorage, predictions):
-    make_report_dataset(local_storage, predictions=predictions)
+    make_report_dataset(local_storage, predictions=predictions, checkpoint=False)
     index = build_report(cfg, local_storage)
     page, html = _page(index)
     assert page.sections["model"] == "ok" and "metrics-table" in page.ids
@@ -117,7 +120,7 @@ def test_predictions_from_a_file_or_none(cfg, local_storage: LocalStorage, predi
 
 
 def test_unbalanced_group_is_flagged(cfg, local_storage: LocalStorage):
-    make_report_dataset(local_storage, unbalanced=True)
+    make_report_dataset(local_storage, unbalanced=True, checkpoint=False)
     _, html = _page(build_report(cfg, local_storage))
     assert "1 group(s) are not 50 % positive" in html
 
@@ -126,6 +129,97 @@ def test_named_runs_that_do_not_exist(cfg, report_world: Storage, tmp_path: Path
     page, html = _page(build_report(cfg, report_world, labels_run="nope", model_run="nope", out=tmp_path / "r"))
     assert page.sections["model"] == "na" and "model run &#39;nope&#39;" in html
     assert page.sections["contact-sheets"] == "na" and "labels run &#39;nope&#39; has no partition" in html
+
+
+def _section(html: str, sid: str) -> str:
+    """The HTML of one section."""
+    return html.split(f'<section id="{sid}"', 1)[1].split("</section>", 1)[0]
+
+
+def _probability_of(storage: LocalStorage, post_id: str) -> float:
+    """The model's probability for a post's training-style face crop, computed here directly."""
+    import pyarrow.compute as pc
+    from PIL import Image
+
+    from pipeline.core.storage import ImageStore
+    from pipeline.core.tables import read_table
+    from scoring.model import crop_batch, load_registry_model
+
+    sha = read_table(storage, "labels", [REPORT_RUN], filter=pc.field("post_id") == post_id)["image_sha256"][0].as_py()
+    rgb = np.asarray(Image.open(io.BytesIO(ImageStore(storage).get(sha))).convert("RGB"))
+    model = load_registry_model(storage, REPORT_MODEL)
+    logit, _ = model.run(crop_batch([rgb], [np.array(FACE_BOX, dtype=np.float32)], model.spec))
+    return float(1 / (1 + np.exp(-logit[0])))
+
+
+def test_map_places_the_test_photos_by_the_models_features(cfg, report_world: LocalStorage):
+    from PIL import Image
+
+    from pipeline.report.charts import MAP_PX
+
+    index = build_report(cfg, report_world)
+    page, html = _page(index)
+    assert page.sections["map"] == "ok"
+    tests = 14  # authors a00, a03, a06, a09 (split by author), every photo with a face box
+    assert f"{tests} test photos placed by model run <code>{REPORT_MODEL}</code>" in html
+    for name in ("map_label.png", "map_prob.png"):
+        with Image.open(index.parent / name) as im:
+            assert im.size == (MAP_PX, MAP_PX)
+            # thumbnails drawn: far more colours than a blank canvas with a legend
+            assert len(im.convert("RGB").getcolors(MAP_PX * MAP_PX)) > 500
+        assert name in page.imgs and name in page.links  # shown scaled down, linked full size
+    assert "perplexity 4.3333" in _section(html, "map")  # min(30, (14 - 1) / 3)
+
+
+def test_best_crops_pair_each_photos_original_with_its_best_crop(cfg, report_world: LocalStorage):
+    index = build_report(cfg, report_world)
+    page, html = _page(index)
+    assert page.sections["best-crops"] == "ok" and "best-crops-table" in page.ids
+    assert "best_crops.png" in page.imgs and (index.parent / "best_crops.png").stat().st_size > 20_000
+    rows = re.findall(r"<tr><td>(p\d+)</td><td>([01])</td><td>([\d.]+)</td>\s*<td>([\d.]+)</td><td>([+-][\d.]+)</td>"
+                      r"<td>(1:1|4:5)</td>", _section(html, "best-crops"))
+    assert len(rows) == 6 and len({r[0] for r in rows}) == 6
+    for _, _, original, best, change, _ in rows:
+        assert 0 < float(original) < 1 and 0 < float(best) < 1
+        assert float(change) == pytest.approx(float(best) - float(original), abs=2e-4)
+    # the "original" is the crop training takes: the same probability as scoring it directly
+    assert float(rows[0][2]) == pytest.approx(_probability_of(report_world, rows[0][0]), abs=1e-4)
+
+
+@pytest.mark.parametrize(("checkpoint", "model", "why"), [
+    (False, False, "models/latest.json does not exist"),
+    (False, True, f"model run &#39;{REPORT_MODEL}&#39;: its checkpoint is missing"),
+])
+def test_map_and_best_crops_without_a_model_say_why(cfg, local_storage: LocalStorage, checkpoint, model, why):
+    make_report_dataset(local_storage, model=model, checkpoint=checkpoint)
+    index = build_report(cfg, local_storage)
+    page, html = _page(index)
+    for sid in ("map", "best-crops"):
+        assert page.sections[sid] == "na"
+        assert "not available: no model to run: " in _section(html, sid) and why in _section(html, sid)
+    assert not (index.parent / "map_label.png").exists() and not (index.parent / "best_crops.png").exists()
+
+
+def test_map_and_best_crops_without_test_rows_or_with_too_few_photos(cfg, local_storage: LocalStorage, monkeypatch):
+    import pyarrow as pa
+
+    from pipeline.core.schemas import TABLES
+    from pipeline.core.tables import read_table, write_partition
+    from pipeline.report import sections
+
+    make_report_dataset(local_storage)
+    monkeypatch.setattr(sections, "MAP_MAX", 4)  # four photos: too few for t-SNE
+    page, html = _page(build_report(cfg, local_storage))
+    assert page.sections["map"] == "na" and "t-SNE needs at least 5 photos; 4 test photo(s)" in html
+    assert page.sections["best-crops"] == "ok"
+
+    labels = read_table(local_storage, "labels", [REPORT_RUN]).select(TABLES["labels"].schema.names)
+    split = pa.array(["val" if s == "test" else s for s in labels["split"].to_pylist()], pa.string())
+    write_partition(local_storage, "labels", REPORT_RUN, labels.set_column(labels.schema.get_field_index("split"),
+                                                                           "split", split))
+    page, html = _page(build_report(cfg, local_storage))
+    for sid in ("map", "best-crops"):
+        assert page.sections[sid] == "na" and f"labels run &#39;{REPORT_RUN}&#39; has no test rows" in _section(html, sid)
 
 
 @pytest.mark.parametrize(("y", "p", "auc"), [

@@ -1,6 +1,7 @@
 """The HTML report: one static folder per labels run, readable offline.
 
 The package, one verb per module: :mod:`~pipeline.report.load` reads the inputs,
+:mod:`~pipeline.report.photos` runs the test photos through the model run,
 :mod:`~pipeline.report.sections` builds each section, :mod:`~pipeline.report.charts` draws,
 this module renders ``templates/report.html.j2``; :mod:`~pipeline.report.summary` is the
 one-screen text summary ``make run`` ends with.
@@ -26,6 +27,15 @@ id                     what it shows, and what it reads
                        table; a ROC curve and a calibration plot from the run's per-post
                        test predictions (``models/<run>/predictions.parquet``, the
                        ``predictions`` schema)
+``map``                the test photos (at most ``MAP_MAX``, spread along post_id order) placed
+                       by the model's penultimate-layer features, reduced to 2-D with t-SNE:
+                       face thumbnails bordered by label (``map_label.png``) and by predicted
+                       probability (``map_prob.png``), each 2400 px square, shown scaled down
+                       and linked full size; needs the run's checkpoint
+                       (``models/<run>/checkpoint.pt``) and >= 5 readable test photos
+``best-crops``         up to 6 test photos: the training-style face crop beside the crop the
+                       model scores highest (``scoring.best_crop``), with both probabilities
+                       (``best_crops.png`` and a table)
 ``contact-sheets``     the test split's photos ordered best to worst (by predicted
                        probability, else by label score): a continuum, the top and bottom N
 =====================  =====================================================================

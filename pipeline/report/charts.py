@@ -157,3 +157,127 @@ class Thumbnailer:
         name = f"thumbs/{sha[:20]}.jpg"
         thumb.save(self.ctx.out / name, "JPEG", quality=THUMB_QUALITY, optimize=True)
         return name
+
+#: The map's full-size picture: side (pixels; the page shows it scaled down and links to it),
+#: thumbnail side, coloured border width, and the strip above the map for title and legend.
+MAP_PX = 2400
+
+MAP_THUMB_PX = 40
+
+MAP_BORDER_PX = 3
+
+MAP_HEADER_PX = 150
+
+#: Colormap of the predicted probability (perceptually uniform, readable by the colour-blind).
+MAP_CMAP = "viridis"
+
+#: Height (pixels) each crop is drawn at in the best-crops picture.
+CROP_PX = 240
+
+
+def _rgb(color: str) -> tuple[int, int, int]:
+    h = color.lstrip("#")
+    return int(h[0:2], 16), int(h[2:4], 16), int(h[4:6], 16)
+
+def _font(size: int):
+    from PIL import ImageFont
+
+    return ImageFont.load_default(size=size)
+
+def _map_canvas(xy: np.ndarray, thumbs: list[Any], borders: list[tuple[int, int, int]], title: str):
+    """A ``MAP_PX`` square white picture with each thumbnail, in its border colour, at its 2-D
+    point; one scale for both axes, so distances look as t-SNE made them."""
+    from PIL import Image, ImageDraw
+
+    canvas = Image.new("RGB", (MAP_PX, MAP_PX), "white")
+    draw = ImageDraw.Draw(canvas)
+    pad, cell = 12, MAP_THUMB_PX + 2 * MAP_BORDER_PX
+    room = np.array([MAP_PX - 2 * pad - cell, MAP_PX - MAP_HEADER_PX - 2 * pad - cell], dtype=float)
+    lo, span = xy.min(axis=0), np.ptp(xy, axis=0)
+    scale = float(np.min(room / np.where(span > 0, span, 1.0)))
+    offset = (room - span * scale) / 2 + np.array([pad, MAP_HEADER_PX + pad])
+    for (x, y), thumb, color in zip(xy, thumbs, borders, strict=True):
+        left = int(offset[0] + (x - lo[0]) * scale)
+        top = int(offset[1] + (lo[1] + span[1] - y) * scale)  # t-SNE's y points up, pixels' down
+        draw.rectangle((left, top, left + cell - 1, top + cell - 1), fill=color)
+        canvas.paste(thumb, (left + MAP_BORDER_PX, top + MAP_BORDER_PX))
+    draw.line((0, MAP_HEADER_PX - 1, MAP_PX, MAP_HEADER_PX - 1), fill=(200, 200, 200), width=2)
+    draw.text((pad, 14), title, fill=(29, 35, 42), font=_font(44))
+    return canvas, draw
+
+def _save_picture(ctx: ReportContext, canvas: Any, name: str) -> str:
+    canvas.save(ctx.out / name, "PNG")
+    ctx.charts.append(name)
+    return name
+
+def map_pictures(ctx: ReportContext, xy: np.ndarray, thumbs: list[Any], labels: list[int],
+                 probs: list[float]) -> dict[str, Any]:
+    """The map twice: borders by label, and by predicted probability (with a colour bar)."""
+    from matplotlib import colormaps
+
+    neg, pos = _rgb(COLORS["neg"]), _rgb(COLORS["pos"])
+    n_pos = int(sum(labels))
+    canvas, draw = _map_canvas(xy, thumbs, [pos if y else neg for y in labels],
+                               f"{len(labels):,} test photos placed by the model's features (t-SNE); border: label")
+    x = 12
+    for color, text in ((neg, f"label 0 (n={len(labels) - n_pos:,})"), (pos, f"label 1 (n={n_pos:,})")):
+        draw.rectangle((x, 80, x + 40, 120), fill=color)
+        draw.text((x + 54, 78), text, fill=(29, 35, 42), font=_font(36))
+        x += 460
+    by_label = _save_picture(ctx, canvas, "map_label.png")
+
+    cmap = colormaps[MAP_CMAP]
+    lo, hi = float(min(probs)), float(max(probs))
+
+    def color(p: float) -> tuple[int, int, int]:
+        r, g, b, _ = cmap((p - lo) / (hi - lo) if hi > lo else 0.5)  # spread over the range seen
+        return int(r * 255), int(g * 255), int(b * 255)
+
+    canvas, draw = _map_canvas(xy, thumbs, [color(p) for p in probs],
+                               f"{len(probs):,} test photos placed by the model's features (t-SNE); "
+                               "border: predicted probability of label 1")
+    bar_left, bar_width = 520, 1000
+    draw.text((12, 78), "predicted probability:", fill=(29, 35, 42), font=_font(36))
+    for i in range(bar_width):
+        draw.line((bar_left + i, 80, bar_left + i, 110), fill=color(lo + (hi - lo) * i / (bar_width - 1)))
+    for frac in (0.0, 0.5, 1.0):
+        tick = bar_left + frac * (bar_width - 1)
+        draw.text((tick, 112), f"{lo + (hi - lo) * frac:.3f}", fill=(29, 35, 42), font=_font(28),
+                  anchor={0.0: "la", 0.5: "ma", 1.0: "ra"}[frac])
+    by_prob = _save_picture(ctx, canvas, "map_prob.png")
+    return {"label_chart": by_label, "prob_chart": by_prob, "px": MAP_PX, "prob_min": lo, "prob_max": hi}
+
+def best_crops_chart(ctx: ReportContext, pairs: list[dict[str, Any]]) -> str:
+    """Each photo's training-style crop beside the crop the model likes best, two pairs a row.
+
+    A pair is ``{"original", "best"}`` (PIL images; best None when no grid crop fits) and the
+    numbers of :func:`scoring.best_crop.best_crop` (``post_id``, ``label``, ``original_prob``,
+    ``best_prob``, ``aspect``).
+    """
+    from matplotlib.figure import Figure
+    from PIL import Image
+
+    def shown(img: Any) -> np.ndarray:
+        w, h = img.size
+        return np.asarray(img.resize((max(1, round(w * CROP_PX / h)), CROP_PX), Image.Resampling.LANCZOS))
+
+    per_row = 2 if len(pairs) > 1 else 1
+    rows = -(-len(pairs) // per_row)
+    fig = Figure(figsize=(2 * per_row * CROP_PX / 100 * 1.05, rows * CROP_PX / 100 * 1.35), layout="constrained")
+    axes = fig.subplots(rows, 2 * per_row, squeeze=False)
+    for ax in axes.flat:
+        ax.axis("off")
+    for k, pair in enumerate(pairs):
+        r, c = divmod(k, per_row)
+        before, after = axes[r][2 * c], axes[r][2 * c + 1]
+        before.imshow(shown(pair["original"]))
+        before.set_title(f"post {pair['post_id']} · label {pair['label']}\noriginal · p {pair['original_prob']:.3f}",
+                         fontsize=9)
+        if pair["best"] is None:
+            after.text(0.5, 0.5, "no grid crop fits\nin the photo", ha="center", va="center", fontsize=9)
+            continue
+        gain = pair["best_prob"] - pair["original_prob"]
+        after.imshow(shown(pair["best"]))
+        after.set_title(f"\nbest {pair['aspect']} · p {pair['best_prob']:.3f} ({gain:+.3f})", fontsize=9,
+                        color=COLORS["pos"] if gain > 0 else "#1d232a")
+    return save_chart(ctx, fig, "best_crops.png")

@@ -1,5 +1,6 @@
 """The report's inputs: the chosen labels and model runs, their predictions, validation
-results and metrics, read once into a :class:`ReportContext` that every section reads."""
+results and metrics, read once into a :class:`ReportContext` that every section reads; the
+model run itself is loaded on first use (:meth:`ReportContext.need_model`)."""
 
 from __future__ import annotations
 
@@ -50,6 +51,8 @@ class ReportContext:
     predictions_why: str = ""
     charts: list[str] = field(default_factory=list)
     _con: Any = None
+    _model: Any = None  # scoring.model.TorchModel, loaded once by need_model()
+    _model_unavailable: str = ""  # why need_model() could not load it
 
     def con(self):
         if self._con is None:
@@ -60,6 +63,23 @@ class ReportContext:
 
     def sql(self, query: str) -> pd.DataFrame:
         return self.con().sql(query).df()
+
+    def need_model(self) -> Any:
+        """The model run's network (:class:`scoring.model.TorchModel`), loaded once for every
+        section that runs it; raises :class:`NotAvailable` when there is none to load."""
+        if self._model is None and not self._model_unavailable:
+            if self.model_run is None:
+                self._model_unavailable = self.model_why
+            else:
+                from scoring.model import ModelUnavailable, load_registry_model
+
+                try:
+                    self._model = load_registry_model(self.storage, self.model_run)
+                except ModelUnavailable as exc:
+                    self._model_unavailable = str(exc)
+        if self._model is None:
+            raise NotAvailable(f"no model to run: {self._model_unavailable}")
+        return self._model
 
     def need_labels(self) -> pd.DataFrame:
         if self.labels is None:

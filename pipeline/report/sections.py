@@ -16,11 +16,14 @@ from pipeline.core.storage import StorageError
 from pipeline.core.tables import get_json
 from pipeline.report.charts import (
     COLORS,
+    MAP_THUMB_PX,
     THUMB_PX,
     Thumbnailer,
+    best_crops_chart,
     calibration_chart,
     funnel_chart,
     history_chart,
+    map_pictures,
     roc_chart,
     save_chart,
 )
@@ -33,6 +36,13 @@ from pipeline.report.load import (
     metrics_table,
     validation_results,
 )
+from pipeline.report.photos import (
+    labeled_test_examples,
+    score_photos,
+    search_best_crops,
+    tsne_2d,
+    with_face,
+)
 
 #: Tiles in the best-to-worst continuum (sampled evenly along the order) and in each top/bottom grid.
 CONTINUUM_N = 160
@@ -43,6 +53,16 @@ EDGE_N = 24
 MAX_POINTS = 20_000
 
 MAX_GROUP_LINES = 40
+
+#: Test photos placed on the map (spread evenly along post_id order beyond this): t-SNE and
+#: the model's forward pass stay within about a minute on two CPU cores.
+MAP_MAX = 600
+
+#: Fewest points t-SNE is run on (fewer make no picture worth reading).
+TSNE_MIN = 5
+
+#: Test photos whose best crop is searched (each is one batch of ~60 crops through the model).
+BEST_CROPS_N = 6
 
 
 def funnel_section(ctx: ReportContext) -> dict[str, Any]:
@@ -290,6 +310,37 @@ def contact_sheets_section(ctx: ReportContext) -> dict[str, Any]:
             "top": tiles(range(n_edge)), "bottom": tiles(range(len(rows) - n_edge, len(rows))),
             "missing": thumbs.missing, "thumb_px": THUMB_PX}
 
+
+def map_section(ctx: ReportContext) -> dict[str, Any]:
+    test = labeled_test_examples(ctx)
+    model = ctx.need_model()
+    idx = with_face(test, MAP_MAX)
+    if not len(idx):
+        raise NotAvailable(f"none of the {len(test):,} test photos has a face box in faces/")
+    scored = score_photos(ctx, model, test, idx, MAP_THUMB_PX)
+    if len(scored.prob) < TSNE_MIN:
+        raise NotAvailable(f"t-SNE needs at least {TSNE_MIN} photos; {len(scored.prob)} test photo(s) "
+                           f"could be read and cropped ({scored.unreadable} unreadable)")
+    xy, perplexity = tsne_2d(np.stack(scored.features))
+    return {"n": len(scored.prob), "test_rows": len(test), "with_face": int(np.isfinite(test.box).all(axis=1).sum()),
+            "sampled": len(idx), "unreadable": scored.unreadable, "perplexity": perplexity,
+            "run": model.spec.run_id, "features": int(scored.features[0].shape[0]), "map_max": MAP_MAX,
+            **map_pictures(ctx, xy, scored.thumbs, scored.label, scored.prob)}
+
+
+def best_crops_section(ctx: ReportContext) -> dict[str, Any]:
+    test = labeled_test_examples(ctx)
+    model = ctx.need_model()
+    idx = with_face(test, BEST_CROPS_N)
+    if not len(idx):
+        raise NotAvailable(f"none of the {len(test):,} test photos has a face box in faces/")
+    pairs, unreadable = search_best_crops(ctx, model, test, idx)
+    if not pairs:
+        raise NotAvailable(f"none of the {len(idx)} chosen test photos could be read")
+    rows = [{k: v for k, v in p.items() if k not in ("original", "best")} for p in pairs]
+    return {"chart": best_crops_chart(ctx, pairs), "pairs": rows, "tried": len(idx), "unreadable": unreadable,
+            "run": model.spec.run_id}
+
 #: The page's sections, in order: element id, heading, builder.
 SECTIONS: list[tuple[str, str, Callable[[ReportContext], dict[str, Any]]]] = [
     ("funnel", "Funnel", funnel_section),
@@ -298,6 +349,8 @@ SECTIONS: list[tuple[str, str, Callable[[ReportContext], dict[str, Any]]]] = [
     ("label-balance", "Label balance per group", balance_section),
     ("validation", "Validation", validation_section),
     ("model", "Model", model_section),
+    ("map", "Map", map_section),
+    ("best-crops", "Best crops", best_crops_section),
     ("contact-sheets", "Contact sheets", contact_sheets_section),
 ]
 
