@@ -57,6 +57,14 @@ def load(name: str, cdn: str = CDN) -> dict:
 # ------------------------------------------------------------------ loopback servers
 
 
+class _QuietServer(ThreadingHTTPServer):
+    def handle_error(self, request, client_address):
+        import sys
+
+        if not isinstance(sys.exc_info()[1], ConnectionResetError):  # a client that gave up: expected here
+            super().handle_error(request, client_address)
+
+
 class Server:
     """A threaded HTTP server on 127.0.0.1 that hands every request to ``handle``."""
 
@@ -72,7 +80,7 @@ class Server:
             def log_message(self, *args):
                 pass
 
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), H)
+        self.httpd = _QuietServer(("127.0.0.1", 0), H)
         self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
         threading.Thread(target=self.httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
 
