@@ -22,7 +22,7 @@ from typing import Any
 
 import numpy as np
 
-from scoring.model import OnnxModel, TorchModel, crop_batch, inputs_from_boxes
+from scoring.model import OnnxModel, TorchModel, crop_batch, inputs_from_boxes, label_probability
 
 WIDTHS = (1.2, 1.6, 2.2, 3.0, 4.0)
 OFFSETS = (-0.3, 0.0, 0.3)
@@ -68,15 +68,11 @@ def best_crop(model: TorchModel | OnnxModel, rgb: np.ndarray, face_box: np.ndarr
     original crop's score: ``{"original_prob", "best": {"box", "aspect", "prob"}, "candidates"}``."""
     height, width = rgb.shape[:2]
     candidates = candidate_boxes(face_box, width, height)
-    original = _probs(model.run(crop_batch([rgb], [face_box], model.spec))[0])[0]
+    original = float(label_probability(model.run(crop_batch([rgb], [face_box], model.spec))[0])[0])
     if not candidates:
         return {"original_prob": round(original, 6), "best": None, "candidates": 0}
     batch = inputs_from_boxes([rgb] * len(candidates), [box for box, _ in candidates], model.spec)
-    probs = _probs(model.run(batch)[0])
+    probs = label_probability(model.run(batch)[0])
     i = int(np.argmax(probs))
     best = Crop(box=candidates[i][0], aspect=candidates[i][1], prob=float(probs[i]))
     return {"original_prob": round(original, 6), "best": best.as_dict(), "candidates": len(candidates)}
-
-
-def _probs(logits: np.ndarray) -> np.ndarray:
-    return 1.0 / (1.0 + np.exp(-logits.astype(np.float64)))

@@ -49,6 +49,11 @@ class ModelSpec:
                    image_size=int(training.get("image_size", 224)), face_margin=float(training.get("face_margin", 0.6)))
 
 
+def label_probability(logits: np.ndarray) -> np.ndarray:
+    """The probability of label 1 from label logits (the sigmoid), float64."""
+    return 1.0 / (1.0 + np.exp(-np.asarray(logits, dtype=np.float64)))
+
+
 def crop_batch(rgbs: list[np.ndarray], boxes: list[np.ndarray], spec: ModelSpec) -> np.ndarray:
     """The model input for each (RGB uint8 HxWx3 image, face box in its pixels), cropped as in
     training (a square of ``face_margin`` around the face): NCHW float32."""

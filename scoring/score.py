@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 
 from pipeline.core.config import Config
-from scoring.model import OnnxModel, TorchModel, crop_batch
+from scoring.model import OnnxModel, TorchModel, crop_batch, label_probability
 
 log = logging.getLogger(__name__)
 
@@ -102,7 +102,7 @@ def score_rows(rows: list[ScoreRow], model: TorchModel | OnnxModel, *, best_crop
                  for r in ready]
         logits, _ = model.run(crop_batch([r.rgb for r in ready], boxes, model.spec))
         for r, logit, box in zip(ready, logits, boxes, strict=True):
-            r.prob = round(float(1.0 / (1.0 + np.exp(-float(logit)))), 6)
+            r.prob = round(float(label_probability(logit)), 6)
             if best_crop:
                 r.best_crop = search(model, r.rgb, box)
                 if r.best_crop["best"]:  # back to the original image's pixels

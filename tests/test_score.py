@@ -25,18 +25,13 @@ FACES, NO_FACE, RUN = FACE_PHOTOS, NO_FACE_PHOTO, MODEL_RUN
 
 
 @pytest.fixture(scope="module")
-def root(model_root):
-    return model_root
+def cfg(model_root):
+    return load_config(env={}, overrides=[f"storage.root={model_root}", "scrape.allow_hosts=127.0.0.1"])
 
 
 @pytest.fixture(scope="module")
-def cfg(root):
-    return load_config(env={}, overrides=[f"storage.root={root}", "scrape.allow_hosts=127.0.0.1"])
-
-
-@pytest.fixture(scope="module")
-def model(root):
-    return load_registry_model(LocalStorage(root))
+def model(model_root):
+    return load_registry_model(LocalStorage(model_root))
 
 
 def test_every_input_gets_a_row_with_a_status(cfg, model, image_server, tmp_path):
@@ -86,14 +81,14 @@ def _cli(*args: str, env_root: Path) -> subprocess.CompletedProcess:
                           capture_output=True, text=True, timeout=300)
 
 
-def test_cli_prints_json_lines_writes_parquet_and_exits_by_the_documented_code(root, tmp_path):
+def test_cli_prints_json_lines_writes_parquet_and_exits_by_the_documented_code(model_root, tmp_path):
     out = tmp_path / "scores.parquet"
-    good = _cli(*FACES[:2], "--output", str(out), env_root=root)
+    good = _cli(*FACES[:2], "--output", str(out), env_root=model_root)
     assert good.returncode == 0, good.stderr
     lines = [json.loads(line) for line in good.stdout.splitlines()]
     assert [line["status"] for line in lines] == ["ok", "ok"]
     assert pq.read_table(out).column("prob").to_pylist() == [line["prob"] for line in lines]
-    bad = _cli(FACES[0], NO_FACE, env_root=root)
+    bad = _cli(FACES[0], NO_FACE, env_root=model_root)
     assert bad.returncode == 1 and [json.loads(x)["status"] for x in bad.stdout.splitlines()] == ["ok", "no_face"]
 
 

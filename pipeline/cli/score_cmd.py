@@ -45,18 +45,29 @@ def register(sub: argparse._SubParsersAction) -> None:
     e.set_defaults(handler=run_export)
 
 
-def run_score(args: argparse.Namespace, cfg: Config) -> int:
+def _load_model(args: argparse.Namespace, cfg: Config, command: str):
+    """``--onnx FILE``, else the registered ``--model RUN_ID`` (default: the latest); None
+    (after saying why on stderr) when there is none to load."""
     from pipeline.core.storage import open_storage
     from scoring.model import ModelUnavailable, OnnxModel, load_registry_model
+
+    try:
+        if getattr(args, "onnx", None):
+            return OnnxModel(args.onnx)
+        return load_registry_model(open_storage(cfg.storage), args.model)
+    except ModelUnavailable as exc:
+        print(f"likerank {command}: {exc}", file=sys.stderr)
+        return None
+
+
+def run_score(args: argparse.Namespace, cfg: Config) -> int:
     from scoring.score import score_inputs
 
     if args.batch_size < 1:
         print("likerank score: --batch-size must be >= 1", file=sys.stderr)
         return 2
-    try:
-        model = OnnxModel(args.onnx) if args.onnx else load_registry_model(open_storage(cfg.storage), args.model)
-    except ModelUnavailable as exc:
-        print(f"likerank score: {exc}", file=sys.stderr)
+    model = _load_model(args, cfg, "score")
+    if model is None:
         return 2
     rows = []
     failed = 0
@@ -77,13 +88,10 @@ def run_score(args: argparse.Namespace, cfg: Config) -> int:
 def run_export(args: argparse.Namespace, cfg: Config) -> int:
     from pathlib import Path
 
-    from pipeline.core.storage import open_storage
-    from scoring.model import ModelUnavailable, export_onnx, load_registry_model, spec_path
+    from scoring.model import export_onnx, spec_path
 
-    try:
-        model = load_registry_model(open_storage(cfg.storage), args.model)
-    except ModelUnavailable as exc:
-        print(f"likerank model export: {exc}", file=sys.stderr)
+    model = _load_model(args, cfg, "model export")
+    if model is None:
         return 2
     out = Path(args.output or f"models/{model.spec.run_id}.onnx")
     export_onnx(model, out)
@@ -96,14 +104,10 @@ def run_serve(args: argparse.Namespace, cfg: Config) -> int:
     import signal
     import threading
 
-    from pipeline.core.storage import open_storage
-    from scoring.model import ModelUnavailable, OnnxModel, load_registry_model
     from scoring.serve import ScoringService, serve
 
-    try:
-        model = OnnxModel(args.onnx) if args.onnx else load_registry_model(open_storage(cfg.storage), args.model)
-    except ModelUnavailable as exc:
-        print(f"likerank serve: {exc}", file=sys.stderr)
+    model = _load_model(args, cfg, "serve")
+    if model is None:
         return 2
     try:
         server = serve(ScoringService(cfg, model), args.host, args.port)

@@ -113,7 +113,7 @@ def face_crop(photo: Photo, face_margin: float, px: int | None = None) -> Any:
 
 def score_photos(ctx: ReportContext, model: Any, examples: Any, idx: np.ndarray, thumb_px: int) -> Scored:
     """Rows ``idx`` run through ``model`` in batches: probability, features and a face thumbnail each."""
-    from scoring.model import crop_batch
+    from scoring.model import crop_batch, label_probability
 
     images, out = ImageStore(ctx.storage), Scored()
     for start in range(0, len(idx), BATCH):
@@ -130,7 +130,7 @@ def score_photos(ctx: ReportContext, model: Any, examples: Any, idx: np.ndarray,
         for photo, logit, feature in zip(photos, logits, features, strict=True):
             out.post_id.append(photo.post_id)
             out.label.append(photo.label)
-            out.prob.append(float(1.0 / (1.0 + math.exp(-float(logit)))))
+            out.prob.append(float(label_probability(logit)))
             out.features.append(feature)
             out.thumbs.append(face_crop(photo, model.spec.face_margin, thumb_px))
     return out

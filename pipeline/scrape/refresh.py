@@ -61,6 +61,12 @@ def refresh_partition(day: str) -> str:
 Service = tuple[str, str]  # (platform, instance)
 
 
+def service_name(platform: str, instance: str) -> str:
+    """How the summary names a service: the instance for Mastodon (as before), else the
+    platform too (the simulator serves both platforms from one host)."""
+    return instance if platform == "mastodon" else f"{platform} {instance}"
+
+
 def due_posts(posts: pa.Table, engagement: pa.Table, service_now: dict[Service, datetime],
               min_age_days: float) -> dict[Service, list[tuple[str, datetime]]]:
     """Per (platform, instance), the ``(post_id, created_at)`` of posts now >= ``min_age_days``
@@ -112,7 +118,7 @@ def refresh_engagement(cfg: Config, logical_date: str | date | datetime, *, inst
     service_now: dict[Service, datetime] = {}
     try:
         for platform, inst in sorted(set(zip(posts["source"].to_pylist(), posts["instance"].to_pylist(), strict=True))):
-            name = inst if platform == "mastodon" else f"{platform} {inst}"
+            name = service_name(platform, inst)
             try:
                 src = make_source(cfg, platform, inst, client, now=now, token=token, login=login)
                 service_now[(platform, inst)] = src.server_now()
@@ -127,7 +133,7 @@ def refresh_engagement(cfg: Config, logical_date: str | date | datetime, *, inst
         from tqdm import tqdm
         bar = tqdm(total=summary["due"], unit="post", desc="refresh", disable=not progress, leave=False)
         for (platform, inst), items in due.items():
-            name = inst if platform == "mastodon" else f"{platform} {inst}"
+            name = service_name(platform, inst)
             src = sources[(platform, inst)]
             if platform != "mastodon":  # re-read by the references the scrape kept (Bluesky: at:// URIs)
                 src.refs = load_refs(storage, platform, urlsplit(src.instance).netloc, [p for p, _ in items])
