@@ -57,7 +57,9 @@ LIVE_ROOT = REPO / "data-live"
 #: SQLite connection arguments for ``make airflow``'s metadata DB, by import path in its
 #: ``airflow.cfg``. Python's default busy timeout is 5 s; the scheduler and the task processes
 #: hold SQLite's single write lock longer than that at times, and a CLI command beside them
-#: (``airflow backfill create``) then failed with "database is locked". Seconds.
+#: (``airflow backfill create``) then failed with "database is locked". Seconds. (A read
+#: transaction that must turn into a write while another writes still fails at once: SQLite's
+#: deadlock rule, which no timeout changes; such a command is rolled back and can be rerun.)
 SQLITE_CONNECT_ARGS = {"timeout": 120}
 
 

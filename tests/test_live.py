@@ -81,9 +81,16 @@ def live(tmp_path_factory):
         chain = runs(home)
         today = datetime.now(UTC).date()
         first, last = (today - timedelta(days=3)).isoformat(), (today - timedelta(days=1)).isoformat()
-        created = subprocess.run([str(Path(sys.executable).with_name("airflow")), "backfill", "create",
-                                  "--dag-id", "scrape", "--from-date", first, "--to-date", last],
-                                 env=env, capture_output=True, text=True, timeout=300)
+        # SQLite answers "database is locked" at once, past any busy timeout, when a transaction
+        # that read must upgrade to write while the scheduler writes (its deadlock rule); the
+        # command's transaction is rolled back and the README says to run it again. Up to 3 tries.
+        for _attempt in range(3):
+            created = subprocess.run([str(Path(sys.executable).with_name("airflow")), "backfill", "create",
+                                      "--dag-id", "scrape", "--from-date", first, "--to-date", last],
+                                     env=env, capture_output=True, text=True, timeout=300)
+            if created.returncode == 0 or "database is locked" not in created.stdout + created.stderr:
+                break
+            time.sleep(5)
         assert created.returncode == 0, created.stdout + created.stderr
         wait_for(lambda: sum(1 for d, _, t, s in runs(home) if t == "backfill" and s in ("success", "failed")) == 3,
                  "the backfill runs", home)
