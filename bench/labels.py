@@ -12,7 +12,8 @@ median and the spread of ``--runs`` runs are reported, and each run's peak RSS i
 resident input, as a real run's would. Posts look like the project's: 18-digit Mastodon ids,
 16-hex author keys (one author per 5 posts), 64-hex image sha256s with 0.1% re-posted images,
 log-normal followers, 5% too young, 2% without a face; 70% from one source, 30% from another
-(groups never mix sources).
+(groups never mix sources); rows in post_id order, as the pipeline reads them (``--shuffled``:
+random order, which costs one more sort).
 
 The naive reference runs the same rule (filters, duplicate collapse, exposure sort per source,
 then ``groupby(group_id).apply`` ranking each group) on the first ``--naive-rows`` posts and is
@@ -51,9 +52,12 @@ def hex_strings(raw: np.ndarray) -> pa.Array:
     return pa.Array.from_buffers(pa.string(), n, [None, pa.py_buffer(offsets), pa.py_buffer(chars)])
 
 
-def synthetic_candidates(n: int, seed: int = 0) -> pa.Table:
+def synthetic_candidates(n: int, seed: int = 0, shuffled: bool = False) -> pa.Table:
+    """Candidates in post_id order, as :func:`labeling.eligibility.read_candidates` returns them;
+    ``shuffled``: in random order, as a bring-your-own file may be."""
     rng = np.random.default_rng(seed)
-    post_id = pa.array(10**17 + rng.permutation(n).astype(np.int64) * 7919).cast(pa.string())
+    ids = np.arange(n, dtype=np.int64)
+    post_id = pa.array(10**17 + (rng.permutation(ids) if shuffled else ids) * 7919).cast(pa.string())
     n_authors = max(n // 5, 1)
     authors = hex_strings(rng.integers(0, 256, size=(n_authors, 8), dtype=np.uint8))
     author_key = authors.take(pa.array(rng.integers(0, n_authors, n)))
@@ -141,6 +145,8 @@ def main() -> int:
     ap.add_argument("--rows", type=int, default=10_000_000)
     ap.add_argument("--naive-rows", type=int, default=200_000, help="sample the naive reference runs on")
     ap.add_argument("--runs", type=int, default=3, help="timed runs, each in a fresh process (the median is reported)")
+    ap.add_argument("--shuffled", action="store_true",
+                    help="rows in random order (a bring-your-own file) instead of post_id order (the pipeline's)")
     ap.add_argument("--child", metavar="FILE", help=argparse.SUPPRESS)
     args = ap.parse_args()
     cfg = load_config(env={})
@@ -155,11 +161,11 @@ def main() -> int:
     import pyarrow.feather as feather
 
     t0 = time.perf_counter()
-    cands = synthetic_candidates(args.rows)
+    cands = synthetic_candidates(args.rows, shuffled=args.shuffled)
     with tempfile.TemporaryDirectory(prefix="likerank-bench-labels-") as tmp:
         path = f"{tmp}/candidates.arrow"
         feather.write_feather(cands, path, compression="uncompressed")
-        print(f"generated {args.rows:,} candidates ({cands.nbytes / 2**20:,.0f} MB in memory) in "
+        print(f"generated {args.rows:,} candidates in {'random' if args.shuffled else 'post_id'} order ({cands.nbytes / 2**20:,.0f} MB in memory) in "
               f"{time.perf_counter() - t0:.1f} s (not timed)")
         k = min(args.naive_rows, args.rows)
         sample = cands.slice(0, k)

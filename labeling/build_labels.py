@@ -28,7 +28,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from labeling import baselines
-from labeling.eligibility import apply_filters, filter_rows, read_candidates, read_input_file
+from labeling.eligibility import apply_filters, filter_rows, numpy_column, read_candidates, read_input_file
 from labeling.rank_groups import Ranking, exposure, post_id_key, rank_groups, source_codes
 from labeling.splits import SPLITS, split_index
 from pipeline.core import keys
@@ -103,7 +103,7 @@ def rank(labeler: str, *, likes: np.ndarray, followers: np.ndarray, n_tags: np.n
 SLICE_ROWS = 1 << 20
 SPLIT_NAMES = pa.array(SPLITS)
 #: Candidate columns copied into the labels unchanged.
-_PASSED = ["post_id", "image_sha256", "author_key", "source", "n_tags", "age_days"]
+_PASSED = ["post_id", "image_sha256", "author_key", "n_tags", "age_days"]
 
 
 @dataclass
@@ -119,6 +119,8 @@ class LabelsRun:
     likes: np.ndarray
     followers: np.ndarray
     exposure: np.ndarray
+    source: np.ndarray  # int32 index into source_names
+    source_names: list[str]
     ranking: Ranking
     split: np.ndarray  # int8 index into SPLITS
     labeler: str
@@ -142,9 +144,11 @@ class LabelsRun:
             part = filter_rows(passed.slice(lo, hi - lo), mask)
             at = slice(done, done + k)
             done += k
+            ranking = self.ranking.select(at)
             yield pa.table({
                 "post_id": part.column("post_id"),
-                "source": part.column("source").cast(pa.string()).fill_null(""),
+                # take() from the names: several times faster than casting the dictionary column.
+                "source": pa.array(self.source_names, pa.string()).take(pa.array(self.source[at])),
                 "image_sha256": part.column("image_sha256"),
                 "author_key": part.column("author_key"),
                 "likes": self.likes[at],
@@ -152,10 +156,10 @@ class LabelsRun:
                 "n_tags": part.column("n_tags"),
                 "age_days": part.column("age_days"),
                 "exposure": self.exposure[at],
-                "group_id": self.ranking.group_id[at],
-                "rank_in_group": self.ranking.rank_in_group[at],
-                "label": self.ranking.label()[at] if k else np.zeros(0, np.int8),
-                "score": self.ranking.score()[at] if k else np.zeros(0),
+                "group_id": ranking.group_id,
+                "rank_in_group": ranking.rank_in_group,
+                "label": ranking.label(),
+                "score": ranking.score(),
                 "split": SPLIT_NAMES.take(pa.array(self.split[at])),
                 "labeler": pa.repeat(self.labeler, k),
                 "params_hash": pa.repeat(self.params_hash, k),
@@ -190,10 +194,11 @@ def label_run(cands: pa.Table, cfg: Config, run_id: str, *, labeler: str | None 
     del eligible
 
     def ints(name: str) -> np.ndarray:  # nulls occur only in ineligible rows
-        return np.asarray(cands.column(name).fill_null(0), dtype=np.int64)[rows]
+        return numpy_column(cands.column(name), np.int64, 0)[rows]
 
     likes, followers, n_tags = ints("likes"), ints("followers"), ints("n_tags")
-    views = np.asarray(cands.column("views").cast(pa.float64()).fill_null(np.nan), dtype=np.float64)[rows]
+    views = cands.column("views")
+    views = numpy_column(views, np.float64, np.nan)[rows] if views.null_count < len(views) else None
     exp = exposure(followers, n_tags, lab.tag_bonus, views)
     del views
     key = post_id_key(cands.column("post_id"))[rows]  # order-preserving on all rows: no string copy
@@ -205,21 +210,20 @@ def label_run(cands: pa.Table, cfg: Config, run_id: str, *, labeler: str | None 
     mask = ranking.kept
     dropped["partial_group"] = int((~mask).sum())
     run = LabelsRun(cands=cands, rows=rows[mask], likes=likes[mask], followers=followers[mask],
-                    exposure=exp[mask], ranking=ranking.select(mask),
-                    # Hashed over every candidate: a view of the key strings, no copy of the kept ones.
-                    split=split_index(cands.column("author_key"), lab)[rows[mask]], labeler=labeler,
+                    exposure=exp[mask], source=source[mask], source_names=names, ranking=ranking.select(mask),
+                    split=split_index(cands.column("author_key"), lab, rows[mask]), labeler=labeler,
                     params_hash=cfg.section_hash("labeling"), run_id=run_id, summary={})
     n = len(run.rows)
-    kept_source = source[mask]
     del likes, followers, exp, ranking, source, mask
     labels = run.ranking.label()
     positive = int(labels.sum())
     split_counts = dict(zip(SPLITS, np.bincount(run.split, minlength=len(SPLITS)).tolist(), strict=True))
-    per_source = {}
-    for code in np.unique(kept_source):
-        here = kept_source == code
-        per_source[names[code]] = {"rows_out": int(here.sum()), "groups": int(here.sum()) // run.ranking.group_size,
-                                   "positive": int(labels[here].sum())}
+    rows_per_source = np.bincount(run.source, minlength=len(names))
+    positive_per_source = np.bincount(run.source, weights=labels, minlength=len(names))
+    per_source = {names[code]: {"rows_out": int(rows_per_source[code]),
+                                "groups": int(rows_per_source[code]) // run.ranking.group_size,
+                                "positive": int(positive_per_source[code])}
+                  for code in np.flatnonzero(rows_per_source)}
     run.summary = {
         "run_id": run_id,
         "labeler": labeler,

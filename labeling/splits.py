@@ -114,21 +114,31 @@ def author_hash(salt: str, author_key: pa.Array | pa.ChunkedArray) -> np.ndarray
     return h
 
 
-def _split_index(bucket: np.ndarray | int, lab: LabelingConfig):
+def _split_index(bucket: np.ndarray, lab: LabelingConfig) -> np.ndarray:
+    """0 (train), 1 (val) or 2 (test) per bucket: one comparison per boundary, no branches."""
     test = round(lab.test_fraction * BUCKETS)
     val = test + round(lab.val_fraction * BUCKETS)
-    return np.where(bucket < test, 2, np.where(bucket < val, 1, 0)).astype(np.int8)
+    index = (bucket < val).view(np.int8)
+    index += (bucket < test).view(np.int8)
+    return index
 
 
 def split_of(author_key: str, lab: LabelingConfig) -> str:
     """The split of one author (reference implementation of :func:`assign_splits`)."""
-    return SPLITS[int(_split_index(author_hash_one(lab.split_salt, author_key) % BUCKETS, lab))]
+    return SPLITS[int(_split_index(np.array([author_hash_one(lab.split_salt, author_key) % BUCKETS]), lab)[0])]
 
 
-def split_index(author_key: pa.Array | pa.ChunkedArray, lab: LabelingConfig) -> np.ndarray:
-    """The split of every row as an index into :data:`SPLITS` (int8), aligned with ``author_key``."""
-    bucket = author_hash(lab.split_salt, author_key) % np.uint64(BUCKETS)
-    return _split_index(bucket, lab)
+def split_index(author_key: pa.Array | pa.ChunkedArray, lab: LabelingConfig,
+                rows: np.ndarray | None = None) -> np.ndarray:
+    """The split of every row (or of ``rows`` only) as an index into :data:`SPLITS` (int8).
+
+    Keys are hashed in place in Arrow's buffers, all of them: cheaper than copying the strings
+    of the rows wanted.
+    """
+    hashed = author_hash(lab.split_salt, author_key)
+    if rows is not None:
+        hashed = hashed[rows]
+    return _split_index(hashed % np.uint64(BUCKETS), lab)
 
 
 def assign_splits(author_key: pa.Array | pa.ChunkedArray, lab: LabelingConfig) -> pa.Array:

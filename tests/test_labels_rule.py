@@ -218,6 +218,20 @@ def test_rule_matches_naive_reference_and_invariants(ids, data, half, tag_bonus)
     assert summary["rows_in"] == summary["rows_out"] + summary["rows_dropped"]
 
 
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(ids=st.lists(numeric_ids, unique=True, min_size=1, max_size=40), data=st.data(),
+       huge=st.sampled_from([0, 2**40, 2**62]))
+def test_rule_in_post_id_order_and_with_huge_likes_matches_the_reference(ids, data, huge):
+    """Rows already in post_id order skip the reordering; likes too large to pack beside a row
+    index take the lexsort. Both give the reference's groups and ranks."""
+    rows = [{"post_id": pid, **data.draw(row)} for pid in sorted(ids)]
+    for r in rows:
+        r["likes"] += huge * data.draw(st.integers(0, 1))
+    labels, _ = label_candidates(cands(rows), config(group_size=4, tag_bonus=0.05), "r")
+    got = {r["post_id"]: (r["group_id"], r["rank_in_group"]) for r in labels.to_pylist()}
+    assert got == naive_reference(rows, 4, 0.05)
+
+
 @settings(max_examples=30, deadline=None)
 @given(likes=st.lists(st.integers(0, 3), min_size=0, max_size=30), labeler=st.sampled_from(["median_likes", "ratio", "residual"]))
 def test_comparison_labelers_are_balanced(likes, labeler):
