@@ -18,6 +18,7 @@ import logging
 import re
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -28,9 +29,15 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from labeling import baselines
-from labeling.eligibility import apply_filters, filter_rows, numpy_column, read_candidates, read_input_file
+from labeling.eligibility import (
+    apply_filters,
+    filter_rows,
+    numpy_column,
+    read_candidates,
+    read_input_file,
+)
 from labeling.rank_groups import Ranking, exposure, post_id_key, rank_groups, source_codes
-from labeling.splits import SPLITS, split_index
+from labeling.splits import SPLITS, author_hash, split_of_hashes
 from pipeline.core import keys
 from pipeline.core.config import Config
 from pipeline.core.schemas import LABELS
@@ -186,32 +193,39 @@ def label_run(cands: pa.Table, cfg: Config, run_id: str, *, labeler: str | None 
     started = time.perf_counter()
     lab = cfg.labeling
     labeler = labeler or lab.labeler
-    eligible, dropped = apply_filters(cands, lab, cfg.faces, check_faces=check_faces,
-                                      check_face_share=check_face_share)
-    for reason, n in (counts or {}).items():
-        dropped[reason] += n
-    rows = np.flatnonzero(eligible)
-    del eligible
+    # Columns read for every candidate, whatever the filters decide, are computed on a second
+    # core while the filters run on this one (numpy and Arrow release the GIL).
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="label-columns") as pool:
+        keys_ = pool.submit(post_id_key, cands.column("post_id"))  # order-preserving: no string copy
+        sources_ = pool.submit(source_codes, cands.column("source"))
+        # Hashed in place in Arrow's buffers, all rows: cheaper than copying the kept strings.
+        author_hashes_ = pool.submit(author_hash, lab.split_salt, cands.column("author_key"))
+        eligible, dropped = apply_filters(cands, lab, cfg.faces, check_faces=check_faces,
+                                          check_face_share=check_face_share)
+        for reason, n in (counts or {}).items():
+            dropped[reason] += n
 
-    def ints(name: str) -> np.ndarray:  # nulls occur only in ineligible rows
-        return numpy_column(cands.column(name), np.int64, 0)[rows]
-
-    likes, followers, n_tags = ints("likes"), ints("followers"), ints("n_tags")
-    views = cands.column("views")
-    views = numpy_column(views, np.float64, np.nan)[rows] if views.null_count < len(views) else None
-    exp = exposure(followers, n_tags, lab.tag_bonus, views)
-    del views
-    key = post_id_key(cands.column("post_id"))[rows]  # order-preserving on all rows: no string copy
-    source, names = source_codes(cands.column("source"))
-    source = source[rows]
+        # Nulls occur only in ineligible rows.
+        likes, followers, n_tags = (numpy_column(cands.column(name), np.int64, 0, keep=eligible)
+                                    for name in ("likes", "followers", "n_tags"))
+        views = cands.column("views")
+        views = numpy_column(views, np.float64, np.nan, keep=eligible) if views.null_count < len(views) else None
+        exp = exposure(followers, n_tags, lab.tag_bonus, views)
+        del views
+        rows = np.flatnonzero(eligible)
+        del eligible
+        key = keys_.result()[rows]
+        source, names = sources_.result()
+        source = source[rows]
     ranking = rank(labeler, likes=likes, followers=followers, n_tags=n_tags, exposure_=exp, key=key,
                    source=source, group_size=lab.group_size)
     del key, n_tags
     mask = ranking.kept
     dropped["partial_group"] = int((~mask).sum())
-    run = LabelsRun(cands=cands, rows=rows[mask], likes=likes[mask], followers=followers[mask],
+    rows = rows[mask]
+    run = LabelsRun(cands=cands, rows=rows, likes=likes[mask], followers=followers[mask],
                     exposure=exp[mask], source=source[mask], source_names=names, ranking=ranking.select(mask),
-                    split=split_index(cands.column("author_key"), lab, rows[mask]), labeler=labeler,
+                    split=split_of_hashes(author_hashes_.result()[rows], lab), labeler=labeler,
                     params_hash=cfg.section_hash("labeling"), run_id=run_id, summary={})
     n = len(run.rows)
     del likes, followers, exp, ranking, source, mask
