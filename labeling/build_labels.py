@@ -37,7 +37,7 @@ from labeling.eligibility import (
     read_input_file,
 )
 from labeling.rank_groups import Ranking, exposure, post_id_key, rank_groups, source_codes
-from labeling.splits import SPLITS, author_hash, split_of_hashes
+from labeling.splits import SPLITS, split_index
 from pipeline.core import keys
 from pipeline.core.config import Config
 from pipeline.core.schemas import LABELS
@@ -199,7 +199,7 @@ def label_run(cands: pa.Table, cfg: Config, run_id: str, *, labeler: str | None 
         keys_ = pool.submit(post_id_key, cands.column("post_id"))  # order-preserving: no string copy
         sources_ = pool.submit(source_codes, cands.column("source"))
         # Hashed in place in Arrow's buffers, all rows: cheaper than copying the kept strings.
-        author_hashes_ = pool.submit(author_hash, lab.split_salt, cands.column("author_key"))
+        splits_ = pool.submit(split_index, cands.column("author_key"), lab)
         eligible, dropped = apply_filters(cands, lab, cfg.faces, check_faces=check_faces,
                                           check_face_share=check_face_share)
         for reason, n in (counts or {}).items():
@@ -225,7 +225,7 @@ def label_run(cands: pa.Table, cfg: Config, run_id: str, *, labeler: str | None 
     rows = rows[mask]
     run = LabelsRun(cands=cands, rows=rows, likes=likes[mask], followers=followers[mask],
                     exposure=exp[mask], source=source[mask], source_names=names, ranking=ranking.select(mask),
-                    split=split_of_hashes(author_hashes_.result()[rows], lab), labeler=labeler,
+                    split=splits_.result()[rows], labeler=labeler,
                     params_hash=cfg.section_hash("labeling"), run_id=run_id, summary={})
     n = len(run.rows)
     del likes, followers, exp, ranking, source, mask
@@ -233,7 +233,7 @@ def label_run(cands: pa.Table, cfg: Config, run_id: str, *, labeler: str | None 
     positive = int(labels.sum())
     split_counts = dict(zip(SPLITS, np.bincount(run.split, minlength=len(SPLITS)).tolist(), strict=True))
     rows_per_source = np.bincount(run.source, minlength=len(names))
-    positive_per_source = np.bincount(run.source, weights=labels, minlength=len(names))
+    positive_per_source = np.bincount(run.source[labels == 1], minlength=len(names))
     per_source = {names[code]: {"rows_out": int(rows_per_source[code]),
                                 "groups": int(rows_per_source[code]) // run.ranking.group_size,
                                 "positive": int(positive_per_source[code])}

@@ -128,14 +128,9 @@ def split_of(author_key: str, lab: LabelingConfig) -> str:
     return SPLITS[int(_split_index(np.array([author_hash_one(lab.split_salt, author_key) % BUCKETS]), lab)[0])]
 
 
-def split_of_hashes(hashed: np.ndarray, lab: LabelingConfig) -> np.ndarray:
-    """The split of each :func:`author_hash` value as an index into :data:`SPLITS` (int8)."""
-    return _split_index(hashed % np.uint64(BUCKETS), lab)
-
-
 def split_index(author_key: pa.Array | pa.ChunkedArray, lab: LabelingConfig) -> np.ndarray:
     """The split of every row as an index into :data:`SPLITS` (int8), aligned with ``author_key``."""
-    return split_of_hashes(author_hash(lab.split_salt, author_key), lab)
+    return _split_index(author_hash(lab.split_salt, author_key) % np.uint64(BUCKETS), lab)
 
 
 def assign_splits(author_key: pa.Array | pa.ChunkedArray, lab: LabelingConfig) -> pa.Array:
