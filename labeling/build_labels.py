@@ -118,11 +118,13 @@ class LabelsRun:
     """A labeled candidates table, not yet materialized: which rows get a label and their ranking.
 
     :meth:`slices` builds the LABELS rows (candidates order) a slice of candidates at a time,
-    :meth:`table` all at once. ``rows`` and the arrays below are aligned: one entry per label.
+    :meth:`table` all at once. ``rows`` and the arrays below are aligned: one entry per eligible
+    post, of which those with ``ranking.kept`` get a label (the others fell in a partial group;
+    dropping them slice by slice spares a copy of every array).
     """
 
     cands: pa.Table
-    rows: np.ndarray  # int64 candidate row indices, ascending
+    rows: np.ndarray  # int64 candidate row indices of the eligible posts, ascending
     likes: np.ndarray
     followers: np.ndarray
     exposure: np.ndarray
@@ -138,36 +140,38 @@ class LabelsRun:
     def slices(self, rows_per_slice: int = SLICE_ROWS) -> Iterator[pa.Table]:
         """The LABELS rows in pieces of at most ``rows_per_slice`` candidates (at least one piece)."""
         n = self.cands.num_rows
-        keep = np.zeros(n, dtype=bool)
-        keep[self.rows] = True
+        kept = self.ranking.kept
         passed = self.cands.select(_PASSED)
-        done = 0
+        yielded = False
         for lo in range(0, max(n, 1), rows_per_slice):
             hi = min(n, lo + rows_per_slice)
-            mask = keep[lo:hi]
-            k = int(mask.sum())
-            if k == 0 and done:
+            a, b = np.searchsorted(self.rows, [lo, hi])
+            here = kept[a:b]  # the eligible rows of this slice that get a label
+            labeled = self.rows[a:b][here]
+            if len(labeled) == 0 and yielded:
                 continue
+            yielded = True
+            mask = np.zeros(hi - lo, dtype=bool)
+            mask[labeled - lo] = True
             part = filter_rows(passed.slice(lo, hi - lo), mask)
-            at = slice(done, done + k)
-            done += k
-            ranking = self.ranking.select(at)
+            k = len(labeled)
+            ranking = self.ranking.select(slice(a, b)).select(here)
             yield pa.table({
                 "post_id": part.column("post_id"),
                 # take() from the names: several times faster than casting the dictionary column.
-                "source": pa.array(self.source_names, pa.string()).take(pa.array(self.source[at])),
+                "source": pa.array(self.source_names, pa.string()).take(pa.array(self.source[a:b][here])),
                 "image_sha256": part.column("image_sha256"),
                 "author_key": part.column("author_key"),
-                "likes": self.likes[at],
-                "followers": self.followers[at],
+                "likes": self.likes[a:b][here],
+                "followers": self.followers[a:b][here],
                 "n_tags": part.column("n_tags"),
                 "age_days": part.column("age_days"),
-                "exposure": self.exposure[at],
+                "exposure": self.exposure[a:b][here],
                 "group_id": ranking.group_id,
                 "rank_in_group": ranking.rank_in_group,
                 "label": ranking.label(),
                 "score": ranking.score(),
-                "split": SPLIT_NAMES.take(pa.array(self.split[at])),
+                "split": SPLIT_NAMES.take(pa.array(self.split[a:b][here])),
                 "labeler": pa.repeat(self.labeler, k),
                 "params_hash": pa.repeat(self.params_hash, k),
                 "run_id": pa.repeat(self.run_id, k),
@@ -180,7 +184,7 @@ class LabelsRun:
         """How many labeled posts are not among ``published_ids`` (vectorized membership:
         Python sets of millions of id strings cost seconds and GBs)."""
         published = np.asarray(pc.is_in(self.cands.column("post_id"), value_set=published_ids), dtype=bool)
-        return len(self.rows) - int(published[self.rows].sum())
+        return int(np.count_nonzero(self.ranking.kept & ~published[self.rows]))
 
 
 def label_run(cands: pa.Table, cfg: Config, run_id: str, *, labeler: str | None = None,
@@ -220,20 +224,18 @@ def label_run(cands: pa.Table, cfg: Config, run_id: str, *, labeler: str | None 
     ranking = rank(labeler, likes=likes, followers=followers, n_tags=n_tags, exposure_=exp, key=key,
                    source=source, group_size=lab.group_size)
     del key, n_tags
-    mask = ranking.kept
-    dropped["partial_group"] = int((~mask).sum())
-    rows = rows[mask]
-    run = LabelsRun(cands=cands, rows=rows, likes=likes[mask], followers=followers[mask],
-                    exposure=exp[mask], source=source[mask], source_names=names, ranking=ranking.select(mask),
-                    split=splits_.result()[rows], labeler=labeler,
+    run = LabelsRun(cands=cands, rows=rows, likes=likes, followers=followers, exposure=exp, source=source,
+                    source_names=names, ranking=ranking, split=splits_.result()[rows], labeler=labeler,
                     params_hash=cfg.section_hash("labeling"), run_id=run_id, summary={})
-    n = len(run.rows)
-    del likes, followers, exp, ranking, source, mask
-    labels = run.ranking.label()
+    partial = ~ranking.kept  # a few rows per source
+    dropped["partial_group"] = int(np.count_nonzero(partial))
+    n = len(rows) - dropped["partial_group"]
+    labels = ranking.label()  # 0 where not kept (rank 0)
     positive = int(labels.sum())
-    split_counts = dict(zip(SPLITS, np.bincount(run.split, minlength=len(SPLITS)).tolist(), strict=True))
-    rows_per_source = np.bincount(run.source, minlength=len(names))
-    positive_per_source = np.bincount(run.source[labels == 1], minlength=len(names))
+    split_counts = np.bincount(run.split, minlength=len(SPLITS)) - np.bincount(run.split[partial], minlength=len(SPLITS))
+    split_counts = dict(zip(SPLITS, split_counts.tolist(), strict=True))
+    rows_per_source = np.bincount(source, minlength=len(names)) - np.bincount(source[partial], minlength=len(names))
+    positive_per_source = np.bincount(source[labels == 1], minlength=len(names))
     per_source = {names[code]: {"rows_out": int(rows_per_source[code]),
                                 "groups": int(rows_per_source[code]) // run.ranking.group_size,
                                 "positive": int(positive_per_source[code])}

@@ -84,17 +84,26 @@ def post_id_key(post_id: pa.Array | pa.ChunkedArray) -> np.ndarray:
     """An int64 per post whose numeric order is ``post_id``'s string order (equal ids, equal keys).
 
     Fast path: equal-length ASCII decimal ids of up to 18 digits (Mastodon's snowflake ids, the
-    simulator's) are their own integer value. Anything else gets its dense rank from a string sort
-    (pyarrow compares bytes; UTF-8 byte order is code-point order, the same as Python's ``<``).
+    simulator's) are their own integer value, parsed chunk by chunk into one array. Anything
+    else gets its dense rank from a string sort (pyarrow compares bytes; UTF-8 byte order is
+    code-point order, the same as Python's ``<``).
     """
-    if len(post_id) == 0:
-        return np.empty(0, dtype=np.int64)
-    lengths = pc.min_max(pc.binary_length(post_id))
-    lo, hi = lengths["min"].as_py(), lengths["max"].as_py()
-    if lo == hi and 1 <= lo <= _MAX_DIGITS and pc.all(pc.ascii_is_decimal(post_id)).as_py():
-        return np.asarray(pc.cast(post_id, pa.int64()), dtype=np.int64)
-    rank = pc.rank(post_id, sort_keys="ascending", tiebreaker="dense")
-    return np.asarray(rank, dtype=np.int64)
+    chunks = post_id.chunks if isinstance(post_id, pa.ChunkedArray) else [post_id]
+    key = np.empty(len(post_id), dtype=np.int64)
+    at, width = 0, None
+    for chunk in chunks:
+        if len(chunk) == 0:
+            continue
+        lengths = pc.min_max(pc.binary_length(chunk))
+        lo, hi = lengths["min"].as_py(), lengths["max"].as_py()
+        if lo != hi or width not in (None, lo) or not 1 <= lo <= _MAX_DIGITS \
+                or not pc.all(pc.ascii_is_decimal(chunk)).as_py():
+            rank = pc.rank(post_id, sort_keys="ascending", tiebreaker="dense")
+            return np.asarray(rank, dtype=np.int64)
+        width = lo
+        key[at:at + len(chunk)] = pc.cast(chunk, pa.int64()).to_numpy()
+        at += len(chunk)
+    return key
 
 
 def source_codes(source: pa.Array | pa.ChunkedArray) -> tuple[np.ndarray, list[str]]:
@@ -113,15 +122,19 @@ def source_codes(source: pa.Array | pa.ChunkedArray) -> tuple[np.ndarray, list[s
         encoded = pc.dictionary_encode(encoded.fill_null(""))
     if isinstance(encoded, pa.ChunkedArray):
         encoded = encoded.unify_dictionaries()
-        names = encoded.chunk(0).dictionary if encoded.num_chunks else pa.array([], pa.string())
-        indices = np.concatenate([np.asarray(c.indices, dtype=np.int32) for c in encoded.chunks])
+        chunks = [c for c in encoded.chunks if len(c)]
     else:
-        names, indices = encoded.dictionary, np.asarray(encoded.indices, dtype=np.int32)
-    listed = names.to_pylist()
+        chunks = [encoded]
+    listed = chunks[0].dictionary.to_pylist()
     by_name = sorted(range(len(listed)), key=listed.__getitem__)
     rank_of_code = np.empty(len(listed), dtype=np.int32)
     rank_of_code[by_name] = np.arange(len(listed), dtype=np.int32)
-    return rank_of_code[indices], [listed[i] for i in by_name]
+    codes = np.empty(len(source), dtype=np.int32)
+    at = 0
+    for chunk in chunks:  # one code array written chunk by chunk
+        codes[at:at + len(chunk)] = rank_of_code[chunk.indices.to_numpy()]
+        at += len(chunk)
+    return codes, [listed[i] for i in by_name]
 
 
 def exposure_order(exposure_: np.ndarray, source: np.ndarray | None = None) -> np.ndarray:
@@ -178,22 +191,18 @@ def rank_groups(exposure_: np.ndarray, likes: np.ndarray, key: np.ndarray, group
         return Ranking(group_id=group_id, rank_in_group=rank, group_size=group_size)
 
     order = exposure_order(exposure_, source)
-    if source is None or n == 0:
-        grouped = order[:n // group_size * group_size]
-    else:
-        sorted_source = source[order]
-        bounds = np.r_[0, np.flatnonzero(sorted_source[1:] != sorted_source[:-1]) + 1, n]
-        # Each source's full groups; its trailing partial group (lowest exposure) is dropped.
-        grouped = np.concatenate([order[a:a + (b - a) // group_size * group_size]
-                                  for a, b in zip(bounds[:-1], bounds[1:], strict=True)])
-        del sorted_source
-    del order
-    grouped = grouped.reshape(-1, group_size)
-    by_rank = in_rank_order(grouped, np.asarray(likes, dtype=np.int64))
-
+    # Sorted by source first, so each source is one block of ``order``; its full groups are
+    # a (groups x G) view of the block, its trailing partial group (lowest exposure) dropped.
+    per_source = [n] if source is None else np.bincount(source)
     group_id = np.full(n, -1, dtype=np.int32)
-    group_id[grouped] = np.arange(len(grouped), dtype=np.int32)[:, None]
-    del grouped
     rank = np.zeros(n, dtype=np.int32)
-    rank[by_rank] = np.arange(1, group_size + 1, dtype=np.int32)[None, :]
+    likes = np.asarray(likes, dtype=np.int64)
+    start = first_group = 0
+    for rows in per_source:
+        groups = int(rows) // group_size
+        grouped = order[start:start + groups * group_size].reshape(groups, group_size)
+        start += int(rows)
+        group_id[grouped] = np.arange(first_group, first_group + groups, dtype=np.int32)[:, None]
+        rank[in_rank_order(grouped, likes)] = np.arange(1, group_size + 1, dtype=np.int32)[None, :]
+        first_group += groups
     return Ranking(group_id=group_id, rank_in_group=rank, group_size=group_size)

@@ -130,6 +130,8 @@ def split_of(author_key: str, lab: LabelingConfig) -> str:
 
 def split_index(author_key: pa.Array | pa.ChunkedArray, lab: LabelingConfig) -> np.ndarray:
     """The split of every row as an index into :data:`SPLITS` (int8), aligned with ``author_key``."""
+    if isinstance(author_key, pa.ChunkedArray):  # chunk by chunk: only the int8 result is kept whole
+        return np.concatenate([split_index(chunk, lab) for chunk in author_key.chunks] or [np.empty(0, np.int8)])
     return _split_index(author_hash(lab.split_salt, author_key) % np.uint64(BUCKETS), lab)
 
 
