@@ -300,3 +300,25 @@ def test_duplicate_images_of_sha256_digests_across_chunks_match_a_plain_referenc
     assert _digest_keys(chunked.column("image_sha256")) is not None  # the in-place path is the one tested
     assert duplicate_images(chunked, alive).tolist() == want
     assert duplicate_images(table, alive).tolist() == want
+
+
+def test_duplicate_images_of_chunks_full_of_digests_match_a_plain_reference():
+    """Chunks where every value is a digest take the strided no-copy path, sliced ones too."""
+    import hashlib
+
+    from labeling.eligibility import duplicate_images
+
+    rng = np.random.default_rng(8)
+    digests = [hashlib.sha256(str(i).encode()).hexdigest() for i in range(60)]
+    shas = [digests[int(rng.integers(0, len(digests)))] for _ in range(400)]
+    ids = [f"{int(rng.integers(0, 10**6)):06d}-{i}" for i in range(400)]
+    table = cands([{"post_id": pid, "image_sha256": sha} for pid, sha in zip(ids, shas, strict=True)])
+    chunked = pa.Table.from_batches(table.slice(3).to_batches(max_chunksize=90))  # non-zero offsets
+    alive = rng.random(397) > 0.2
+    best: dict[str, str] = {}
+    for pid, sha, ok in zip(ids[3:], shas[3:], alive, strict=True):
+        if ok:
+            best[sha] = min(best.get(sha, pid), pid)
+    want = [bool(ok and best[sha] != pid) for pid, sha, ok in zip(ids[3:], shas[3:], alive, strict=True)]
+    assert sum(want) > 100
+    assert duplicate_images(chunked, alive).tolist() == want
