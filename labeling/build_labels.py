@@ -91,9 +91,9 @@ def clean_run_id(text: str) -> str:
     return cleaned
 
 
-def rank(labeler: str, *, likes: np.ndarray, followers: np.ndarray, n_tags: np.ndarray,
+def rank(labeler: str, *, likes: np.ndarray, followers: np.ndarray, n_tags: np.ndarray | None,
          exposure_: np.ndarray, key: np.ndarray, source: np.ndarray, group_size: int) -> Ranking:
-    """Run one labeler (the rule or a comparison) on eligible rows."""
+    """Run one labeler (the rule or a comparison) on eligible rows (``n_tags``: the residual's only)."""
     if labeler == "groups":
         return rank_groups(exposure_, likes, key, group_size, source)
     if labeler == "median_likes":
@@ -101,6 +101,8 @@ def rank(labeler: str, *, likes: np.ndarray, followers: np.ndarray, n_tags: np.n
     if labeler == "ratio":
         return baselines.ratio(likes, exposure_, key)
     if labeler == "residual":
+        if n_tags is None:
+            raise ValueError("the residual labeler needs n_tags")
         return baselines.residual(likes, followers, n_tags, exposure_, key)
     raise ValueError(f"unknown labeler {labeler!r} (known: {', '.join(LABELERS)})")
 
@@ -187,6 +189,23 @@ class LabelsRun:
         return int(np.count_nonzero(self.ranking.kept & ~published[self.rows]))
 
 
+def eligible_exposure(cands: pa.Table, eligible: np.ndarray, tag_bonus: float) -> np.ndarray:
+    """:func:`labeling.rank_groups.exposure` of the eligible rows, batch by batch: no column or
+    temporary is ever as long as the table."""
+    out = np.empty(int(np.count_nonzero(eligible)), dtype=np.float64)
+    start = at = 0
+    for batch in cands.select(["followers", "n_tags", "views"]).to_batches():
+        keep = eligible[start:start + batch.num_rows]
+        start += batch.num_rows
+        views = batch.column("views")
+        views = numpy_column(views, np.float64, np.nan, keep) if views.null_count < len(views) else None
+        here = exposure(numpy_column(batch.column("followers"), np.int64, 0, keep),
+                        numpy_column(batch.column("n_tags"), np.int64, 0, keep), tag_bonus, views)
+        out[at:at + len(here)] = here
+        at += len(here)
+    return out
+
+
 def label_run(cands: pa.Table, cfg: Config, run_id: str, *, labeler: str | None = None,
               check_faces: bool = True, check_face_share: bool = True,
               counts: dict[str, int] | None = None) -> LabelsRun:
@@ -210,15 +229,15 @@ def label_run(cands: pa.Table, cfg: Config, run_id: str, *, labeler: str | None 
             dropped[reason] += n
 
         # Nulls occur only in ineligible rows.
-        likes, followers, n_tags = (numpy_column(cands.column(name), np.int64, 0, keep=eligible)
-                                    for name in ("likes", "followers", "n_tags"))
-        views = cands.column("views")
-        views = numpy_column(views, np.float64, np.nan, keep=eligible) if views.null_count < len(views) else None
-        exp = exposure(followers, n_tags, lab.tag_bonus, views)
-        del views
+        likes, followers = (numpy_column(cands.column(name), np.int64, 0, keep=eligible)
+                            for name in ("likes", "followers"))
+        exp = eligible_exposure(cands, eligible, lab.tag_bonus)
+        n_tags = numpy_column(cands.column("n_tags"), np.int64, 0, keep=eligible) if labeler == "residual" else None
         rows = np.flatnonzero(eligible)
         del eligible
-        key = keys_.result()[rows]
+        key = keys_.result()
+        # Candidates in post_id order (the project's are): their row indices are a post_id key.
+        key = rows if np.all(key[1:] > key[:-1]) else key[rows]
         source, names = sources_.result()
         source = source[rows]
     ranking = rank(labeler, likes=likes, followers=followers, n_tags=n_tags, exposure_=exp, key=key,

@@ -119,7 +119,7 @@ def apply_filters(cands: pa.Table, lab: LabelingConfig, faces: FacesConfig, *,
     return alive, counts
 
 
-def numpy_column(column: pa.ChunkedArray, dtype: type, fill: float | int,
+def numpy_column(column: pa.ChunkedArray | pa.Array, dtype: type, fill: float | int,
                  keep: np.ndarray | None = None) -> np.ndarray:
     """One numeric column as a numpy array with ``fill`` for nulls (only the rows where the
     boolean ``keep`` is true, if given), written chunk by chunk into one array: ``fill_null``,
@@ -127,7 +127,7 @@ def numpy_column(column: pa.ChunkedArray, dtype: type, fill: float | int,
     most of it faulting in fresh memory)."""
     out = np.empty(len(column) if keep is None else int(np.count_nonzero(keep)), dtype=dtype)
     start = at = 0
-    for chunk in column.chunks:
+    for chunk in column.chunks if isinstance(column, pa.ChunkedArray) else [column]:
         if chunk.null_count:
             chunk = chunk.cast(pa.from_numpy_dtype(dtype)).fill_null(fill)
         values = chunk.to_numpy(zero_copy_only=False)
