@@ -36,7 +36,14 @@ from labeling.eligibility import (
     read_candidates,
     read_input_file,
 )
-from labeling.rank_groups import Ranking, exposure, post_id_key, rank_groups, source_codes
+from labeling.rank_groups import (
+    Ranking,
+    exposure,
+    in_post_id_order,
+    post_id_key,
+    rank_groups,
+    source_codes,
+)
 from labeling.splits import SPLITS, split_index
 from pipeline.core import keys
 from pipeline.core.config import Config
@@ -219,7 +226,7 @@ def label_run(cands: pa.Table, cfg: Config, run_id: str, *, labeler: str | None 
     # Columns read for every candidate, whatever the filters decide, are computed on a second
     # core while the filters run on this one (numpy and Arrow release the GIL).
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="label-columns") as pool:
-        keys_ = pool.submit(post_id_key, cands.column("post_id"))  # order-preserving: no string copy
+        in_order_ = pool.submit(in_post_id_order, cands.column("post_id"))
         sources_ = pool.submit(source_codes, cands.column("source"))
         # Hashed in place in Arrow's buffers, all rows: cheaper than copying the kept strings.
         splits_ = pool.submit(split_index, cands.column("author_key"), lab)
@@ -235,9 +242,8 @@ def label_run(cands: pa.Table, cfg: Config, run_id: str, *, labeler: str | None 
         n_tags = numpy_column(cands.column("n_tags"), np.int64, 0, keep=eligible) if labeler == "residual" else None
         rows = np.flatnonzero(eligible)
         del eligible
-        key = keys_.result()
         # Candidates in post_id order (the project's are): their row indices are a post_id key.
-        key = rows if np.all(key[1:] > key[:-1]) else key[rows]
+        key = rows if in_order_.result() else post_id_key(cands.column("post_id"))[rows]
         source, names = sources_.result()
         source = source[rows]
     ranking = rank(labeler, likes=likes, followers=followers, n_tags=n_tags, exposure_=exp, key=key,

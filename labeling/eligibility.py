@@ -213,7 +213,7 @@ def _digest_keys(shas: pa.ChunkedArray) -> tuple[np.ndarray, np.ndarray] | None:
     32 bits: sorting them is twice as fast as 64, and the extra chance collisions (about
     n**2 / 2**33 pairs) only add rows to the exact check.
     """
-    rows = np.empty(len(shas), dtype=np.int64)
+    rows = np.empty(len(shas), dtype=np.int32 if len(shas) < 2**31 else np.int64)
     keys = np.empty(len(shas), dtype=np.uint32)
     start = done = 0
     for chunk in shas.chunks:

@@ -80,30 +80,56 @@ def exposure(followers: np.ndarray, n_tags: np.ndarray, tag_bonus: float,
     return exp
 
 
+def _decimal_width(chunk: pa.Array) -> int | None:
+    """The length of the chunk's ids if all are ASCII decimal of one length up to 18 digits
+    (Mastodon's snowflake ids, the simulator's): then their integer value keeps string order."""
+    lengths = pc.min_max(pc.binary_length(chunk))
+    lo, hi = lengths["min"].as_py(), lengths["max"].as_py()
+    if lo == hi and 1 <= lo <= _MAX_DIGITS and pc.all(pc.ascii_is_decimal(chunk)).as_py():
+        return lo
+    return None
+
+
 def post_id_key(post_id: pa.Array | pa.ChunkedArray) -> np.ndarray:
     """An int64 per post whose numeric order is ``post_id``'s string order (equal ids, equal keys).
 
-    Fast path: equal-length ASCII decimal ids of up to 18 digits (Mastodon's snowflake ids, the
-    simulator's) are their own integer value, parsed chunk by chunk into one array. Anything
-    else gets its dense rank from a string sort (pyarrow compares bytes; UTF-8 byte order is
-    code-point order, the same as Python's ``<``).
+    Fast path: ids of one :func:`_decimal_width` are their own integer value, parsed chunk by
+    chunk into one array. Anything else gets its dense rank from a string sort (pyarrow compares
+    bytes; UTF-8 byte order is code-point order, the same as Python's ``<``).
     """
-    chunks = post_id.chunks if isinstance(post_id, pa.ChunkedArray) else [post_id]
     key = np.empty(len(post_id), dtype=np.int64)
     at, width = 0, None
-    for chunk in chunks:
+    for chunk in post_id.chunks if isinstance(post_id, pa.ChunkedArray) else [post_id]:
         if len(chunk) == 0:
             continue
-        lengths = pc.min_max(pc.binary_length(chunk))
-        lo, hi = lengths["min"].as_py(), lengths["max"].as_py()
-        if lo != hi or width not in (None, lo) or not 1 <= lo <= _MAX_DIGITS \
-                or not pc.all(pc.ascii_is_decimal(chunk)).as_py():
+        here = _decimal_width(chunk)
+        if here is None or width not in (None, here):
             rank = pc.rank(post_id, sort_keys="ascending", tiebreaker="dense")
             return np.asarray(rank, dtype=np.int64)
-        width = lo
+        width = here
         key[at:at + len(chunk)] = pc.cast(chunk, pa.int64()).to_numpy()
         at += len(chunk)
     return key
+
+
+def in_post_id_order(post_id: pa.Array | pa.ChunkedArray) -> bool:
+    """Whether the ids strictly increase in string order (the project's candidates do: their
+    row indices are then a post_id key). Decimal ids are checked chunk by chunk, no array as
+    long as the column is made."""
+    last, width = None, None
+    for chunk in post_id.chunks if isinstance(post_id, pa.ChunkedArray) else [post_id]:
+        if len(chunk) == 0:
+            continue
+        here = _decimal_width(chunk)
+        if here is None or width not in (None, here):
+            key = post_id_key(post_id)
+            return bool(np.all(key[1:] > key[:-1]))
+        width = here
+        values = pc.cast(chunk, pa.int64()).to_numpy()
+        if (last is not None and values[0] <= last) or not np.all(values[1:] > values[:-1]):
+            return False
+        last = values[-1]
+    return True
 
 
 def source_codes(source: pa.Array | pa.ChunkedArray) -> tuple[np.ndarray, list[str]]:

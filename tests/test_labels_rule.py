@@ -322,3 +322,17 @@ def test_duplicate_images_of_chunks_full_of_digests_match_a_plain_reference():
     want = [bool(ok and best[sha] != pid) for pid, sha, ok in zip(ids[3:], shas[3:], alive, strict=True)]
     assert sum(want) > 100
     assert duplicate_images(chunked, alive).tolist() == want
+
+
+def test_in_post_id_order_checks_within_and_across_chunks():
+    from labeling.rank_groups import in_post_id_order
+
+    def chunked(*chunks):
+        return pa.chunked_array([pa.array(c, pa.string()) for c in chunks])
+
+    assert in_post_id_order(chunked(["001", "002"], [], ["010", "011"]))
+    assert not in_post_id_order(chunked(["001", "005"], ["004", "011"]))  # the step back is between chunks
+    assert not in_post_id_order(chunked(["001", "001"]))  # equal ids: not strictly increasing
+    assert in_post_id_order(chunked(["9", "a"], ["ab", "b"]))  # not decimal: compared as strings
+    assert in_post_id_order(chunked(["10", "9"]))  # two widths: string order decides, "10" < "9"
+    assert in_post_id_order(chunked(["9"], ["10"])) is False  # across chunks too
