@@ -151,6 +151,10 @@ class LabelsRun:
         n = self.cands.num_rows
         kept = self.ranking.kept
         passed = self.cands.select(_PASSED)
+        # One column per run-wide value, sliced for every piece: no string built per row.
+        constants = {name: pa.repeat(value, min(rows_per_slice, max(len(self.rows), 1)))
+                     for name, value in (("labeler", self.labeler), ("params_hash", self.params_hash),
+                                         ("run_id", self.run_id))}
         yielded = False
         for lo in range(0, max(n, 1), rows_per_slice):
             hi = min(n, lo + rows_per_slice)
@@ -181,9 +185,7 @@ class LabelsRun:
                 "label": ranking.label(),
                 "score": ranking.score(),
                 "split": SPLIT_NAMES.take(pa.array(self.split[a:b][here])),
-                "labeler": pa.repeat(self.labeler, k),
-                "params_hash": pa.repeat(self.params_hash, k),
-                "run_id": pa.repeat(self.run_id, k),
+                **{name: column.slice(0, k) for name, column in constants.items()},
             }, schema=LABELS)
 
     def table(self) -> pa.Table:
