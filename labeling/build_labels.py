@@ -17,6 +17,7 @@ from __future__ import annotations
 import logging
 import re
 import time
+from collections import deque
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -147,46 +148,58 @@ class LabelsRun:
     summary: dict[str, Any]
 
     def slices(self, rows_per_slice: int = SLICE_ROWS) -> Iterator[pa.Table]:
-        """The LABELS rows in pieces of at most ``rows_per_slice`` candidates (at least one piece)."""
+        """The LABELS rows in pieces of at most ``rows_per_slice`` candidates (at least one piece).
+
+        Pieces are built by two threads, at most two ahead of the one being consumed: copying
+        the id strings is most of the work, Arrow releases the GIL for it, and the consumer
+        (the Parquet writer) works meanwhile. Memory stays at a few pieces.
+        """
         n = self.cands.num_rows
-        kept = self.ranking.kept
-        passed = self.cands.select(_PASSED)
+        bounds = list(range(0, max(n, 1), rows_per_slice)) + [n]
+        starts = np.searchsorted(self.rows, bounds)
+        ranges = [(lo, hi) for lo, hi, a, b in zip(bounds[:-1], bounds[1:], starts[:-1], starts[1:], strict=True)
+                  if np.count_nonzero(self.ranking.kept[a:b])] or [(0, 0)]  # pieces with labels, or one empty
         # One column per run-wide value, sliced for every piece: no string built per row.
         constants = {name: pa.repeat(value, min(rows_per_slice, max(len(self.rows), 1)))
                      for name, value in (("labeler", self.labeler), ("params_hash", self.params_hash),
                                          ("run_id", self.run_id))}
-        yielded = False
-        for lo in range(0, max(n, 1), rows_per_slice):
-            hi = min(n, lo + rows_per_slice)
-            a, b = np.searchsorted(self.rows, [lo, hi])
-            here = kept[a:b]  # the eligible rows of this slice that get a label
-            labeled = self.rows[a:b][here]
-            if len(labeled) == 0 and yielded:
-                continue
-            yielded = True
-            mask = np.zeros(hi - lo, dtype=bool)
-            mask[labeled - lo] = True
-            part = filter_rows(passed.slice(lo, hi - lo), mask)
-            k = len(labeled)
-            ranking = self.ranking.select(slice(a, b)).select(here)
-            yield pa.table({
-                "post_id": part.column("post_id"),
-                # take() from the names: several times faster than casting the dictionary column.
-                "source": pa.array(self.source_names, pa.string()).take(pa.array(self.source[a:b][here])),
-                "image_sha256": part.column("image_sha256"),
-                "author_key": part.column("author_key"),
-                "likes": self.likes[a:b][here],
-                "followers": self.followers[a:b][here],
-                "n_tags": part.column("n_tags"),
-                "age_days": part.column("age_days"),
-                "exposure": self.exposure[a:b][here],
-                "group_id": ranking.group_id,
-                "rank_in_group": ranking.rank_in_group,
-                "label": ranking.label(),
-                "score": ranking.score(),
-                "split": SPLIT_NAMES.take(pa.array(self.split[a:b][here])),
-                **{name: column.slice(0, k) for name, column in constants.items()},
-            }, schema=LABELS)
+        with ThreadPoolExecutor(max_workers=2, thread_name_prefix="label-slices") as pool:
+            pending: deque = deque()
+            for lo, hi in ranges:
+                pending.append(pool.submit(self._piece, lo, hi, constants))
+                if len(pending) > 2:
+                    yield pending.popleft().result()
+            while pending:
+                yield pending.popleft().result()
+
+    def _piece(self, lo: int, hi: int, constants: dict[str, pa.Array]) -> pa.Table:
+        """The LABELS rows of candidates ``lo:hi``."""
+        a, b = np.searchsorted(self.rows, [lo, hi])
+        here = self.ranking.kept[a:b]  # the eligible rows of this slice that get a label
+        labeled = self.rows[a:b][here]
+        mask = np.zeros(hi - lo, dtype=bool)
+        mask[labeled - lo] = True
+        part = filter_rows(self.cands.select(_PASSED).slice(lo, hi - lo), mask)
+        k = len(labeled)
+        ranking = self.ranking.select(slice(a, b)).select(here)
+        return pa.table({
+            "post_id": part.column("post_id"),
+            # take() from the names: several times faster than casting the dictionary column.
+            "source": pa.array(self.source_names, pa.string()).take(pa.array(self.source[a:b][here])),
+            "image_sha256": part.column("image_sha256"),
+            "author_key": part.column("author_key"),
+            "likes": self.likes[a:b][here],
+            "followers": self.followers[a:b][here],
+            "n_tags": part.column("n_tags"),
+            "age_days": part.column("age_days"),
+            "exposure": self.exposure[a:b][here],
+            "group_id": ranking.group_id,
+            "rank_in_group": ranking.rank_in_group,
+            "label": ranking.label(),
+            "score": ranking.score(),
+            "split": SPLIT_NAMES.take(pa.array(self.split[a:b][here])),
+            **{name: column.slice(0, k) for name, column in constants.items()},
+        }, schema=LABELS)
 
     def table(self) -> pa.Table:
         return pa.concat_tables(self.slices())
