@@ -119,3 +119,11 @@ def test_a_killed_writers_leftover_temp_file_is_cleaned_on_the_next_write(local_
     LocalStorage(local_storage.path).put_bytes("t/data.parquet", b"v2")  # the next run's process
     assert not stale.exists() and fresh.exists()  # a running writer's temp file is left alone
     assert local_storage.get_bytes("t/data.parquet") == b"v2" and local_storage.list("t/") == ["t/data.parquet"]
+
+
+def test_local_keys_cannot_escape_the_root(local_storage):
+    for key in ("../outside", "a/../../outside", "/etc/passwd"):
+        with pytest.raises(StorageError, match="escapes the storage root"):
+            local_storage.put_bytes(key, b"x")
+    local_storage.put_bytes("a/./b/../c", b"x")  # normalised, and inside
+    assert local_storage.get_bytes("a/c") == b"x"

@@ -87,7 +87,10 @@ class LocalStorage(Storage):
         self._swept: set[Path] = set()  # folders already cleared of stale temp files
 
     def _p(self, key: str) -> Path:
-        p = (self.path / key).resolve()
+        """The file of ``key``. Checked as a string (``..`` and absolute keys are refused), not
+        resolved on disk: resolving costs a syscall per path component on every put and get,
+        and links inside the root are the operator's own."""
+        p = Path(os.path.normpath(self.path / key))
         if p != self.path and self.path not in p.parents:
             raise StorageError(f"key {key!r} escapes the storage root {self.root}")
         return p
