@@ -9,7 +9,9 @@ the LABELS rows it yields, built as ``build_labels`` builds them to write them; 
 generation, not Parquet encoding or I/O. The candidates are generated once and written to a
 temporary Arrow file; each timed run is a fresh process that reads it and labels it, so the
 median and the spread of ``--runs`` runs are reported, and each run's peak RSS includes the
-resident input, as a real run's would. Posts look like the project's: 18-digit Mastodon ids,
+resident input, as a real run's would. One untimed warm-up run goes first (``--warmup``; its
+time is printed): on this kind of VM the first process to touch gigabytes after a pause took
+up to twice as long, the host faulting back memory the guest had freed. Posts look like the project's: 18-digit Mastodon ids,
 16-hex author keys (one author per 5 posts), 64-hex image sha256s with 0.1% re-posted images,
 log-normal followers, 5% too young, 2% without a face; 70% from one source, 30% from another
 (groups never mix sources); rows in post_id order, as the pipeline reads them (``--shuffled``:
@@ -146,6 +148,9 @@ def main() -> int:
     ap.add_argument("--rows", type=int, default=10_000_000)
     ap.add_argument("--naive-rows", type=int, default=200_000, help="sample the naive reference runs on")
     ap.add_argument("--runs", type=int, default=3, help="timed runs, each in a fresh process (the median is reported)")
+    ap.add_argument("--warmup", type=int, default=1,
+                    help="untimed runs first (printed): on a VM whose host takes back freed memory, the first "
+                         "process to touch gigabytes after a while pays the host's page faults, up to 2x")
     ap.add_argument("--shuffled", action="store_true",
                     help="rows in random order (a bring-your-own file) instead of post_id order (the pipeline's)")
     ap.add_argument("--child", metavar="FILE", help=argparse.SUPPRESS)
@@ -175,10 +180,14 @@ def main() -> int:
         with open(path, "rb+") as written:
             os.fsync(written.fileno())
         runs = []
-        for _ in range(args.runs):
+        for _ in range(args.warmup + args.runs):
             out = subprocess.run([sys.executable, __file__, "--child", path, "--rows", str(args.rows)],
                                  capture_output=True, text=True, check=True)
             runs.append(json.loads(out.stdout.strip().splitlines()[-1]))
+        warmups, runs = runs[:args.warmup], runs[args.warmup:]
+        if warmups:
+            shown = ", ".join(f"{r['seconds']:.2f}" for r in warmups)
+            print(f"warm-up run{'s' if len(warmups) > 1 else ''} (not counted): {shown} s")
     times = [r["seconds"] for r in runs]
     rss = [r["peak_rss_mb"] for r in runs]
     fast = statistics.median(times)
