@@ -114,8 +114,8 @@ def post_id_key(post_id: pa.Array | pa.ChunkedArray) -> np.ndarray:
 
 def in_post_id_order(post_id: pa.Array | pa.ChunkedArray) -> bool:
     """Whether the ids strictly increase in string order (the project's candidates do: their
-    row indices are then a post_id key). Decimal ids are checked chunk by chunk, no array as
-    long as the column is made."""
+    row indices are then a post_id key). Decimal ids are checked chunk by chunk, without an
+    array as long as the column."""
     last, width = None, None
     for chunk in post_id.chunks if isinstance(post_id, pa.ChunkedArray) else [post_id]:
         if len(chunk) == 0:
