@@ -96,8 +96,7 @@ def apply_filters(cands: pa.Table, lab: LabelingConfig, faces: FacesConfig, *,
             here[hit] = False
 
         def col(name: str, fill: float | int, batch: pa.RecordBatch = batch) -> np.ndarray:
-            values = batch.column(name)
-            return (values.fill_null(fill) if values.null_count else values).to_numpy(zero_copy_only=False)
+            return filled(batch.column(name), fill)
 
         followers = col("followers", -1)
         drop("age_below_min", ~(col("age_days", np.nan) >= lab.min_age_days))  # NaN (no mature observation) fails
@@ -119,6 +118,16 @@ def apply_filters(cands: pa.Table, lab: LabelingConfig, faces: FacesConfig, *,
     return alive, counts
 
 
+def filled(values: pa.Array, fill: float | int, dtype: type | None = None) -> np.ndarray:
+    """One Arrow array as numpy with ``fill`` for nulls (cast to ``dtype`` first where it has
+    nulls and one is given): a view of Arrow's buffer when there is no null to fill."""
+    if values.null_count:
+        if dtype is not None:
+            values = values.cast(pa.from_numpy_dtype(dtype))
+        values = values.fill_null(fill)
+    return values.to_numpy(zero_copy_only=False)
+
+
 def numpy_column(column: pa.ChunkedArray | pa.Array, dtype: type, fill: float | int,
                  keep: np.ndarray | None = None) -> np.ndarray:
     """One numeric column as a numpy array with ``fill`` for nulls (only the rows where the
@@ -128,9 +137,7 @@ def numpy_column(column: pa.ChunkedArray | pa.Array, dtype: type, fill: float | 
     out = np.empty(len(column) if keep is None else int(np.count_nonzero(keep)), dtype=dtype)
     start = at = 0
     for chunk in column.chunks if isinstance(column, pa.ChunkedArray) else [column]:
-        if chunk.null_count:
-            chunk = chunk.cast(pa.from_numpy_dtype(dtype)).fill_null(fill)
-        values = chunk.to_numpy(zero_copy_only=False)
+        values = filled(chunk, fill, dtype)
         if keep is not None:
             values = values[keep[start:start + len(values)]]
         start += len(chunk)
