@@ -40,8 +40,7 @@ from labeling.eligibility import (
 from labeling.rank_groups import (
     Ranking,
     exposure,
-    in_post_id_order,
-    post_id_key,
+    post_id_key_unless_ordered,
     rank_groups,
     source_codes,
 )
@@ -241,7 +240,7 @@ def label_run(cands: pa.Table, cfg: Config, run_id: str, *, labeler: str | None 
     # Columns read for every candidate, whatever the filters decide, are computed on a second
     # core while the filters run on this one (numpy and Arrow release the GIL).
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="label-columns") as pool:
-        in_order_ = pool.submit(in_post_id_order, cands.column("post_id"))
+        keys_ = pool.submit(post_id_key_unless_ordered, cands.column("post_id"))
         sources_ = pool.submit(source_codes, cands.column("source"))
         # Hashed in place in Arrow's buffers, all rows: cheaper than copying the kept strings.
         splits_ = pool.submit(split_index, cands.column("author_key"), lab)
@@ -258,7 +257,8 @@ def label_run(cands: pa.Table, cfg: Config, run_id: str, *, labeler: str | None 
         rows = np.flatnonzero(eligible)
         del eligible
         # Candidates in post_id order (the project's are): their row indices are a post_id key.
-        key = rows if in_order_.result() else post_id_key(cands.column("post_id"))[rows]
+        key = keys_.result()
+        key = rows if key is None else key[rows]
         source, names = sources_.result()
         source = source[rows]
     ranking = rank(labeler, likes=likes, followers=followers, n_tags=n_tags, exposure_=exp, key=key,

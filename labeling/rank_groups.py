@@ -112,10 +112,10 @@ def post_id_key(post_id: pa.Array | pa.ChunkedArray) -> np.ndarray:
     return key
 
 
-def in_post_id_order(post_id: pa.Array | pa.ChunkedArray) -> bool:
-    """Whether the ids strictly increase in string order (the project's candidates do: their
-    row indices are then a post_id key). Decimal ids are checked chunk by chunk, without an
-    array as long as the column."""
+def post_id_key_unless_ordered(post_id: pa.Array | pa.ChunkedArray) -> np.ndarray | None:
+    """None when the ids strictly increase in string order (the project's candidates do: their
+    row indices are then a post_id key), else :func:`post_id_key`. Decimal ids are checked
+    chunk by chunk, without an array as long as the column."""
     last, width = None, None
     for chunk in post_id.chunks if isinstance(post_id, pa.ChunkedArray) else [post_id]:
         if len(chunk) == 0:
@@ -123,13 +123,13 @@ def in_post_id_order(post_id: pa.Array | pa.ChunkedArray) -> bool:
         here = _decimal_width(chunk)
         if here is None or width not in (None, here):
             key = post_id_key(post_id)
-            return bool(np.all(key[1:] > key[:-1]))
+            return None if np.all(key[1:] > key[:-1]) else key
         width = here
         values = pc.cast(chunk, pa.int64()).to_numpy()
         if (last is not None and values[0] <= last) or not np.all(values[1:] > values[:-1]):
-            return False
+            return post_id_key(post_id)
         last = values[-1]
-    return True
+    return None
 
 
 def source_codes(source: pa.Array | pa.ChunkedArray) -> tuple[np.ndarray, list[str]]:

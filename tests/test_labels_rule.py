@@ -324,15 +324,20 @@ def test_duplicate_images_of_chunks_full_of_digests_match_a_plain_reference():
     assert duplicate_images(chunked, alive).tolist() == want
 
 
-def test_in_post_id_order_checks_within_and_across_chunks():
-    from labeling.rank_groups import in_post_id_order
+def test_post_id_order_is_checked_within_and_across_chunks():
+    from labeling.rank_groups import post_id_key, post_id_key_unless_ordered
 
     def chunked(*chunks):
         return pa.chunked_array([pa.array(c, pa.string()) for c in chunks])
 
-    assert in_post_id_order(chunked(["001", "002"], [], ["010", "011"]))
-    assert not in_post_id_order(chunked(["001", "005"], ["004", "011"]))  # the step back is between chunks
-    assert not in_post_id_order(chunked(["001", "001"]))  # equal ids: not strictly increasing
-    assert in_post_id_order(chunked(["9", "a"], ["ab", "b"]))  # not decimal: compared as strings
-    assert in_post_id_order(chunked(["10", "9"]))  # two widths: string order decides, "10" < "9"
-    assert in_post_id_order(chunked(["9"], ["10"])) is False  # across chunks too
+    def in_order(ids):
+        key = post_id_key_unless_ordered(ids)
+        assert key is None or key.tolist() == post_id_key(ids).tolist()  # out of order: the key itself
+        return key is None
+
+    assert in_order(chunked(["001", "002"], [], ["010", "011"]))
+    assert not in_order(chunked(["001", "005"], ["004", "011"]))  # the step back is between chunks
+    assert not in_order(chunked(["001", "001"]))  # equal ids: not strictly increasing
+    assert in_order(chunked(["9", "a"], ["ab", "b"]))  # not decimal: compared as strings
+    assert in_order(chunked(["10", "9"]))  # two widths: string order decides, "10" < "9"
+    assert in_order(chunked(["9"], ["10"])) is False  # across chunks too
