@@ -137,7 +137,7 @@ class LabelsRun:
     likes: np.ndarray
     followers: np.ndarray
     exposure: np.ndarray
-    source: np.ndarray  # int32 index into source_names
+    source: np.ndarray  # index into source_names (uint8 for up to 256 sources)
     source_names: list[str]
     ranking: Ranking
     split: np.ndarray  # int8 index into SPLITS

@@ -133,14 +133,17 @@ def post_id_key_unless_ordered(post_id: pa.Array | pa.ChunkedArray) -> np.ndarra
 
 
 def source_codes(source: pa.Array | pa.ChunkedArray) -> tuple[np.ndarray, list[str]]:
-    """An int32 code per row whose order is the source names' order, and the names by code
-    (a null is the source "").
+    """A code per row whose order is the source names' order, and the names by code (a null is
+    the source "").
 
     Groups never mix sources (exposure means something else on each platform), so the rule
     sorts by this code before exposure. Dictionary-encoded input costs no string work per row.
+    Codes are the narrowest unsigned integers that hold them (uint8 up to 256 sources): DuckDB's
+    exposure sort compares fixed-width keys, and a one-byte source sorted 10M rows in ~2/3 of
+    the time an int32 source took.
     """
     if len(source) == 0:
-        return np.empty(0, dtype=np.int32), []
+        return np.empty(0, dtype=np.uint8), []
     encoded = source
     if pa.types.is_dictionary(encoded.type) and encoded.null_count:
         encoded = encoded.cast(pa.string())
@@ -153,9 +156,10 @@ def source_codes(source: pa.Array | pa.ChunkedArray) -> tuple[np.ndarray, list[s
         chunks = [encoded]
     listed = chunks[0].dictionary.to_pylist()
     by_name = sorted(range(len(listed)), key=listed.__getitem__)
-    rank_of_code = np.empty(len(listed), dtype=np.int32)
-    rank_of_code[by_name] = np.arange(len(listed), dtype=np.int32)
-    codes = np.empty(len(source), dtype=np.int32)
+    code_type = np.min_scalar_type(max(len(listed) - 1, 0))
+    rank_of_code = np.empty(len(listed), dtype=code_type)
+    rank_of_code[by_name] = np.arange(len(listed), dtype=code_type)
+    codes = np.empty(len(source), dtype=code_type)
     at = 0
     for chunk in chunks:  # one code array written chunk by chunk
         codes[at:at + len(chunk)] = rank_of_code[chunk.indices.to_numpy()]
