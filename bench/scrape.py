@@ -10,9 +10,11 @@ What it does, all on loopback:
 2. fetches every URL once to warm the simulator's render cache, so neither client pays for
    rendering (timed and reported separately);
 3. **likerank**: in a child process, ``Downloader.run`` over the URLs with ``--threads``
-   threads (per-host limits opened up: one host), storing every image content-addressed,
-   computing its phash and writing the ``downloads`` and ``images`` partitions; images/s is
-   wall time from the first request to the tables being written;
+   threads (per-host limits opened up: one host), checking each image's header (format,
+   dimensions, PNG checksums), storing it content-addressed and writing the ``downloads`` and
+   ``images`` partitions; images/s is wall time from the first request to the tables being
+   written. Pixels are decoded once in the pipeline, by the face stage (its bench includes that
+   decode and the perceptual hash), so not here;
 4. **img2dataset** (rom1504/img2dataset) fetches the same URL list at the same thread count
    with ``resize_mode="no"`` and ``output_format="files"``, in the Python given by
    ``$IMG2DATASET_PYTHON`` (default ``/tmp/i2d/bin/python``; install with
@@ -26,8 +28,7 @@ What it does, all on loopback:
    content addressing then stores each once, but every URL is a full download and a row).
 
 Prints images/s for both, per pair and as the median (min..max) over pairs, and the median of
-the per-pair ratios (goal: likerank >= 1.2x img2dataset while also writing its tables and
-hashes); the two peak RSS figures (goal: flat); and the load average before and after, since
+the per-pair ratios (goal: likerank >= 1.2x img2dataset while also writing its tables); the two peak RSS figures (goal: flat); and the load average before and after, since
 the figures mean little on a machine that something else keeps busy.
 """
 
@@ -196,7 +197,7 @@ def main() -> None:
             lr_rates.append(lr["ok"] / lr["seconds"])
             lr_rss.append(lr["rss_mb"])
             print(f"pair {k} likerank:    {lr['ok']}/{lr['urls']} ok in {lr['seconds']:.2f} s = {lr_rates[-1]:.0f} images/s "
-                  f"(stored, phashed, downloads+images tables written), peak RSS {lr['rss_mb']:.0f} MB")
+                  f"(checked, stored, downloads+images tables written), peak RSS {lr['rss_mb']:.0f} MB")
             if not i2d_ok:
                 continue
             i2d_rate = run_img2dataset(work / "urls.txt", work / f"i2d-{k}", a.threads)

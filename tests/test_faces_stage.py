@@ -70,10 +70,14 @@ def test_detect_shard_writes_one_row_per_image(faces_cfg, local_storage, face_de
     assert cat["status"] == "ok" and cat["n_faces"] == 0 and cat["largest_face_share"] == 0.0
     assert cat["largest_face_cx"] is None
 
+    # Every decoded image has its perceptual hash: the one decode of the pipeline is here.
+    assert all(len(r["phash"]) == 16 and int(r["phash"], 16) >= 0 for r in (t1, astro, cat))
+    assert len({t1["phash"], astro["phash"], cat["phash"]}) == 3
+
     for name in ("truncated", "garbage"):
         row = rows[shas[name]]
         assert row["status"] == "decode_error" and row["error"] and row["n_faces"] == 0
-        assert row["largest_face_share"] is None
+        assert row["largest_face_share"] is None and row["phash"] is None
     assert "truncated" in rows[shas["truncated"]]["error"]
 
     # the resolved config is saved beside the partition, secrets blanked

@@ -45,7 +45,7 @@ def download(pid: str, status: str = "ok", sha: str | None = None) -> dict:
 def face_row(sha: str, scores: list[float], status: str = "ok") -> dict:
     faces = [{"x1": 0.0, "y1": 0.0, "x2": 50.0, "y2": 50.0, "score": s, "landmarks": [0.0] * 10} for s in scores]
     return {"sha256": sha, "detector_id": "det", "status": status, "error": None, "width": 100, "height": 100,
-            "n_faces": len(scores), "faces": faces, "largest_face_share": 0.25 if scores else None,
+            "phash": None, "n_faces": len(scores), "faces": faces, "largest_face_share": 0.25 if scores else None,
             "largest_face_cx": None, "largest_face_cy": None, "detected_at": T0}
 
 

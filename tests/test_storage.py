@@ -44,7 +44,8 @@ def _faces(n: int, status: str = "ok") -> pa.Table:
     now = pa.scalar(0, pa.timestamp("us", tz="UTC"))
     return pa.table({
         "sha256": [f"{i:064x}" for i in range(n)], "detector_id": ["d"] * n, "status": [status] * n,
-        "error": pa.nulls(n, pa.string()), "width": [640] * n, "height": [480] * n, "n_faces": [0] * n,
+        "error": pa.nulls(n, pa.string()), "width": [640] * n, "height": [480] * n,
+        "phash": pa.nulls(n, pa.string()), "n_faces": [0] * n,
         "faces": [[] for _ in range(n)],
         "largest_face_share": pa.nulls(n, pa.float32()), "largest_face_cx": pa.nulls(n, pa.float32()),
         "largest_face_cy": pa.nulls(n, pa.float32()), "detected_at": pa.array([now.value] * n, now.type),
@@ -63,7 +64,8 @@ def test_partition_write_is_idempotent_and_read_back(storage: Storage):
 
 
 def test_writer_rejects_wrong_types_naming_table_and_column(storage: Storage):
-    bad = _faces(2).set_column(6, "n_faces", pa.array(["one", "two"]))
+    good = _faces(2)
+    bad = good.set_column(good.schema.get_field_index("n_faces"), "n_faces", pa.array(["one", "two"]))
     with pytest.raises(SchemaError, match=r"table faces: column n_faces: expected int32, found string"):
         write_partition(storage, "faces", "2026-11-01", bad)
     with pytest.raises(SchemaError, match=r"table faces: missing column\(s\) status"):

@@ -89,7 +89,6 @@ IMAGES = pa.schema([
     f("width", pa.int32(), "Width, pixels."),
     f("height", pa.int32(), "Height, pixels."),
     f("format", pa.string(), "Pillow format name, e.g. JPEG, PNG."),
-    f("phash", pa.string(), "64-bit perceptual hash, 16 hex digits."),
     f("bytes", pa.int64(), "Size of the stored file, bytes."),
     f("storage_key", pa.string(), "Key under the storage root: images/<aa>/<sha256>."),
 ])
@@ -108,6 +107,8 @@ FACES = pa.schema([
     f("error", pa.string(), "What went wrong, for humans.", nullable=True),
     f("width", pa.int32(), "Image width, pixels.", nullable=True),
     f("height", pa.int32(), "Image height, pixels.", nullable=True),
+    f("phash", pa.string(), "64-bit perceptual hash (imagehash.phash) of the decoded image, 16 hex digits; "
+                            "null when it did not decode.", nullable=True),
     f("n_faces", pa.int32(), "Faces found at or above the detector threshold."),
     f("faces", pa.list_(FACE), "Each face: box (pixels), score, five landmarks (x,y pairs)."),
     f("largest_face_share", pa.float32(), "Largest face box area / image area.", nullable=True),

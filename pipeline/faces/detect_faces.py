@@ -4,7 +4,9 @@ Read, decode, detect, write, in that order and overlapped:
 
 * :func:`detect_stream` runs the pipeline over any iterable of (key, loader) pairs. Loading and
   decoding run in ``faces.decode_workers`` threads (Pillow, cv2, numpy and storage reads all
-  release the GIL), each producing an image fitted to ``det_size`` and its normalised canvas;
+  release the GIL), each producing an image fitted to ``det_size``, its normalised canvas and
+  its perceptual hash (:mod:`pipeline.faces.phash`: the only full decode of an image in the
+  whole pipeline is this one, so the hash is taken here);
   inference runs in :attr:`FaceDetector.infer_workers` threads. At most ``queue_size`` images
   are in flight between the two, so memory stays bounded whatever the shard size. Results
   come back in input order.
@@ -33,6 +35,7 @@ from typing import TYPE_CHECKING, Any
 
 from pipeline.core import keys
 from pipeline.faces.decode import DecodeError, FittedImage, decode_fitted
+from pipeline.faces.phash import perceptual_hash
 
 if TYPE_CHECKING:
     import numpy as np
@@ -59,10 +62,11 @@ class Detection:
     width: int | None = None
     height: int | None = None
     faces: list[Face] = field(default_factory=list)
+    phash: str | None = None  # of the decoded image; None when it did not decode
 
     def as_dict(self) -> dict[str, Any]:
         return {"status": self.status, "error": self.error, "width": self.width, "height": self.height,
-                "n_faces": len(self.faces), "faces": [f.as_dict() for f in self.faces]}
+                "phash": self.phash, "n_faces": len(self.faces), "faces": [f.as_dict() for f in self.faces]}
 
 
 # --------------------------------------------------------------------------- the stream
@@ -122,8 +126,9 @@ def detect_stream(
                 fut.cancel()
 
 
-def _load_and_prepare(detector: FaceDetector, loader: Loader, max_pixels: int) -> tuple[FittedImage, np.ndarray] | Detection:
-    """Decode-thread work: bytes -> fitted image + normalised canvas, or a failure row."""
+def _load_and_prepare(detector: FaceDetector, loader: Loader,
+                      max_pixels: int) -> tuple[FittedImage, np.ndarray, str] | Detection:
+    """Decode-thread work: bytes -> fitted image, normalised canvas and phash, or a failure row."""
     try:
         data = loader()
     except FileNotFoundError as exc:
@@ -136,7 +141,7 @@ def _load_and_prepare(detector: FaceDetector, loader: Loader, max_pixels: int) -
         return Detection("decode_error", error=str(exc))
     except Exception as exc:  # noqa: BLE001 - one bad image must not fail the shard
         return Detection("decode_error", error=f"{type(exc).__name__}: {exc}")
-    return img, detector.blob(img.rgb, detector.det_size)
+    return img, detector.blob(img.rgb, detector.det_size), perceptual_hash(img.rgb)
 
 
 def _infer(detector: FaceDetector, decoded: list[Future]) -> list[Detection]:
@@ -155,12 +160,13 @@ def _infer(detector: FaceDetector, decoded: list[Future]) -> list[Detection]:
         else:
             found = detector.detect_batch(imgs, np.concatenate([prepared[i][1] for i in todo]))
         for i, img, faces in zip(todo, imgs, found, strict=True):
-            out[i] = Detection("ok", width=img.width, height=img.height, faces=faces)
+            out[i] = Detection("ok", width=img.width, height=img.height, faces=faces, phash=prepared[i][2])
     except Exception as exc:  # noqa: BLE001 - a failed run marks its images, the shard goes on
         log.exception("face detection failed for a batch of %d image(s)", len(todo))
         for i in todo:
-            img = prepared[i][0]
-            out[i] = Detection("error", error=f"{type(exc).__name__}: {exc}", width=img.width, height=img.height)
+            img, _, phash = prepared[i]
+            out[i] = Detection("error", error=f"{type(exc).__name__}: {exc}", width=img.width, height=img.height,
+                               phash=phash)
     return out  # type: ignore[return-value]
 
 
@@ -186,7 +192,7 @@ def faces_table(results: Iterable[tuple[str, Detection]], detector_id: str, dete
                 cy = (big.y1 + big.y2) / 2 / det.height
         for name, value in (("sha256", sha), ("detector_id", detector_id), ("status", det.status),
                             ("error", det.error), ("width", det.width), ("height", det.height),
-                            ("n_faces", len(det.faces)), ("faces", [f.as_dict() for f in det.faces]),
+                            ("phash", det.phash), ("n_faces", len(det.faces)), ("faces", [f.as_dict() for f in det.faces]),
                             ("largest_face_share", share), ("largest_face_cx", cx), ("largest_face_cy", cy),
                             ("detected_at", detected_at)):
             cols[name].append(value)

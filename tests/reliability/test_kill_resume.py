@@ -81,7 +81,7 @@ def snapshot(root: Path) -> dict[str, Counter]:
         "posts": ["instance", "post_id", "author_key", "likes", "image_urls"],
         "engagement": ["instance", "post_id", "likes", "age_days"],
         "downloads": ["post_id", "url", "status", "sha256"],
-        "images": ["sha256", "width", "height", "phash"],
+        "images": ["sha256", "width", "height", "format"],
         "faces": ["sha256", "detector_id", "status", "n_faces"],
     }
     out = {}
