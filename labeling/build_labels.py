@@ -39,6 +39,7 @@ from labeling.eligibility import (
 )
 from labeling.rank_groups import (
     Ranking,
+    code_counts,
     exposure,
     post_id_key_unless_ordered,
     rank_groups,
@@ -210,21 +211,39 @@ class LabelsRun:
         return int(np.count_nonzero(self.ranking.kept & ~published[self.rows]))
 
 
-def eligible_exposure(cands: pa.Table, eligible: np.ndarray, tag_bonus: float) -> np.ndarray:
-    """:func:`labeling.rank_groups.exposure` of the eligible rows, batch by batch: no column or
-    temporary is ever as long as the table."""
-    out = np.empty(int(np.count_nonzero(eligible)), dtype=np.float64)
+@dataclass
+class EligibleNumbers:
+    """The numeric columns the labelers read, for the eligible rows only (nulls occur only in
+    ineligible rows)."""
+
+    likes: np.ndarray  # int64
+    followers: np.ndarray  # int64
+    exposure: np.ndarray  # float64, :func:`labeling.rank_groups.exposure`
+    n_tags: np.ndarray | None  # int64, when asked for (the residual labeler's)
+
+
+def eligible_numbers(cands: pa.Table, eligible: np.ndarray, tag_bonus: float, *,
+                     with_n_tags: bool = False) -> EligibleNumbers:
+    """:class:`EligibleNumbers` in one pass, batch by batch: each column is read once in place
+    and no temporary is ever as long as the table."""
+    n = int(np.count_nonzero(eligible))
+    likes, followers = np.empty(n, dtype=np.int64), np.empty(n, dtype=np.int64)
+    exp = np.empty(n, dtype=np.float64)
+    n_tags = np.empty(n, dtype=np.int64) if with_n_tags else None
     start = at = 0
-    for batch in cands.select(["followers", "n_tags", "views"]).to_batches():
+    for batch in cands.select(["likes", "followers", "n_tags", "views"]).to_batches():
         keep = eligible[start:start + batch.num_rows]
         start += batch.num_rows
+        column = {name: numpy_column(batch.column(name), np.int64, 0, keep) for name in ("likes", "followers", "n_tags")}
         views = batch.column("views")
         views = numpy_column(views, np.float64, np.nan, keep) if views.null_count < len(views) else None
-        here = exposure(numpy_column(batch.column("followers"), np.int64, 0, keep),
-                        numpy_column(batch.column("n_tags"), np.int64, 0, keep), tag_bonus, views)
-        out[at:at + len(here)] = here
-        at += len(here)
-    return out
+        end = at + len(column["likes"])
+        likes[at:end], followers[at:end] = column["likes"], column["followers"]
+        exp[at:end] = exposure(column["followers"], column["n_tags"], tag_bonus, views)
+        if n_tags is not None:
+            n_tags[at:end] = column["n_tags"]
+        at = end
+    return EligibleNumbers(likes, followers, exp, n_tags)
 
 
 def label_run(cands: pa.Table, cfg: Config, run_id: str, *, labeler: str | None = None,
@@ -249,11 +268,7 @@ def label_run(cands: pa.Table, cfg: Config, run_id: str, *, labeler: str | None 
         for reason, n in (counts or {}).items():
             dropped[reason] += n
 
-        # Nulls occur only in ineligible rows.
-        likes, followers = (numpy_column(cands.column(name), np.int64, 0, keep=eligible)
-                            for name in ("likes", "followers"))
-        exp = eligible_exposure(cands, eligible, lab.tag_bonus)
-        n_tags = numpy_column(cands.column("n_tags"), np.int64, 0, keep=eligible) if labeler == "residual" else None
+        numbers = eligible_numbers(cands, eligible, lab.tag_bonus, with_n_tags=labeler == "residual")
         rows = np.flatnonzero(eligible)
         del eligible
         # Candidates in post_id order (the project's are): their row indices are a post_id key.
@@ -261,21 +276,22 @@ def label_run(cands: pa.Table, cfg: Config, run_id: str, *, labeler: str | None 
         key = rows if key is None else key[rows]
         source, names = sources_.result()
         source = source[rows]
-    ranking = rank(labeler, likes=likes, followers=followers, n_tags=n_tags, exposure_=exp, key=key,
-                   source=source, group_size=lab.group_size)
-    del key, n_tags
-    run = LabelsRun(cands=cands, rows=rows, likes=likes, followers=followers, exposure=exp, source=source,
+    ranking = rank(labeler, likes=numbers.likes, followers=numbers.followers, n_tags=numbers.n_tags,
+                   exposure_=numbers.exposure, key=key, source=source, group_size=lab.group_size)
+    del key
+    run = LabelsRun(cands=cands, rows=rows, likes=numbers.likes, followers=numbers.followers, exposure=numbers.exposure,
+                    source=source,
                     source_names=names, ranking=ranking, split=splits_.result()[rows], labeler=labeler,
                     params_hash=cfg.section_hash("labeling"), run_id=run_id, summary={})
-    partial = ~ranking.kept  # a few rows per source
-    dropped["partial_group"] = int(np.count_nonzero(partial))
+    partial = np.flatnonzero(~ranking.kept)  # a few rows per source
+    dropped["partial_group"] = len(partial)
     n = len(rows) - dropped["partial_group"]
     labels = ranking.label()  # 0 where not kept (rank 0)
-    positive = int(labels.sum())
-    split_counts = np.bincount(run.split, minlength=len(SPLITS)) - np.bincount(run.split[partial], minlength=len(SPLITS))
+    positive = int(np.count_nonzero(labels))
+    split_counts = code_counts(run.split, len(SPLITS)) - np.bincount(run.split[partial], minlength=len(SPLITS))
     split_counts = dict(zip(SPLITS, split_counts.tolist(), strict=True))
-    rows_per_source = np.bincount(source, minlength=len(names)) - np.bincount(source[partial], minlength=len(names))
-    positive_per_source = np.bincount(source[labels == 1], minlength=len(names))
+    rows_per_source = code_counts(source, len(names)) - np.bincount(source[partial], minlength=len(names))
+    positive_per_source = code_counts(source, len(names), where=labels == 1)
     per_source = {names[code]: {"rows_out": int(rows_per_source[code]),
                                 "groups": int(rows_per_source[code]) // run.ranking.group_size,
                                 "positive": int(positive_per_source[code])}

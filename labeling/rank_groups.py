@@ -167,6 +167,21 @@ def source_codes(source: pa.Array | pa.ChunkedArray) -> tuple[np.ndarray, list[s
     return codes, [listed[i] for i in by_name]
 
 
+def code_counts(codes: np.ndarray, n: int, where: np.ndarray | None = None) -> np.ndarray:
+    """``np.bincount(codes[where], minlength=n)`` for codes below ``n``: for the handful of
+    sources or splits, one vectorized comparison per code, where ``np.bincount`` would first
+    copy narrow codes to int64 (72 MB at 9M rows, 0.1 s here) and ``codes[where]`` copy them."""
+    if n > 8:
+        return np.bincount(codes if where is None else codes[where], minlength=n)
+    out = np.zeros(n, dtype=np.int64)
+    for code in range(n):
+        hit = codes == code
+        if where is not None:
+            hit &= where
+        out[code] = np.count_nonzero(hit)
+    return out
+
+
 def exposure_order(exposure_: np.ndarray, source: np.ndarray | None = None) -> np.ndarray:
     """Row indices sorted by source code, exposure descending, then row index ascending (rows
     must be in post_id order, so the last is post_id order)."""
