@@ -22,6 +22,7 @@ lexsort).
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
@@ -242,12 +243,23 @@ def rank_groups(exposure_: np.ndarray, likes: np.ndarray, key: np.ndarray, group
     group_id = np.full(n, -1, dtype=np.int32)
     rank = np.zeros(n, dtype=np.int32)
     likes = np.asarray(likes, dtype=np.int64)
+    blocks = []  # (first group id, groups x G row indices) per source
     start = first_group = 0
     for rows in per_source:
         groups = int(rows) // group_size
-        grouped = order[start:start + groups * group_size].reshape(groups, group_size)
+        blocks.append((first_group, order[start:start + groups * group_size].reshape(groups, group_size)))
         start += int(rows)
-        group_id[grouped] = np.arange(first_group, first_group + groups, dtype=np.int32)[:, None]
-        rank[in_rank_order(grouped, likes)] = np.arange(1, group_size + 1, dtype=np.int32)[None, :]
         first_group += groups
+
+    def write_group_ids() -> None:
+        for first, grouped in blocks:
+            group_id[grouped] = np.arange(first, first + len(grouped), dtype=np.int32)[:, None]
+
+    # The group ids are scattered on a second core while this one sorts within groups (numpy
+    # releases the GIL for both).
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="label-groups") as pool:
+        written = pool.submit(write_group_ids)
+        for _, grouped in blocks:
+            rank[in_rank_order(grouped, likes)] = np.arange(1, group_size + 1, dtype=np.int32)[None, :]
+        written.result()
     return Ranking(group_id=group_id, rank_in_group=rank, group_size=group_size)
