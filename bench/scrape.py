@@ -13,8 +13,8 @@ What it does, all on loopback:
    threads (per-host limits opened up: one host), checking each image's header (format,
    dimensions, PNG checksums), storing it content-addressed and writing the ``downloads`` and
    ``images`` partitions; images/s is wall time from the first request to the tables being
-   written. Pixels are decoded once in the pipeline, by the face stage (its bench includes that
-   decode and the perceptual hash), so not here;
+   written. Pixels are first decoded by the face stage (its bench includes that decode and
+   the perceptual hash), not here;
 4. **img2dataset** (rom1504/img2dataset) fetches the same URL list at the same thread count
    with ``resize_mode="no"`` and ``output_format="files"``, in the Python given by
    ``$IMG2DATASET_PYTHON`` (default ``/tmp/i2d/bin/python``; install with

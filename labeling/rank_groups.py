@@ -172,7 +172,7 @@ def code_counts(codes: np.ndarray, n: int, where: np.ndarray | None = None) -> n
     """``np.bincount(codes[where], minlength=n)`` for codes below ``n``: for the handful of
     sources or splits, one vectorized comparison per code, where ``np.bincount`` would first
     copy narrow codes to int64 (72 MB at 9M rows, 0.1 s here) and ``codes[where]`` copy them."""
-    if n > 8:
+    if n > 8:  # past a handful of codes, one pass per code costs more than bincount's copy
         return np.bincount(codes if where is None else codes[where], minlength=n)
     out = np.zeros(n, dtype=np.int64)
     for code in range(n):

@@ -5,8 +5,8 @@ Read, decode, detect, write, in that order and overlapped:
 * :func:`detect_stream` runs the pipeline over any iterable of (key, loader) pairs. Loading and
   decoding run in ``faces.decode_workers`` threads (Pillow, cv2, numpy and storage reads all
   release the GIL), each producing an image fitted to ``det_size``, its normalised canvas and
-  its perceptual hash (:mod:`pipeline.faces.phash`: the only full decode of an image in the
-  whole pipeline is this one, so the hash is taken here);
+  its perceptual hash (:mod:`pipeline.faces.phash`: the downloader reads headers only, so
+  this is where an image's pixels are first decoded, and the hash is taken here);
   inference runs in :attr:`FaceDetector.infer_workers` threads. At most ``queue_size`` images
   are in flight between the two, so memory stays bounded whatever the shard size. Results
   come back in input order.

@@ -18,8 +18,8 @@ concurrency cap, retries, timeouts, streamed size cap), then these content check
 
 No pixel is decoded here. The face stage decodes every image anyway: an image whose pixel
 data is truncated or corrupt becomes a ``faces`` row with status ``decode_error`` there, and the
-perceptual hash is taken there from the decoded pixels (:mod:`pipeline.faces.phash`). Each
-image is decoded once in the whole pipeline (a decode and phash here took a quarter of the
+perceptual hash is taken there from the decoded pixels (:mod:`pipeline.faces.phash`). Between
+download and labels each image is decoded once (a decode and phash here took a quarter of the
 downloader's CPU: JPEG ~0.6 ms, PNG ~4.5 ms, then the hash's resize).
 
 Only ``scrape.threads`` downloads are in flight (twice that queued), so memory holds at most
