@@ -13,8 +13,8 @@ downloaded) and each execution provider it measures, at 640 px:
 * model only: ``run_with_iobinding`` on a batch already on the device (the GPU's ceiling);
 * decode excluded: decoded, fitted uint8 canvases in host memory -> device -> SCRFD -> host ->
   boxes (post-processing included);
-* decode included: JPEG bytes -> decode threads (:func:`pipeline.faces.decode.decode_fitted`)
-  -> the same batched path, overlapped;
+* decode included: JPEG bytes -> decode threads (:func:`pipeline.faces.decode.decode_fitted`
+  and the perceptual hash, as the stage does) -> the same batched path, overlapped;
 * the production stage, :func:`pipeline.faces.detect_faces.detect_stream` with a CUDA
   :class:`~pipeline.faces.detector.FaceDetector` (batch 1, since insightface's SCRFD files
   fix the batch axis to 1).
@@ -54,6 +54,7 @@ from faces import photo_sized, simulator_images  # noqa: E402  (bench/faces.py: 
 from pipeline.core.config import load_config  # noqa: E402
 from pipeline.faces.decode import FittedImage, decode_fitted  # noqa: E402
 from pipeline.faces.detector import CPU, CUDA, SHIPPED_MODEL, FaceDetector  # noqa: E402
+from pipeline.faces.phash import perceptual_hash  # noqa: E402
 
 TRT = "TensorrtExecutionProvider"
 FACES_ANCHOR_IMG_S = 2000.0  # the target: images/s end to end, decode included, one GPU
@@ -201,13 +202,19 @@ def decode_excluded(runner: Runner, detector: FaceDetector, imgs: list[FittedIma
 
 def decode_included(runner: Runner, detector: FaceDetector, images: list[bytes], batch: int, workers: int,
                     seconds: float) -> float:
-    """Images/s from image bytes to faces: ``workers`` threads decode (and fit) while the
-    calling thread runs batches; four batches are in flight."""
+    """Images/s from image bytes to faces: ``workers`` threads decode, fit and hash (the stage's
+    decode-thread work) while the calling thread runs batches; four batches are in flight."""
     take = cycle_batches(images, batch)
     size = detector.det_size
+
+    def decode_and_hash(data: bytes) -> FittedImage:
+        img = decode_fitted(data, size)
+        perceptual_hash(img.rgb)
+        return img
+
     with ThreadPoolExecutor(workers, thread_name_prefix="gpu-bench-decode") as pool:
         def submit() -> list[Future]:
-            return [pool.submit(decode_fitted, data, size) for data in take()]
+            return [pool.submit(decode_and_hash, data) for data in take()]
 
         inflight = [submit() for _ in range(4)]
         faces_of_batch(runner, detector, [f.result() for f in inflight.pop(0)], size)  # warm-up
