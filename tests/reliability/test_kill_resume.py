@@ -106,8 +106,10 @@ def kill_repeatedly(code: str, clean_s: float, rng: random.Random, rows: Callabl
     count after each kill.
 
     Half the points are times within what is left of a clean run (start-up included); half are
-    "once the work has grown past a random point short of the end, plus up to 0.1 s", which
-    lands between and inside flushes however little the resumed run has left. ``progress`` is
+    "once the work has grown past a random point in the first half of what is left, plus up to
+    0.1 s", which lands between and inside flushes however little the resumed run has left, and
+    leaves work behind: however far a time-based kill let a run get, the runs still end in
+    several distinct partial states (the test checks they did). ``progress`` is
     a cheaper measure of the work done and its total (default: ``rows``, ``total``), polled
     every 20 ms while a child runs."""
     done, end = progress or (rows, total)
@@ -118,7 +120,9 @@ def kill_repeatedly(code: str, clean_s: float, rng: random.Random, rows: Callabl
             run_child(code, kill_when=lambda t, at=at: t >= at)
         else:
             now = done()
-            target, extra, reached = rng.randint(min(now + 1, end - 1), end - 1), rng.uniform(0.0, 0.1), [None]
+            first = min(now + 1, end - 1)
+            target = rng.randint(first, max(first, now + (end - now) // 2))
+            extra, reached = rng.uniform(0.0, 0.1), [None]
 
             def kill_when(t, target=target, extra=extra, reached=reached):
                 if reached[0] is None and done() >= target:
