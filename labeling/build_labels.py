@@ -280,8 +280,9 @@ def label_run(cands: pa.Table, cfg: Config, run_id: str, *, labeler: str | None 
                    exposure_=numbers.exposure, key=key, source=source, group_size=lab.group_size)
     del key
     run = LabelsRun(cands=cands, rows=rows, likes=numbers.likes, followers=numbers.followers,
-                    exposure=numbers.exposure, source=source, source_names=names, ranking=ranking, split=splits_.result()[rows], labeler=labeler,
-                    params_hash=cfg.section_hash("labeling"), run_id=run_id, summary={})
+                    exposure=numbers.exposure, source=source, source_names=names, ranking=ranking,
+                    split=splits_.result()[rows], labeler=labeler, params_hash=cfg.section_hash("labeling"),
+                    run_id=run_id, summary={})
     partial = np.flatnonzero(~ranking.kept)  # a few rows per source
     dropped["partial_group"] = len(partial)
     n = len(rows) - dropped["partial_group"]

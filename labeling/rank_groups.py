@@ -239,7 +239,7 @@ def rank_groups(exposure_: np.ndarray, likes: np.ndarray, key: np.ndarray, group
     order = exposure_order(exposure_, source)
     # Sorted by source first, so each source is one block of ``order``; its full groups are
     # a (groups x G) view of the block, its trailing partial group (lowest exposure) dropped.
-    per_source = [n] if source is None else np.bincount(source)
+    per_source = [n] if source is None or n == 0 else code_counts(source, int(source.max()) + 1)
     group_id = np.full(n, -1, dtype=np.int32)
     rank = np.zeros(n, dtype=np.int32)
     likes = np.asarray(likes, dtype=np.int64)
