@@ -28,8 +28,9 @@ What it does, all on loopback:
    content addressing then stores each once, but every URL is a full download and a row).
 
 Prints images/s for both, per pair and as the median (min..max) over pairs, and the median of
-the per-pair ratios (goal: likerank >= 1.2x img2dataset while also writing its tables); the two peak RSS figures (goal: flat); and the load average before and after, since
-the figures mean little on a machine that something else keeps busy.
+the per-pair ratios (goal: likerank >= 1.2x img2dataset while also writing its tables); the
+two peak RSS figures (goal: flat); and the load average before and after, since the figures
+mean little on a machine that something else keeps busy.
 """
 
 from __future__ import annotations
