@@ -39,6 +39,24 @@ def wait_for(condition, what: str, home: Path, timeout_s: float = WAIT_S) -> Non
         time.sleep(3)
 
 
+def listening_sockets(tree: list[psutil.Process]) -> set[tuple[str, int]]:
+    """(ip, port) of every listening socket in ``tree``. A short-lived child (an ``airflow``
+    subcommand) may exit between being listed and being inspected: it listens on nothing."""
+    found = set()
+    for p in tree:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            found |= {(c.laddr.ip, c.laddr.port) for c in p.net_connections("inet") if c.status == psutil.CONN_LISTEN}
+    return found
+
+
+def still_running(p: psutil.Process) -> bool:
+    """Running and not a zombie; False also when it exits while being asked."""
+    try:
+        return p.is_running() and p.status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
 @pytest.fixture(scope="module")
 def live(tmp_path_factory):
     work = tmp_path_factory.mktemp("live")
@@ -68,8 +86,7 @@ def live(tmp_path_factory):
                  "make airflow's start", home, 300)
         assert proc.poll() is None, (work / "live.out").read_text()
         tree = [psutil.Process(proc.pid), *psutil.Process(proc.pid).children(recursive=True)]
-        listening = {(c.laddr.ip, c.laddr.port) for p in tree for c in p.net_connections("inet")
-                     if c.status == psutil.CONN_LISTEN}
+        listening = listening_sockets(tree)
 
         def chain_done() -> bool:  # or a run failed: then the test says so at once
             states = runs(home)
@@ -97,7 +114,7 @@ def live(tmp_path_factory):
         backfill = [r for r in runs(home) if r[2] == "backfill"]
         proc.send_signal(signal.SIGTERM)  # what Ctrl-C does
         proc.wait(timeout=120)
-        survivors = [p for p in tree[1:] if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
+        survivors = [p for p in tree[1:] if still_running(p)]
         return {"out": (work / "live.out").read_text(), "listening": listening, "chain": chain,
                 "backfill": backfill, "survivors": survivors, "home": home, "rc": proc.returncode,
                 "root": work / "data", "first": first, "last": last}
