@@ -45,7 +45,7 @@ ORT_VERSION := $(shell sed -n 's/^onnxruntime==//p' requirements.lock)
 
 run: setup ## run the whole chain on the embedded default; SOURCE_URL=https://… TAG=selfie for a real Mastodon instance
 	$(if $(SOURCE_URL),LIKERANK_SOURCE__KIND=live LIKERANK_SOURCE__PLATFORMS=mastodon LIKERANK_SOURCE__INSTANCE_URL=$(SOURCE_URL) LIKERANK_SOURCE__HASHTAGS=$(or $(TAG),selfie)) \
-	  $(BIN)/python -m pipeline.orchestrate
+	  $(BIN)/python -m likerank.orchestrate
 
 test: setup ## run the test suite (what CI runs)
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
@@ -54,7 +54,7 @@ bench: setup ## run the benchmarks; each prints its figures as ratios against a 
 	for b in bench/*.py; do echo "== $$b"; $(BIN)/python $$b; done
 
 airflow: setup ## the demo world under the real scheduler: UI on http://127.0.0.1:8080, home .airflow-live, tables in data-live (Ctrl-C stops it)
-	AIRFLOW_HOME=$(CURDIR)/.airflow-live exec $(BIN)/python -m pipeline.orchestrate live
+	AIRFLOW_HOME=$(CURDIR)/.airflow-live exec $(BIN)/python -m likerank.orchestrate live
 
 retrain: setup ## fine-tune on the latest published labels (through the scheduler if `make airflow` runs; WAIT=1 waits and exits with the run's state)
 	$(BIN)/likerank retrain $(if $(WAIT),--wait)

@@ -1,6 +1,6 @@
 """How long `make run` takes on the default world, against its 10-minute budget.
 
-Runs the real chain (`python -m pipeline.orchestrate`: simulator, then every DAG through
+Runs the real chain (`python -m likerank.orchestrate`: simulator, then every DAG through
 `airflow dags test`) on a fresh storage root and Airflow home, and prints each stage's time
 and the total as a ratio of the 600 s budget. `--posts N` for a smaller world.
 """
@@ -31,7 +31,7 @@ def main() -> int:
         airflow = str(Path(sys.executable).with_name("airflow"))
         subprocess.run([airflow, "db", "migrate"], env=env, check=True, capture_output=True)
         t0 = time.monotonic()
-        p = subprocess.run([sys.executable, "-m", "pipeline.orchestrate"], env=env, cwd=tmp, capture_output=True, text=True)
+        p = subprocess.run([sys.executable, "-m", "likerank.orchestrate"], env=env, cwd=tmp, capture_output=True, text=True)
         total = time.monotonic() - t0
     if p.returncode:
         print(p.stdout[-3000:], p.stderr[-3000:])

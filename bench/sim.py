@@ -114,7 +114,7 @@ def main() -> int:
     generate_world(WorldParams(seed=7, posts=args.posts))
     gen_s = time.perf_counter() - t0
 
-    sim, sim_url = start_child([sys.executable, "-m", "pipeline.cli.main", "sim", "serve", "--seed", "7",
+    sim, sim_url = start_child([sys.executable, "-m", "likerank.cli.main", "sim", "serve", "--seed", "7",
                                 "--posts", str(args.posts)])
     base = None
     try:

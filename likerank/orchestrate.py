@@ -4,7 +4,7 @@ How DAGs are run from outside Airflow lives here once: :func:`dags_test` (``airf
 test``, one run in this process tree, no scheduler) and :func:`trigger_dag` (Airflow's REST
 API, for a running ``make airflow`` or a deployment).
 
-``make run`` (:func:`main`) is the whole chain on the embedded default, through Airflow.
+``make run`` (:func:`run_chain`) is the whole chain on the embedded default, through Airflow.
 
 What it does, in order:
 
@@ -26,7 +26,7 @@ What it does, in order:
 
 A second ``make run`` is incremental: the scraper resumes from the newest post it stored.
 
-``make airflow`` (:func:`live`) is the same demo world under the real scheduler: the
+``make airflow`` (:func:`run_scheduler`) is the same demo world under the real scheduler: the
 simulator with its clock at the real current time (so scheduled runs, backfills and
 partitions carry real dates), Airflow's API server (on 127.0.0.1 only), scheduler,
 DAG processor and triggerer, in an Airflow home and storage root of their own
@@ -83,7 +83,7 @@ class Simulator:
 
     def __init__(self, cfg: Config, log: Path, now: str | None = None):
         """``now``: the world's clock (ISO 8601; default: the simulator's fixed demo date)."""
-        cmd = [sys.executable, "-m", "pipeline.cli.main", "sim", "serve",
+        cmd = [sys.executable, "-m", "likerank.cli.main", "sim", "serve",
                "--seed", str(cfg.simulator.seed), "--posts", str(cfg.simulator.posts), "--port", str(cfg.simulator.port),
                *(["--now", now] if now else [])]
         self.log = open(log, "w")
@@ -233,7 +233,8 @@ def run_step(step: Step, logical_date: str, env: dict[str, str], logs: Path) -> 
     return rc == 0, time.monotonic() - t0, log
 
 
-def main() -> int:
+def run_chain() -> int:
+    """``make run``: every DAG of the chain once, in order, through ``airflow dags test``."""
     cfg = load_config()
     logs = Path(os.environ.get("AIRFLOW_HOME", REPO / ".airflow")) / "run-logs"
     logs.mkdir(parents=True, exist_ok=True)
@@ -266,7 +267,7 @@ def main() -> int:
             sim.stop()
             print("simulator: stopped")
     print()
-    from pipeline.report.summary import summary
+    from likerank.report.summary import summary
 
     print(summary(cfg, truth))
     print(f"\nmake run: done in {time.monotonic() - started:.0f} s")
@@ -340,14 +341,14 @@ def configure_live_home(home: Path) -> Path:
     cfg.read(path)
     if not cfg.has_section("database"):
         cfg.add_section("database")
-    cfg.set("database", "sql_alchemy_connect_args", "pipeline.orchestrate.SQLITE_CONNECT_ARGS")
+    cfg.set("database", "sql_alchemy_connect_args", "likerank.orchestrate.SQLITE_CONNECT_ARGS")
     home.mkdir(parents=True, exist_ok=True)
     with open(path, "w") as f:
         cfg.write(f)
     return path
 
 
-def live() -> int:
+def run_scheduler() -> int:
     """``make airflow``: the demo world under the real scheduler, on 127.0.0.1, until Ctrl-C."""
     cfg = load_config()
     env = dict(os.environ)
@@ -410,4 +411,4 @@ def live() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(live() if sys.argv[1:] == ["live"] else main())
+    sys.exit(run_scheduler() if sys.argv[1:] == ["live"] else run_chain())

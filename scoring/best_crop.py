@@ -22,7 +22,7 @@ from typing import Any
 
 import numpy as np
 
-from scoring.model import OnnxModel, TorchModel, crop_batch, inputs_from_boxes, label_probability
+from scoring.model import Model, crop_batch, inputs_from_boxes, label_probability
 
 WIDTHS = (1.2, 1.6, 2.2, 3.0, 4.0)
 OFFSETS = (-0.3, 0.0, 0.3)
@@ -63,7 +63,7 @@ def candidate_boxes(face_box: np.ndarray, width: int, height: int) -> list[tuple
     return out
 
 
-def best_crop(model: TorchModel | OnnxModel, rgb: np.ndarray, face_box: np.ndarray) -> dict[str, Any]:
+def best_crop(model: Model, rgb: np.ndarray, face_box: np.ndarray) -> dict[str, Any]:
     """The best-scoring grid crop of ``rgb`` (uint8 HxWx3) around ``face_box`` (its pixels), and the
     original crop's score: ``{"original_prob", "best": {"box", "aspect", "prob"}, "candidates"}``."""
     height, width = rgb.shape[:2]

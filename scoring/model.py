@@ -1,5 +1,6 @@
-"""A trained model, ready to score face crops: from the model registry (torch) or an exported
-ONNX file (onnxruntime, the face stage's runtime, so a scoring fleet needs no torch).
+"""A trained model, ready to score face crops: what every model takes and returns, and an
+exported ONNX file on onnxruntime (the face stage's runtime). This module and the ones that
+score through it import no torch; a registered model on torch is :mod:`scoring.torch_model`.
 
 Both take the same input, built by :func:`crop_batch`: the largest face's square crop
 (``training.face_margin`` around the box, as in training), resized to ``training.image_size``
@@ -10,14 +11,13 @@ float32. Both return the label logit and the penultimate-layer features per imag
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 
-from pipeline.core.storage import Storage
-from training.data import MEAN, STD, face_crop_box
+from pipeline.faces.crop import MEAN, STD, face_crop_box
 
 #: Outputs of the exported ONNX graph, in order.
 ONNX_OUTPUTS = ("label_logit", "features")
@@ -47,6 +47,16 @@ class ModelSpec:
         return cls(run_id=metrics["run_id"], backbone=model.get("backbone", training.get("backbone", "resnet18")),
                    norm=model.get("norm", "batch"), score_head=bool(training.get("score_head", True)),
                    image_size=int(training.get("image_size", 224)), face_margin=float(training.get("face_margin", 0.6)))
+
+
+class Model(Protocol):
+    """What scoring needs of a model, on torch or on onnxruntime."""
+
+    spec: ModelSpec
+
+    def run(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(label logits, penultimate features) of an NCHW float32 batch."""
+        ...
 
 
 def label_probability(logits: np.ndarray) -> np.ndarray:
@@ -86,31 +96,6 @@ def inputs_from_boxes(rgbs: list[np.ndarray], boxes: list[tuple[int, int, int, i
     return out
 
 
-class TorchModel:
-    """A registry model on torch (CPU, or the first GPU when there is one)."""
-
-    def __init__(self, spec: ModelSpec, state_dict: dict[str, Any]):
-        import torch
-
-        from training.model import build_model
-
-        self.spec = spec
-        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        net, _ = build_model(spec.backbone, "none", score_head=spec.score_head, norm=spec.norm)
-        net.load_state_dict(state_dict)
-        self.net = net.eval().to(self.device)
-
-    def run(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """(label logits, penultimate features) of an NCHW float32 batch."""
-        import torch
-
-        with torch.inference_mode():
-            x = torch.from_numpy(batch).to(self.device)
-            features = self.net.backbone(x)
-            logit = self.net.label_head(features).squeeze(1)
-        return logit.float().cpu().numpy(), features.float().cpu().numpy()
-
-
 class OnnxModel:
     """An exported model on onnxruntime (``likerank model export --format onnx``)."""
 
@@ -140,53 +125,3 @@ class OnnxModel:
 def spec_path(onnx_path: Path) -> Path:
     """The JSON beside an exported model: its input size, normalisation and run id."""
     return onnx_path.with_suffix(".json")
-
-
-def load_registry_model(storage: Storage, run_id: str | None = None) -> TorchModel:
-    """The model of ``run_id``, or the latest registered one (``models/latest.json``)."""
-    from training import registry
-
-    if run_id is None:
-        latest = registry.latest_model(storage)
-        if not latest:
-            raise ModelUnavailable("no model yet: run `make run` or `make retrain` first, or pass --model RUN_ID")
-        run_id = latest["run_id"]
-    try:
-        metrics = registry.read_metrics(storage, run_id)
-    except registry.ModelNotFound as exc:
-        raise ModelUnavailable(str(exc)) from None
-    if metrics.get("status") != "complete":
-        raise ModelUnavailable(f"model run {run_id!r} is not complete (status {metrics.get('status')!r})")
-    checkpoint = registry.load_checkpoint(storage, run_id)
-    if checkpoint is None:
-        raise ModelUnavailable(f"model run {run_id!r}: its checkpoint is missing")
-    return TorchModel(ModelSpec.from_metrics(metrics), checkpoint["model"])
-
-
-def export_onnx(model: TorchModel, path: str | Path, opset: int = 17) -> Path:
-    """Write ``model`` as ONNX (dynamic batch axis; outputs :data:`ONNX_OUTPUTS`) and its
-    :class:`ModelSpec` beside it as JSON; return the model's path."""
-    import torch
-
-    class Exported(torch.nn.Module):
-        def __init__(self, net: torch.nn.Module):
-            super().__init__()
-            self.net = net
-
-        def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-            features = self.net.backbone(x)
-            return self.net.label_head(features).squeeze(1), features
-
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    size = model.spec.image_size
-    wrapper = Exported(model.net.to("cpu")).eval()
-    tmp = path.with_name(f".tmp-{path.name}")
-    # The TorchScript-based exporter: the dynamo one needs onnxscript, a dependency for this alone.
-    torch.onnx.export(wrapper, (torch.zeros(1, 3, size, size),), str(tmp), dynamo=False, opset_version=opset,
-                      input_names=["image"], output_names=list(ONNX_OUTPUTS),
-                      dynamic_axes={"image": {0: "batch"}, "label_logit": {0: "batch"}, "features": {0: "batch"}})
-    spec_path(path).write_text(json.dumps(asdict(model.spec), indent=2) + "\n")
-    tmp.replace(path)
-    model.net.to(model.device)
-    return path

@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 
 from pipeline.core.config import Config
-from scoring.model import OnnxModel, TorchModel, crop_batch, label_probability
+from scoring.model import Model, crop_batch, label_probability
 
 log = logging.getLogger(__name__)
 
@@ -92,7 +92,7 @@ def find_face(item: str, data: bytes, detector: Any, cfg: Config, row: ScoreRow)
     return row
 
 
-def score_rows(rows: list[ScoreRow], model: TorchModel | OnnxModel, *, best_crop: bool = False) -> None:
+def score_rows(rows: list[ScoreRow], model: Model, *, best_crop: bool = False) -> None:
     """Score the rows whose face was found (:func:`find_face`), in one batch, in place."""
     from scoring.best_crop import best_crop as search
 
@@ -113,7 +113,7 @@ def score_rows(rows: list[ScoreRow], model: TorchModel | OnnxModel, *, best_crop
         r.rgb = None
 
 
-def score_inputs(cfg: Config, inputs: Iterable[str], model: TorchModel | OnnxModel, *,
+def score_inputs(cfg: Config, inputs: Iterable[str], model: Model, *,
                  batch_size: int = 32, detector: Any = None, best_crop: bool = False) -> Iterator[ScoreRow]:
     """One :class:`ScoreRow` per input, in order (see the module docstring). ``best_crop`` also
     searches the crop of each photo the model likes best (:mod:`scoring.best_crop`)."""

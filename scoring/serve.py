@@ -27,7 +27,7 @@ from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
 from pipeline.core.config import Config
-from scoring.model import OnnxModel, TorchModel
+from scoring.model import Model
 from scoring.score import ScoreRow, find_face, read_input, score_rows
 
 log = logging.getLogger(__name__)
@@ -38,7 +38,7 @@ STATUS_CODES = {"ok": 200, "decode_error": 422, "no_face": 422, "download_error"
 class ScoringService:
     """The model, the face detector and an HTTP client, shared by the request threads."""
 
-    def __init__(self, cfg: Config, model: TorchModel | OnnxModel, detector: Any = None):
+    def __init__(self, cfg: Config, model: Model, detector: Any = None):
         from pipeline.faces.detector import FaceDetector
         from pipeline.scrape.http import HttpClient
 

@@ -66,7 +66,7 @@ def chain(tmp_path_factory):
     storage = LocalStorage(work / "data")
     runs, counts = [], []
     for _ in range(2):  # the second run must reuse what is there, not duplicate it
-        p = subprocess.run([sys.executable, "-m", "pipeline.orchestrate"], env=env, cwd=work, capture_output=True,
+        p = subprocess.run([sys.executable, "-m", "likerank.orchestrate"], env=env, cwd=work, capture_output=True,
                            text=True, timeout=1500)
         assert p.returncode == 0, p.stdout[-4000:] + p.stderr[-4000:]
         runs.append(p.stdout)

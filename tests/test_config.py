@@ -67,7 +67,7 @@ def _cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedP
 
     full_env = {k: v for k, v in os.environ.items() if not k.startswith("LIKERANK_")}
     full_env.update(env or {})
-    return subprocess.run([sys.executable, "-m", "pipeline.cli.main", *args], capture_output=True, text=True,
+    return subprocess.run([sys.executable, "-m", "likerank.cli.main", *args], capture_output=True, text=True,
                           env=full_env, cwd=REPO, timeout=60)
 
 

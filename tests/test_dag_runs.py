@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.orchestrate import dags_test
+from likerank.orchestrate import dags_test
 
 REPO = Path(__file__).resolve().parents[1]
 

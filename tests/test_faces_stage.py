@@ -179,7 +179,7 @@ def test_stream_is_ordered_bounded_and_reports_missing_files(face_detector, tmp_
 
 
 def test_cli_detect_prints_one_json_line_per_file(faces_model, tmp_path, capsys, monkeypatch):
-    from pipeline.cli.main import main
+    from likerank.cli.main import main
 
     monkeypatch.setenv("LIKERANK_FACES__MODEL", str(faces_model))
     good = tmp_path / "t1.jpg"
@@ -195,7 +195,7 @@ def test_cli_detect_prints_one_json_line_per_file(faces_model, tmp_path, capsys,
 
 
 def test_cli_faces_detects_stored_images_with_limit(faces_model, tmp_path, capsys, monkeypatch):
-    from pipeline.cli.main import main
+    from likerank.cli.main import main
     from pipeline.core.storage import LocalStorage
 
     monkeypatch.setenv("LIKERANK_FACES__MODEL", str(faces_model))

@@ -13,7 +13,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline.cli.main import main
+from likerank.cli.main import main
 from pipeline.core import keys
 from pipeline.core.forget import load_tombstones
 from pipeline.core.pseudonym import author_keyer

@@ -12,7 +12,7 @@ import pytest
 
 from labeling.build_labels import build_labels
 from labeling.eligibility import read_candidates
-from pipeline.cli.main import main
+from likerank.cli.main import main
 from pipeline.core.config import load_config
 from pipeline.core.schemas import DOWNLOADS, ENGAGEMENT, FACES, POSTS
 from pipeline.core.tables import get_json, write_partition

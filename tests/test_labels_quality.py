@@ -16,7 +16,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from labeling.evaluate import auc, evaluate_rows, spearman
-from pipeline.cli.main import main
+from likerank.cli.main import main
 from pipeline.core.config import load_config
 
 

@@ -1,4 +1,4 @@
-"""``make airflow`` (``python -m pipeline.orchestrate live``): the demo world under the real
+"""``make airflow`` (``python -m likerank.orchestrate live``): the demo world under the real
 scheduler. What a new user sees: the chain of DAG runs goes green by itself, with real dates;
 ``airflow backfill create`` over past days runs green too; nothing listens beyond 127.0.0.1;
 Ctrl-C (SIGTERM here) stops every process. Slow: a few minutes.
@@ -79,7 +79,7 @@ def live(tmp_path_factory):
     })
     out = open(work / "live.out", "w+")
     tree: list[psutil.Process] = []
-    proc = subprocess.Popen([sys.executable, "-m", "pipeline.orchestrate", "live"], env=env, cwd=REPO,
+    proc = subprocess.Popen([sys.executable, "-m", "likerank.orchestrate", "live"], env=env, cwd=REPO,
                             stdout=out, stderr=subprocess.STDOUT, text=True)
     try:
         wait_for(lambda: "Ctrl-C stops everything" in (work / "live.out").read_text() or proc.poll() is not None,

@@ -33,7 +33,7 @@ def test_views_labels_is_the_published_run(storage: Storage):
 
 
 def test_cli_writes_csv(tmp_path):
-    from pipeline.cli.main import main
+    from likerank.cli.main import main
     from pipeline.core.storage import LocalStorage
 
     root = tmp_path / "data"

@@ -18,9 +18,9 @@ import numpy as np
 import pytest
 
 from pipeline.core.storage import LocalStorage, Storage
-from pipeline.report.build import build_report
-from pipeline.report.charts import roc_points
-from pipeline.report.sections import SECTION_IDS
+from likerank.report.build import build_report
+from likerank.report.charts import roc_points
+from likerank.report.sections import SECTION_IDS
 from tests.fixtures.report import FACE_BOX, REPORT_MODEL, REPORT_RUN, make_report_dataset
 
 
@@ -143,7 +143,8 @@ def _probability_of(storage: LocalStorage, post_id: str) -> float:
 
     from pipeline.core.storage import ImageStore
     from pipeline.core.tables import read_table
-    from scoring.model import crop_batch, load_registry_model
+    from scoring.model import crop_batch
+    from scoring.torch_model import load_registry_model
 
     sha = read_table(storage, "labels", [REPORT_RUN], filter=pc.field("post_id") == post_id)["image_sha256"][0].as_py()
     rgb = np.asarray(Image.open(io.BytesIO(ImageStore(storage).get(sha))).convert("RGB"))
@@ -155,7 +156,7 @@ def _probability_of(storage: LocalStorage, post_id: str) -> float:
 def test_map_places_the_test_photos_by_the_models_features(cfg, report_world: LocalStorage):
     from PIL import Image
 
-    from pipeline.report.charts import MAP_PX
+    from likerank.report.charts import MAP_PX
 
     index = build_report(cfg, report_world)
     page, html = _page(index)
@@ -205,7 +206,7 @@ def test_map_and_best_crops_without_test_rows_or_with_too_few_photos(cfg, local_
 
     from pipeline.core.schemas import TABLES
     from pipeline.core.tables import read_table, write_partition
-    from pipeline.report import sections
+    from likerank.report import sections
 
     make_report_dataset(local_storage)
     monkeypatch.setattr(sections, "MAP_MAX", 4)  # four photos: too few for t-SNE
@@ -235,7 +236,7 @@ def test_roc_points(y, p, auc):
 
 
 def test_cli_report(report_world: LocalStorage, tmp_path: Path, capsys):
-    from pipeline.cli.main import main
+    from likerank.cli.main import main
 
     out = tmp_path / "cli-report"
     rc = main(["--set", f"storage.root={report_world.root}", "report", "--out", str(out)])

@@ -16,7 +16,8 @@ from PIL import Image
 
 from pipeline.core.config import load_config
 from pipeline.core.storage import LocalStorage
-from scoring.model import OnnxModel, crop_batch, export_onnx, load_registry_model
+from scoring.model import OnnxModel, crop_batch
+from scoring.torch_model import export_onnx, load_registry_model
 from scoring.score import score_inputs
 from tests.fixtures.scoring import FACE_PHOTOS, MODEL_RUN, NO_FACE_PHOTO
 
@@ -77,7 +78,7 @@ def test_onnx_export_agrees_with_torch_on_real_photos(cfg, model, tmp_path):
 def _cli(*args: str, env_root: Path) -> subprocess.CompletedProcess:
     env = {k: v for k, v in os.environ.items() if not k.startswith("LIKERANK_")}
     env["LIKERANK_STORAGE__ROOT"] = str(env_root)
-    return subprocess.run([sys.executable, "-m", "pipeline.cli.main", "score", *args], env=env, cwd=REPO,
+    return subprocess.run([sys.executable, "-m", "likerank.cli.main", "score", *args], env=env, cwd=REPO,
                           capture_output=True, text=True, timeout=300)
 
 

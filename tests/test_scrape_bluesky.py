@@ -152,7 +152,7 @@ def test_cli_scrape_source_bluesky_never_shows_or_stores_the_password(scfg, sim,
     env.update({"LIKERANK_STORAGE__ROOT": str(tmp_path / "cli"), "LIKERANK_SCRAPE__ALLOW_HOSTS": "127.0.0.1",
                 "LIKERANK_SCRAPE__PER_HOST_RPS": "1000", "LIKERANK_SCRAPE__BACKFILL_DAYS": "100000",
                 "LIKERANK_BLUESKY_IDENTIFIER": "tester.bsky.sim", "LIKERANK_BLUESKY_APP_PASSWORD": password})
-    res = subprocess.run([sys.executable, "-m", "pipeline.cli.main", "scrape", "--source", "bluesky",
+    res = subprocess.run([sys.executable, "-m", "likerank.cli.main", "scrape", "--source", "bluesky",
                           "--instance", sim.url, "--tag", TAG, "--json"], env=env, cwd=REPO,
                          capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stderr
@@ -169,7 +169,7 @@ def test_cli_scrape_bluesky_without_a_login_says_which_variables(tmp_path):
     env = {k: v for k, v in os.environ.items() if not k.startswith("LIKERANK_")}
     env.update({"LIKERANK_STORAGE__ROOT": str(tmp_path / "cli"), "LIKERANK_SOURCE__KIND": "live",
                 "LIKERANK_SOURCE__INSTANCE_URL": "https://mastodon.example", "LIKERANK_AUTHOR_KEY": "k" * 32})
-    res = subprocess.run([sys.executable, "-m", "pipeline.cli.main", "scrape", "--source", "bluesky", "--tag", TAG],
+    res = subprocess.run([sys.executable, "-m", "likerank.cli.main", "scrape", "--source", "bluesky", "--tag", TAG],
                          env=env, cwd=REPO, capture_output=True, text=True, timeout=120)
     assert res.returncode == 1
     assert "LIKERANK_BLUESKY_IDENTIFIER" in res.stderr and "LIKERANK_BLUESKY_APP_PASSWORD" in res.stderr

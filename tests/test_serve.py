@@ -14,7 +14,7 @@ import requests
 
 from pipeline.core.config import load_config
 from pipeline.core.storage import LocalStorage
-from scoring.model import load_registry_model
+from scoring.torch_model import load_registry_model
 from scoring.serve import ScoringService, serve
 from tests.fixtures.scoring import FACE_PHOTOS as FACES
 from tests.fixtures.scoring import MODEL_RUN as RUN

@@ -282,7 +282,7 @@ def test_rate_limit_answers_429_with_retry_after(sim_server_factory):
 
 
 def _cli(*args: str, **kw) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "pipeline.cli.main", *args], capture_output=True, text=True,
+    return subprocess.run([sys.executable, "-m", "likerank.cli.main", *args], capture_output=True, text=True,
                           timeout=120, **kw)
 
 
@@ -294,7 +294,7 @@ def test_cli_truth(tmp_path, sim_world):
 
 
 def test_cli_serve_advance_and_stop():
-    proc = subprocess.Popen([sys.executable, "-m", "pipeline.cli.main", "sim", "serve", "--seed", "7", "--posts", "300"],
+    proc = subprocess.Popen([sys.executable, "-m", "likerank.cli.main", "sim", "serve", "--seed", "7", "--posts", "300"],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         url = proc.stdout.readline().strip()

@@ -103,10 +103,10 @@ TINY = [
 import pytest  # noqa: E402
 
 from pipeline.core.config import load_config  # noqa: E402
+from pipeline.faces.crop import face_crop_box  # noqa: E402
 from training.data import (  # noqa: E402
     LabeledImages,
     LabelsNotPublished,
-    face_crop_box,
     load_examples,
     resolve_labels_run,
 )

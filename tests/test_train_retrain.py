@@ -13,7 +13,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import pytest
 
 from pipeline import orchestrate
-from pipeline.cli.main import main
+from likerank.cli.main import main
 from pipeline.core.storage import LocalStorage
 from tests.test_train_data import make_labels_run
 

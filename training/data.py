@@ -32,14 +32,12 @@ from torch.utils.data import Dataset
 from pipeline.core import keys
 from pipeline.core.config import StorageConfig
 from pipeline.core.storage import ImageStore, Storage, open_storage
+from pipeline.faces.crop import MEAN, STD, face_crop_box
 from pipeline.core.tables import get_json, list_partitions, object_sha256, partition_key, read_table
 
 log = logging.getLogger(__name__)
 
 SPLITS = ("train", "val", "test")
-#: ImageNet channel statistics; torchvision's pretrained backbones expect inputs normalized so.
-MEAN = (0.485, 0.456, 0.406)
-STD = (0.229, 0.224, 0.225)
 
 
 class LabelsNotPublished(RuntimeError):
@@ -172,19 +170,6 @@ def load_examples(storage: Storage, run_id: str, *, crop: str = "face") -> dict[
             log.info("labels run %s: %d of %d images have no ok face row; those use the full image",
                      run_id, len(shas) - n_box, len(shas))
     return out
-
-
-def face_crop_box(box: np.ndarray, margin: float, size: tuple[int, int]) -> tuple[int, int, int, int]:
-    """A square crop around a face box: side = max(w, h) * (1 + margin), centred on the box.
-
-    The square may extend past the image; Pillow fills the outside with black, which keeps
-    the face centred and undistorted instead of shifting it near borders.
-    """
-    x1, y1, x2, y2 = (float(v) for v in box)
-    side = max(x2 - x1, y2 - y1, 1.0) * (1.0 + margin)
-    cx, cy = (x1 + x2) / 2, (y1 + y2) / 2
-    left, top = round(cx - side / 2), round(cy - side / 2)
-    return left, top, left + round(side), top + round(side)
 
 
 class LabeledImages(Dataset):

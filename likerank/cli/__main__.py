@@ -1,7 +1,7 @@
-"""``python -m pipeline.cli``: the ``likerank`` command without the installed entry point."""
+"""``python -m likerank.cli``: the ``likerank`` command without the installed entry point."""
 
 import sys
 
-from pipeline.cli.main import main
+from likerank.cli.main import main
 
 sys.exit(main())

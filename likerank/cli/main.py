@@ -16,17 +16,17 @@ from pipeline.core.config import ConfigError, load_config
 
 #: Modules that register commands, in the order ``--help`` lists them.
 COMMAND_MODULES = [
-    "pipeline.cli.config_cmd",
-    "pipeline.cli.query_cmd",
-    "pipeline.cli.report_cmd",
-    "pipeline.cli.faces_cmd",
-    "pipeline.cli.sim_cmd",
-    "pipeline.cli.scrape_cmd",
-    "pipeline.cli.train_cmd",
-    "pipeline.cli.retrain_cmd",
-    "pipeline.cli.label_cmd",
-    "pipeline.cli.forget_cmd",
-    "pipeline.cli.score_cmd",
+    "likerank.cli.config_cmd",
+    "likerank.cli.query_cmd",
+    "likerank.cli.report_cmd",
+    "likerank.cli.faces_cmd",
+    "likerank.cli.sim_cmd",
+    "likerank.cli.scrape_cmd",
+    "likerank.cli.train_cmd",
+    "likerank.cli.retrain_cmd",
+    "likerank.cli.label_cmd",
+    "likerank.cli.forget_cmd",
+    "likerank.cli.score_cmd",
 ]
 
 

@@ -20,7 +20,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def report(args: argparse.Namespace, cfg: Config) -> int:
     from pipeline.core.storage import StorageError, open_storage
-    from pipeline.report.build import build_report
+    from likerank.report.build import build_report
 
     try:
         index = build_report(cfg, open_storage(cfg.storage), labels_run=args.labels, model_run=args.model,

@@ -6,7 +6,7 @@ Which path runs:
 1. No labels run published -> refuse, exit 2, before touching Airflow or torch.
 2. An Airflow API server answers at ``$LIKERANK_AIRFLOW_URL`` (default http://localhost:8080,
    i.e. ``make airflow`` is running) -> trigger the ``retrain`` DAG over the REST API
-   (:func:`pipeline.orchestrate.trigger_dag`). Prints the dag run id and returns (``--wait``
+   (:func:`likerank.orchestrate.trigger_dag`). Prints the dag run id and returns (``--wait``
    polls until the run finishes). The scheduler runs it; its logs are in the UI.
 3. Otherwise -> ``airflow dags test retrain``: the same DAG, executed in this terminal without
    a scheduler (needs the migrated metadata DB that ``make setup`` creates).

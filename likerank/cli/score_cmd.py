@@ -49,11 +49,13 @@ def _load_model(args: argparse.Namespace, cfg: Config, command: str):
     """``--onnx FILE``, else the registered ``--model RUN_ID`` (default: the latest); None
     (after saying why on stderr) when there is none to load."""
     from pipeline.core.storage import open_storage
-    from scoring.model import ModelUnavailable, OnnxModel, load_registry_model
+    from scoring.model import ModelUnavailable, OnnxModel
 
     try:
         if getattr(args, "onnx", None):
-            return OnnxModel(args.onnx)
+            return OnnxModel(args.onnx)  # the ONNX path: no torch is imported
+        from scoring.torch_model import load_registry_model
+
         return load_registry_model(open_storage(cfg.storage), args.model)
     except ModelUnavailable as exc:
         print(f"likerank {command}: {exc}", file=sys.stderr)
@@ -88,7 +90,8 @@ def run_score(args: argparse.Namespace, cfg: Config) -> int:
 def run_export(args: argparse.Namespace, cfg: Config) -> int:
     from pathlib import Path
 
-    from scoring.model import export_onnx, spec_path
+    from scoring.model import spec_path
+    from scoring.torch_model import export_onnx
 
     model = _load_model(args, cfg, "model export")
     if model is None:

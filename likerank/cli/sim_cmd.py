@@ -105,7 +105,7 @@ def advance_sim(args: argparse.Namespace, cfg: Config) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python -m pipeline.cli.sim_cmd serve ...``: the sim commands without the full CLI."""
+    """``python -m likerank.cli.sim_cmd serve ...``: the sim commands without the full CLI."""
     import logging
 
     from pipeline.core.config import ConfigError, load_config

@@ -1,9 +1,9 @@
 """The HTML report: one static folder per labels run, readable offline.
 
-The package, one verb per module: :mod:`~pipeline.report.load` reads the inputs,
-:mod:`~pipeline.report.photos` runs the test photos through the model run,
-:mod:`~pipeline.report.sections` builds each section, :mod:`~pipeline.report.charts` draws,
-this module renders ``templates/report.html.j2``; :mod:`~pipeline.report.summary` is the
+The package, one verb per module: :mod:`~likerank.report.load` reads the inputs,
+:mod:`~likerank.report.photos` runs the test photos through the model run,
+:mod:`~likerank.report.sections` builds each section, :mod:`~likerank.report.charts` draws,
+this module renders ``templates/report.html.j2``; :mod:`~likerank.report.summary` is the
 one-screen text summary ``make run`` ends with.
 
 ``build_report`` writes ``index.html`` with its charts (PNG, matplotlib's Agg renderer through
@@ -61,8 +61,8 @@ import numpy as np
 
 from pipeline.core.config import Config
 from pipeline.core.storage import Storage
-from pipeline.report.load import NotAvailable, ReportContext, Section, load_context
-from pipeline.report.sections import SECTIONS
+from likerank.report.load import NotAvailable, ReportContext, Section, load_context
+from likerank.report.sections import SECTIONS
 
 log = logging.getLogger(__name__)
 

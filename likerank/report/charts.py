@@ -11,7 +11,7 @@ import numpy as np
 
 from pipeline.core.storage import ImageStore, StorageError
 from pipeline.core.tables import list_partitions, read_table
-from pipeline.report.load import ReportContext, is_number
+from likerank.report.load import ReportContext, is_number
 
 log = logging.getLogger(__name__)
 

@@ -51,7 +51,7 @@ class ReportContext:
     predictions_why: str = ""
     charts: list[str] = field(default_factory=list)
     _con: Any = None
-    _model: Any = None  # scoring.model.TorchModel, loaded once by need_model()
+    _model: Any = None  # scoring.torch_model.TorchModel, loaded once by need_model()
     _model_unavailable: str = ""  # why need_model() could not load it
 
     def con(self):
@@ -65,13 +65,14 @@ class ReportContext:
         return self.con().sql(query).df()
 
     def need_model(self) -> Any:
-        """The model run's network (:class:`scoring.model.TorchModel`), loaded once for every
+        """The model run's network (:class:`scoring.torch_model.TorchModel`), loaded once for every
         section that runs it; raises :class:`NotAvailable` when there is none to load."""
         if self._model is None and not self._model_unavailable:
             if self.model_run is None:
                 self._model_unavailable = self.model_why
             else:
-                from scoring.model import ModelUnavailable, load_registry_model
+                from scoring.model import ModelUnavailable
+                from scoring.torch_model import load_registry_model
 
                 try:
                     self._model = load_registry_model(self.storage, self.model_run)

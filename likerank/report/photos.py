@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 
 from pipeline.core.storage import ImageStore, StorageError
-from pipeline.report.load import NotAvailable, ReportContext
+from likerank.report.load import NotAvailable, ReportContext
 
 log = logging.getLogger(__name__)
 
@@ -104,7 +104,6 @@ def face_crop(photo: Photo, face_margin: float, px: int | None = None) -> Any:
     """The training-style face crop of ``photo`` (PIL; black outside the image), ``px`` square if given."""
     from PIL import Image
 
-    from training.data import face_crop_box
 
     h, w = photo.rgb.shape[:2]
     crop = Image.fromarray(photo.rgb).crop(face_crop_box(photo.box, face_margin, (w, h)))

@@ -14,7 +14,7 @@ import numpy as np
 from pipeline.core import keys
 from pipeline.core.storage import StorageError
 from pipeline.core.tables import get_json
-from pipeline.report.charts import (
+from likerank.report.charts import (
     COLORS,
     MAP_THUMB_PX,
     THUMB_PX,
@@ -27,7 +27,7 @@ from pipeline.report.charts import (
     roc_chart,
     save_chart,
 )
-from pipeline.report.load import (
+from likerank.report.load import (
     NotAvailable,
     ReportContext,
     data_docs,
@@ -36,7 +36,7 @@ from pipeline.report.load import (
     metrics_table,
     validation_results,
 )
-from pipeline.report.photos import (
+from likerank.report.photos import (
     labeled_test_examples,
     score_photos,
     search_best_crops,

@@ -84,7 +84,7 @@ def summary(cfg: Config, truth: Path | None = None) -> str:
     for name, table in TABLES.items():
         lines.append(f"  {name:<11} {storage.uri(table.path)}/")
     if run:
-        from pipeline.report.build import build_report
+        from likerank.report.build import build_report
 
         lines.append(f"\nreport: {build_report(cfg, storage)}")
     lines.append('\ntry:  .venv/bin/likerank query "select label, count(*) n, avg(likes) likes, '

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.orchestrate import AirflowProcesses, wait_for_api
+from likerank.orchestrate import AirflowProcesses, wait_for_api
 from tests.conftest import free_port
 
 REPO = Path(__file__).resolve().parents[2]

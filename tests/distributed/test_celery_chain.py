@@ -21,7 +21,7 @@ import pytest
 from pipeline.core.query import published_run
 from pipeline.core.storage import LocalStorage
 from pipeline.core.tables import read_table
-from pipeline.orchestrate import dags_test
+from likerank.orchestrate import dags_test
 from tests.distributed.servers import celery_deployment, postgres_server, redis_server
 
 REPO = Path(__file__).resolve().parents[2]
