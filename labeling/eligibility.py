@@ -300,7 +300,7 @@ WITH p AS (
     QUALIFY row_number() OVER (PARTITION BY url ORDER BY attempted_at DESC, sha256) = 1
 ), f AS (
     -- Counted here, per image, not after the joins: DuckDB 2.0.0 gave wrong list lengths for
-    -- list columns carried through the joins below (caught by tests/test_labels_io.py).
+    -- list columns carried through the joins below (caught by tests/labeling/test_labels_io.py).
 {FACE_COUNTS_SQL}
 )
 SELECT p.post_id, p.source, p.author_key, d.sha256 AS image_sha256, o.likes,

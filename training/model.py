@@ -10,7 +10,7 @@ Normalization (``norm``): ``batch`` keeps the backbone's BatchNorm (the default;
 CUDA ``sync`` converts it to SyncBatchNorm); ``group`` swaps it for GroupNorm(32) and
 ``frozen`` for FrozenBatchNorm2d. Both make a sample's output independent of the rest of its
 batch, so N processes and 1 process on the same global batch train the same model (see
-tests/test_train.py); ``group`` cannot use BatchNorm's pretrained statistics.
+tests/training/test_train.py); ``group`` cannot use BatchNorm's pretrained statistics.
 """
 
 from __future__ import annotations

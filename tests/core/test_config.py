@@ -10,7 +10,7 @@ import pytest
 
 from pipeline.core.config import Config, ConfigError, load_config
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 def test_repo_toml_documents_exactly_the_defaults():

@@ -12,7 +12,7 @@ import pytest
 
 from likerank.orchestrate import dags_test
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 pytestmark = pytest.mark.slow
 

@@ -1,4 +1,4 @@
-"""The detect_faces DAG's wiring (tests/test_airflow_integrity.py covers import, owner, docs)."""
+"""The detect_faces DAG's wiring (tests/dags/test_airflow_integrity.py covers import, owner, docs)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-DAGS = Path(__file__).resolve().parents[1] / "dags"
+DAGS = Path(__file__).resolve().parents[2] / "dags"
 
 
 def load_dag(monkeypatch, **env):

@@ -30,7 +30,7 @@ WAIT_S = 30 * 60  # the whole chain on a 2-core machine takes a few minutes; a h
 
 pytestmark = pytest.mark.slow
 
-#: A small world and a small model, as in tests/test_chain.py.
+#: A small world and a small model, as in tests/likerank/test_chain.py.
 SETTINGS = {
     "LIKERANK_SCRAPE__ALLOW_HOSTS": "127.0.0.1",
     "LIKERANK_SCRAPE__PER_HOST_RPS": "1000",

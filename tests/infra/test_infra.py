@@ -23,7 +23,7 @@ import yaml
 
 from pipeline.core.config import load_config, secret_fields
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 INFRA = REPO / "infra"
 DAGS = REPO / "dags"
 COMPOSE = INFRA / "compose.yaml"

@@ -13,7 +13,7 @@ from labeling.publish import NotValidated, publish, published
 from labeling.validate import ValidationFailed, validate_run
 from pipeline.core.config import load_config
 from pipeline.core.tables import get_json, partition_key, put_json, write_partition
-from tests.test_labels_rule import cands
+from tests.labeling.test_labels_rule import cands
 
 CFG = load_config(env={}, overrides=["labeling.group_size=4", "labeling.min_followers=0",
                                      "validation.min_rows=8"])

@@ -21,7 +21,7 @@ from pipeline.core.storage import LocalStorage
 from pipeline.core.tables import get_json, read_table
 from tests.conftest import free_port
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 MIN_AGE = 30.0
 
 pytestmark = pytest.mark.slow

@@ -21,7 +21,7 @@ import pytest
 
 from tests.conftest import free_port
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 WAIT_S = 20 * 60
 
 pytestmark = pytest.mark.slow

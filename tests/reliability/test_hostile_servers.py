@@ -12,7 +12,7 @@ from pipeline.core.storage import LocalStorage
 from pipeline.core.tables import list_partitions, read_table
 from pipeline.scrape.scrape import scrape
 from simulator.hostile import CASES, Case
-from tests.test_scrape_sim import TAG, eligible
+from tests.scrape.test_scrape_sim import TAG, eligible
 
 DAY = "2025-06-02"
 TOKEN = "hostile-corpus-token"

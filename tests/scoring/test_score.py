@@ -21,7 +21,7 @@ from scoring.torch_model import export_onnx, load_registry_model
 from scoring.score import score_inputs
 from tests.fixtures.scoring import FACE_PHOTOS, MODEL_RUN, NO_FACE_PHOTO
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 FACES, NO_FACE, RUN = FACE_PHOTOS, NO_FACE_PHOTO, MODEL_RUN
 
 

@@ -1,5 +1,5 @@
 """Bluesky postViews → rows, over a loopback XRPC server serving recorded payloads
-(tests/payloads/bluesky/, shaped like the lexicons' views): skip reasons, follower look-ups, the
+(tests/scrape/payloads/bluesky/, shaped like the lexicons' views): skip reasons, follower look-ups, the
 session (login, refresh, re-login), rate limits, search paging and re-reads."""
 
 from __future__ import annotations

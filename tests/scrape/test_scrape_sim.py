@@ -21,7 +21,7 @@ from pipeline.scrape.refresh import refresh_engagement
 from pipeline.scrape.scrape import scrape, state_key
 from simulator import RateLimit
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 TAG = "selfie"
 
 

@@ -148,7 +148,7 @@ def test_the_limiter_keys_on_the_host(fake_mastodon, scrape_cfg):
 
 
 def test_no_handle_or_post_url_reaches_the_posts_row():
-    from tests.test_source_mastodon import STATUS, norm
+    from tests.scrape.test_source_mastodon import STATUS, norm
 
     status = {**STATUS, "media_attachments": [{
         **STATUS["media_attachments"][0], "url": "https://media.example/accounts/Gargron/@Gargron/original/1.jpg"}]}
@@ -187,7 +187,7 @@ def test_a_handle_in_an_image_url_is_fetched_but_never_stored(fake_mastodon, scr
     ({"noindex": False, "discoverable": True, "indexable": None}, False),
 ])
 def test_opt_outs_are_honoured_and_counted(account, skipped):
-    from tests.test_source_mastodon import STATUS, norm
+    from tests.scrape.test_source_mastodon import STATUS, norm
 
     item = norm({**STATUS, "account": {**STATUS["account"], **account}})
     assert (item.skip == "opted_out") is skipped and (item.post is None) is skipped
@@ -212,7 +212,7 @@ def test_x_robots_tag_opt_out_keeps_no_bytes(fake_mastodon, scrape_cfg, tmp_path
 
 
 def test_a_malformed_attachment_url_keeps_the_post_and_still_hides_the_handle():
-    from tests.test_source_mastodon import STATUS, norm
+    from tests.scrape.test_source_mastodon import STATUS, norm
 
     status = {**STATUS, "media_attachments": [{**STATUS["media_attachments"][0], "url": "http://[::1/Gargron/1.jpg"}]}
     post = norm(status).post

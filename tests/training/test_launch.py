@@ -9,7 +9,7 @@ import yaml
 
 from pipeline.core.config import load_config
 from pipeline.core.storage import LocalStorage
-from tests.test_train_data import LABELS_RUN, make_labels_run
+from tests.training.test_train_data import LABELS_RUN, make_labels_run
 from training import launch as L
 from training.data import LabelsNotPublished
 

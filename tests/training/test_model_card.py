@@ -11,7 +11,7 @@ from pipeline.core import keys
 from pipeline.core.config import load_config
 from pipeline.core.schemas import POSTS
 from pipeline.core.tables import put_json, write_partition
-from tests.test_train_data import DETECTOR, LABELS_RUN, make_labels_run
+from tests.training.test_train_data import DETECTOR, LABELS_RUN, make_labels_run
 from training.model_card import (
     IMAGENET_LICENSE,
     NO_WEIGHTS,

@@ -20,7 +20,7 @@ from pipeline.core import keys
 from pipeline.core.config import load_config
 from pipeline.core.storage import LocalStorage
 from pipeline.core.tables import get_json, put_json
-from tests.test_train_data import DETECTOR, LABELS_RUN, TINY, make_labels_run, truth_file
+from tests.training.test_train_data import DETECTOR, LABELS_RUN, TINY, make_labels_run, truth_file
 from training import registry
 from training.data import LabelsNotPublished
 from training.launch import TrainingFailed, launch, train_on_published
@@ -157,7 +157,7 @@ def test_unpublished_labels_are_refused_before_launch(tmp_path):
 def test_training_never_imports_airflow():
     from pathlib import Path
 
-    for f in (Path(__file__).resolve().parents[1] / "training").glob("*.py"):
+    for f in (Path(__file__).resolve().parents[2] / "training").glob("*.py"):
         text = f.read_text()
         assert "import airflow" not in text and "from airflow" not in text, f
 

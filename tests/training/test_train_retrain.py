@@ -15,7 +15,7 @@ import pytest
 from pipeline import orchestrate
 from likerank.cli.main import main
 from pipeline.core.storage import LocalStorage
-from tests.test_train_data import make_labels_run
+from tests.training.test_train_data import make_labels_run
 
 
 @pytest.fixture
