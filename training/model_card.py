@@ -9,10 +9,14 @@ names a post, an author (not even by pseudonym) or a local file path.
 
 from __future__ import annotations
 
+import functools
 import math
 import re
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+import jinja2
 
 import pipeline
 from pipeline.core import keys
@@ -26,6 +30,8 @@ PACKAGE_ROOT = Path(pipeline.__file__).resolve().parents[1]
 DETECTOR_DIR = PACKAGE_ROOT / "pipeline" / "faces" / "models"
 #: Metrics shown first, in this order; any others follow alphabetically.
 METRIC_ORDER = ("n", "accuracy", "roc_auc", "log_loss", "pearson_r", "mae", "rmse", "spearman_r", "unreadable_images")
+#: The card's Markdown template.
+TEMPLATE = Path(__file__).with_name("templates") / "model_card.md.j2"
 IMAGENET_LICENSE = ("ImageNet-pretrained torchvision weights: see torchvision's model documentation; "
                     "the ImageNet data is for non-commercial research")
 NO_WEIGHTS = "none (trained from scratch)"
@@ -50,14 +56,6 @@ def metric_names(*splits: dict[str, Any]) -> list[str]:
     return [k for k in METRIC_ORDER if k in present] + sorted(present - set(METRIC_ORDER))
 
 
-def metrics_table(by_split: dict[str, Any]) -> list[str]:
-    splits = {s: by_split.get(s) or {} for s in ("val", "test")}
-    lines = ["| metric | val | test |", "| --- | ---: | ---: |"]
-    for name in metric_names(*splits.values()):
-        lines.append(f"| {name} | {fmt(splits['val'].get(name))} | {fmt(splits['test'].get(name))} |")
-    return lines
-
-
 def run_ids(metrics: dict[str, Any]) -> list[str]:
     """The labels run id(s) the model was trained on (a string, or a list of them)."""
     runs = metrics.get("labels_run")
@@ -80,7 +78,178 @@ def weights_used(metrics: dict[str, Any]) -> str:
     return f"state-dict file `{Path(used).name}`"
 
 
+# ---------------------------------------------------------------- the card's values
+
+
+@dataclass(frozen=True)
+class MetricRow:
+    """One metric against the val and test splits (unformatted; the template applies ``fmt``)."""
+
+    name: str
+    val: Any
+    test: Any
+
+
+@dataclass(frozen=True)
+class SourceRow:
+    """One source of the labels run: labeled posts, groups, and the first and last day a post was created."""
+
+    name: str
+    labeled: Any
+    groups: Any
+    first_post: str | None
+    last_post: str | None
+
+
+@dataclass(frozen=True)
+class DetectorRef:
+    """A face detector the faces were found with, by its id's first 12 hex digits."""
+
+    short_id: str
+    shipped: bool
+    shipped_as: Any = None  #: the shipped model's file name, when ``shipped``
+
+
+@dataclass(frozen=True)
+class DetectorLicense:
+    """A license stated beside the shipped detector."""
+
+    model: str
+    license: Any
+    path: Any
+
+
+@dataclass(frozen=True)
+class CardContext:
+    """Everything the template shows, unformatted: counts and metrics pass through ``fmt`` there (None as n/a)."""
+
+    run_id: Any
+    backbone: Any
+    norm: Any
+    finished_at: Any
+    status: Any
+    labels_runs: list[str]
+    split_rows: list[tuple[str, Any]]
+    dates: str
+    params_hash: Any
+    group_size: Any
+    labeler: Any
+    detectors: list[DetectorRef]
+    weights: str
+    epochs: Any
+    steps: Any
+    global_batch: Any
+    image_size: Any
+    crop: Any
+    code_version: Any
+    sources: list[SourceRow]
+    has_summary: bool
+    metrics: list[MetricRow]
+    truth: list[MetricRow] | None
+    detector_licenses: list[DetectorLicense]
+    other_detectors: list[str]
+    weights_license: Any
+
+
+def metric_rows(by_split: dict[str, Any]) -> list[MetricRow]:
+    """The rows of a metrics table: every metric either split has, in :data:`METRIC_ORDER` first."""
+    val, test = (by_split.get(s) or {} for s in ("val", "test"))
+    return [MetricRow(name, val.get(name), test.get(name)) for name in metric_names(val, test)]
+
+
+def split_rows(metrics: dict[str, Any]) -> list[tuple[str, Any]]:
+    """Rows trained on, validated and tested against, for the splits the run reports."""
+    rows = metrics.get("rows") or {}
+    return [(s, rows[s]) for s in ("train", "val", "test") if s in rows]
+
+
+def posts_created(sources: dict[str, Any]) -> str:
+    """The span of days the labeled posts were created in, or why it is unknown."""
+    per_source: dict[str, dict[str, Any]] = sources.get("per_source") or {}
+    firsts = [s["first_post"] for s in per_source.values() if s.get("first_post")]
+    lasts = [s["last_post"] for s in per_source.values() if s.get("last_post")]
+    if firsts and lasts:
+        return f"{min(firsts)} to {max(lasts)} (UTC days)"
+    return f"unknown: {sources.get('dates_note') or 'no dates were gathered'}"
+
+
+def shipped_detectors(licenses: dict[str, Any]) -> dict[str, Any]:
+    """The shipped detector's model file name by its sha256, from its stated licenses."""
+    return {d.get("sha256"): d.get("model") for d in licenses.get("detector") or [] if d.get("sha256")}
+
+
+def detector_refs(metrics: dict[str, Any], shipped: dict[str, Any]) -> list[DetectorRef]:
+    return [DetectorRef(d[:12], True, shipped[d]) if d in shipped else DetectorRef(d[:12], False)
+            for d in metrics.get("detector_ids") or []]
+
+
+def source_rows(summary: dict[str, Any], sources: dict[str, Any]) -> list[SourceRow]:
+    """Per source, by name: counts from the labels run's summary, else the rows read; days from the posts."""
+    per_source: dict[str, dict[str, Any]] = sources.get("per_source") or {}
+    summary_sources: dict[str, dict[str, Any]] = summary.get("sources") or {}
+    rows = []
+    for name in sorted(set(per_source) | set(summary_sources)):
+        s, c = summary_sources.get(name, {}), per_source.get(name, {})
+        rows.append(SourceRow(name, s.get("rows_out", c.get("rows")), s.get("groups"),
+                              c.get("first_post"), c.get("last_post")))
+    return rows
+
+
+def detector_license_lines(licenses: dict[str, Any]) -> list[DetectorLicense]:
+    return [DetectorLicense(d.get("model") or "", d.get("license", "n/a"), d.get("path", "n/a"))
+            for d in licenses.get("detector") or []]
+
+
+def card_context(metrics: dict[str, Any], labels_summary: dict[str, Any] | None, sources: dict[str, Any],
+                 licenses: dict[str, Any]) -> CardContext:
+    """The template's values from the card's inputs (see :func:`render_model_card`)."""
+    summary = labels_summary or {}
+    model = metrics.get("model") or {}
+    training_cfg = (metrics.get("config") or {}).get("training", {})
+    published = metrics.get("labels_published") or {}
+    shipped = shipped_detectors(licenses)
+    truth = metrics.get("truth")
+    return CardContext(
+        run_id=metrics.get("run_id", "unknown run"),
+        backbone=model.get("backbone", "n/a"),
+        norm=model.get("norm", "n/a"),
+        finished_at=metrics.get("finished_at", "n/a"),
+        status=metrics.get("status", "n/a"),
+        labels_runs=run_ids(metrics),
+        split_rows=split_rows(metrics),
+        dates=posts_created(sources),
+        params_hash=summary.get("params_hash") or published.get("params_hash") or sources.get("params_hash"),
+        group_size=summary.get("group_size") or sources.get("group_size"),
+        labeler=summary.get("labeler") or published.get("labeler"),
+        detectors=detector_refs(metrics, shipped),
+        weights=weights_used(metrics),
+        epochs=metrics.get("epochs"),
+        steps=metrics.get("steps"),
+        global_batch=metrics.get("global_batch"),
+        image_size=training_cfg.get("image_size"),
+        crop=training_cfg.get("crop", "n/a"),
+        code_version=metrics.get("code_version") or "unknown",
+        sources=source_rows(summary, sources),
+        has_summary=bool(summary),
+        metrics=metric_rows(metrics),
+        truth=metric_rows(truth) if truth else None,
+        detector_licenses=detector_license_lines(licenses),
+        other_detectors=[d[:12] for d in metrics.get("detector_ids") or [] if d not in shipped],
+        weights_license=licenses.get("weights") or "n/a",
+    )
+
+
 # ---------------------------------------------------------------- the card
+
+
+@functools.cache
+def card_template() -> jinja2.Template:
+    """``templates/model_card.md.j2``: Markdown, so no autoescape; a missing value is an error, not a blank."""
+    env = jinja2.Environment(loader=jinja2.FileSystemLoader(TEMPLATE.parent), autoescape=False,
+                             undefined=jinja2.StrictUndefined, keep_trailing_newline=True,
+                             trim_blocks=True, lstrip_blocks=True)
+    env.filters["fmt"] = fmt
+    return env.get_template(TEMPLATE.name)
 
 
 def render_model_card(metrics: dict[str, Any], labels_summary: dict[str, Any] | None, sources: dict[str, Any],
@@ -93,116 +262,7 @@ def render_model_card(metrics: dict[str, Any], labels_summary: dict[str, Any] | 
     posts table (dates as ``YYYY-MM-DD``). ``licenses``: ``{"detector": [{"model", "sha256",
     "license", "path"}], "weights": str}``.
     """
-    summary = labels_summary or {}
-    model = metrics.get("model") or {}
-    training_cfg = (metrics.get("config") or {}).get("training", {})
-    per_source: dict[str, dict[str, Any]] = sources.get("per_source") or {}
-    summary_sources: dict[str, dict[str, Any]] = summary.get("sources") or {}
-    rows = metrics.get("rows") or {}
-    runs = run_ids(metrics)
-    published = metrics.get("labels_published") or {}
-    params_hash = summary.get("params_hash") or published.get("params_hash") or sources.get("params_hash")
-    group_size = summary.get("group_size") or sources.get("group_size")
-
-    firsts = [s["first_post"] for s in per_source.values() if s.get("first_post")]
-    lasts = [s["last_post"] for s in per_source.values() if s.get("last_post")]
-    if firsts and lasts:
-        dates = f"{min(firsts)} to {max(lasts)} (UTC days)"
-    else:
-        dates = f"unknown: {sources.get('dates_note') or 'no dates were gathered'}"
-
-    detector_rows = licenses.get("detector") or []
-    shipped = {d.get("sha256"): d.get("model") for d in detector_rows if d.get("sha256")}
-    detectors = ", ".join(
-        f"`{d[:12]}` ({shipped[d]}, shipped)" if d in shipped else f"`{d[:12]}`"
-        for d in metrics.get("detector_ids") or []
-    ) or "n/a"
-
-    out = [
-        f"# Model card: {metrics.get('run_id', 'unknown run')}",
-        "",
-        f"A {model.get('backbone', 'n/a')} fine-tuned to predict whether a public photo post's likes rank in "
-        f"the upper half of its group of posts with similar follower-normalized exposure (README, "
-        f"\"The labeling rule\"). Finished {metrics.get('finished_at', 'n/a')}; status "
-        f"{metrics.get('status', 'n/a')}.",
-        "",
-        "## Trained on",
-        "",
-        "| | |",
-        "| --- | --- |",
-        f"| labels run | {', '.join(runs) or 'n/a'} |",
-        f"| rows | {', '.join(f'{s} {fmt(rows[s])}' for s in ('train', 'val', 'test') if s in rows) or 'n/a'} "
-        "(splits are by author) |",
-        f"| posts created | {dates} |",
-        f"| labeling parameters | hash `{params_hash or 'n/a'}`, group size {fmt(group_size)}, labeler "
-        f"{summary.get('labeler') or published.get('labeler') or 'n/a'} |",
-        f"| face detector(s) | {detectors} |",
-        f"| backbone | {model.get('backbone', 'n/a')} (normalization: {model.get('norm', 'n/a')}) |",
-        f"| initial weights | {weights_used(metrics)} |",
-        f"| epochs | {fmt(metrics.get('epochs'))} ({fmt(metrics.get('steps'))} steps, global batch "
-        f"{fmt(metrics.get('global_batch'))}) |",
-        f"| image size | {fmt(training_cfg.get('image_size'))} px, crop: {training_cfg.get('crop', 'n/a')} |",
-        f"| code version | {metrics.get('code_version') or 'unknown'} |",
-        "",
-    ]
-    names = sorted(set(per_source) | set(summary_sources))
-    if names:
-        out += ["| source | labeled posts | groups | first post | last post |", "| --- | ---: | ---: | --- | --- |"]
-        for name in names:
-            s, c = summary_sources.get(name, {}), per_source.get(name, {})
-            out.append(f"| {name} | {fmt(s.get('rows_out', c.get('rows')))} | {fmt(s.get('groups'))} | "
-                       f"{c.get('first_post') or 'unknown'} | {c.get('last_post') or 'unknown'} |")
-        if not summary:
-            out.append("")
-            out.append("Groups per source: n/a (the labels run has no `_summary.json`).")
-        out.append("")
-
-    out += ["## Metrics", "", "Against the labels of the held-out splits:", "", *metrics_table(metrics), ""]
-    truth = metrics.get("truth")
-    if truth:
-        out += ["Against the simulator's hidden quality (ROC-AUC: quality above its median is positive):", "",
-                *metrics_table(truth), ""]
-
-    out += [
-        "## Intended use",
-        "",
-        "- Research on engagement signals in public photo posts.",
-        "- Ranking photos by predicted follower-normalized engagement.",
-        "",
-        "Out of scope: judging people, rating attractiveness, and any decision about a person.",
-        "",
-        "## Known biases",
-        "",
-        "- Engagement is not beauty. Likes follow audiences, time of day, fashion, platform culture and "
-        "the hashtag's community; the model learns all of these.",
-        "- Follower normalization and the tag correction reduce audience effects but do not remove them.",
-        "- The faces skew to whoever posts under the hashtags scraped; other people are under-represented.",
-        f"- Labels are relative: upper or lower half within groups of {fmt(group_size)} posts of one source, "
-        "not an absolute score, and not comparable across sources.",
-        "",
-        "## Licenses",
-        "",
-    ]
-    if detector_rows:
-        for d in detector_rows:
-            model_name = f"`{d['model']}`: " if d.get("model") else ""
-            out.append(f"- Face detector: {model_name}{d.get('license', 'n/a')} (stated in `{d.get('path', 'n/a')}`).")
-    else:
-        out.append("- Face detector: no license file found beside the shipped model; check the detector's own terms.")
-    others = [d for d in metrics.get("detector_ids") or [] if d not in shipped]
-    if others:
-        out.append(f"- Face detector(s) {', '.join(f'`{d[:12]}`' for d in others)}: not the shipped model; their own "
-                   "terms apply (insightface's model packs: non-commercial research only).")
-    out += [
-        f"- Initial weights: {licenses.get('weights') or 'n/a'}.",
-        "",
-        "## Privacy",
-        "",
-        "Authors are pseudonymized (keyed hashes) in every table. This card holds aggregates only: "
-        "no post ids, handles or author keys.",
-        "",
-    ]
-    return "\n".join(out)
+    return card_template().render(c=card_context(metrics, labels_summary, sources, licenses))
 
 
 # ---------------------------------------------------------------- gathering inputs
