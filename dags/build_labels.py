@@ -66,8 +66,8 @@ def build_labels():
 
     @task(outlets=[LABELS])
     def publish(report: dict) -> dict:
-        from labeling.publish import publish as publish_run
         from pipeline.core.config import load_config
+        from pipeline.core.published import publish as publish_run
 
         return publish_run(load_config(), report["run_id"])
 

@@ -100,18 +100,18 @@ def clean_run_id(text: str) -> str:
 
 
 def rank(labeler: str, *, likes: np.ndarray, followers: np.ndarray, n_tags: np.ndarray | None,
-         exposure_: np.ndarray, key: np.ndarray, source: np.ndarray, group_size: int) -> Ranking:
+         exposures: np.ndarray, key: np.ndarray, source: np.ndarray, group_size: int) -> Ranking:
     """Run one labeler (the rule or a comparison) on eligible rows (``n_tags``: the residual's only)."""
     if labeler == "groups":
-        return rank_groups(exposure_, likes, key, group_size, source)
+        return rank_groups(exposures, likes, key, group_size, source)
     if labeler == "median_likes":
-        return baselines.median_likes(likes, exposure_, key)
+        return baselines.median_likes(likes, exposures, key)
     if labeler == "ratio":
-        return baselines.ratio(likes, exposure_, key)
+        return baselines.ratio(likes, exposures, key)
     if labeler == "residual":
         if n_tags is None:
             raise ValueError("the residual labeler needs n_tags")
-        return baselines.residual(likes, followers, n_tags, exposure_, key)
+        return baselines.residual(likes, followers, n_tags, exposures, key)
     raise ValueError(f"unknown labeler {labeler!r} (known: {', '.join(LABELERS)})")
 
 
@@ -277,7 +277,7 @@ def label_run(cands: pa.Table, cfg: Config, run_id: str, *, labeler: str | None 
         source, names = sources_.result()
         source = source[rows]
     ranking = rank(labeler, likes=numbers.likes, followers=numbers.followers, n_tags=numbers.n_tags,
-                   exposure_=numbers.exposure, key=key, source=source, group_size=lab.group_size)
+                   exposures=numbers.exposure, key=key, source=source, group_size=lab.group_size)
     del key
     run = LabelsRun(cands=cands, rows=rows, likes=numbers.likes, followers=numbers.followers,
                     exposure=numbers.exposure, source=source, source_names=names, ranking=ranking,
@@ -299,6 +299,7 @@ def label_run(cands: pa.Table, cfg: Config, run_id: str, *, labeler: str | None 
     run.summary = {
         "run_id": run_id,
         "labeler": labeler,
+        "params": cfg.to_dict()["labeling"],
         "params_hash": run.params_hash,
         "group_size": run.ranking.group_size,
         "rows_in": cands.num_rows + sum((counts or {}).values()),
@@ -329,32 +330,34 @@ def build_labels(cfg: Config, run_id: str, storage: Storage | None = None) -> di
     (:func:`check_enough`). Rerunning a run id replaces its partition, config and summary
     (idempotent).
     """
-    from pipeline.core.tables import get_json, put_json, read_table, write_partition
+    from pipeline.core import published
+    from pipeline.core.labels_run import write_labels_run
+    from pipeline.core.tables import object_sha256, read_table, write_partition
 
     storage = storage or open_storage(cfg.storage)
     cands, counts = read_candidates(storage, cfg)
     run = label_run(cands, cfg, run_id, counts=counts)
     summary = run.summary
-    published = get_json(storage, keys.PUBLISHED_LABELS)
-    if published and published.get("run_id") == run_id:
-        published = None  # a rerun of the published run compares against nothing
+    pointer = published.published(storage)
+    if pointer and pointer.get("run_id") == run_id:
+        pointer = None  # a rerun of the published run compares against nothing
     new_posts = None
-    if published:
-        new_posts = run.count_new(read_table(storage, "labels", partitions=[published["run_id"]],
+    if pointer:
+        new_posts = run.count_new(read_table(storage, "labels", partitions=[pointer["run_id"]],
                                              columns=["post_id"]).column("post_id"))
-    check_enough(summary, published, new_posts, cfg.validation.min_rows)
+    check_enough(summary, pointer, new_posts, cfg.validation.min_rows)
     # A rebuilt run must be validated again before it can be published, and must not stay
     # published meanwhile: training would otherwise read data nobody validated.
-    if (get_json(storage, keys.PUBLISHED_LABELS) or {}).get("run_id") == run_id:
-        storage.delete(keys.PUBLISHED_LABELS)
+    if published.unpublish(storage, run_id):
         log.warning("labels run %s was the published run: unpublished until the rebuilt run passes validation", run_id)
     storage.delete(keys.validation_result(run_id))
     summary["labels_key"] = write_partition(storage, "labels", run_id, run.slices())
+    summary["labels_sha256"] = object_sha256(storage, summary["labels_key"])  # what validation must find
     summary["config_key"] = keys.labels_config(run_id)
     summary["summary_key"] = keys.labels_summary(run_id)
     summary["labels_uri"] = storage.uri(summary["labels_key"])
     storage.put_text(summary["config_key"], cfg.to_toml())
-    put_json(storage, summary["summary_key"], summary)
+    write_labels_run(storage, summary)
     log.info("labels run %s: %d rows in, %d labeled in %d groups -> %s", run_id, summary["rows_in"],
              summary["rows_out"], summary["groups"], summary["labels_uri"])
     return summary

@@ -25,6 +25,7 @@ import pandas as pd
 from labeling.splits import SPLITS
 from pipeline.core import keys
 from pipeline.core.config import Config
+from pipeline.core.labels_run import LabelsRunRecord, read_labels_run
 from pipeline.core.schemas import TABLES
 from pipeline.core.storage import Storage, open_storage
 
@@ -35,6 +36,10 @@ _SHOWN = {"labels": ["post_id", "author_key", "group_id", "rank_in_group", "labe
           "posts": ["dt", "instance", "post_id"], "faces": ["dt", "sha256", "status"]}
 
 
+class LabelsChanged(RuntimeError):
+    """The labels file is not the one its run's record says the labeler wrote."""
+
+
 class ValidationFailed(RuntimeError):
     """A run failed validation; ``report`` holds what failed. The message is the readable summary."""
 
@@ -43,8 +48,9 @@ class ValidationFailed(RuntimeError):
         super().__init__(format_failures(report))
 
 
-def _gx():
-    # GX logs a few hundred lines at import when Airflow came first (NOTES.md).
+def great_expectations():
+    """The ``great_expectations`` module, imported on first use (it is slow to import)."""
+    # GX logs a few hundred lines at import when Airflow came first: quiet it before it loads.
     logging.getLogger("great_expectations").setLevel(logging.WARNING)
     import great_expectations as gx
 
@@ -55,7 +61,7 @@ def _gx():
 
 
 def _schema_expectations(table: str, extra_columns: list[str]) -> list:
-    gxe = _gx().expectations
+    gxe = great_expectations().expectations
     schema = TABLES[table].schema
     out = [gxe.ExpectTableColumnsToMatchSet(column_set=schema.names + extra_columns, exact_match=True)]
     out += [gxe.ExpectColumnValuesToNotBeNull(column=f.name) for f in schema if not f.nullable]
@@ -63,7 +69,7 @@ def _schema_expectations(table: str, extra_columns: list[str]) -> list:
 
 
 def posts_suite() -> list:
-    gxe = _gx().expectations
+    gxe = great_expectations().expectations
     return _schema_expectations("posts", ["dt"]) + [
         gxe.ExpectCompoundColumnsToBeUnique(column_list=["dt", "instance", "post_id"]),
         gxe.ExpectColumnValuesToBeBetween(column="n_tags", min_value=0),
@@ -73,7 +79,7 @@ def posts_suite() -> list:
 
 
 def faces_suite() -> list:
-    gxe = _gx().expectations
+    gxe = great_expectations().expectations
     return _schema_expectations("faces", ["dt"]) + [
         gxe.ExpectCompoundColumnsToBeUnique(column_list=["dt", "sha256", "detector_id"]),
         gxe.ExpectColumnValuesToBeInSet(column="status", value_set=["ok", "decode_error", "missing", "error"]),
@@ -86,10 +92,13 @@ CHECK_COLUMNS = ["chk_group_rows", "chk_group_positives", "chk_group_ranks", "ch
                  "chk_likes_ascending", "chk_exposure_descending", "chk_author_splits", "chk_group_sources"]
 
 
-def labels_suite(cfg: Config, run_id: str, labeler: str, group_size: int) -> list:
-    """The labels expectations for one run (``group_size``: the rule's G, or the run's rows)."""
-    gxe = _gx().expectations
-    lab, half = cfg.labeling, group_size // 2
+def labels_suite(cfg: Config, run: LabelsRunRecord) -> list:
+    """The labels expectations for one run, from its record: the labeler, the parameters and
+    ``group_size`` (the rule's G, or the run's rows) it was labeled with, whatever today's
+    config says. ``cfg`` gives only the validation policy (``validation.min_rows``)."""
+    gxe = great_expectations().expectations
+    lab, group_size, half = run.params, run.group_size, run.group_size // 2
+    run_id, labeler = run.run_id, run.labeler
     one = [True]
     return _schema_expectations("labels", CHECK_COLUMNS) + [
         gxe.ExpectTableRowCountToBeBetween(min_value=cfg.validation.min_rows),
@@ -98,13 +107,13 @@ def labels_suite(cfg: Config, run_id: str, labeler: str, group_size: int) -> lis
         gxe.ExpectColumnValuesToBeBetween(column="score", min_value=0, max_value=1, strict_min=True, strict_max=True),
         gxe.ExpectColumnValuesToBeBetween(column="rank_in_group", min_value=1, max_value=group_size),
         gxe.ExpectColumnValuesToBeBetween(column="group_id", min_value=0),
-        gxe.ExpectColumnValuesToBeBetween(column="followers", min_value=lab.min_followers, max_value=lab.max_followers),
-        gxe.ExpectColumnValuesToBeBetween(column="n_tags", min_value=0, max_value=lab.max_tags),
-        gxe.ExpectColumnValuesToBeBetween(column="age_days", min_value=lab.min_age_days),
+        gxe.ExpectColumnValuesToBeBetween(column="followers", min_value=lab["min_followers"], max_value=lab["max_followers"]),
+        gxe.ExpectColumnValuesToBeBetween(column="n_tags", min_value=0, max_value=lab["max_tags"]),
+        gxe.ExpectColumnValuesToBeBetween(column="age_days", min_value=lab["min_age_days"]),
         gxe.ExpectColumnValuesToBeBetween(column="likes", min_value=0),
         gxe.ExpectColumnValuesToBeInSet(column="split", value_set=list(SPLITS)),
         gxe.ExpectColumnValuesToBeInSet(column="labeler", value_set=[labeler]),
-        gxe.ExpectColumnValuesToBeInSet(column="params_hash", value_set=[cfg.section_hash("labeling")]),
+        gxe.ExpectColumnValuesToBeInSet(column="params_hash", value_set=[run.params_hash]),
         gxe.ExpectColumnValuesToBeInSet(column="run_id", value_set=[run_id]),
         gxe.ExpectColumnValuesToBeBetween(column="chk_group_rows", min_value=group_size, max_value=group_size),
         gxe.ExpectColumnValuesToBeBetween(column="chk_group_positives", min_value=half, max_value=half),
@@ -177,7 +186,7 @@ def run_checkpoints(frames: dict[str, tuple[pd.DataFrame, list]], docs_dir: Path
     ``docs_dir``: where the file-backed GX project (and its Data Docs) lives; None = no docs.
     Returns {table: {"success", "statistics", "failures": [...], "result": describe_dict}}.
     """
-    gx = _gx()
+    gx = great_expectations()
     from great_expectations.data_context.types.base import ProgressBarsConfig
 
     if docs_dir is None:
@@ -244,14 +253,16 @@ def validate_run(cfg: Config, run_id: str, storage: Storage | None = None, *,
     Docs under ``validation/run=<run_id>/data_docs/`` (open ``index.html``). Returns the report
     (success, statistics per table, failures, keys); raises :class:`ValidationFailed` on failure.
     """
-    from pipeline.core.tables import get_json, put_json
+    from pipeline.core.tables import partition_key, put_json
 
     storage = storage or open_storage(cfg.storage)
+    run = read_labels_run(storage, run_id)
     labels, labels_sha256 = read_labels_file(storage, run_id)
-    summary = get_json(storage, keys.labels_summary(run_id), default={}) or {}
-    labeler = summary.get("labeler") or cfg.labeling.labeler
-    group_size = cfg.labeling.group_size if labeler == "groups" else max(len(labels), 2)
-    frames = {"labels": (with_checks(labels, group_size), labels_suite(cfg, run_id, labeler, group_size))}
+    if labels_sha256 != run.labels_sha256:
+        raise LabelsChanged(f"labels run {run_id}: {storage.uri(partition_key('labels', run_id))} is not the file the "
+                            f"labeler wrote (sha256 {labels_sha256[:12]}, recorded {run.labels_sha256[:12]}); "
+                            "label the run again")
+    frames = {"labels": (with_checks(labels, run.group_size), labels_suite(cfg, run))}
     if inputs:
         for table, suite in (("posts", posts_suite), ("faces", faces_suite)):
             frame = _table_frame(storage, table)
@@ -274,9 +285,9 @@ def validate_run(cfg: Config, run_id: str, storage: Storage | None = None, *,
     report = {
         "run_id": run_id,
         "success": all(r["success"] for r in results.values()),
-        "labeler": labeler,
-        "group_size": group_size,
-        "dropped": summary.get("dropped", {}),  # the labels run's drop counts, for the failure message
+        "labeler": run.labeler,
+        "group_size": run.group_size,
+        "dropped": run.record.get("dropped", {}),  # the labels run's drop counts, for the failure message
         "labels_sha256": labels_sha256,  # what this result vouches for: publishing and training check it
         "tables": {t: {k: r[k] for k in ("success", "rows", "statistics")} for t, r in results.items()},
         "failed_expectations": len(failures),

@@ -33,10 +33,10 @@ from typing import Any
 
 from pipeline.core import keys
 from pipeline.core.config import Config, load_config
+from pipeline.core.published import require_published
 from pipeline.core.storage import open_storage
 from pipeline.core.tables import get_json
 from training import registry
-from training.data import resolve_labels_run
 
 log = logging.getLogger(__name__)
 
@@ -241,7 +241,7 @@ def launch(cfg: Config | None = None, *, labels_run: str | None = None, run_id: 
         labels_run = started["labels_run"]
         log.info("run %s has a checkpoint on labels run %s: resuming it", run_id, labels_run)
     else:
-        labels_run = resolve_labels_run(storage, labels_run)["run_id"]
+        labels_run = require_published(storage, labels_run)["run_id"]
     job: dict[str, Any] = {"run_id": run_id, "labels_run": labels_run, "backend": backend,
                            "metrics_key": keys.model_metrics(run_id)}
     if backend == "local":

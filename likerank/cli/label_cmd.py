@@ -2,7 +2,7 @@
 
 - ``likerank label``: label the project's tables into ``labels/run=<id>/``, validate the run
   (Great Expectations) and publish it if it passes (``--no-publish``: stop after validation);
-- ``likerank label --input F --output F``: label a Parquet/CSV file of one's own (DESIGN.md
+- ``likerank label --input F --output F``: label a Parquet/CSV file of one's own (docs/architecture.md
   columns); nothing is validated or published;
 - ``likerank eval labels [--run RUN] [--truth FILE]``: AUC and Spearman of every labeler
   against ground truth (default run: the published one; default truth: the simulator world).
@@ -46,8 +46,8 @@ def label_command(args: argparse.Namespace, cfg: Config) -> int:
         new_run_id,
     )
     from labeling.eligibility import InputError
-    from labeling.publish import publish
     from labeling.validate import ValidationFailed, validate_run
+    from pipeline.core.published import publish
 
     run_id = clean_run_id(args.run) if args.run else new_run_id()
     if bool(args.input) != bool(args.output):
@@ -82,11 +82,11 @@ def label_command(args: argparse.Namespace, cfg: Config) -> int:
 
 def eval_labels_command(args: argparse.Namespace, cfg: Config) -> int:
     from labeling.evaluate import evaluate_run, format_report, load_truth
-    from labeling.publish import published
+    from pipeline.core.published import published_run_id
     from pipeline.core.storage import open_storage
 
     storage = open_storage(cfg.storage)
-    run_id = args.run or (published(storage) or {}).get("run_id")
+    run_id = args.run or published_run_id(storage)
     if not run_id:
         print("likerank eval labels: no --run given and no labels run published yet", file=sys.stderr)
         return 2

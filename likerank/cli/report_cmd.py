@@ -19,8 +19,8 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def report(args: argparse.Namespace, cfg: Config) -> int:
-    from pipeline.core.storage import StorageError, open_storage
     from likerank.report.build import build_report
+    from pipeline.core.storage import StorageError, open_storage
 
     try:
         index = build_report(cfg, open_storage(cfg.storage), labels_run=args.labels, model_run=args.model,

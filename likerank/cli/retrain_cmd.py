@@ -34,12 +34,12 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def retrain(args: argparse.Namespace, cfg: Config) -> int:
-    from pipeline import orchestrate
+    from likerank import orchestrate
+    from pipeline.core.published import LabelsNotPublished, require_published
     from pipeline.core.storage import open_storage
-    from training.data import LabelsNotPublished, published_labels
 
     try:
-        labels = published_labels(open_storage(cfg.storage))
+        labels = require_published(open_storage(cfg.storage))
     except LabelsNotPublished as exc:
         print(f"retrain: refused: {exc}", file=sys.stderr)
         return 2

@@ -21,7 +21,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def train(args: argparse.Namespace, cfg: Config) -> int:
-    from training.data import LabelsNotPublished
+    from pipeline.core.published import LabelsNotPublished
     from training.launch import TrainingFailed, launch, wait
     from training.registry import evaluate_run
 

@@ -59,10 +59,10 @@ from typing import Any
 
 import numpy as np
 
-from pipeline.core.config import Config
-from pipeline.core.storage import Storage
 from likerank.report.load import NotAvailable, ReportContext, Section, load_context
 from likerank.report.sections import SECTIONS
+from pipeline.core.config import Config
+from pipeline.core.storage import Storage
 
 log = logging.getLogger(__name__)
 

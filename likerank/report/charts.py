@@ -9,9 +9,9 @@ from typing import Any
 
 import numpy as np
 
+from likerank.report.load import ReportContext, is_number
 from pipeline.core.storage import ImageStore, StorageError
 from pipeline.core.tables import list_partitions, read_table
-from likerank.report.load import ReportContext, is_number
 
 log = logging.getLogger(__name__)
 

@@ -15,6 +15,7 @@ from typing import Any
 import pandas as pd
 
 from pipeline.core import keys
+from pipeline.core.published import published_run_id
 from pipeline.core.storage import LocalStorage, Storage
 from pipeline.core.tables import get_json, list_partitions, read_table
 
@@ -99,8 +100,7 @@ def default_out_dir(storage: Storage, labels_run: str | None) -> Path:
 
 def load_context(storage: Storage, labels_run: str | None, model_run: str | None,
                   out: str | Path | None) -> ReportContext:
-    pointer = get_json(storage, keys.PUBLISHED_LABELS) or {}
-    published = pointer.get("run_id")
+    published = published_run_id(storage)
     runs = list_partitions(storage, "labels")
     labels, why = None, ""
     run = labels_run or published or (runs[-1] if runs else None)

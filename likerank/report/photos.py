@@ -17,8 +17,9 @@ from typing import Any
 
 import numpy as np
 
-from pipeline.core.storage import ImageStore, StorageError
 from likerank.report.load import NotAvailable, ReportContext
+from pipeline.core.storage import ImageStore, StorageError
+from pipeline.faces.crop import face_crop_box
 
 log = logging.getLogger(__name__)
 

@@ -11,9 +11,6 @@ from typing import Any
 
 import numpy as np
 
-from pipeline.core import keys
-from pipeline.core.storage import StorageError
-from pipeline.core.tables import get_json
 from likerank.report.charts import (
     COLORS,
     MAP_THUMB_PX,
@@ -43,6 +40,10 @@ from likerank.report.photos import (
     tsne_2d,
     with_face,
 )
+from pipeline.core import keys
+from pipeline.core.labels_run import LabelsRunMissing, read_labels_run
+from pipeline.core.storage import StorageError
+from pipeline.core.tables import get_json
 
 #: Tiles in the best-to-worst continuum (sampled evenly along the order) and in each top/bottom grid.
 CONTINUUM_N = 160
@@ -115,10 +116,10 @@ def funnel_section(ctx: ReportContext) -> dict[str, Any]:
     if ctx.labels_run is None:
         summary_why = ctx.labels_why
     else:
-        key = keys.labels_summary(ctx.labels_run)
-        summary = get_json(ctx.storage, key)
-        if summary is None:
-            summary_why = f"{ctx.storage.uri(key)} does not exist"
+        try:
+            summary = read_labels_run(ctx.storage, ctx.labels_run).record
+        except LabelsRunMissing as exc:
+            summary_why = str(exc)
     return {"stages": stages, "chart": chart, "summary": summary, "summary_why": summary_why}
 
 def distributions_section(ctx: ReportContext) -> dict[str, Any]:

@@ -15,7 +15,9 @@ def _fmt(counts: dict) -> str:
 
 def summary(cfg: Config, truth: Path | None = None) -> str:
     """One screen: the funnel, the verdict, the model, where everything lives, a query to try."""
-    from pipeline.core.query import published_run, run_query
+    from pipeline.core.labels_run import read_labels_run
+    from pipeline.core.published import published_run_id
+    from pipeline.core.query import run_query
     from pipeline.core.schemas import TABLES
     from pipeline.core.storage import open_storage
     from pipeline.core.tables import get_json
@@ -47,12 +49,13 @@ def summary(cfg: Config, truth: Path | None = None) -> str:
                    group by 1""")  # the latest detection per image: failed ones are retried in new rows
     lines.append(f"  images with faces     {sum(r['n'] for r in faces if r['k'] in ('one face', 'several faces')):>7}"
                  f"   ({_fmt({r['k']: r['n'] for r in faces})})")
-    run = published_run(storage)
+    run = published_run_id(storage)
     if run:
-        summ = get_json(storage, keys.labels_summary(run), {})
-        lines.append(f"  labeled posts         {summ.get('rows_out', '?'):>7}   in {summ.get('groups', '?')} groups of "
-                     f"{summ.get('group_size', '?')}; dropped: {_fmt(summ.get('dropped', {}))}")
-        for source, counts in sorted(summ.get("sources", {}).items()):  # groups never mix sources
+        record = read_labels_run(storage, run)
+        summ = record.record
+        lines.append(f"  labeled posts         {summ['rows_out']:>7}   in {summ['groups']} groups of "
+                     f"{record.group_size}; dropped: {_fmt(summ['dropped'])}")
+        for source, counts in sorted(record.sources.items()):  # groups never mix sources
             lines.append(f"    {source or '(no source)':<19} {counts['rows_out']:>7}   in {counts['groups']} groups")
         docs = [k for k in storage.list(keys.validation_run(run) + "/") if k.endswith("index.html")]
         lines.append("\n== validation (Great Expectations) ==")

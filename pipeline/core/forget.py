@@ -36,7 +36,7 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from pipeline.core import keys
+from pipeline.core import keys, published
 from pipeline.core.config import Config
 from pipeline.core.post_refs import forget_refs
 from pipeline.core.schemas import TABLES
@@ -104,10 +104,10 @@ def forget(storage: Storage, *, authors: Iterable[str] = (), posts: Iterable[Pos
 
     removed.update(_forget_labels(storage, authors, post_ids, shas))
     removed["predictions"] = _forget_predictions(storage, removed.pop("label_post_ids"))
-    removed["downloads"] = _rewrite(storage, "downloads", lambda t: pc.and_(_in(t, "post_id", post_ids), _in(t, "url", urls)))
+    removed["downloads"] = _rewrite(storage, "downloads", lambda t: pc.and_(rows_with_value(t, "post_id", post_ids), rows_with_value(t, "url", urls)))
     orphans = _unreferenced(storage, tombstoned_images)
-    removed["faces"] = _rewrite(storage, "faces", lambda t: _in(t, "sha256", orphans))
-    removed["images"] = _rewrite(storage, "images", lambda t: _in(t, "sha256", orphans))
+    removed["faces"] = _rewrite(storage, "faces", lambda t: rows_with_value(t, "sha256", orphans))
+    removed["images"] = _rewrite(storage, "images", lambda t: rows_with_value(t, "sha256", orphans))
     for sha in sorted(orphans):
         if storage.exists(keys.image_bytes(sha)):
             storage.delete(keys.image_bytes(sha))
@@ -115,8 +115,8 @@ def forget(storage: Storage, *, authors: Iterable[str] = (), posts: Iterable[Pos
     refs = posts | doomed["refs"]
     # The crawl state's post references (Bluesky at:// URIs name the author's DID).
     removed["post_refs"] = forget_refs(storage, authors, post_ids | {p for _, p in posts})
-    removed["engagement"] = _rewrite(storage, "engagement", lambda t: _pair_in(t, refs))
-    removed["posts"] = _rewrite(storage, "posts", lambda t: pc.or_(_in(t, "author_key", authors), _pair_in(t, refs)))
+    removed["engagement"] = _rewrite(storage, "engagement", lambda t: rows_with_post_ref(t, refs))
+    removed["posts"] = _rewrite(storage, "posts", lambda t: pc.or_(rows_with_value(t, "author_key", authors), rows_with_post_ref(t, refs)))
     log.info("forgot %s", removed)
     return removed
 
@@ -145,7 +145,7 @@ def _matching_posts(storage: Storage, authors: set[str], posts: set[PostRef]) ->
     urls: set[str] = set()
     if list_partitions(storage, "posts"):
         t = read_table(storage, "posts", columns=["instance", "post_id", "author_key", "image_urls"])
-        hit = t.filter(pc.or_(_in(t, "author_key", authors), _pair_in(t, posts)))
+        hit = t.filter(pc.or_(rows_with_value(t, "author_key", authors), rows_with_post_ref(t, posts)))
         refs = set(zip(hit["instance"].to_pylist(), hit["post_id"].to_pylist(), strict=True))
         urls = {u for us in hit["image_urls"].to_pylist() for u in us or []}
     return {"refs": refs, "urls": urls}
@@ -155,7 +155,7 @@ def _download_shas(storage: Storage, post_ids: set[str], urls: set[str]) -> set[
     if not post_ids or not list_partitions(storage, "downloads"):
         return set()
     t = read_table(storage, "downloads", columns=["post_id", "url", "sha256"])
-    hit = t.filter(pc.and_(_in(t, "post_id", post_ids), _in(t, "url", urls)))
+    hit = t.filter(pc.and_(rows_with_value(t, "post_id", post_ids), rows_with_value(t, "url", urls)))
     return {s for s in hit["sha256"].to_pylist() if s}
 
 
@@ -166,21 +166,19 @@ def _unreferenced(storage: Storage, shas: set[str]) -> set[str]:
     if not list_partitions(storage, "downloads"):
         return set(shas)
     t = read_table(storage, "downloads", columns=["sha256"])
-    return shas - set(t.filter(_in(t, "sha256", shas))["sha256"].to_pylist())
+    return shas - set(t.filter(rows_with_value(t, "sha256", shas))["sha256"].to_pylist())
 
 
 def _forget_labels(storage: Storage, authors: set[str], post_ids: set[str], shas: set[str]) -> dict[str, Any]:
     out: dict[str, Any] = {"labels": 0, "labels_runs": [], "unpublished": None, "label_post_ids": set()}
-    published = (get_json(storage, keys.PUBLISHED_LABELS) or {}).get("run_id")
     for run in list_partitions(storage, "labels"):
         t = read_table(storage, "labels", [run]).drop_columns([TABLES["labels"].partition])
-        drop = pc.or_(_in(t, "author_key", authors), pc.and_(_in(t, "post_id", post_ids), _in(t, "image_sha256", shas)))
+        drop = pc.or_(rows_with_value(t, "author_key", authors), pc.and_(rows_with_value(t, "post_id", post_ids), rows_with_value(t, "image_sha256", shas)))
         n = pc.sum(drop).as_py() or 0
         if not n:
             continue
         out["label_post_ids"] |= set(t.filter(drop)["post_id"].to_pylist())
-        if run == published:  # unpublish first: training must never read a run nobody validated
-            storage.delete(keys.PUBLISHED_LABELS)
+        if published.unpublish(storage, run):  # first: training must never read a run nobody validated
             out["unpublished"] = run
         write_partition(storage, "labels", run, t.filter(pc.invert(drop)))
         storage.delete_prefix(keys.validation_run(run) + "/")  # its result and Data Docs quote rows
@@ -202,7 +200,7 @@ def _forget_predictions(storage: Storage, post_ids: set[str]) -> int:
         if not key.endswith("/predictions.parquet"):
             continue
         t = pq.read_table(io.BytesIO(storage.get_bytes(key)))
-        drop = _in(t, "post_id", post_ids)
+        drop = rows_with_value(t, "post_id", post_ids)
         k = pc.sum(drop).as_py() or 0
         if k:
             buf = io.BytesIO()
@@ -228,15 +226,17 @@ def _rewrite(storage: Storage, table: str, drop_mask) -> int:
 
 def tombstoned(t: pa.Table, tomb: Tombstones) -> pa.ChunkedArray:
     """True for the rows of ``t`` (columns author_key, instance, post_id) a tombstone covers."""
-    return pc.or_(_in(t, "author_key", tomb.authors), _pair_in(t, tomb.posts))
+    return pc.or_(rows_with_value(t, "author_key", tomb.authors), rows_with_post_ref(t, tomb.posts))
 
 
-def _in(t: pa.Table, column: str, values: set[str]) -> pa.ChunkedArray:
+def rows_with_value(t: pa.Table, column: str, values: set[str]) -> pa.ChunkedArray:
+    """True for the rows of ``t`` whose ``column`` is one of ``values`` (null: False)."""
     if not values:
         return pa.chunked_array([pa.array([False] * t.num_rows)])
     return pc.fill_null(pc.is_in(t[column], value_set=pa.array(sorted(values), pa.string())), False)
 
 
-def _pair_in(t: pa.Table, refs: set[PostRef]) -> pa.ChunkedArray:
+def rows_with_post_ref(t: pa.Table, refs: set[PostRef]) -> pa.ChunkedArray:
+    """True for the rows of ``t`` whose (instance, post_id) is one of ``refs``."""
     joined = pc.binary_join_element_wise(t["instance"], t["post_id"], "\n")
-    return _in(pa.table({"k": joined}), "k", {f"{i}\n{p}" for i, p in refs})
+    return rows_with_value(pa.table({"k": joined}), "k", {f"{i}\n{p}" for i, p in refs})

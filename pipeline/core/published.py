@@ -1,4 +1,8 @@
-"""Publishing: point ``labels/_published.json`` at a validated run (what training reads).
+"""The published labels pointer ``labels/_published.json``: which validated run training reads.
+
+This module owns the pointer: it is the only one that writes it (:func:`publish`,
+:func:`unpublish`) and the one every reader goes through (:func:`published`,
+:func:`require_published`).
 
 The pointer is one small JSON object replaced atomically, so readers see the previous
 published run or the new one, never a partial state:
@@ -15,22 +19,28 @@ from typing import Any
 
 from pipeline.core import keys
 from pipeline.core.config import Config
+from pipeline.core.labels_run import read_labels_run
 from pipeline.core.storage import Storage, open_storage
 from pipeline.core.tables import get_json, object_sha256, partition_key, put_json
 
 log = logging.getLogger(__name__)
 
 
-
 class NotValidated(RuntimeError):
     """A run without a passing validation result cannot be published."""
+
+
+class LabelsNotPublished(RuntimeError):
+    """No labels run is published, or the one asked for is not the published one, or its
+    validation result is missing, failed, or vouches for other bytes."""
 
 
 def publish(cfg: Config, run_id: str, storage: Storage | None = None) -> dict[str, Any]:
     """Publish ``run_id`` if its stored validation result passed; return the pointer written.
 
     The check reads ``validation/run=<run_id>/result.json`` itself rather than trusting a
-    caller's flag, so no path can publish an unvalidated or failed run.
+    caller's flag, so no path can publish an unvalidated or failed run. The labeler and the
+    parameters' hash come from the run's record, never from today's config.
     """
 
     storage = storage or open_storage(cfg.storage)
@@ -45,13 +55,13 @@ def publish(cfg: Config, run_id: str, storage: Storage | None = None) -> dict[st
     if result.get("labels_sha256") != current:
         raise NotValidated(f"labels run {run_id}: its labels file changed after validation (validated sha256 "
                            f"{str(result.get('labels_sha256'))[:12]}, now {current[:12]}); validate it again")
-    summary = get_json(storage, keys.labels_summary(run_id), default={}) or {}
+    run = read_labels_run(storage, run_id)
     pointer = {
         "run_id": run_id,
         "published_at": datetime.now(UTC).isoformat(timespec="seconds"),
         "rows": result["tables"]["labels"]["rows"],
-        "params_hash": summary.get("params_hash", cfg.section_hash("labeling")),
-        "labeler": result.get("labeler"),
+        "params_hash": run.params_hash,
+        "labeler": run.labeler,
         "validation_key": key,
         "labels_sha256": current,
     }
@@ -60,6 +70,63 @@ def publish(cfg: Config, run_id: str, storage: Storage | None = None) -> dict[st
     return pointer
 
 
+def unpublish(storage: Storage, run_id: str) -> bool:
+    """Withdraw the pointer if it names ``run_id`` (a rebuilt or forgotten-in run must be
+    validated again before training may read it); return whether it did."""
+    if published_run_id(storage) != run_id:
+        return False
+    storage.delete(keys.PUBLISHED_LABELS)
+    return True
+
+
 def published(storage: Storage) -> dict[str, Any] | None:
     """The current pointer, or None if nothing was published yet."""
     return get_json(storage, keys.PUBLISHED_LABELS)
+
+
+def published_run_id(storage: Storage) -> str | None:
+    """The run id of the published labels run, or None."""
+    return (published(storage) or {}).get("run_id")
+
+
+def require_published(storage: Storage, run_id: str | None = None) -> dict[str, Any]:
+    """The pointer of the run to train on: the published one, or ``run_id`` if it is it.
+
+    Training on an unpublished (unvalidated or failed) run is refused, by design: the
+    validation gate is what makes a labels run trustworthy.
+    """
+    pointer = published(storage)
+    if not pointer or not pointer.get("run_id"):
+        raise LabelsNotPublished(
+            f"no labels run is published: {storage.uri(keys.PUBLISHED_LABELS)} does not exist "
+            "(label and validate first; a run is published only when its validation passes)"
+        )
+    if run_id and run_id != pointer["run_id"]:
+        raise LabelsNotPublished(
+            f"labels run {run_id!r} is not published (the published run is {pointer['run_id']!r} "
+            f"per {storage.uri(keys.PUBLISHED_LABELS)}); refusing to train on unvalidated labels"
+        )
+    check_validated(storage, pointer)
+    return pointer
+
+
+def check_validated(storage: Storage, pointer: dict[str, Any]) -> None:
+    """Refuse a labels run whose validation result is missing or failed, or whose file is not
+    the one validated (its sha256 differs from the result's and the publication's)."""
+    run = pointer["run_id"]
+    key = partition_key("labels", run)
+    if not storage.exists(key):
+        raise LabelsNotPublished(
+            f"{storage.uri(keys.PUBLISHED_LABELS)} names run {run!r} but {storage.uri(key)} is missing")
+    result = get_json(storage, keys.validation_result(run))
+    if result is None:
+        raise LabelsNotPublished(f"labels run {run!r}: no validation result at "
+                                 f"{storage.uri(keys.validation_result(run))}; refusing to train on unvalidated labels")
+    if not result.get("success"):
+        raise LabelsNotPublished(f"labels run {run!r}: its validation failed ({storage.uri(keys.validation_result(run))}); "
+                                 "refusing to train on it")
+    current = object_sha256(storage, key)
+    if not (pointer.get("labels_sha256") == result.get("labels_sha256") == current):
+        raise LabelsNotPublished(f"labels run {run!r}: {storage.uri(key)} is not the file that was validated and "
+                                 f"published (sha256 now {current[:12]}, validated {str(result.get('labels_sha256'))[:12]}, "
+                                 f"published {str(pointer.get('labels_sha256'))[:12]}); label, validate and publish again")

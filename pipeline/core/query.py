@@ -11,16 +11,10 @@ from __future__ import annotations
 import duckdb
 import pyarrow as pa
 
-from pipeline.core import keys
+from pipeline.core.published import published_run_id
 from pipeline.core.schemas import TABLES
 from pipeline.core.storage import Storage
-from pipeline.core.tables import dataset, get_json, list_partitions
-
-
-def published_run(storage: Storage) -> str | None:
-    """The run id of the latest published labels run, or None."""
-    pointer = get_json(storage, keys.PUBLISHED_LABELS)
-    return pointer["run_id"] if pointer else None
+from pipeline.core.tables import dataset, list_partitions
 
 
 def connect(storage: Storage) -> duckdb.DuckDBPyConnection:
@@ -31,7 +25,7 @@ def connect(storage: Storage) -> duckdb.DuckDBPyConnection:
             con.register(view, dataset(storage, name))
         else:  # an empty table with the right columns, so queries still parse
             con.register(view, table.schema.append(pa.field(table.partition, pa.string())).empty_table())
-    run = published_run(storage)
+    run = published_run_id(storage)
     parts = [run] if run else []
     if parts:
         con.register("labels", dataset(storage, "labels", parts))

@@ -18,10 +18,10 @@ from pathlib import Path
 import pyarrow as pa
 import pytest
 
-from pipeline.core.query import published_run
+from likerank.orchestrate import dags_test
+from pipeline.core.published import published_run_id
 from pipeline.core.storage import LocalStorage
 from pipeline.core.tables import read_table
-from likerank.orchestrate import dags_test
 from tests.distributed.servers import celery_deployment, postgres_server, redis_server
 
 REPO = Path(__file__).resolve().parents[2]
@@ -159,8 +159,8 @@ def test_tables_equal_those_of_a_dags_test_chain_over_the_same_world(celery_chai
         a, b = read_table(celery, table), read_table(reference, table)
         assert a.num_rows > 0, table
         assert comparable(a, keys) == comparable(b, keys), table
-    a = read_table(celery, "labels", partitions=[published_run(celery)])
-    b = read_table(reference, "labels", partitions=[published_run(reference)])
+    a = read_table(celery, "labels", partitions=[published_run_id(celery)])
+    b = read_table(reference, "labels", partitions=[published_run_id(reference)])
     assert a.num_rows >= 20 and comparable(a, ["post_id"]) == comparable(b, ["post_id"])
 
 
@@ -170,4 +170,4 @@ def test_the_model_trained_on_the_published_labels(celery_chain):
 
     storage = celery_chain["storage"]
     latest = get_json(storage, keys.LATEST_MODEL)
-    assert latest and latest["labels_run"] == published_run(storage)
+    assert latest and latest["labels_run"] == published_run_id(storage)

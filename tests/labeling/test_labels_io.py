@@ -115,8 +115,8 @@ def test_too_few_eligible_posts_is_nothing_to_label_and_writes_nothing(local_sto
 
 def test_a_run_with_under_a_group_of_new_posts_since_the_published_one_is_nothing_to_label(local_storage):
     from labeling.build_labels import NothingToLabel
-    from labeling.publish import publish
     from labeling.validate import validate_run
+    from pipeline.core.published import publish
 
     write_world(local_storage, n_good=4)
     cfg = load_config(env={}, overrides=["labeling.group_size=2", "validation.min_rows=2",
@@ -202,8 +202,8 @@ def test_no_secret_in_the_saved_config_or_anything_else_the_run_writes(local_sto
 
 
 def test_rebuilding_the_published_run_unpublishes_it_until_validated_again(local_storage):
-    from labeling.publish import NotValidated, publish, published
     from labeling.validate import validate_run
+    from pipeline.core.published import NotValidated, publish, published
 
     write_world(local_storage)
     cfg = load_config(overrides=["validation.min_rows=4", "labeling.group_size=2", "validation.data_docs=false"])
@@ -218,8 +218,8 @@ def test_rebuilding_the_published_run_unpublishes_it_until_validated_again(local
 
 
 def test_labels_changed_after_validation_cannot_be_published(local_storage):
-    from labeling.publish import NotValidated, publish
     from labeling.validate import validate_run
+    from pipeline.core.published import NotValidated, publish
     from pipeline.core.tables import partition_key
 
     write_world(local_storage)

@@ -1,4 +1,5 @@
-"""The labeling rule (DESIGN.md) on small hand-computed tables and on random ones (hypothesis)."""
+"""The labeling rule (docs/architecture.md) on small hand-computed tables and on random ones
+(hypothesis)."""
 
 from __future__ import annotations
 

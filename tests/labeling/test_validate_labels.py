@@ -9,10 +9,11 @@ import pyarrow.parquet as pq
 import pytest
 
 from labeling.build_labels import label_candidates
-from labeling.publish import NotValidated, publish, published
 from labeling.validate import ValidationFailed, validate_run
 from pipeline.core.config import load_config
-from pipeline.core.tables import get_json, partition_key, put_json, write_partition
+from pipeline.core.labels_run import write_labels_run
+from pipeline.core.published import NotValidated, publish, published
+from pipeline.core.tables import get_json, object_sha256, partition_key, write_partition
 from tests.labeling.test_labels_rule import cands
 
 CFG = load_config(env={}, overrides=["labeling.group_size=4", "labeling.min_followers=0",
@@ -33,7 +34,8 @@ def store_run(storage, run_id: str, labels: pa.Table, summary: dict, *, raw: boo
         storage.put_bytes(partition_key("labels", run_id), buf.getvalue())
     else:
         write_partition(storage, "labels", run_id, labels)
-    put_json(storage, f"labels/run={run_id}/_summary.json", summary)
+    # The record, as the labeler writes it: the hash of the bytes it stored, buggy or not.
+    write_labels_run(storage, {**summary, "labels_sha256": object_sha256(storage, partition_key("labels", run_id))})
 
 
 def test_good_run_passes_writes_docs_and_publishes(local_storage):

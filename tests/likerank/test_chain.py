@@ -16,7 +16,8 @@ from pathlib import Path
 import pyarrow.compute as pc
 import pytest
 
-from pipeline.core.query import published_run, run_query
+from pipeline.core.published import published_run_id
+from pipeline.core.query import run_query
 from pipeline.core.storage import LocalStorage
 from pipeline.core.tables import get_json, read_table
 from tests.conftest import free_port
@@ -89,7 +90,7 @@ def test_tables_exist_and_agree(chain):
     assert posts.num_rows > 100
     ids = posts["post_id"].to_pylist()
     assert len(ids) == len(set(ids)), "a post stored twice"
-    run = published_run(s)
+    run = published_run_id(s)
     assert run
     labels = read_table(s, "labels", partitions=[run])
     assert labels.num_rows >= 20 and labels.num_rows % 20 == 0

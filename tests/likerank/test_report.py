@@ -17,10 +17,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from pipeline.core.storage import LocalStorage, Storage
 from likerank.report.build import build_report
 from likerank.report.charts import roc_points
 from likerank.report.sections import SECTION_IDS
+from pipeline.core.storage import LocalStorage, Storage
 from tests.fixtures.report import FACE_BOX, REPORT_MODEL, REPORT_RUN, make_report_dataset
 
 
@@ -204,9 +204,9 @@ def test_map_and_best_crops_without_a_model_say_why(cfg, local_storage: LocalSto
 def test_map_and_best_crops_without_test_rows_or_with_too_few_photos(cfg, local_storage: LocalStorage, monkeypatch):
     import pyarrow as pa
 
+    from likerank.report import sections
     from pipeline.core.schemas import TABLES
     from pipeline.core.tables import read_table, write_partition
-    from likerank.report import sections
 
     make_report_dataset(local_storage)
     monkeypatch.setattr(sections, "MAP_MAX", 4)  # four photos: too few for t-SNE

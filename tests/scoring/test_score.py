@@ -17,8 +17,8 @@ from PIL import Image
 from pipeline.core.config import load_config
 from pipeline.core.storage import LocalStorage
 from scoring.model import OnnxModel, crop_batch
-from scoring.torch_model import export_onnx, load_registry_model
 from scoring.score import score_inputs
+from scoring.torch_model import export_onnx, load_registry_model
 from tests.fixtures.scoring import FACE_PHOTOS, MODEL_RUN, NO_FACE_PHOTO
 
 REPO = Path(__file__).resolve().parents[2]

@@ -14,8 +14,8 @@ import requests
 
 from pipeline.core.config import load_config
 from pipeline.core.storage import LocalStorage
-from scoring.torch_model import load_registry_model
 from scoring.serve import ScoringService, serve
+from scoring.torch_model import load_registry_model
 from tests.fixtures.scoring import FACE_PHOTOS as FACES
 from tests.fixtures.scoring import MODEL_RUN as RUN
 from tests.fixtures.scoring import NO_FACE_PHOTO as NO_FACE

@@ -178,7 +178,7 @@ def test_counts_grow_with_age_and_saturate(sim_world):
 
 
 def _groups_labels(likes, followers, n_tags, post_ids, group_size=100):
-    """The DESIGN.md labeling rule (re-implemented here so the simulator is judged on its own)."""
+    """The labeling rule of docs/architecture.md (re-implemented here so the simulator is judged on its own)."""
     exposure = followers * (1 + TAG_BONUS * np.maximum(n_tags - 1, 0))
     order = sorted(range(len(likes)), key=lambda i: (-exposure[i], post_ids[i]))
     labels = {}

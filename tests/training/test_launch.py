@@ -8,10 +8,10 @@ import pytest
 import yaml
 
 from pipeline.core.config import load_config
+from pipeline.core.published import LabelsNotPublished
 from pipeline.core.storage import LocalStorage
 from tests.training.test_train_data import LABELS_RUN, make_labels_run
 from training import launch as L
-from training.data import LabelsNotPublished
 
 
 @pytest.fixture

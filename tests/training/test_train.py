@@ -18,11 +18,11 @@ import pytest
 
 from pipeline.core import keys
 from pipeline.core.config import load_config
+from pipeline.core.published import LabelsNotPublished
 from pipeline.core.storage import LocalStorage
 from pipeline.core.tables import get_json, put_json
 from tests.training.test_train_data import DETECTOR, LABELS_RUN, TINY, make_labels_run, truth_file
 from training import registry
-from training.data import LabelsNotPublished
 from training.launch import TrainingFailed, launch, train_on_published
 
 #: Largest |difference| allowed between 1-process and 2-process metrics and epoch losses.

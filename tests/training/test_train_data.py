@@ -15,6 +15,8 @@ import numpy as np
 import pyarrow as pa
 
 from pipeline.core import keys
+from pipeline.core.config import load_config
+from pipeline.core.labels_run import write_labels_run
 from pipeline.core.schemas import FACES, LABELS
 from pipeline.core.storage import ImageStore, Storage
 from pipeline.core.tables import get_json, object_sha256, put_json, write_partition
@@ -67,6 +69,15 @@ def make_labels_run(storage: Storage, *, run_id: str = LABELS_RUN, n: dict[str, 
             i += 1
     labels = pa.Table.from_pylist(rows, schema=LABELS)
     key = write_partition(storage, "labels", run_id, labels)
+    positive = sum(r["label"] for r in rows)
+    write_labels_run(storage, {  # the record, as the labeler writes it beside its labels
+        "run_id": run_id, "labeler": "groups", "params_hash": "p" * 16, "group_size": 16,
+        "params": load_config(env={}, overrides=["labeling.group_size=16"]).to_dict()["labeling"],
+        "labels_sha256": object_sha256(storage, key), "rows_out": len(rows), "groups": len(rows) // 16,
+        "dropped": {}, "sources": {"mastodon": {"rows_out": len(rows), "groups": len(rows) // 16, "positive": positive}},
+        "splits": {split: count for split, count in n.items()},
+        "label_balance": {"positive": positive, "negative": len(rows) - positive},
+    })
     write_partition(storage, "faces", "2026-01-01", pa.Table.from_pylist(faces, schema=FACES))
     if publish:  # as labeling's validate + publish leave it: a passing result for these bytes
         sha = object_sha256(storage, key)
@@ -102,31 +113,26 @@ TINY = [
 
 import pytest  # noqa: E402
 
-from pipeline.core.config import load_config  # noqa: E402
+from pipeline.core.published import LabelsNotPublished, require_published  # noqa: E402
 from pipeline.faces.crop import face_crop_box  # noqa: E402
-from training.data import (  # noqa: E402
-    LabeledImages,
-    LabelsNotPublished,
-    load_examples,
-    resolve_labels_run,
-)
+from training.data import LabeledImages, load_examples  # noqa: E402
 
 
 def test_unpublished_labels_are_refused(local_storage):
     with pytest.raises(LabelsNotPublished, match="no labels run is published"):
-        resolve_labels_run(local_storage)
+        require_published(local_storage)
     make_labels_run(local_storage, publish=False, n={"train": 4, "val": 2, "test": 2})
     with pytest.raises(LabelsNotPublished, match="no labels run is published"):
-        resolve_labels_run(local_storage, LABELS_RUN)
+        require_published(local_storage, LABELS_RUN)
 
 
 def test_only_the_published_run_is_trainable(local_storage):
     make_labels_run(local_storage, n={"train": 4, "val": 2, "test": 2})
     make_labels_run(local_storage, run_id="lbl-unvalidated", publish=False, n={"train": 4, "val": 2, "test": 2})
-    assert resolve_labels_run(local_storage)["run_id"] == LABELS_RUN
-    assert resolve_labels_run(local_storage, LABELS_RUN)["run_id"] == LABELS_RUN
+    assert require_published(local_storage)["run_id"] == LABELS_RUN
+    assert require_published(local_storage, LABELS_RUN)["run_id"] == LABELS_RUN
     with pytest.raises(LabelsNotPublished, match="'lbl-unvalidated' is not published"):
-        resolve_labels_run(local_storage, "lbl-unvalidated")
+        require_published(local_storage, "lbl-unvalidated")
 
 
 def test_labels_rewritten_under_the_pointer_are_refused(local_storage):
@@ -134,7 +140,7 @@ def test_labels_rewritten_under_the_pointer_are_refused(local_storage):
     make_labels_run(local_storage, n={"train": 4, "val": 2, "test": 2})
     make_labels_run(local_storage, publish=False, seed=1, n={"train": 4, "val": 2, "test": 2})  # same run id
     with pytest.raises(LabelsNotPublished, match="is not the file that was validated"):
-        resolve_labels_run(local_storage)
+        require_published(local_storage)
 
 
 @pytest.mark.parametrize("result, message", [
@@ -149,7 +155,7 @@ def test_a_missing_or_failed_validation_is_refused(local_storage, result, messag
     else:
         put_json(local_storage, key, {**get_json(local_storage, key), **result})
     with pytest.raises(LabelsNotPublished, match=message):
-        resolve_labels_run(local_storage)
+        require_published(local_storage)
 
 
 def test_examples_carry_splits_and_face_boxes(local_storage):

@@ -12,7 +12,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
-from pipeline import orchestrate
+from likerank import orchestrate
 from likerank.cli.main import main
 from pipeline.core.storage import LocalStorage
 from tests.training.test_train_data import make_labels_run
