@@ -21,12 +21,12 @@ import numpy as np
 from labeling.rank_groups import Ranking
 
 
-def rank_single_group(metric: np.ndarray, exposure_: np.ndarray, key: np.ndarray) -> Ranking:
+def rank_single_group(metric: np.ndarray, exposures: np.ndarray, key: np.ndarray) -> Ranking:
     """Rank every row by ``metric`` ascending (ties by post id key) in one group of even size."""
     n = len(metric)
     keep = np.ones(n, dtype=bool)
     if n % 2:
-        lowest = np.flatnonzero(exposure_ == exposure_.min())
+        lowest = np.flatnonzero(exposures == exposures.min())
         keep[lowest[np.argmax(key[lowest])]] = False
     rows = np.flatnonzero(keep)
     by_rank = rows[np.lexsort((key[rows], metric[rows]))]
@@ -36,12 +36,12 @@ def rank_single_group(metric: np.ndarray, exposure_: np.ndarray, key: np.ndarray
     return Ranking(group_id=group_id, rank_in_group=rank, group_size=max(len(rows), 2))
 
 
-def median_likes(likes: np.ndarray, exposure_: np.ndarray, key: np.ndarray) -> Ranking:
-    return rank_single_group(likes.astype(np.float64), exposure_, key)
+def median_likes(likes: np.ndarray, exposures: np.ndarray, key: np.ndarray) -> Ranking:
+    return rank_single_group(likes.astype(np.float64), exposures, key)
 
 
-def ratio(likes: np.ndarray, exposure_: np.ndarray, key: np.ndarray) -> Ranking:
-    return rank_single_group(likes / np.maximum(exposure_, 1.0), exposure_, key)
+def ratio(likes: np.ndarray, exposures: np.ndarray, key: np.ndarray) -> Ranking:
+    return rank_single_group(likes / np.maximum(exposures, 1.0), exposures, key)
 
 
 def like_residual(likes: np.ndarray, followers: np.ndarray, n_tags: np.ndarray) -> np.ndarray:
@@ -56,5 +56,5 @@ def like_residual(likes: np.ndarray, followers: np.ndarray, n_tags: np.ndarray) 
 
 
 def residual(likes: np.ndarray, followers: np.ndarray, n_tags: np.ndarray,
-             exposure_: np.ndarray, key: np.ndarray) -> Ranking:
-    return rank_single_group(like_residual(likes, followers, n_tags), exposure_, key)
+             exposures: np.ndarray, key: np.ndarray) -> Ranking:
+    return rank_single_group(like_residual(likes, followers, n_tags), exposures, key)

@@ -6,7 +6,8 @@ Both inputs become one *candidates* table (:data:`CANDIDATES`) with one row per 
   (instance, post_id); the latest ``engagement`` snapshot whose ``age_days >= min_age_days``;
   the ``downloads`` row with status ok for the post's first image URL (its sha256); the latest
   ok ``faces`` row of that image, counting only faces scoring ``>= faces.min_score``.
-- :func:`read_input_file` reads a bring-your-own Parquet/CSV file (DESIGN.md columns).
+- :func:`read_input_file` reads a bring-your-own Parquet/CSV file (columns: docs/architecture.md,
+  "The labeling rule").
 
 :func:`apply_filters` then drops posts, each for the first reason that applies, in the order
 of :data:`DROP_REASONS`; every drop is counted. A null in the candidates means "not known":
@@ -360,7 +361,7 @@ def read_candidates(storage: Storage, cfg: Config) -> tuple[pa.Table, dict[str, 
 
 # --------------------------------------------------------------------------- bring your own
 
-#: The columns of a bring-your-own file (DESIGN.md): name -> kind.
+#: The columns of a bring-your-own file (docs/architecture.md, "The labeling rule"): name -> kind.
 REQUIRED_COLUMNS = {"post_id": "string", "author_key": "string", "likes": "integer",
                     "followers": "integer", "n_tags": "integer", "age_days": "number"}
 OPTIONAL_COLUMNS = {"views": "integer", "n_faces": "integer", "image_sha256": "string", "source": "string"}

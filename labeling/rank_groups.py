@@ -1,4 +1,5 @@
-"""The labeling rule: follower-normalized like rank in consecutive exposure groups (DESIGN.md).
+"""The labeling rule: follower-normalized like rank in consecutive exposure groups
+(docs/architecture.md, "The labeling rule").
 
 Given eligible posts (see :mod:`labeling.eligibility`):
 
@@ -183,14 +184,14 @@ def code_counts(codes: np.ndarray, n: int, where: np.ndarray | None = None) -> n
     return out
 
 
-def exposure_order(exposure_: np.ndarray, source: np.ndarray | None = None) -> np.ndarray:
+def exposure_order(exposures: np.ndarray, source: np.ndarray | None = None) -> np.ndarray:
     """Row indices sorted by source code, exposure descending, then row index ascending (rows
     must be in post_id order, so the last is post_id order)."""
     from labeling.duck import connect
 
-    n = len(exposure_)
+    n = len(exposures)
     # int32 row ids while they fit: half the memory to sort, fetch and index with.
-    columns = {"i": np.arange(n, dtype=np.int32 if n < 2**31 else np.int64), "e": exposure_}
+    columns = {"i": np.arange(n, dtype=np.int32 if n < 2**31 else np.int64), "e": exposures}
     if source is not None:
         columns["s"] = source
     with connect() as con:
@@ -218,25 +219,25 @@ def in_rank_order(grouped: np.ndarray, likes: np.ndarray) -> np.ndarray:
     return np.take_along_axis(grouped, np.lexsort((grouped, likes[grouped]), axis=1), axis=1)
 
 
-def rank_groups(exposure_: np.ndarray, likes: np.ndarray, key: np.ndarray, group_size: int,
+def rank_groups(exposures: np.ndarray, likes: np.ndarray, key: np.ndarray, group_size: int,
                 source: np.ndarray | None = None) -> Ranking:
     """Steps 2-4 of the rule on aligned arrays (``key`` from :func:`post_id_key`, ``source``
     from :func:`source_codes`): each source is cut into its own groups, its trailing partial
     group dropped; group ids run on across sources, in source-name order."""
     if group_size < 2 or group_size % 2:
         raise ValueError(f"group_size must be even and >= 2, got {group_size}")
-    n = len(exposure_)
+    n = len(exposures)
     if n > 1 and not np.all(key[1:] > key[:-1]):
         # Not in post_id order (a file, a test): rank the rows in that order and map back.
         # The project's candidates arrive in it, so this sort is skipped for them.
         by_post = np.argsort(key, kind="stable")
-        ranked = rank_groups(exposure_[by_post], likes[by_post], np.arange(n), group_size,
+        ranked = rank_groups(exposures[by_post], likes[by_post], np.arange(n), group_size,
                              None if source is None else source[by_post])
         group_id, rank = np.empty_like(ranked.group_id), np.empty_like(ranked.rank_in_group)
         group_id[by_post], rank[by_post] = ranked.group_id, ranked.rank_in_group
         return Ranking(group_id=group_id, rank_in_group=rank, group_size=group_size)
 
-    order = exposure_order(exposure_, source)
+    order = exposure_order(exposures, source)
     # Sorted by source first, so each source is one block of ``order``; its full groups are
     # a (groups x G) view of the block, its trailing partial group (lowest exposure) dropped.
     per_source = [n] if source is None or n == 0 else code_counts(source, int(source.max()) + 1)

@@ -86,7 +86,7 @@ class LocalStorage(Storage):
         self.root = str(self.path)
         self._swept: set[Path] = set()  # folders already cleared of stale temp files
 
-    def _p(self, key: str) -> Path:
+    def file_of(self, key: str) -> Path:
         """The file of ``key``. Checked as a string (``..`` and absolute keys are refused), not
         resolved on disk: resolving costs a syscall per path component on every put and get,
         and links inside the root are the operator's own."""
@@ -96,7 +96,7 @@ class LocalStorage(Storage):
         return p
 
     def put_bytes(self, key: str, data: bytes, *, durable: bool = True) -> None:
-        dest = self._p(key)
+        dest = self.file_of(key)
         dest.parent.mkdir(parents=True, exist_ok=True)
         if dest.parent not in self._swept:  # once per folder: listing it on every put costs O(files)
             self._remove_stale_temps(dest.parent)
@@ -137,17 +137,17 @@ class LocalStorage(Storage):
 
     def get_bytes(self, key: str) -> bytes:
         try:
-            return self._p(key).read_bytes()
+            return self.file_of(key).read_bytes()
         except FileNotFoundError:
             raise StorageError(f"{self.uri(key)}: not found") from None
 
     def exists(self, key: str) -> bool:
-        return self._p(key).is_file()
+        return self.file_of(key).is_file()
 
     def list(self, prefix: str = "") -> list[str]:
         # S3 semantics: a plain string prefix, so "posts/dt=" matches "posts/dt=2026-11-01/...".
         folder = prefix.rsplit("/", 1)[0] if "/" in prefix else ""
-        base = self._p(folder) if folder else self.path
+        base = self.file_of(folder) if folder else self.path
         if not base.is_dir():
             return []
         keys = (
@@ -159,7 +159,7 @@ class LocalStorage(Storage):
 
     def delete(self, key: str) -> None:
         with contextlib.suppress(FileNotFoundError):
-            self._p(key).unlink()
+            self.file_of(key).unlink()
 
     def arrow_fs(self) -> tuple[pyarrow.fs.FileSystem, str]:
         import pyarrow.fs
@@ -208,7 +208,8 @@ class S3Storage(Storage):
             config=BotoConfig(retries={"max_attempts": S3_ATTEMPTS, "mode": "standard"}, s3={"addressing_style": "path"}),
         )
 
-    def _k(self, key: str) -> str:
+    def object_key(self, key: str) -> str:
+        """The S3 object key of a storage key: under the root's prefix."""
         return f"{self.prefix}/{key}" if self.prefix else key
 
     def _error(self, exc: Exception, key: str) -> StorageError:
@@ -232,7 +233,7 @@ class S3Storage(Storage):
 
     def put_bytes(self, key: str, data: bytes, *, durable: bool = True) -> None:
         try:  # an S3 PUT is durable once it returns
-            self.client.put_object(Bucket=self.bucket, Key=self._k(key), Body=data)
+            self.client.put_object(Bucket=self.bucket, Key=self.object_key(key), Body=data)
         except Exception as exc:  # noqa: BLE001 - translated into a StorageError naming the key
             raise self._error(exc, key) from exc
 
@@ -247,7 +248,7 @@ class S3Storage(Storage):
         # that read is retried here, as a whole new GET.
         for attempt in range(BODY_ATTEMPTS):
             try:
-                return self.client.get_object(Bucket=self.bucket, Key=self._k(key))["Body"].read()
+                return self.client.get_object(Bucket=self.bucket, Key=self.object_key(key))["Body"].read()
             except (ResponseStreamingError, IncompleteReadError, ReadTimeoutError) as exc:
                 if attempt + 1 == BODY_ATTEMPTS:
                     raise self._error(exc, key) from exc
@@ -260,7 +261,7 @@ class S3Storage(Storage):
         from botocore.exceptions import ClientError
 
         try:
-            self.client.head_object(Bucket=self.bucket, Key=self._k(key))
+            self.client.head_object(Bucket=self.bucket, Key=self.object_key(key))
             return True
         except ClientError as exc:
             if exc.response.get("Error", {}).get("Code") in ("404", "NoSuchKey", "NotFound"):
@@ -270,7 +271,7 @@ class S3Storage(Storage):
             raise self._error(exc, key) from exc
 
     def list(self, prefix: str = "") -> list[str]:
-        full = self._k(prefix)
+        full = self.object_key(prefix)
         strip = len(self.prefix) + 1 if self.prefix else 0
         keys: list[str] = []
         try:
@@ -282,7 +283,7 @@ class S3Storage(Storage):
 
     def delete(self, key: str) -> None:
         try:
-            self.client.delete_object(Bucket=self.bucket, Key=self._k(key))
+            self.client.delete_object(Bucket=self.bucket, Key=self.object_key(key))
         except Exception as exc:  # noqa: BLE001
             raise self._error(exc, key) from exc
 

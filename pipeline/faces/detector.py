@@ -388,9 +388,3 @@ class FaceDetector:
         small = fit_size(img.width, img.height, self.fallback_det_size)
         blob = self.blob(resize_rgb(img.rgb, small), self.fallback_det_size)
         return self.faces_from_outputs(self.run(blob), 0, blob.shape[2:], img, small)
-
-    def detect_rgb(self, rgb: np.ndarray) -> list[Face]:
-        """Faces in an RGB uint8 array of any size (convenience; the stream path is faster)."""
-        h, w = rgb.shape[:2]
-        fitted = resize_rgb(rgb, fit_size(w, h, self.det_size))
-        return self.detect_fitted(FittedImage(rgb=fitted, width=w, height=h))

@@ -44,8 +44,9 @@ def address_problem(ip: ipaddress.IPv4Address | ipaddress.IPv6Address) -> str | 
     """Why ``ip`` may not be contacted, or None when it is a public unicast address."""
     if isinstance(ip, ipaddress.IPv6Address):
         # IPv6 forms that carry an IPv4 address reach that address: judge the embedded one.
-        # Python 3.11 treats 6to4 (2002::/16) as global (NOTES.md), and NAT64 (64:ff9b::/96)
-        # and Teredo hand the packet to the IPv4 network on the way.
+        # Python 3.11 treats 6to4 (2002::/16) as global (``ip_address("2002:a00:1::").is_global``
+        # is True there), and NAT64 (64:ff9b::/96) and Teredo hand the packet to the IPv4
+        # network on the way.
         embedded = ip.ipv4_mapped or ip.sixtofour or (ip.teredo[1] if ip.teredo else None)
         if embedded is None and ip in NAT64:
             embedded = ipaddress.IPv4Address(int(ip) & 0xFFFFFFFF)
