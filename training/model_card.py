@@ -10,6 +10,7 @@ names a post, an author (not even by pseudonym) or a local file path.
 from __future__ import annotations
 
 import functools
+import logging
 import math
 import re
 from dataclasses import dataclass
@@ -21,8 +22,11 @@ import jinja2
 import pipeline
 from pipeline.core import keys
 from pipeline.core.config import Config
+from pipeline.core.labels_run import LabelsRunMissing, read_labels_run
 from pipeline.core.storage import Storage
-from pipeline.core.tables import get_json, list_partitions, read_table
+from pipeline.core.tables import list_partitions, read_table
+
+log = logging.getLogger(__name__)
 
 #: The folder holding the ``pipeline`` package (the repository root in a checkout); card paths are relative to it.
 PACKAGE_ROOT = Path(pipeline.__file__).resolve().parents[1]
@@ -218,8 +222,8 @@ def card_context(metrics: dict[str, Any], labels_summary: dict[str, Any] | None,
         labels_runs=run_ids(metrics),
         split_rows=split_rows(metrics),
         dates=posts_created(sources),
-        params_hash=summary.get("params_hash") or published.get("params_hash") or sources.get("params_hash"),
-        group_size=summary.get("group_size") or sources.get("group_size"),
+        params_hash=summary.get("params_hash") or published.get("params_hash"),
+        group_size=summary.get("group_size"),
         labeler=summary.get("labeler") or published.get("labeler"),
         detectors=detector_refs(metrics, shipped),
         weights=weights_used(metrics),
@@ -324,10 +328,9 @@ def weights_license(metrics: dict[str, Any]) -> str:
 
 
 def labeled_sources(storage: Storage, runs: list[str]) -> dict[str, Any]:
-    """Per source: labeled rows and the first and last day a labeled post was created; plus the
-    parameter hash and group size read from the rows. Reads 4 label columns and 3 posts columns."""
+    """Per source: labeled rows and the first and last day a labeled post was created. Reads 2
+    label columns and 3 posts columns. (The parameters and group size are the run record's.)"""
     import pyarrow as pa
-    import pyarrow.compute as pc
     import pyarrow.dataset as ds
 
     out: dict[str, Any] = {"per_source": {}, "dates_note": ""}
@@ -337,15 +340,10 @@ def labeled_sources(storage: Storage, runs: list[str]) -> dict[str, Any]:
         out["dates_note"] = "the labels partition is missing"
         return out
     labels = read_table(storage, "labels", partitions=runs,
-                        columns=["source", "post_id", "rank_in_group", "params_hash"])
+                        columns=["source", "post_id"])
     per_source = out["per_source"]
     for row in labels.group_by("source").aggregate([("post_id", "count")]).to_pylist():
         per_source[row["source"]] = {"rows": int(row["post_id_count"]), "first_post": None, "last_post": None}
-    if labels.num_rows:
-        # Every kept group is full, so the largest rank is the group size.
-        out["group_size"] = int(pc.max(labels["rank_in_group"]).as_py())
-        hashes = sorted(set(labels["params_hash"].unique().to_pylist()))
-        out["params_hash"] = ", ".join(hashes)
     if not list_partitions(storage, "posts"):
         out["dates_note"] = "this storage has no posts table (labels built from an imported file?)"
         return out
@@ -372,7 +370,12 @@ def labeled_sources(storage: Storage, runs: list[str]) -> dict[str, Any]:
 def write_model_card(storage: Storage, run_id: str, metrics: dict[str, Any], cfg: Config) -> str:
     """Gather the card's inputs, write ``models/<run_id>/MODEL_CARD.md``, return its key."""
     runs = run_ids(metrics)
-    summary = get_json(storage, keys.labels_summary(runs[0])) if len(runs) == 1 else None
+    summary = None
+    if len(runs) == 1:
+        try:
+            summary = read_labels_run(storage, runs[0]).record
+        except LabelsRunMissing as exc:  # the card says n/a where the record would have spoken
+            log.warning("model card of %s: %s", run_id, exc)
     sources = labeled_sources(storage, runs)
     if "config" not in metrics:  # the card reads image size and requested weights from the resolved config
         metrics = {**metrics, "config": cfg.to_dict()}

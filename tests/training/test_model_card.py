@@ -10,7 +10,7 @@ import pyarrow as pa
 from pipeline.core import keys
 from pipeline.core.config import load_config
 from pipeline.core.schemas import POSTS
-from pipeline.core.tables import put_json, write_partition
+from pipeline.core.tables import write_partition
 from tests.training.test_train_data import DETECTOR, LABELS_RUN, make_labels_run
 from training.model_card import (
     IMAGENET_LICENSE,
@@ -110,10 +110,7 @@ def posts_for(labels: pa.Table) -> pa.Table:
 
 def test_write_model_card_from_a_labels_run(local_storage):
     labels = make_labels_run(local_storage)
-    write_partition(local_storage, "posts", "2026-01-15", posts_for(labels))
-    put_json(local_storage, keys.labels_summary(LABELS_RUN), {
-        "run_id": LABELS_RUN, "labeler": "groups", "params_hash": "p" * 16, "group_size": 16,
-        "sources": {"mastodon": {"rows_out": labels.num_rows, "groups": labels.num_rows // 16, "positive": 48}}})
+    write_partition(local_storage, "posts", "2026-01-15", posts_for(labels))  # and the run's record
     m = metrics(truth=False, weights="none") | {"run_id": "m-2", "labels_run": LABELS_RUN,
                                                  "detector_ids": [DETECTOR], "labels_published": {}}
     key = write_model_card(local_storage, "m-2", m, load_config())
@@ -130,9 +127,10 @@ def test_write_model_card_from_a_labels_run(local_storage):
 
 def test_write_model_card_without_posts_or_summary(local_storage):
     labels = make_labels_run(local_storage, n={"train": 32, "val": 16, "test": 16})
+    local_storage.delete(keys.labels_summary(LABELS_RUN))  # a run without its record
     m = metrics(truth=True) | {"labels_run": LABELS_RUN, "detector_ids": [DETECTOR], "labels_published": {}}
     card = local_storage.get_text(write_model_card(local_storage, "m-3", m, load_config()))
     assert "unknown: this storage has no posts table" in card
     assert f"| mastodon | {labels.num_rows} | n/a | unknown | unknown |" in card
-    # Read from the rows when the summary is missing: every group is full, so the top rank is its size.
-    assert f"hash `{'p' * 16}`, group size 16" in card
+    # Without the run's record the card says so: it never derives the parameters from the rows.
+    assert "hash `n/a`, group size n/a" in card
