@@ -47,8 +47,13 @@ run: setup ## run the whole chain on the embedded default; SOURCE_URL=https://â€
 	$(if $(SOURCE_URL),LIKERANK_SOURCE__KIND=live LIKERANK_SOURCE__PLATFORMS=mastodon LIKERANK_SOURCE__INSTANCE_URL=$(SOURCE_URL) LIKERANK_SOURCE__HASHTAGS=$(or $(TAG),selfie)) \
 	  $(BIN)/python -m likerank.orchestrate
 
-test: setup ## run the test suite (what CI runs)
+test: setup ## run the import contracts and the whole test suite (what CI runs)
+	$(BIN)/lint-imports --no-cache
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
+
+test-fast: setup ## the import contracts and every test that is not slow, S3 or distributed (a few minutes)
+	$(BIN)/lint-imports --no-cache
+	$(BIN)/python -m pytest -q -m "not slow and not s3 and not distributed" $(PYTEST_ARGS)
 
 bench: setup ## run the benchmarks; each prints its figures as ratios against a baseline
 	for b in bench/*.py; do echo "== $$b"; $(BIN)/python $$b; done
@@ -64,9 +69,9 @@ lock: setup ## rewrite requirements.lock from the working .venv (after a deliber
 	mv requirements.lock.new requirements.lock
 
 lint: setup ## ruff
-	$(BIN)/ruff check pipeline labeling training simulator dags tests bench
+	$(BIN)/ruff check likerank scoring pipeline labeling training simulator dags tests bench
 
 clean: ## remove the venv, Airflow's state and the tables (./data, ./data-live)
 	rm -rf $(VENV) .airflow .airflow-live data data-live .pytest_cache
 
-.PHONY: help setup run test bench airflow retrain lock lint clean
+.PHONY: help setup run test test-fast bench airflow retrain lock lint clean

@@ -108,7 +108,7 @@ def seaweed(tmp_path_factory: pytest.TempPathFactory):
 _s3_counter = iter(range(1_000_000))
 
 
-@pytest.fixture(params=["local", "s3"])
+@pytest.fixture(params=["local", pytest.param("s3", marks=pytest.mark.s3)])
 def storage(request: pytest.FixtureRequest, tmp_path: Path) -> Storage:
     """Every storage test runs on both backends: a local folder and SeaweedFS over S3."""
     if request.param == "local":

@@ -97,6 +97,7 @@ def test_killed_writer_leaves_previous_partition_intact(storage: Storage):
     assert (statuses == {"old"} and t.num_rows == 5) or (statuses == {"new"} and t.num_rows == 400_000)
 
 
+@pytest.mark.s3
 def test_s3_bad_credentials_give_a_clear_error(seaweed):
     bad = S3Storage(f"s3://{seaweed['bucket']}/x", endpoint_url=seaweed["endpoint"], region="us-east-1",
                     access_key_id=seaweed["key"], secret_access_key="wrong")

@@ -28,7 +28,7 @@ REPO = Path(__file__).resolve().parents[2]
 CHAIN = ("scrape", "detect_faces", "build_labels", "retrain")
 WAIT_S = 30 * 60  # the whole chain on a 2-core machine takes a few minutes; a hang must end
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.distributed]
 
 #: A small world and a small model, as in tests/likerank/test_chain.py.
 SETTINGS = {
