@@ -253,6 +253,17 @@ def test_the_deployment_files_are_there():
         assert f"`{name}`" in (INFRA / "README.md").read_text(), f"infra/README.md does not list {name}"
 
 
+def test_the_image_copies_every_package():
+    """Every package pyproject.toml installs is copied into the image: a package left out
+    installs nothing and fails only when a command first imports it."""
+    import tomllib
+
+    patterns = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"]["find"]["include"]
+    packages = {p.removesuffix("*") for p in patterns}
+    copied = set(re.findall(r"^COPY (\S+) \./\1$", DOCKERFILE.read_text(), flags=re.M))
+    assert packages <= copied, f"not copied into the image: {sorted(packages - copied)}"
+
+
 def test_the_pytorchjob_renders_with_the_helm_settings(helm, helm_env):
     from training.launch import render_pytorchjob
 
