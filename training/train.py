@@ -23,10 +23,14 @@ adds ROC-AUC and Spearman r against the hidden quality; ``--stop-after-epoch K``
 simulated crash, for tests); ``--norm group|frozen`` removes BatchNorm's batch dependence
 (exact N-process vs 1-process equivalence); ``--no-augment`` turns augmentation off.
 
-What it does, top to bottom: set up DDP -> resolve config and labels -> data (global
-``batch_size`` split evenly over processes and ``grad_accum`` micro-steps) -> model ->
-resume -> train epochs (checkpoint each) -> predict val/test on all ranks -> rank 0 writes
-metrics.json and moves models/latest.json. Only rank 0 writes files or logs at INFO.
+What it does, top to bottom (the steps :func:`main` calls, sharing one :class:`TrainingRun`):
+``setup`` (DDP, device, config, storage, run id) -> ``resume_labels`` (the checkpoint and the
+labels run it was started on, else the published one) -> ``check_inputs`` (truth file; global
+``batch_size`` split evenly over processes and ``grad_accum`` micro-steps) -> ``load_data`` ->
+``init_model`` -> ``restore_progress`` (weights, optimizer, step count from the checkpoint) ->
+``train_one_epoch`` + ``save_progress`` (checkpoint) per epoch -> ``evaluate`` (predict val/test
+on all ranks; rank 0 scores them) -> ``publish`` (rank 0: metrics.json, predictions, model card,
+config, models/latest.json). Only rank 0 writes files or logs at INFO.
 """
 
 from __future__ import annotations
@@ -38,7 +42,8 @@ import math
 import os
 import sys
 import time
-from typing import Any
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -51,11 +56,15 @@ from pipeline.core import keys
 from pipeline.core.config import load_config
 from pipeline.core.storage import open_storage
 from pipeline.core.tables import put_json
-from training import metrics as M
-from training import registry
+from training import metrics, registry
 from training.data import LabeledImages, check_validated, load_examples, resolve_labels_run
 from training.model import NORMS, build_model
 from training.model_card import write_model_card
+
+if TYPE_CHECKING:
+    from pipeline.core.config import Config, TrainingConfig
+    from pipeline.core.storage import Storage
+    from training.data import Examples
 
 log = logging.getLogger("training.train")
 
@@ -129,16 +138,17 @@ def predict(model: torch.nn.Module, dataset: LabeledImages, *, rank: int, world:
     return {k: v[order] for k, v in mine.items()}
 
 
-def split_metrics(ex, pred: dict[str, np.ndarray], score_head: bool) -> dict[str, Any]:
+def split_metrics(ex: Examples, pred: dict[str, np.ndarray], score_head: bool) -> dict[str, Any]:
+    """Label metrics (and score metrics with the score head) over the readable images of one split."""
     ok = pred["weight"] > 0
-    out = M.label_metrics(ex.label[ok], pred["prob"][ok])
+    out = metrics.label_metrics(ex.label[ok], pred["prob"][ok])
     out["unreadable_images"] = int((~ok).sum())
     if score_head:
-        out.update(M.score_metrics(ex.score[ok], pred["score"][ok]))
+        out.update(metrics.score_metrics(ex.score[ok], pred["score"][ok]))
     return out
 
 
-def predictions_parquet(examples: dict, preds: dict[str, dict[str, np.ndarray]]) -> bytes:
+def predictions_parquet(examples: dict[str, Examples], preds: dict[str, dict[str, np.ndarray]]) -> bytes:
     """The val/test predictions as Parquet bytes, one row per labeled post (weight 0: unreadable image)."""
     import io
 
@@ -176,20 +186,104 @@ def read_truth(path: str) -> dict[str, dict[str, float]]:
     return {c: {p: v for p, v in zip(ids, t[c].to_pylist(), strict=True) if v is not None} for c in cols}
 
 
-def truth_split_metrics(truth: dict[str, dict[str, float]], ex, pred: dict[str, np.ndarray]) -> dict[str, Any]:
+def truth_split_metrics(truth: dict[str, dict[str, float]], ex: Examples,
+                        pred: dict[str, np.ndarray]) -> dict[str, Any]:
     """ROC-AUC / Spearman of predicted probabilities against each hidden truth column."""
     out: dict[str, Any] = {}
     for col, values in truth.items():
         keep = [i for i, p in enumerate(ex.post_id) if p in values and pred["weight"][i] > 0]
-        m = M.truth_metrics(np.array([values[ex.post_id[i]] for i in keep], dtype=np.float64), pred["prob"][keep])
+        m = metrics.truth_metrics(np.array([values[ex.post_id[i]] for i in keep], dtype=np.float64), pred["prob"][keep])
         out.update(m if col == "quality" else {f"{col}_{k}": v for k, v in m.items()})
     return out
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
+@dataclass
+class TrainingRun:
+    """One process's view of a training run, handed from step to step in :func:`main`.
 
-    # ---- distributed setup: torchrun sets RANK / LOCAL_RANK / WORLD_SIZE
+    :func:`setup` fills the first block; the later blocks are filled by the step named above
+    them and read by the steps after it.
+    """
+
+    # ---- setup
+    args: argparse.Namespace
+    cfg: Config
+    storage: Storage
+    ddp: bool  # launched by torchrun: one process group over all ranks
+    rank: int  # global rank, 0..world-1; rank 0 alone writes files and logs at INFO
+    local_rank: int  # rank on this machine: picks the GPU
+    world: int  # number of processes
+    device: torch.device
+    run_id: str  # names the outputs models/<run_id>/; the same on every rank
+
+    # ---- resume_labels
+    checkpoint: dict[str, Any] | None = field(init=False)  # the run's last checkpoint; None for a fresh run
+    published: dict[str, Any] = field(init=False)  # the labels publication record the run trains on
+
+    # ---- check_inputs
+    truth: dict[str, dict[str, float]] | None = field(init=False)  # --truth: column -> {post_id: value}
+    micro: int = field(init=False)  # images per process per micro-step
+
+    # ---- load_data
+    examples: dict[str, Examples] = field(init=False)  # split -> its rows
+    sampler: DistributedSampler = field(init=False)
+    loader: DataLoader = field(init=False)  # this rank's share of the train split, micro-batches
+    loader_gen: torch.Generator = field(init=False)  # the loader's shuffling, re-seeded every epoch
+    steps_per_epoch: int = field(init=False)  # optimizer steps
+    total_steps: int = field(init=False)
+
+    # ---- init_model
+    raw_model: torch.nn.Module = field(init=False)  # the model itself: checkpoints and evaluation use it
+    model: torch.nn.Module = field(init=False)  # what training calls: raw_model, or DDP around it
+    model_info: dict[str, Any] = field(init=False)
+    optimizer: torch.optim.Optimizer = field(init=False)
+    scaler: torch.amp.GradScaler = field(init=False)  # loss scaling, active only with float16
+    amp_dtype: torch.dtype | None = field(init=False)  # mixed precision on CUDA; None: float32
+
+    # ---- restore_progress, then advanced by every epoch
+    start_epoch: int = field(init=False)  # epochs already done
+    step: int = field(init=False)  # optimizer steps already done
+    history: list[dict[str, Any]] = field(init=False)  # one entry per finished epoch
+    started_at: str = field(init=False)  # UTC, ISO 8601; kept across resumes
+
+    @property
+    def tc(self) -> TrainingConfig:
+        return self.cfg.training
+
+    @property
+    def master(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def use_cuda(self) -> bool:
+        return self.device.type == "cuda"
+
+    @property
+    def labels_run(self) -> str:
+        return self.published["run_id"]
+
+    def autocast(self) -> contextlib.AbstractContextManager[Any]:
+        """Mixed precision around forward passes on CUDA; a no-op on CPU."""
+        return torch.autocast("cuda", dtype=self.amp_dtype) if self.amp_dtype else contextlib.nullcontext()
+
+
+@dataclass
+class Evaluation:
+    """Rank 0's view of the finished model on val and test."""
+
+    preds: dict[str, dict[str, np.ndarray]]  # split -> predict()'s arrays, in dataset order
+    metrics: dict[str, dict[str, Any]]  # split -> split_metrics()
+    truth: dict[str, dict[str, Any]] | None  # split -> truth_split_metrics(); None without --truth
+
+
+def utc_now() -> str:
+    """The current time in UTC, ISO 8601 to the second (started_at / finished_at)."""
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+
+
+def setup(args: argparse.Namespace) -> TrainingRun:
+    """Device, process group, logging, config, storage and the run id this process works on."""
+    # torchrun sets RANK / LOCAL_RANK / WORLD_SIZE; without them this is the only process.
     ddp = "RANK" in os.environ and "WORLD_SIZE" in os.environ
     rank = int(os.environ.get("RANK", 0))
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
@@ -209,191 +303,272 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO if master else logging.WARNING, stream=sys.stdout,
                         format=f"%(asctime)s [rank {rank}/{world}] %(levelname)s %(name)s: %(message)s")
 
-    # ---- config, labels, run id
     cfg = load_config(args.config, overrides=args.overrides)
-    tc = cfg.training
     storage = open_storage(cfg.storage)
-    run_id = args.run_id
-    if not run_id:
-        box = [registry.new_run_id() if master else None]
-        if ddp:
-            dist.broadcast_object_list(box, src=0)
-        run_id = box[0]
+    run_id = args.run_id or agree_on_new_run_id(master=master, ddp=ddp)
     registry.check_run_id(run_id)
-    # A run id with a checkpoint resumes on the labels it started on, even if a newer run has
-    # been published since (that one was checked when this run started).
-    ckpt = registry.load_checkpoint(storage, run_id)
-    if ckpt is not None:
-        published = ckpt["labels_published"]
-        if args.labels_run and args.labels_run != published["run_id"]:
-            raise ValueError(f"model run {run_id!r} was started on labels run {published['run_id']!r}, not "
-                             f"{args.labels_run!r}; use a new --run-id")
-        check_validated(storage, published)  # the labels may have been rebuilt since the run started
+    return TrainingRun(args=args, cfg=cfg, storage=storage, ddp=ddp, rank=rank, local_rank=local_rank,
+                       world=world, device=device, run_id=run_id)
+
+
+def agree_on_new_run_id(*, master: bool, ddp: bool) -> str:
+    """A fresh run id drawn on rank 0 and sent to every rank, so all write to the same models/<id>/."""
+    from_rank0: list[Any] = [registry.new_run_id() if master else None]  # filled in place by the broadcast
+    if ddp:
+        dist.broadcast_object_list(from_rank0, src=0)
+    return from_rank0[0]
+
+
+def resume_labels(run: TrainingRun) -> None:
+    """Load the run's checkpoint, if any, and pick the labels publication the run trains on.
+
+    A run id with a checkpoint resumes on the labels it started on, even if a newer run has
+    been published since (that one was checked when this run started).
+    """
+    run.checkpoint = registry.load_checkpoint(run.storage, run.run_id)
+    if run.checkpoint is not None:
+        published = run.checkpoint["labels_published"]
+        if run.args.labels_run and run.args.labels_run != published["run_id"]:
+            raise ValueError(f"model run {run.run_id!r} was started on labels run {published['run_id']!r}, not "
+                             f"{run.args.labels_run!r}; use a new --run-id")
+        check_validated(run.storage, published)  # the labels may have been rebuilt since the run started
     else:
-        published = resolve_labels_run(storage, args.labels_run)
-    labels_run = published["run_id"]
-    truth = read_truth(args.truth) if args.truth else None  # before training: a bad file fails fast
-    if tc.batch_size % (world * tc.grad_accum):
-        raise ValueError(f"training.batch_size {tc.batch_size} must be divisible by processes ({world}) "
+        published = resolve_labels_run(run.storage, run.args.labels_run)
+    run.published = published
+
+
+def check_inputs(run: TrainingRun) -> None:
+    """Read --truth and split the global batch, before any image is read: bad input fails fast."""
+    tc = run.tc
+    run.truth = read_truth(run.args.truth) if run.args.truth else None
+    if tc.batch_size % (run.world * tc.grad_accum):
+        raise ValueError(f"training.batch_size {tc.batch_size} must be divisible by processes ({run.world}) "
                          f"x grad_accum ({tc.grad_accum})")
-    micro = tc.batch_size // (world * tc.grad_accum)
+    run.micro = tc.batch_size // (run.world * tc.grad_accum)
     log.info("run %s: labels run %s, %d process(es) on %s, global batch %d = %d x %d x %d accum",
-             run_id, labels_run, world, device, tc.batch_size, world, micro, tc.grad_accum)
+             run.run_id, run.labels_run, run.world, run.device, tc.batch_size, run.world, run.micro, tc.grad_accum)
 
-    # ---- data: only per-row arrays in memory; images are read per item inside the workers
-    examples = load_examples(storage, labels_run, crop=tc.crop)
-    make = lambda split, augment: LabeledImages(examples[split], cfg.storage, image_size=tc.image_size,  # noqa: E731
-                                                crop=tc.crop, face_margin=tc.face_margin, augment=augment)
-    train_set = make("train", not args.no_augment)
-    sampler = DistributedSampler(train_set, num_replicas=world, rank=rank, shuffle=True, seed=tc.seed)
-    loader_gen = torch.Generator()
+
+def labeled_images(run: TrainingRun, split: str, *, augment: bool) -> LabeledImages:
+    """The split's images as a dataset, cropped and sized as the config says."""
+    tc = run.tc
+    return LabeledImages(run.examples[split], run.cfg.storage, image_size=tc.image_size,
+                         crop=tc.crop, face_margin=tc.face_margin, augment=augment)
+
+
+def load_data(run: TrainingRun) -> None:
+    """The labels' rows and this rank's train loader.
+
+    Only per-row arrays are held in memory; images are read per item inside the loader's workers.
+    """
+    tc = run.tc
+    run.examples = load_examples(run.storage, run.labels_run, crop=tc.crop)
+    train_set = labeled_images(run, "train", augment=not run.args.no_augment)
+    run.sampler = DistributedSampler(train_set, num_replicas=run.world, rank=run.rank, shuffle=True, seed=tc.seed)
+    run.loader_gen = torch.Generator()
     # drop_last: every optimizer step sees a full global batch (and BatchNorm never sees a batch of 1).
-    loader = DataLoader(train_set, batch_size=micro, sampler=sampler, num_workers=tc.workers,
-                        pin_memory=use_cuda, drop_last=True, generator=loader_gen)
-    steps_per_epoch = len(loader) // tc.grad_accum
-    if steps_per_epoch == 0:
-        raise ValueError(f"labels run {labels_run}: {len(train_set)} train rows are fewer than one global "
+    run.loader = DataLoader(train_set, batch_size=run.micro, sampler=run.sampler, num_workers=tc.workers,
+                            pin_memory=run.use_cuda, drop_last=True, generator=run.loader_gen)
+    run.steps_per_epoch = len(run.loader) // tc.grad_accum
+    if run.steps_per_epoch == 0:
+        raise ValueError(f"labels run {run.labels_run}: {len(train_set)} train rows are fewer than one global "
                          f"batch ({tc.batch_size}); lower training.batch_size")
-    total_steps = steps_per_epoch * tc.epochs
+    run.total_steps = run.steps_per_epoch * tc.epochs
 
-    # ---- model: the same seed on every rank, so every rank starts identical (DDP also broadcasts rank 0's)
+
+def init_model(run: TrainingRun) -> None:
+    """Model, optimizer and loss scaler, on the run's device."""
+    tc = run.tc
+    # The same seed on every rank, so every rank starts identical (DDP also broadcasts rank 0's).
     torch.manual_seed(tc.seed)
-    model, model_info = build_model(tc.backbone, tc.weights, score_head=tc.score_head, norm=args.norm)
-    if args.norm == "sync" and ddp:
-        if not use_cuda:
+    model, run.model_info = build_model(tc.backbone, tc.weights, score_head=tc.score_head, norm=run.args.norm)
+    if run.args.norm == "sync" and run.ddp:
+        if not run.use_cuda:
             raise ValueError("--norm sync needs CUDA (SyncBatchNorm has no CPU implementation); use group or frozen")
         model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
-    model.to(device)
-    if use_cuda:
+    model.to(run.device)
+    if run.use_cuda:
         model = model.to(memory_format=torch.channels_last)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=tc.lr, weight_decay=tc.weight_decay)
-    amp_dtype = (torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16) if use_cuda else None
-    scaler = torch.amp.GradScaler("cuda", enabled=amp_dtype == torch.float16)
+    run.raw_model = run.model = model
+    run.optimizer = torch.optim.AdamW(model.parameters(), lr=tc.lr, weight_decay=tc.weight_decay)
+    run.amp_dtype = (torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16) if run.use_cuda else None
+    run.scaler = torch.amp.GradScaler("cuda", enabled=run.amp_dtype == torch.float16)
 
-    def autocast():
-        return torch.autocast("cuda", dtype=amp_dtype) if amp_dtype else contextlib.nullcontext()
 
-    # ---- resume: a run id that already has a checkpoint (loaded above) continues from it
-    start_epoch, step, history, started_at = 0, 0, [], time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+def restore_progress(run: TrainingRun) -> None:
+    """Continue from the checkpoint :func:`resume_labels` loaded, if any; then wrap the model in DDP."""
+    run.start_epoch, run.step, run.history, run.started_at = 0, 0, [], utc_now()
+    ckpt = run.checkpoint
     if ckpt is not None:
-        if ckpt["world_size"] != world:
+        if ckpt["world_size"] != run.world:
             log.warning("resuming run %s with %d processes (it ran with %d): data order changes",
-                        run_id, world, ckpt["world_size"])
-        model.load_state_dict(ckpt["model"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-        scaler.load_state_dict(ckpt["scaler"])
-        start_epoch, step, history, started_at = ckpt["epoch"], ckpt["step"], ckpt["history"], ckpt["started_at"]
-        log.info("resuming run %s after epoch %d (step %d)", run_id, start_epoch, step)
-    raw_model = model
-    if ddp:
-        model = DDP(model, device_ids=[local_rank] if use_cuda else None)
+                        run.run_id, run.world, ckpt["world_size"])
+        run.raw_model.load_state_dict(ckpt["model"])
+        run.optimizer.load_state_dict(ckpt["optimizer"])
+        run.scaler.load_state_dict(ckpt["scaler"])
+        run.start_epoch, run.step, run.history, run.started_at = (ckpt["epoch"], ckpt["step"], ckpt["history"],
+                                                                  ckpt["started_at"])
+        log.info("resuming run %s after epoch %d (step %d)", run.run_id, run.start_epoch, run.step)
+    if run.ddp:
+        run.model = DDP(run.raw_model, device_ids=[run.local_rank] if run.use_cuda else None)
 
-    # ---- train
-    for epoch in range(start_epoch, tc.epochs):
-        sampler.set_epoch(epoch)
-        torch.manual_seed(epoch_seed(tc.seed, rank, epoch))
-        loader_gen.manual_seed(epoch_seed(tc.seed, rank, epoch))
-        model.train()
-        batches = iter(loader)
-        t0, seen = time.perf_counter(), 0
-        loss_sum = torch.zeros(2, device=device)  # total, bce, summed over micro-steps (no host sync per step)
-        for _ in range(steps_per_epoch):
-            for group in optimizer.param_groups:
-                group["lr"] = lr_at(step, total_steps, tc.lr)
-            for micro_step in range(tc.grad_accum):
-                batch = {k: v.to(device, non_blocking=True) for k, v in next(batches).items()}
-                if ddp:  # all-reduce gradients only on the last micro-step
-                    model.require_backward_grad_sync = micro_step == tc.grad_accum - 1
-                x = batch["image"].to(memory_format=torch.channels_last) if use_cuda else batch["image"]
-                with autocast():
-                    label_logit, score_logit = model(x)
-                loss, bce = compute_loss(label_logit, score_logit, batch)
-                scaler.scale(loss / tc.grad_accum).backward()
-                loss_sum += torch.stack([loss.detach(), bce.detach()])
-                seen += len(batch["label"])
-            scaler.step(optimizer)
-            scaler.update()
-            optimizer.zero_grad(set_to_none=True)
-            step += 1
-            if master and (step % args.log_every == 0 or step == total_steps):
-                log.info("epoch %d step %d/%d loss %.4f lr %.2e", epoch + 1, step, total_steps, loss.item(),
-                         optimizer.param_groups[0]["lr"])
-        seconds = time.perf_counter() - t0
-        stats = torch.tensor([*loss_sum.tolist(), seen, seconds], dtype=torch.float64, device=device)  # NCCL: GPU tensors
-        if ddp:
-            dist.all_reduce(stats)
-        micro_steps = steps_per_epoch * tc.grad_accum * world
-        history.append({"epoch": epoch + 1, "step": step, "train_loss": stats[0].item() / micro_steps,
+
+def train_one_epoch(run: TrainingRun, epoch: int) -> None:
+    """Epoch ``epoch`` (0-based): steps_per_epoch optimizer steps, then its entry in run.history."""
+    tc, model, optimizer, scaler = run.tc, run.model, run.optimizer, run.scaler
+    run.sampler.set_epoch(epoch)
+    torch.manual_seed(epoch_seed(tc.seed, run.rank, epoch))
+    run.loader_gen.manual_seed(epoch_seed(tc.seed, run.rank, epoch))
+    model.train()
+    batches = iter(run.loader)
+    t0, seen = time.perf_counter(), 0  # seconds, images
+    loss_sum = torch.zeros(2, device=run.device)  # total, bce, summed over micro-steps (no host sync per step)
+    for _ in range(run.steps_per_epoch):
+        for group in optimizer.param_groups:
+            group["lr"] = lr_at(run.step, run.total_steps, tc.lr)
+        for micro_step in range(tc.grad_accum):
+            batch = {k: v.to(run.device, non_blocking=True) for k, v in next(batches).items()}
+            if run.ddp:  # all-reduce gradients only on the last micro-step
+                model.require_backward_grad_sync = micro_step == tc.grad_accum - 1
+            x = batch["image"].to(memory_format=torch.channels_last) if run.use_cuda else batch["image"]
+            with run.autocast():
+                label_logit, score_logit = model(x)
+            loss, bce = compute_loss(label_logit, score_logit, batch)
+            scaler.scale(loss / tc.grad_accum).backward()
+            loss_sum += torch.stack([loss.detach(), bce.detach()])
+            seen += len(batch["label"])
+        scaler.step(optimizer)
+        scaler.update()
+        optimizer.zero_grad(set_to_none=True)
+        run.step += 1
+        if run.master and (run.step % run.args.log_every == 0 or run.step == run.total_steps):
+            log.info("epoch %d step %d/%d loss %.4f lr %.2e", epoch + 1, run.step, run.total_steps, loss.item(),
+                     optimizer.param_groups[0]["lr"])
+    seconds = time.perf_counter() - t0
+    # Summed over ranks: losses, images, seconds. NCCL reduces GPU tensors only.
+    stats = torch.tensor([*loss_sum.tolist(), seen, seconds], dtype=torch.float64, device=run.device)
+    if run.ddp:
+        dist.all_reduce(stats)
+    micro_steps = run.steps_per_epoch * tc.grad_accum * run.world
+    run.history.append({"epoch": epoch + 1, "step": run.step, "train_loss": stats[0].item() / micro_steps,
                         "train_bce": stats[1].item() / micro_steps, "images": int(stats[2].item()),
-                        "seconds": round(stats[3].item() / world, 3),
-                        "images_per_s": round(stats[2].item() / max(stats[3].item() / world, 1e-9), 2)})
-        log.info("epoch %d done: train loss %.4f, %d images, %.1f images/s", epoch + 1,
-                 history[-1]["train_loss"], history[-1]["images"], history[-1]["images_per_s"])
-        if master:
-            registry.save_checkpoint(storage, run_id, {
-                "model": raw_model.state_dict(), "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
-                "epoch": epoch + 1, "step": step, "history": history, "labels_run": labels_run,
-                "labels_published": published,
-                "world_size": world, "started_at": started_at, "model_info": model_info,
-                "config": cfg.to_dict(),
-            })
-            put_json(storage, keys.model_metrics(run_id), {"run_id": run_id, "status": "running",
-                                                             "labels_run": labels_run, "history": history})
-        if ddp:
-            dist.barrier()  # nobody moves on (or exits) before the checkpoint is stored
-        if args.stop_after_epoch and epoch + 1 == args.stop_after_epoch:
-            log.warning("--stop-after-epoch %d: exiting with status %d (simulated crash)", epoch + 1, STOPPED)
-            if ddp:
-                dist.destroy_process_group()
-            return STOPPED
+                        "seconds": round(stats[3].item() / run.world, 3),
+                        "images_per_s": round(stats[2].item() / max(stats[3].item() / run.world, 1e-9), 2)})
+    log.info("epoch %d done: train loss %.4f, %d images, %.1f images/s", epoch + 1,
+             run.history[-1]["train_loss"], run.history[-1]["images"], run.history[-1]["images_per_s"])
 
-    # ---- evaluate: eval mode, rank 0's BatchNorm statistics on every rank, predictions gathered
-    if ddp:
-        for buf in raw_model.buffers():
+
+def save_progress(run: TrainingRun, epoch: int) -> None:
+    """Rank 0 stores the checkpoint and a "running" metrics.json after epoch ``epoch``; all ranks wait for it."""
+    if run.master:
+        registry.save_checkpoint(run.storage, run.run_id, {
+            "model": run.raw_model.state_dict(), "optimizer": run.optimizer.state_dict(),
+            "scaler": run.scaler.state_dict(),
+            "epoch": epoch + 1, "step": run.step, "history": run.history, "labels_run": run.labels_run,
+            "labels_published": run.published,
+            "world_size": run.world, "started_at": run.started_at, "model_info": run.model_info,
+            "config": run.cfg.to_dict(),
+        })
+        put_json(run.storage, keys.model_metrics(run.run_id), {"run_id": run.run_id, "status": "running",
+                                                               "labels_run": run.labels_run, "history": run.history})
+    if run.ddp:
+        dist.barrier()  # nobody moves on (or exits) before the checkpoint is stored
+
+
+def simulate_crash(run: TrainingRun, epoch: int) -> int:
+    """--stop-after-epoch: leave right after epoch ``epoch``'s checkpoint, as a crash would."""
+    log.warning("--stop-after-epoch %d: exiting with status %d (simulated crash)", epoch + 1, STOPPED)
+    if run.ddp:
+        dist.destroy_process_group()
+    return STOPPED
+
+
+def evaluate(run: TrainingRun) -> Evaluation | None:
+    """Val/test predictions on every rank; rank 0 gets them with their metrics, the others None.
+
+    Eval mode with rank 0's BatchNorm statistics on every rank; each rank predicts every
+    world-th item and the predictions are gathered.
+    """
+    if run.ddp:
+        for buf in run.raw_model.buffers():
             dist.broadcast(buf, src=0)
-    preds = {s: predict(raw_model, make(s, False), rank=rank, world=world, batch_size=max(micro, 1) * 2,
-                        workers=tc.workers, device=device, autocast=autocast) for s in ("val", "test")}
+    preds = {s: predict(run.raw_model, labeled_images(run, s, augment=False), rank=run.rank, world=run.world,
+                        batch_size=max(run.micro, 1) * 2, workers=run.tc.workers, device=run.device,
+                        autocast=run.autocast) for s in ("val", "test")}
+    if not run.master:
+        return None
+    return Evaluation(
+        preds=preds,
+        metrics={s: split_metrics(run.examples[s], preds[s], run.tc.score_head) for s in ("val", "test")},
+        truth=({s: truth_split_metrics(run.truth, run.examples[s], preds[s]) for s in ("val", "test")}
+               if run.truth is not None else None),
+    )
 
-    if master:
-        detectors = sorted(set().union(*(e.detector_ids for e in examples.values())))
-        result = {
-            "run_id": run_id,
-            "status": "complete",
-            "labels_run": labels_run,
-            "labels_published": published,
-            "detector_ids": detectors,
-            "code_version": registry.code_version(),
-            "checkpoint_key": keys.model_checkpoint(run_id),
-            "model": model_info,
-            "augment": not args.no_augment,
-            "world_size": world,
-            "device": str(device.type),
-            "amp": str(amp_dtype).replace("torch.", "") if amp_dtype else "none",
-            "global_batch": tc.batch_size, "micro_batch": micro, "grad_accum": tc.grad_accum,
-            "epochs": tc.epochs, "steps_per_epoch": steps_per_epoch, "steps": step,
-            "rows": {s: len(e) for s, e in examples.items()},
-            "history": history,
-            "val": split_metrics(examples["val"], preds["val"], tc.score_head),
-            "test": split_metrics(examples["test"], preds["test"], tc.score_head),
-            "truth": ({s: truth_split_metrics(truth, examples[s], preds[s]) for s in ("val", "test")}
-                      if truth is not None else None),
-            "truth_file": args.truth,
-            "config": cfg.to_dict(),
-            "started_at": started_at,
-            "finished_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        }
-        storage.put_bytes(keys.model_predictions(run_id), predictions_parquet(examples, preds))
-        put_json(storage, keys.model_metrics(run_id), result)
-        write_model_card(storage, run_id, result, cfg)
-        storage.put_text(keys.model_config(run_id), cfg.to_toml())
-        registry.publish_model(storage, run_id)
-        log.info("run %s complete: val %s | test %s -> %s", run_id,
-                 {k: round(v, 4) for k, v in result["val"].items() if isinstance(v, float)},
-                 {k: round(v, 4) for k, v in result["test"].items() if isinstance(v, float)},
-                 storage.uri(keys.model_metrics(run_id)))
-    if ddp:
+
+def publish(run: TrainingRun, evaluation: Evaluation) -> None:
+    """Rank 0 only: metrics.json, predictions, model card and config; then models/latest.json moves to the run."""
+    tc, storage, run_id, examples = run.tc, run.storage, run.run_id, run.examples
+    detectors = sorted(set().union(*(e.detector_ids for e in examples.values())))
+    result = {
+        "run_id": run_id,
+        "status": "complete",
+        "labels_run": run.labels_run,
+        "labels_published": run.published,
+        "detector_ids": detectors,
+        "code_version": registry.code_version(),
+        "checkpoint_key": keys.model_checkpoint(run_id),
+        "model": run.model_info,
+        "augment": not run.args.no_augment,
+        "world_size": run.world,
+        "device": str(run.device.type),
+        "amp": str(run.amp_dtype).replace("torch.", "") if run.amp_dtype else "none",
+        "global_batch": tc.batch_size, "micro_batch": run.micro, "grad_accum": tc.grad_accum,
+        "epochs": tc.epochs, "steps_per_epoch": run.steps_per_epoch, "steps": run.step,
+        "rows": {s: len(e) for s, e in examples.items()},
+        "history": run.history,
+        "val": evaluation.metrics["val"],
+        "test": evaluation.metrics["test"],
+        "truth": evaluation.truth,
+        "truth_file": run.args.truth,
+        "config": run.cfg.to_dict(),
+        "started_at": run.started_at,
+        "finished_at": utc_now(),
+    }
+    storage.put_bytes(keys.model_predictions(run_id), predictions_parquet(examples, evaluation.preds))
+    put_json(storage, keys.model_metrics(run_id), result)
+    write_model_card(storage, run_id, result, run.cfg)
+    storage.put_text(keys.model_config(run_id), run.cfg.to_toml())
+    registry.publish_model(storage, run_id)
+    log.info("run %s complete: val %s | test %s -> %s", run_id,
+             {k: round(v, 4) for k, v in result["val"].items() if isinstance(v, float)},
+             {k: round(v, 4) for k, v in result["test"].items() if isinstance(v, float)},
+             storage.uri(keys.model_metrics(run_id)))
+
+
+def finish(run: TrainingRun) -> None:
+    """Every rank waits for rank 0's publishing, then leaves the process group."""
+    if run.ddp:
         dist.barrier()
         dist.destroy_process_group()
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Train, evaluate and (rank 0) publish; 0 when complete, STOPPED after --stop-after-epoch."""
+    run = setup(parse_args(argv))
+    resume_labels(run)
+    check_inputs(run)
+    load_data(run)
+    init_model(run)
+    restore_progress(run)
+    for epoch in range(run.start_epoch, run.tc.epochs):
+        train_one_epoch(run, epoch)
+        save_progress(run, epoch)
+        if run.args.stop_after_epoch and epoch + 1 == run.args.stop_after_epoch:
+            return simulate_crash(run, epoch)
+    evaluation = evaluate(run)
+    if evaluation is not None:
+        publish(run, evaluation)
+    finish(run)
     return 0
 
 
