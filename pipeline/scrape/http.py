@@ -42,16 +42,16 @@ from __future__ import annotations
 
 import email.utils
 import json
-import random
 import threading
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, Literal
 from urllib.parse import urljoin, urlsplit
 
 import requests
+import tenacity
 import urllib3.exceptions
 from requests.adapters import HTTPAdapter
 from urllib3.connection import HTTPConnection, HTTPSConnection
@@ -246,7 +246,153 @@ def _server_wait_s(status: int, headers: Mapping[str, str]) -> float | None:
     return retry_after_s({"Retry-After": value}) if value else None
 
 
+# --------------------------------------------------------------------------- retry policy
+
+
+@dataclass(frozen=True)
+class _FailedAttempt:
+    """An attempt that failed in a way :class:`RetryPolicy` may retry."""
+
+    #: ``connect_timeout``: the request was never sent. ``read_timeout`` and ``connection``
+    #: (refused, reset, cut off): it may have reached the server. ``status``: a 429 or 5xx.
+    cause: Literal["connect_timeout", "read_timeout", "connection", "status"]
+    status: str  # the fetch's status if this attempt is the last: timeout, connection_error, http_error
+    error: str
+    host: str  # where it was sent: a wait the server asks for closes this host
+    http_status: int | None = None  # with cause "status"
+    headers: Mapping[str, str] = field(default_factory=dict)  # with cause "status": the response's
+
+
+@dataclass(frozen=True)
+class _Redirect:
+    """A redirect response (``requests.Response.is_redirect``)."""
+
+    http_status: int
+    location: str  # the Location header as sent; empty when there is none
+
+
+@dataclass(frozen=True)
+class _RetryAfter:
+    """Try the failed hop again after ``wait_s`` seconds."""
+
+    wait_s: float
+    #: True: the server asked for the wait, so the host stays closed for it and every thread
+    #: waits in :meth:`HostLimiter.acquire`. False: a backoff that only this fetch sleeps through.
+    host_closed: bool
+
+
+@dataclass(frozen=True)
+class _GiveUp:
+    """End the fetch with the failed attempt's status and this error text."""
+
+    error: str
+    retry_after_s: float | None = None  # a server wait beyond max_server_wait_s, for the caller
+
+
+@dataclass(frozen=True)
+class _Budget:
+    """A fetch's total time limit, on the client's monotonic clock, in seconds."""
+
+    start: float
+    total_s: float | None  # None: no total limit (API pages; max_server_wait_s bounds their waits)
+
+    @property
+    def deadline(self) -> float | None:
+        return None if self.total_s is None else self.start + self.total_s
+
+    def allows(self, until: float) -> bool:
+        """Whether the budget lasts until clock time ``until``."""
+        deadline = self.deadline
+        return deadline is None or until <= deadline
+
+
+class RetryPolicy:
+    """Which failed attempts of one fetch are tried again, and after how long: the "Retries",
+    "Methods" and "Server waits" rules of the module doc.
+
+    The count of tries is a :class:`tenacity.RetryCallState` (``attempt_number`` from 1; a
+    redirect hop is not a try, a retry resumes at the hop that failed), and tenacity's
+    strategies say when the count is spent and how long to back off. The rest has no place in
+    tenacity's loop and stays here, each rule ending the fetch with its own error text: a wait
+    the server asks for closes the host for every thread (through :class:`HostLimiter`) rather
+    than sleeping; a wait beyond ``max_server_wait_s`` or past the total budget ends the fetch;
+    a request that is not idempotent is retried only where the server cannot have acted on it.
+    """
+
+    def __init__(self, cfg: ScrapeConfig, method: str, idempotent: bool) -> None:
+        self.method = method
+        self.idempotent = idempotent  # repeating the request after the server acted on it is harmless
+        self.max_server_wait_s = cfg.max_server_wait_s
+        self._tries_spent = tenacity.stop_after_attempt(1 + cfg.retries)
+        # Full jitter (AWS architecture blog, "Exponential Backoff And Jitter"): retry k waits a
+        # uniform [0, backoff_s * 2**k] s. Retry k follows try k, whose window in tenacity is
+        # multiplier * 2**(k - 1).
+        self._full_jitter = tenacity.wait_random_exponential(multiplier=2 * cfg.backoff_s)
+
+    def start(self) -> tenacity.RetryCallState:
+        """The count of tries of a new fetch, at its first."""
+        retrying = tenacity.Retrying(stop=self._tries_spent, wait=self._full_jitter)
+        return tenacity.RetryCallState(retrying, fn=None, args=(), kwargs={})
+
+    def should_retry(self, failure: _FailedAttempt) -> bool:
+        """Whether repeating the request is safe: always when it is idempotent; otherwise only
+        where the server cannot have acted on it (a connect timeout, a 429)."""
+        if self.idempotent or failure.cause == "connect_timeout":
+            return True
+        return failure.cause == "status" and failure.http_status == 429
+
+    def backoff_s(self, retry_state: tenacity.RetryCallState) -> float:
+        """A random wait, in seconds, before the retry that follows the current try."""
+        return self._full_jitter(retry_state)
+
+    def server_wait_s(self, failure: _FailedAttempt) -> float | None:
+        """The wait, in seconds, the server asks for before a retry; None when it asks none."""
+        if failure.cause != "status":
+            return None
+        return _server_wait_s(failure.http_status or 0, failure.headers)
+
+    def next_step(self, failure: _FailedAttempt, retry_state: tenacity.RetryCallState, *,
+                  requests_sent: int, now: float, budget: _Budget) -> _RetryAfter | _GiveUp:
+        """After ``failure``: wait and retry, or give up saying why. ``requests_sent`` counts
+        redirect hops too (it is :attr:`FetchResult.attempts`); ``now`` is the client's clock."""
+        if not self.should_retry(failure):
+            return _GiveUp(f"{failure.error} (a {self.method} that may have reached the server is not retried)")
+        if self._tries_spent(retry_state):
+            return _GiveUp(failure.error + (f" (after {requests_sent} attempts)" if requests_sent > 1 else ""))
+        server_wait = self.server_wait_s(failure)
+        if server_wait is not None:
+            if server_wait > self.max_server_wait_s:
+                return _GiveUp(f"{failure.error}; the server asks to wait {server_wait:.0f} s (retry after "
+                               f"{_wall_after(server_wait)}), beyond scrape.max_server_wait_s = "
+                               f"{self.max_server_wait_s:g} s", retry_after_s=server_wait)
+            if not budget.allows(now + server_wait):
+                return _GiveUp(f"{failure.error}; server asks to wait {server_wait:.1f} s, beyond the time budget")
+            return _RetryAfter(server_wait, host_closed=True)
+        pause = self.backoff_s(retry_state)
+        if not budget.allows(now + pause):
+            return _GiveUp(failure.error + f" (time budget of {budget.total_s} s spent)")
+        return _RetryAfter(pause, host_closed=False)
+
+
 # --------------------------------------------------------------------------- client
+
+
+@dataclass
+class _Fetch:
+    """One :meth:`HttpClient.fetch` call: what was asked, how far it has got, what it has found."""
+
+    result: FetchResult  # filled in attempt by attempt, returned when the fetch ends
+    method: str
+    body: bytes | None  # json_body, encoded; a request with a body never follows a redirect
+    headers: Mapping[str, str] | None  # the credential headers are dropped once a hop leaves first_origin
+    max_bytes: int | None
+    error_body: bool
+    budget: _Budget
+    policy: RetryPolicy
+    retry_state: tenacity.RetryCallState
+    first_origin: tuple[str, str, int | None]  # the origin the caller's credentials are for
+    current: str  # the URL the next attempt requests
+    visited: set[str]  # the URL asked for and every redirect target: a hop back to one is a loop
 
 
 class HttpClient:
@@ -288,10 +434,6 @@ class HttpClient:
     def __exit__(self, *exc) -> None:
         self.close()
 
-    def _backoff(self, retry: int) -> float:
-        # Full jitter (AWS architecture blog, "Exponential Backoff And Jitter").
-        return random.uniform(0, self.cfg.backoff_s * (2 ** retry))
-
     def fetch(self, url: str, *, headers: Mapping[str, str] | None = None,
               max_bytes: int | None = None, total_timeout_s: float | None = None,
               method: str = "GET", json_body: Any = None, idempotent: bool | None = None,
@@ -305,141 +447,184 @@ class HttpClient:
         method = method.upper()
         if idempotent is None:
             idempotent = method in ("GET", "HEAD")
-        data = None
+        body = None
         if json_body is not None:
-            data = json.dumps(json_body).encode()
+            body = json.dumps(json_body).encode()
             headers = {**(headers or {}), "Content-Type": "application/json"}
         start = self.clock()
-        deadline = None if total_timeout_s is None else start + total_timeout_s
-        max_wait = self.cfg.max_server_wait_s
-        res = FetchResult(url=url, status="connection_error", final_url=url)
-        visited = {url}
-        current = url
-        retries = 0
         try:
             first_origin = origin(url)
         except ValueError as exc:
             return FetchResult(url=url, status="bad_url", error=f"malformed URL {url!r}: {exc}", final_url=url)
-
-        def done(status: str, error: str | None = None, http_status: int | None = None) -> FetchResult:
-            res.status, res.error = status, error
-            if http_status is not None:
-                res.http_status = http_status
-            res.elapsed_ms = (self.clock() - start) * 1000.0
-            res.final_url = current
-            return res
-
+        policy = RetryPolicy(self.cfg, method, idempotent)
+        f = _Fetch(result=FetchResult(url=url, status="connection_error", final_url=url), method=method,
+                   body=body, headers=headers, max_bytes=max_bytes, error_body=error_body,
+                   budget=_Budget(start, total_timeout_s), policy=policy, retry_state=policy.start(),
+                   first_origin=first_origin, current=url, visited={url})
         while True:
-            try:
-                self.guard.check_url(current)
-            except BlockedURL as exc:
-                return done("blocked", f"{exc} ({current})")
-            except UnresolvableHost as exc:
-                return done("connection_error", str(exc))
-            host = urlsplit(current).hostname or ""  # the limiter keys on the host, not user@host:port
-            # Without a total budget (API pages), no wait for the host may pass max_server_wait_s.
-            if not self.limiter.acquire(host, deadline if deadline is not None else self.clock() + max_wait):
-                wait = self.limiter.closed_until(host) - self.clock()
-                if wait <= 0:
-                    return done("timeout", f"waiting for a request slot at {host}; the time budget would pass first")
-                res.retry_after_s = wait
-                limit = f"total timeout {total_timeout_s} s" if deadline is not None else f"scrape.max_server_wait_s = {max_wait:g} s"
-                return done("http_error", f"rate limited by {host} for {wait:.0f} s more (retry after "
-                                          f"{_wall_after(wait)}); beyond {limit}", 429)
-            retryable: str | None = None  # why this attempt may be retried
-            try:
-                res.attempts += 1
-                timeout = (self.cfg.connect_timeout_s, self.cfg.read_timeout_s)
-                if deadline is not None:
-                    left = max(0.001, deadline - self.clock())
-                    timeout = (min(timeout[0], left), min(timeout[1], left))
-                try:
-                    resp = self.session().request(method, current, headers=headers, data=data, stream=True,
-                                                  allow_redirects=False, timeout=timeout)
-                except BlockedURL as exc:
-                    return done("blocked", f"{exc} ({current})")
-                except ValueError as exc:  # requests parses a redirect's Location eagerly (Response.next)
-                    return done("bad_url", f"malformed redirect Location from {current}: {exc}")
-                except requests.exceptions.ConnectTimeout as exc:  # never sent: safe to retry any method
-                    retryable, kind, err = "connect", "timeout", f"connect timeout after {timeout[0]} s: {current} ({_short(exc)})"
-                except requests.exceptions.ReadTimeout:
-                    retryable, kind, err = "timeout", "timeout", f"no response within {timeout[1]} s: {current}"
-                except (requests.exceptions.ConnectionError, requests.exceptions.ChunkedEncodingError,
-                        urllib3.exceptions.HTTPError, OSError) as exc:
-                    retryable, kind, err = "connection", "connection_error", f"{_short(exc)}: {current}"
-                except requests.exceptions.RequestException as exc:  # invalid URL and the like: final
-                    return done("connection_error", f"{_short(exc)}: {current}")
-                else:
-                    with resp:
-                        res.http_status = resp.status_code
-                        res.headers = resp.headers
-                        self._note_rate_limit(host, resp)
-                        if resp.is_redirect and data is not None:
-                            return done("http_error", f"redirect {resp.status_code} of a {method} with a body "
-                                                      f"not followed: {current}")
-                        if resp.is_redirect:
-                            location = resp.headers.get("Location", "")
-                            if not location:
-                                return done("http_error", f"redirect {resp.status_code} without Location: {current}")
-                            try:
-                                nxt = urljoin(current, location)
-                                cross_origin = origin(nxt) != first_origin
-                            except ValueError as exc:
-                                return done("bad_url", f"malformed redirect Location {location!r} from {current}: {exc}")
-                            if cross_origin and headers:
-                                headers = {k: v for k, v in headers.items() if k.lower() not in CREDENTIAL_HEADERS}
-                            if nxt in visited:
-                                return done("redirect_loop", f"redirect loop: {current} -> {nxt}")
-                            if len(visited) > MAX_REDIRECTS:
-                                return done("redirect_loop", f"more than {MAX_REDIRECTS} redirects from {url}")
-                            visited.add(nxt)
-                            current = nxt
-                            continue
-                        if resp.status_code == 429 or resp.status_code >= 500:
-                            retryable, kind = "status", "http_error"
-                            err = f"HTTP {resp.status_code} {resp.reason or ''}".strip() + f": {current}"
-                            if resp.status_code == 429:
-                                wait = retry_after_s(resp.headers)
-                                self.limiter.close_until(host, self.clock() + (wait if wait is not None else self._backoff(retries + 1)))
-                            elif not idempotent:  # the server may have acted: not retried
-                                retryable = None
-                        elif resp.status_code >= 400:
-                            if error_body:
-                                self._read_body(resp, res, lambda *a, **k: res, MAX_ERROR_BODY, deadline, current)
-                            return done("http_error", f"HTTP {resp.status_code} {resp.reason or ''}".strip() + f": {current}")
-                        elif resp.status_code != 200:
-                            return done("http_error", f"unexpected HTTP {resp.status_code}: {current}")
-                        else:
-                            return self._read_body(resp, res, done, max_bytes, deadline, current)
-            finally:
-                self.limiter.release(host)
-
-            # A retryable failure: wait and go again, within the retry count and the budget.
-            if not idempotent and retryable not in ("connect", "status"):
-                return done(kind, err + f" (a {method} that may have reached the server is not retried)")
-            if retries >= self.cfg.retries:
-                return done(kind, err + (f" (after {res.attempts} attempts)" if res.attempts > 1 else ""))
-            retries += 1
-            server_wait = _server_wait_s(res.http_status or 0, res.headers) if retryable == "status" else None
+            outcome = self._follow_redirects(f)
+            if isinstance(outcome, FetchResult):
+                return outcome
             now = self.clock()
-            if server_wait is not None:
-                if server_wait > max_wait:
-                    res.retry_after_s = server_wait
-                    return done(kind, f"{err}; the server asks to wait {server_wait:.0f} s (retry after "
-                                      f"{_wall_after(server_wait)}), beyond scrape.max_server_wait_s = {max_wait:g} s")
-                if deadline is not None and now + server_wait > deadline:
-                    return done(kind, f"{err}; server asks to wait {server_wait:.1f} s, beyond the time budget")
-                self.limiter.close_until(host, now + server_wait)  # acquire() waits it out
+            step = policy.next_step(outcome, f.retry_state, requests_sent=f.result.attempts, now=now,
+                                    budget=f.budget)
+            if isinstance(step, _GiveUp):
+                if step.retry_after_s is not None:
+                    f.result.retry_after_s = step.retry_after_s
+                return self._finish(f, outcome.status, step.error)
+            if step.host_closed:
+                self.limiter.close_until(outcome.host, now + step.wait_s)  # the next acquire() waits it out
             else:
-                pause = self._backoff(retries)
-                if deadline is not None and now + pause > deadline:
-                    return done(kind, err + f" (time budget of {total_timeout_s} s spent)")
-                self.sleep(pause)
+                self.sleep(step.wait_s)
+            f.retry_state.prepare_for_next_attempt()
 
-    def _read_body(self, resp, res: FetchResult, done, max_bytes, deadline, current) -> FetchResult:
+    def _follow_redirects(self, f: _Fetch) -> FetchResult | _FailedAttempt:
+        """Request ``f.current`` and each redirect target after it, up to the fetch's end or a
+        failure for the retry policy to judge."""
+        while True:
+            outcome = self._attempt(f)
+            if not isinstance(outcome, _Redirect):
+                return outcome
+            refused = self._take_redirect(f, outcome)
+            if refused is not None:
+                return refused
+
+    def _take_redirect(self, f: _Fetch, redirect: _Redirect) -> FetchResult | None:
+        """Point ``f`` at the redirect's target; the ended fetch instead when it may not follow."""
+        if f.body is not None:  # the body (a password, say) goes only to the URL the caller chose
+            return self._finish(f, "http_error", f"redirect {redirect.http_status} of a {f.method} with a body "
+                                                 f"not followed: {f.current}")
+        if not redirect.location:
+            return self._finish(f, "http_error", f"redirect {redirect.http_status} without Location: {f.current}")
+        try:
+            target = urljoin(f.current, redirect.location)
+            cross_origin = origin(target) != f.first_origin
+        except ValueError as exc:
+            return self._finish(f, "bad_url", f"malformed redirect Location {redirect.location!r} "
+                                              f"from {f.current}: {exc}")
+        if cross_origin and f.headers:  # a token is sent only to the origin it was given for
+            f.headers = {k: v for k, v in f.headers.items() if k.lower() not in CREDENTIAL_HEADERS}
+        if target in f.visited:
+            return self._finish(f, "redirect_loop", f"redirect loop: {f.current} -> {target}")
+        if len(f.visited) > MAX_REDIRECTS:
+            return self._finish(f, "redirect_loop", f"more than {MAX_REDIRECTS} redirects from {f.result.url}")
+        f.visited.add(target)
+        f.current = target
+        return None
+
+    def _attempt(self, f: _Fetch) -> FetchResult | _FailedAttempt | _Redirect:
+        """One request to ``f.current``: the SSRF check, a slot and a token at its host, the
+        request, and what its response or error means."""
+        try:
+            self.guard.check_url(f.current)
+        except BlockedURL as exc:
+            return self._finish(f, "blocked", f"{exc} ({f.current})")
+        except UnresolvableHost as exc:
+            return self._finish(f, "connection_error", str(exc))
+        host = urlsplit(f.current).hostname or ""  # the limiter keys on the host, not user@host:port
+        refused = self._acquire_host(f, host)
+        if refused is not None:
+            return refused
+        try:
+            f.result.attempts += 1
+            return self._send(f, host)
+        finally:
+            self.limiter.release(host)
+
+    def _acquire_host(self, f: _Fetch, host: str) -> FetchResult | None:
+        """Wait for a request slot and a token at ``host``; the ended fetch instead when the wait
+        would pass the time budget or, without one, ``max_server_wait_s``."""
+        max_wait = self.cfg.max_server_wait_s
+        deadline = f.budget.deadline
+        # Without a total budget (API pages), no wait for the host may pass max_server_wait_s.
+        if self.limiter.acquire(host, deadline if deadline is not None else self.clock() + max_wait):
+            return None
+        wait = self.limiter.closed_until(host) - self.clock()
+        if wait <= 0:
+            return self._finish(f, "timeout", f"waiting for a request slot at {host}; the time budget would pass first")
+        f.result.retry_after_s = wait
+        limit = (f"total timeout {f.budget.total_s} s" if deadline is not None
+                 else f"scrape.max_server_wait_s = {max_wait:g} s")
+        return self._finish(f, "http_error", f"rate limited by {host} for {wait:.0f} s more (retry after "
+                                             f"{_wall_after(wait)}); beyond {limit}", 429)
+
+    def _send(self, f: _Fetch, host: str) -> FetchResult | _FailedAttempt | _Redirect:
+        """Send the request (the caller holds a slot at ``host``) and sort out what comes back."""
+        connect_s, read_s = self._socket_timeouts_s(f.budget)
+        try:
+            resp = self.session().request(f.method, f.current, headers=f.headers, data=f.body, stream=True,
+                                          allow_redirects=False, timeout=(connect_s, read_s))
+        except BlockedURL as exc:  # the peer address, checked as the connection opens
+            return self._finish(f, "blocked", f"{exc} ({f.current})")
+        except ValueError as exc:  # requests parses a redirect's Location eagerly (Response.next)
+            return self._finish(f, "bad_url", f"malformed redirect Location from {f.current}: {exc}")
+        except requests.exceptions.ConnectTimeout as exc:  # never sent: safe to retry any method
+            return _FailedAttempt("connect_timeout", "timeout",
+                                  f"connect timeout after {connect_s} s: {f.current} ({_short(exc)})", host)
+        except requests.exceptions.ReadTimeout:
+            return _FailedAttempt("read_timeout", "timeout", f"no response within {read_s} s: {f.current}", host)
+        except (requests.exceptions.ConnectionError, requests.exceptions.ChunkedEncodingError,
+                urllib3.exceptions.HTTPError, OSError) as exc:
+            return _FailedAttempt("connection", "connection_error", f"{_short(exc)}: {f.current}", host)
+        except requests.exceptions.RequestException as exc:  # invalid URL and the like: final
+            return self._finish(f, "connection_error", f"{_short(exc)}: {f.current}")
+        with resp:
+            return self._read_response(f, host, resp)
+
+    def _socket_timeouts_s(self, budget: _Budget) -> tuple[float, float]:
+        """(connect, read) timeouts in seconds for the next request, cut to what the budget has left."""
+        connect_s, read_s = self.cfg.connect_timeout_s, self.cfg.read_timeout_s
+        deadline = budget.deadline
+        if deadline is None:
+            return connect_s, read_s
+        left_s = max(0.001, deadline - self.clock())  # never 0 s: that would make the socket non-blocking
+        return min(connect_s, left_s), min(read_s, left_s)
+
+    def _read_response(self, f: _Fetch, host: str,
+                       resp: requests.Response) -> FetchResult | _FailedAttempt | _Redirect:
+        """What a response means: a redirect, a failure for the retry policy, or the fetch's end
+        (the body read, or a final 4xx)."""
+        code = resp.status_code
+        f.result.http_status = code
+        f.result.headers = resp.headers
+        self._note_rate_limit(host, resp)
+        if resp.is_redirect:
+            return _Redirect(code, resp.headers.get("Location", ""))
+        if code == 429 or code >= 500:
+            if code == 429:  # closed while this request still holds its slot at the host
+                wait = retry_after_s(resp.headers)
+                self.limiter.close_until(host, self.clock() + (wait if wait is not None
+                                                               else f.policy.backoff_s(f.retry_state)))
+            return _FailedAttempt("status", "http_error", f"HTTP {code} {resp.reason or ''}".strip() + f": {f.current}",
+                                  host, http_status=code, headers=resp.headers)
+        if code >= 400:
+            if f.error_body:  # the API's error code; the fetch ends http_error however the read goes
+                self._read_body(resp, f.result, MAX_ERROR_BODY, f.budget.deadline, f.current)
+            return self._finish(f, "http_error", f"HTTP {code} {resp.reason or ''}".strip() + f": {f.current}")
+        if code != 200:
+            return self._finish(f, "http_error", f"unexpected HTTP {code}: {f.current}")
+        status, error = self._read_body(resp, f.result, f.max_bytes, f.budget.deadline, f.current)
+        return self._finish(f, status, error)
+
+    def _finish(self, f: _Fetch, status: str, error: str | None = None,
+                http_status: int | None = None) -> FetchResult:
+        """End the fetch: its status and error, its time so far and the URL it got to."""
+        res = f.result
+        res.status, res.error = status, error
+        if http_status is not None:
+            res.http_status = http_status
+        res.elapsed_ms = (self.clock() - f.budget.start) * 1000.0
+        res.final_url = f.current
+        return res
+
+    def _read_body(self, resp: requests.Response, res: FetchResult, max_bytes: int | None,
+                   deadline: float | None, url: str) -> tuple[str, str | None]:
+        """Stream the body into ``res.body`` (``res.body_bytes`` counts what arrived, also when the
+        transfer is abandoned); the fetch status it comes to (ok, too_large, timeout,
+        connection_error) and the error text."""
         length = resp.headers.get("Content-Length")
         if max_bytes is not None and length and length.isdigit() and int(length) > max_bytes:
-            return done("too_large", f"Content-Length {length} exceeds the {max_bytes}-byte limit: {current}")
+            return "too_large", f"Content-Length {length} exceeds the {max_bytes}-byte limit: {url}"
         chunks: list[bytes] = []
         size = 0
         try:
@@ -449,21 +634,18 @@ class HttpClient:
                     break
                 size += len(chunk)
                 if max_bytes is not None and size > max_bytes:
-                    res.body_bytes = size
-                    return done("too_large", f"body passed the {max_bytes}-byte limit while streaming: {current}")
+                    return "too_large", f"body passed the {max_bytes}-byte limit while streaming: {url}"
                 chunks.append(chunk)
                 if deadline is not None and self.clock() > deadline:
-                    res.body_bytes = size
-                    return done("timeout", f"body not complete within the total timeout ({size} bytes read): {current}")
+                    return "timeout", f"body not complete within the total timeout ({size} bytes read): {url}"
         except (urllib3.exceptions.ReadTimeoutError, TimeoutError):
-            res.body_bytes = size
-            return done("timeout", f"body stalled for {self.cfg.read_timeout_s} s after {size} bytes: {current}")
+            return "timeout", f"body stalled for {self.cfg.read_timeout_s} s after {size} bytes: {url}"
         except (urllib3.exceptions.HTTPError, requests.exceptions.RequestException, OSError) as exc:
+            return "connection_error", f"body cut off after {size} bytes ({_short(exc)}): {url}"
+        finally:
             res.body_bytes = size
-            return done("connection_error", f"body cut off after {size} bytes ({_short(exc)}): {current}")
         res.body = b"".join(chunks)
-        res.body_bytes = size
-        return done("ok")
+        return "ok", None
 
     def _note_rate_limit(self, host: str, resp: requests.Response) -> None:
         """An exhausted quota (``X-RateLimit-Remaining: 0`` or ``RateLimit-Remaining: 0``)
