@@ -1,8 +1,7 @@
 """The training data: a published labels run joined with face boxes, read image by image.
 
-- :func:`published_labels` / :func:`resolve_labels_run` — which labels run to train on. A run
-  is trainable only when ``labels/_published.json`` names it (the labeler writes that pointer
-  after validation passes); anything else raises :class:`LabelsNotPublished`.
+- which labels run to train on is :mod:`pipeline.core.published`'s answer: a run is trainable
+  only when ``labels/_published.json`` names it and its validation vouches for its bytes.
 - :func:`load_examples` — the small per-row arrays (sha256, label, score, split, face box)
   for one run, split by ``split``. Only these live in memory; image bytes never do.
 - :class:`LabeledImages` — a ``torch.utils.data.Dataset`` that fetches one image's bytes from
@@ -29,69 +28,14 @@ import pyarrow.compute as pc
 import torch
 from torch.utils.data import Dataset
 
-from pipeline.core import keys
 from pipeline.core.config import StorageConfig
 from pipeline.core.storage import ImageStore, Storage, open_storage
+from pipeline.core.tables import list_partitions, read_table
 from pipeline.faces.crop import MEAN, STD, face_crop_box
-from pipeline.core.tables import get_json, list_partitions, object_sha256, partition_key, read_table
 
 log = logging.getLogger(__name__)
 
 SPLITS = ("train", "val", "test")
-
-
-class LabelsNotPublished(RuntimeError):
-    """No labels run is published, or the one asked for is not the published one, or its
-    validation result is missing, failed, or vouches for other bytes."""
-
-
-def published_labels(storage: Storage) -> dict[str, Any]:
-    """The publication pointer ``labels/_published.json``; raises if nothing is published."""
-    pointer = get_json(storage, keys.PUBLISHED_LABELS)
-    if not pointer or not pointer.get("run_id"):
-        raise LabelsNotPublished(
-            f"no labels run is published: {storage.uri(keys.PUBLISHED_LABELS)} does not exist "
-            "(label and validate first; a run is published only when its validation passes)"
-        )
-    return pointer
-
-
-def resolve_labels_run(storage: Storage, run_id: str | None = None) -> dict[str, Any]:
-    """The publication record of the run to train on: the published one, or ``run_id`` if it is it.
-
-    Training on an unpublished (unvalidated or failed) run is refused, by design: the
-    validation gate is what makes a labels run trustworthy.
-    """
-    pointer = published_labels(storage)
-    if run_id and run_id != pointer["run_id"]:
-        raise LabelsNotPublished(
-            f"labels run {run_id!r} is not published (the published run is {pointer['run_id']!r} "
-            f"per {storage.uri(keys.PUBLISHED_LABELS)}); refusing to train on unvalidated labels"
-        )
-    check_validated(storage, pointer)
-    return pointer
-
-
-def check_validated(storage: Storage, pointer: dict[str, Any]) -> None:
-    """Refuse a labels run whose validation result is missing or failed, or whose file is not
-    the one validated (its sha256 differs from the result's and the publication's)."""
-    run = pointer["run_id"]
-    key = partition_key("labels", run)
-    if not storage.exists(key):
-        raise LabelsNotPublished(
-            f"{storage.uri(keys.PUBLISHED_LABELS)} names run {run!r} but {storage.uri(key)} is missing")
-    result = get_json(storage, keys.validation_result(run))
-    if result is None:
-        raise LabelsNotPublished(f"labels run {run!r}: no validation result at "
-                                 f"{storage.uri(keys.validation_result(run))}; refusing to train on unvalidated labels")
-    if not result.get("success"):
-        raise LabelsNotPublished(f"labels run {run!r}: its validation failed ({storage.uri(keys.validation_result(run))}); "
-                                 "refusing to train on it")
-    current = object_sha256(storage, key)
-    if not (pointer.get("labels_sha256") == result.get("labels_sha256") == current):
-        raise LabelsNotPublished(f"labels run {run!r}: {storage.uri(key)} is not the file that was validated and "
-                                 f"published (sha256 now {current[:12]}, validated {str(result.get('labels_sha256'))[:12]}, "
-                                 f"published {str(pointer.get('labels_sha256'))[:12]}); label, validate and publish again")
 
 
 @dataclass

@@ -54,10 +54,11 @@ from torch.utils.data import DataLoader, DistributedSampler, Subset
 
 from pipeline.core import keys
 from pipeline.core.config import load_config
+from pipeline.core.published import check_validated, require_published
 from pipeline.core.storage import open_storage
 from pipeline.core.tables import put_json
 from training import metrics, registry
-from training.data import LabeledImages, check_validated, load_examples, resolve_labels_run
+from training.data import LabeledImages, load_examples
 from training.model import NORMS, build_model
 from training.model_card import write_model_card
 
@@ -333,7 +334,7 @@ def resume_labels(run: TrainingRun) -> None:
                              f"{run.args.labels_run!r}; use a new --run-id")
         check_validated(run.storage, published)  # the labels may have been rebuilt since the run started
     else:
-        published = resolve_labels_run(run.storage, run.args.labels_run)
+        published = require_published(run.storage, run.args.labels_run)
     run.published = published
 
 
