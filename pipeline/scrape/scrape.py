@@ -49,7 +49,7 @@ import logging
 import os
 import time
 from collections import Counter
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from datetime import UTC, date, datetime, timedelta
 from typing import Any
 from urllib.parse import urlsplit
@@ -66,9 +66,9 @@ from pipeline.core.pseudonym import author_keyer
 from pipeline.core.schemas import TABLES, conform
 from pipeline.core.storage import Storage, open_storage
 from pipeline.core.tables import get_json, partition_key, put_json, write_partition
-from pipeline.scrape.download import Downloader
+from pipeline.scrape.download import Downloaded, Downloader
 from pipeline.scrape.http import HttpClient
-from pipeline.scrape.sources.base import Item, Page, Source, SourceRateLimited, id_key
+from pipeline.scrape.sources.base import Item, Page, Post, Source, SourceRateLimited, id_key
 from pipeline.scrape.sources.mastodon import MastodonSource
 
 log = logging.getLogger(__name__)
@@ -284,7 +284,7 @@ def scrape(cfg: Config, instance: str, hashtag: str, logical_date: str | date | 
     ``source`` replaces the platform's source (tests).
     ``flush_every``: statuses between durable flushes.
     """
-    t0 = time.monotonic()
+    started = time.monotonic()  # the summary's elapsed_s includes opening the source (a Bluesky login)
     day = logical_day(logical_date)
     hashtag = hashtag.lstrip("#").lower()
     now = now or (lambda: datetime.now(UTC))
@@ -296,124 +296,218 @@ def scrape(cfg: Config, instance: str, hashtag: str, logical_date: str | date | 
     except BaseException:
         client.close()
         raise
-    platform = src.kind
-    instance = src.instance
-    skey = state_key(instance, hashtag, platform)
-    # A past day (a backfill run) reads the posts created up to its end, not today's: its
-    # partition holds what existed that day. Today's runs start at the newest post.
+    crawl = Crawl(cfg, storage, client, src, hashtag, day, limit=limit, now=now, flush_every=flush_every,
+                  progress=progress, started=started)
+    return crawl.run()
+
+
+def walk_start(source: Source, day: str) -> str | None:
+    """The ``max_id`` a run for ``day`` starts below: the end of that day for a past day, else
+    None (the newest post). A past day (a backfill run) reads the posts created up to its end,
+    not today's: its partition holds what existed that day."""
     day_end = datetime.fromisoformat(day).replace(tzinfo=UTC) + timedelta(days=1)
-    start = src.max_id_before(day_end) if day_end < datetime.now(UTC) else None
-    horizon = None
-    if cfg.scrape.backfill_days:
-        horizon = datetime.fromisoformat(day).replace(tzinfo=UTC) - timedelta(days=cfg.scrape.backfill_days)
-    cov = Coverage(load_state(storage, instance, hashtag, platform), backfill=cfg.scrape.backfill_days > 0,
-                   horizon=horizon, limit=limit)
-    buf = DayBuffer(storage, day)
-    tombstones = load_tombstones(storage)
-    downloader = Downloader(cfg.scrape, storage, client, source=src.kind, now=now)
-    skipped: Counter[str] = Counter()
-    downloads: Counter[str] = Counter()
-    pages = kept = unflushed = 0
-    images: set[str] = set()
-    refs: list[dict[str, str]] = []  # what a re-read needs (Bluesky: the at:// URI), kept as crawl state
-    safe_state = cov.state()  # coverage whose rows are all buffered (or written)
+    return source.max_id_before(day_end) if day_end < datetime.now(UTC) else None
 
-    from tqdm import tqdm
-    bar = tqdm(total=limit or None, unit="post", desc=f"#{hashtag}", disable=not progress, leave=False)
 
-    def collect(results) -> None:
-        for r in results:
-            downloads[r.status] += 1
-            buf.rows["downloads"].append(r.download)
-            if r.image is not None:
-                images.add(r.image["sha256"])
-                buf.rows["images"].append(r.image)
+def backfill_horizon(day: str, backfill_days: int) -> datetime | None:
+    """How far below the lowest covered interval the walk goes: ``backfill_days`` before
+    ``day`` (midnight UTC); None when backfill is off (forward only)."""
+    if not backfill_days:
+        return None
+    return datetime.fromisoformat(day).replace(tzinfo=UTC) - timedelta(days=backfill_days)
 
-    def flush() -> None:
-        nonlocal unflushed
-        collect(downloader.drain())
-        storage.sync()  # the images first: no row may point at bytes that are not on disk
-        save_refs(storage, platform, urlsplit(instance).netloc, day, refs)  # before the posts that need them
-        refs.clear()
-        buf.flush()
-        put_json(storage, skey, safe_state)  # after the data: state never covers unwritten rows
-        unflushed = 0
 
-    try:
-        cursor: str | None = start
+def engagement_row(post: Post) -> dict[str, Any]:
+    """The ``engagement`` snapshot of a post, taken when it was read (``scraped_at``)."""
+    return {
+        "source": post.source, "instance": post.instance, "post_id": post.post_id,
+        "observed_at": post.scraped_at, "likes": post.likes, "reposts": post.reposts,
+        "replies": post.replies, "views": post.views, "author_followers": post.author_followers,
+        # The post's age at the snapshot, in days.
+        "age_days": (post.scraped_at - post.created_at).total_seconds() / 86400.0,
+    }
+
+
+class Crawl:
+    """One run over one timeline (platform, instance, hashtag) for one day.
+
+    Owns what the run has read but not yet made durable (:attr:`buffer` and :attr:`refs`),
+    the timeline's :class:`Coverage`, and the flushes that write the one and save the other,
+    data first (see the module's "Durability and reruns"). :meth:`run` is the whole stage:
+    ``for page in pages(): take(page)``, a last :meth:`flush`, then the :meth:`summary`.
+
+    ``client`` is the run's HTTP client (the source's and the downloads'); the crawl closes it.
+    ``limit``: statuses to read at most (0 = no limit). ``flush_every``: statuses between
+    flushes. ``started``: :func:`time.monotonic` when the run began (for ``elapsed_s``).
+    """
+
+    def __init__(self, cfg: Config, storage: Storage, client: HttpClient, source: Source, hashtag: str,
+                 day: str, *, limit: int, now: Callable[[], datetime], flush_every: int, progress: bool,
+                 started: float):
+        self.cfg, self.storage, self.client, self.source = cfg, storage, client, source
+        self.hashtag, self.day, self.flush_every, self.started = hashtag, day, flush_every, started
+        self.platform = source.kind
+        self.instance = source.instance
+        self.host = urlsplit(self.instance).netloc
+        self.state_key = state_key(self.instance, hashtag, self.platform)
+        self.start = walk_start(source, day)
+        horizon = backfill_horizon(day, cfg.scrape.backfill_days)
+        self.coverage = Coverage(load_state(storage, self.instance, hashtag, self.platform),
+                                 backfill=cfg.scrape.backfill_days > 0, horizon=horizon, limit=limit)
+        self.buffer = DayBuffer(storage, day)
+        self.tombstones = load_tombstones(storage)
+        self.downloader = Downloader(cfg.scrape, storage, client, source=source.kind, now=now)
+
+        # What was read, kept or skipped, for the summary.
+        self.page_count = 0
+        self.kept = 0
+        self.skipped: Counter[str] = Counter()  # statuses not kept, by reason (SKIP_REASONS)
+        self.download_statuses: Counter[str] = Counter()  # attempted image URLs, by download status
+        self.image_hashes: set[str] = set()  # sha256 of the images stored this run
+
+        # What the next flush makes durable.
+        self.refs: list[dict[str, str]] = []  # what a re-read needs (Bluesky: the at:// URI), kept as crawl state
+        self.buffered_state = self.coverage.state()  # coverage whose rows are all buffered (or written)
+        self.unflushed = 0  # statuses read (kept or skipped) since the last flush
+        self.action = ""  # what the last page told the walk to do: Coverage.take's next, jump or stop
+
+        from tqdm import tqdm
+        self.bar = tqdm(total=limit or None, unit="post", desc=f"#{hashtag}", disable=not progress, leave=False)
+
+    # ---------------------------------------------------------------- the run
+
+    def run(self) -> dict[str, Any]:
+        """Walk the timeline, flushing as it goes and at the end; record and return the summary.
+
+        Whatever stops the walk, what was read is flushed (and covered) first: a rate limit ends
+        the run early but normally; any other error is raised after the flush."""
+        try:
+            for page in self.pages():
+                self.take(page)
+            self.flush()
+        except SourceRateLimited as exc:
+            # Not a failure: keep what was read, save the state, say when to come back.
+            self.flush()
+            self.coverage.stop = f"rate limited: {exc}"
+            log.warning("scrape %s #%s: stopped early, state saved: %s", self.instance, self.hashtag, exc)
+        except BaseException:
+            # Keep what was read: flush it (and cover it) before failing, unless the flush itself fails.
+            try:
+                self.flush()
+            except Exception:  # noqa: BLE001 - the original error is the one to report
+                log.exception("could not flush the rows read before the failure; they will be read again")
+            raise
+        finally:
+            self.close()
+        summary = self.summary()
+        self.record(summary)
+        return summary
+
+    def pages(self) -> Iterator[Page]:
+        """The timeline's pages in walk order, from :attr:`start` down.
+
+        After each page, :meth:`take` has set :attr:`action`: ``next`` reads on, ``jump``
+        restarts the walk just below the covered interval it reached, ``stop`` ends it."""
+        cursor = self.start
         walking = True
         while walking:
             walking = False
-            for page in src.pages(hashtag, max_id=cursor):
-                pages += 1
-                for reason, n in page.unplaced.items():
-                    skipped[reason] += n
-                new, action = cov.take(page)
-                for it in new:
-                    if it.post is None:
-                        skipped[it.skip or "missing_field"] += 1
-                        continue
-                    post = it.post
-                    if tombstones and tombstones.covers(post.author_key, post.instance, post.post_id):
-                        skipped["forgotten"] += 1
-                        continue
-                    kept += 1
-                    buf.rows["posts"].append(post.row())
-                    if post.ref:
-                        refs.append({"post_id": post.post_id, "author_key": post.author_key, "ref": post.ref})
-                    buf.rows["engagement"].append({
-                        "source": post.source, "instance": post.instance, "post_id": post.post_id,
-                        "observed_at": post.scraped_at, "likes": post.likes, "reposts": post.reposts,
-                        "replies": post.replies, "views": post.views, "author_followers": post.author_followers,
-                        "age_days": (post.scraped_at - post.created_at).total_seconds() / 86400.0,
-                    })
-                    fetch_urls = post.fetch_urls or post.image_urls
-                    for url, stored in list(zip(fetch_urls, post.image_urls, strict=True))[:cfg.scrape.max_images_per_post]:
-                        collect(downloader.submit(post.post_id, url, stored))
-                collect(downloader.finished())
-                safe_state = cov.state()
-                unflushed += len(new)
-                bar.update(len(new))
-                bar.set_postfix(kept=kept, images=len(images), refresh=False)
-                if unflushed >= flush_every:
-                    flush()
-                if action == "jump":
-                    cursor, walking = cov.seg[0], True
+            for page in self.source.pages(self.hashtag, max_id=cursor):
+                yield page
+                if self.action == "jump":
+                    assert self.coverage.seg is not None  # a jump is taken from a reached interval
+                    cursor, walking = self.coverage.seg[0], True
                     break
-                if action == "stop":
+                if self.action == "stop":
                     break
-        flush()
-    except SourceRateLimited as exc:
-        # Not a failure: keep what was read, save the state, say when to come back.
-        flush()
-        cov.stop = f"rate limited: {exc}"
-        log.warning("scrape %s #%s: stopped early, state saved: %s", instance, hashtag, exc)
-    except BaseException:
-        # Keep what was read: flush it (and cover it) before failing, unless the flush itself fails.
-        try:
-            flush()
-        except Exception:  # noqa: BLE001 - the original error is the one to report
-            log.exception("could not flush the rows read before the failure; they will be read again")
-        raise
-    finally:
-        bar.close()
-        downloader.close()
-        client.close()
 
-    summary = {
-        "source": platform, "instance": instance, "hashtag": hashtag, "date": day, "pages": pages,
-        "seen": kept + sum(skipped.values()),
-        "kept": kept, "skipped": dict(sorted(skipped.items())), "downloads": dict(sorted(downloads.items())),
-        "images": len(images), "stopped": cov.stop, "state": skey,
-        "partition_rows": buf.written, "elapsed_s": round(time.monotonic() - t0, 2),
-    }
-    # A run log: skip reasons exist nowhere else (skipped statuses are not stored), and the
-    # funnel (`make run`, the report) adds them up. One file per run, never overwritten.
-    stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%S%fZ")
-    put_json(storage, keys.scrape_run(day, urlsplit(instance).netloc, hashtag, stamp, platform), summary)
-    log.info("scrape %s %s #%s %s: %d seen, %d kept, skipped %s, downloads %s (%s)", platform, instance, hashtag, day,
-             summary["seen"], kept, summary["skipped"], summary["downloads"], cov.stop)
-    return summary
+    def take(self, page: Page) -> None:
+        """Read one page: buffer its unread statuses, collect finished downloads, move the
+        coverage to save on, and flush every :attr:`flush_every` statuses."""
+        self.page_count += 1
+        for reason, n in page.unplaced.items():
+            self.skipped[reason] += n
+        new, self.action = self.coverage.take(page)
+        for item in new:
+            self.keep(item)
+        self.collect(self.downloader.finished())
+        self.buffered_state = self.coverage.state()
+        self.unflushed += len(new)
+        self.bar.update(len(new))
+        self.bar.set_postfix(kept=self.kept, images=len(self.image_hashes), refresh=False)
+        if self.unflushed >= self.flush_every:
+            self.flush()
+
+    def keep(self, item: Item) -> None:
+        """Buffer a status's post and engagement rows and start its downloads, or count why not."""
+        if item.post is None:
+            self.skipped[item.skip or "missing_field"] += 1
+            return
+        post = item.post
+        if self.tombstones and self.tombstones.covers(post.author_key, post.instance, post.post_id):
+            self.skipped["forgotten"] += 1
+            return
+        self.kept += 1
+        self.buffer.rows["posts"].append(post.row())
+        if post.ref:
+            self.refs.append({"post_id": post.post_id, "author_key": post.author_key, "ref": post.ref})
+        self.buffer.rows["engagement"].append(engagement_row(post))
+        self.download(post)
+
+    def download(self, post: Post) -> None:
+        """Queue the post's first ``scrape.max_images_per_post`` images (fetched from
+        ``fetch_urls`` where set, recorded under ``image_urls``)."""
+        fetch_urls = post.fetch_urls or post.image_urls
+        pairs = list(zip(fetch_urls, post.image_urls, strict=True))[:self.cfg.scrape.max_images_per_post]
+        for url, stored_url in pairs:
+            self.collect(self.downloader.submit(post.post_id, url, stored_url))
+
+    def collect(self, results: list[Downloaded]) -> None:
+        """Buffer finished downloads: a ``downloads`` row each, an ``images`` row for each stored image."""
+        for result in results:
+            self.download_statuses[result.status] += 1
+            self.buffer.rows["downloads"].append(result.download)
+            if result.image is not None:
+                self.image_hashes.add(result.image["sha256"])
+                self.buffer.rows["images"].append(result.image)
+
+    def flush(self) -> None:
+        """Make what was read durable, then cover it; each step before the one that relies on it."""
+        self.collect(self.downloader.drain())
+        self.storage.sync()  # the images first: no row may point at bytes that are not on disk
+        save_refs(self.storage, self.platform, self.host, self.day, self.refs)  # before the posts that need them
+        self.refs.clear()
+        self.buffer.flush()
+        put_json(self.storage, self.state_key, self.buffered_state)  # after the data: state never covers unwritten rows
+        self.unflushed = 0
+
+    def close(self) -> None:
+        self.bar.close()
+        self.downloader.close()
+        self.client.close()
+
+    # ---------------------------------------------------------------- the outcome
+
+    def summary(self) -> dict[str, Any]:
+        return {
+            "source": self.platform, "instance": self.instance, "hashtag": self.hashtag, "date": self.day,
+            "pages": self.page_count, "seen": self.kept + sum(self.skipped.values()), "kept": self.kept,
+            "skipped": dict(sorted(self.skipped.items())),
+            "downloads": dict(sorted(self.download_statuses.items())),
+            "images": len(self.image_hashes), "stopped": self.coverage.stop, "state": self.state_key,
+            "partition_rows": self.buffer.written, "elapsed_s": round(time.monotonic() - self.started, 2),
+        }
+
+    def record(self, summary: dict[str, Any]) -> None:
+        """Save the run log and log the summary's line.
+
+        Skip reasons exist nowhere else (skipped statuses are not stored), and the funnel
+        (`make run`, the report) adds them up. One file per run, never overwritten."""
+        stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%S%fZ")
+        put_json(self.storage, keys.scrape_run(self.day, self.host, self.hashtag, stamp, self.platform), summary)
+        log.info("scrape %s %s #%s %s: %d seen, %d kept, skipped %s, downloads %s (%s)", self.platform,
+                 self.instance, self.hashtag, self.day, summary["seen"], self.kept, summary["skipped"],
+                 summary["downloads"], self.coverage.stop)
 
 
 def format_summary(s: dict[str, Any]) -> str:
