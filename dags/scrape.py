@@ -15,9 +15,9 @@ snapshots), so it never starts on posts whose faces are not detected yet.
 * `scrape` is mapped over them (`.expand`): one task per platform and hashtag, so a 429 on
   one platform does not stall the other (a long server wait ends that task early, its state
   saved, not failed). Each is incremental (it reads only posts not read before; state in
-  `state/scrape/<host>/[bluesky/]<tag>.json`) and merges into `dt=<date>`, so a retry or
-  rerun duplicates nothing. Mapped tasks run one at a time (`max_active_tis_per_dag=1`)
-  because each date partition is a single file.
+  `state/scrape/<host>/[bluesky/]<tag>.json`) and merges into `dt=<date>` on each table's
+  identity key, so a retry or rerun duplicates nothing. Mapped tasks run in parallel: the
+  tables are Delta tables that take concurrent commits.
   Credentials come from Airflow connections when set (`source.airflow_conn_id`: the Mastodon
   token as its password; `source.bluesky_airflow_conn_id`: the Bluesky login and app
   password), else from the environment variables the `[source]` config names; they are
@@ -70,7 +70,7 @@ def scrape_dag():
                             params.get("max_posts"), bluesky_services=params.get("bluesky_services") or [],
                             platforms=params.get("platforms") or [])
 
-    @task(max_active_tis_per_dag=1, outlets=[POSTS, IMAGES], execution_timeout=HTTP_TASK_TIMEOUT)
+    @task(outlets=[POSTS, IMAGES], execution_timeout=HTTP_TASK_TIMEOUT)
     def scrape(pair: dict, **context) -> dict:
         from pipeline.core.config import load_config
         from pipeline.scrape.scrape import scrape as run

@@ -332,7 +332,7 @@ def build_labels(cfg: Config, run_id: str, storage: Storage | None = None) -> di
     """
     from pipeline.core import published
     from pipeline.core.labels_run import write_labels_run
-    from pipeline.core.tables import object_sha256, read_table, write_partition
+    from pipeline.core.tables import partition_sha256, read_table, write_partition
 
     storage = storage or open_storage(cfg.storage)
     cands, counts = read_candidates(storage, cfg)
@@ -351,11 +351,10 @@ def build_labels(cfg: Config, run_id: str, storage: Storage | None = None) -> di
     if published.unpublish(storage, run_id):
         log.warning("labels run %s was the published run: unpublished until the rebuilt run passes validation", run_id)
     storage.delete(keys.validation_result(run_id))
-    summary["labels_key"] = write_partition(storage, "labels", run_id, run.slices())
-    summary["labels_sha256"] = object_sha256(storage, summary["labels_key"])  # what validation must find
+    summary["labels_uri"] = write_partition(storage, "labels", run_id, run.slices)
+    summary["labels_sha256"] = partition_sha256(storage, "labels", run_id)  # what validation must find
     summary["config_key"] = keys.labels_config(run_id)
     summary["summary_key"] = keys.labels_summary(run_id)
-    summary["labels_uri"] = storage.uri(summary["labels_key"])
     storage.put_text(summary["config_key"], cfg.to_toml())
     write_labels_run(storage, summary)
     log.info("labels run %s: %d rows in, %d labeled in %d groups -> %s", run_id, summary["rows_in"],

@@ -25,7 +25,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from pipeline.core.config import Config, FacesConfig, LabelingConfig
-from pipeline.core.forget import load_tombstones, tombstoned
+from pipeline.core.forget import load_tombstones, salt_for
 from pipeline.core.storage import Storage
 
 CANDIDATES = pa.schema([
@@ -347,9 +347,9 @@ def read_candidates(storage: Storage, cfg: Config) -> tuple[pa.Table, dict[str, 
         joined = con.sql(_CANDIDATES_SQL, params={"min_age_days": cfg.labeling.min_age_days,
                                                   "min_score": cfg.faces.min_score}).to_arrow_table()
     counts = empty_counts()
-    tomb = load_tombstones(storage)
+    tomb = load_tombstones(storage, salt_for(cfg))
     if tomb and joined.num_rows:
-        gone = tombstoned(joined, tomb)
+        gone = tomb.mask(joined)
         counts["forgotten"] = pc.sum(gone).as_py() or 0
         joined = joined.filter(pc.invert(gone))
     # Post ids are unique within an instance only; a label row needs a unique post_id.

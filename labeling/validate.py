@@ -14,7 +14,6 @@ readable summary when any expectation fails.
 
 from __future__ import annotations
 
-import io
 import logging
 import tempfile
 from pathlib import Path
@@ -162,14 +161,10 @@ def read_labels_frame(storage: Storage, run_id: str) -> pd.DataFrame:
 
 def read_labels_file(storage: Storage, run_id: str) -> tuple[pd.DataFrame, str]:
     """The labels partition of a run and the sha256 of exactly the bytes it was read from."""
-    import hashlib
+    from pipeline.core.tables import read_partition_exact
 
-    import pyarrow.parquet as pq
-
-    from pipeline.core.tables import partition_key
-
-    data = storage.get_bytes(partition_key("labels", run_id))
-    return pq.read_table(io.BytesIO(data)).to_pandas(), hashlib.sha256(data).hexdigest()
+    rows, sha256 = read_partition_exact(storage, "labels", run_id)
+    return rows.to_pandas(), sha256
 
 
 def _table_frame(storage: Storage, table: str) -> pd.DataFrame | None:
@@ -253,13 +248,13 @@ def validate_run(cfg: Config, run_id: str, storage: Storage | None = None, *,
     Docs under ``validation/run=<run_id>/data_docs/`` (open ``index.html``). Returns the report
     (success, statistics per table, failures, keys); raises :class:`ValidationFailed` on failure.
     """
-    from pipeline.core.tables import partition_key, put_json
+    from pipeline.core.tables import location, put_json
 
     storage = storage or open_storage(cfg.storage)
     run = read_labels_run(storage, run_id)
     labels, labels_sha256 = read_labels_file(storage, run_id)
     if labels_sha256 != run.labels_sha256:
-        raise LabelsChanged(f"labels run {run_id}: {storage.uri(partition_key('labels', run_id))} is not the file the "
+        raise LabelsChanged(f"labels run {run_id}: run={run_id} of {location(storage, 'labels')[0]} is not what the "
                             f"labeler wrote (sha256 {labels_sha256[:12]}, recorded {run.labels_sha256[:12]}); "
                             "label the run again")
     frames = {"labels": (with_checks(labels, run.group_size), labels_suite(cfg, run))}

@@ -62,12 +62,23 @@ class StorageConfig:
     access_key_id: str = doc("S3 access key; empty = the standard AWS credential chain.", secret=True, default="")
     secret_access_key: str = doc("S3 secret key; empty = the standard AWS credential chain.", secret=True,
                                  default="")
+    s3_conditional_put: str = doc("How concurrent table commits stay safe on S3: 'etag' (conditional PUT: AWS S3, "
+                                  "SeaweedFS, MinIO, R2) or '' for a store without it, with a locking provider set "
+                                  "in the environment (AWS_S3_LOCKING_PROVIDER=dynamodb, DELTA_DYNAMO_TABLE_NAME).",
+                                  default="etag")
+    retention_hours: float = doc("How long a replaced table file is kept for time travel (`likerank label --as-of`), "
+                                 "hours; `likerank compact` vacuums older ones. A forget vacuums its own at once.",
+                                 default=168.0)
 
     def validate(self) -> None:
         if not self.root:
             raise ValueError("root: must not be empty")
         if self.root.startswith("s3://") and len(self.root) <= len("s3://"):
             raise ValueError("root: s3:// needs a bucket name")
+        if self.s3_conditional_put not in ("etag", ""):
+            raise ValueError(f"s3_conditional_put: 'etag' or '', got {self.s3_conditional_put!r}")
+        if self.retention_hours < 0:
+            raise ValueError("retention_hours: must be >= 0")
 
 
 #: The platforms a source can be (one class each under :mod:`pipeline.scrape.sources`).

@@ -15,7 +15,8 @@ imports the key it needs instead of spelling it.
 ``images/<aa>/<sha256>``                content-addressed image bytes
 ``faces/_manifests/<partition>.json``   one detection shard's list of images
 ``state/scrape/<host>/<tag>.json``      crawl coverage per (instance, hashtag)
-``state/tombstones.json``               who and what ``likerank forget`` removed
+``state/tombstones/``                   who and what ``likerank forget`` removed (a table, hashed)
+``state/refs/``                         how to re-read a post (a table: Bluesky at:// URIs)
 ``runs/scrape/<day>/``                  one summary per scrape run
 ``reports/<run>/``                      the HTML report of a labels run (local storage)
 ======================================  ==============================================
@@ -29,8 +30,6 @@ from pipeline.core.schemas import TABLES
 
 PUBLISHED_LABELS = "labels/_published.json"
 LATEST_MODEL = "models/latest.json"
-#: Forgotten authors and posts (and the images they referenced): never collected again.
-TOMBSTONES = "state/tombstones.json"
 
 # ---------------------------------------------------------------- labels and their validation
 
@@ -120,20 +119,6 @@ def crawl_state(host: str, hashtag: str, platform: str = "mastodon") -> str:
     platform's get a folder of its own (the simulator serves both from one host)."""
     where = _host_name(host) if platform == "mastodon" else f"{_host_name(host)}/{platform}"
     return f"state/scrape/{where}/{hashtag.lower()}.json"
-
-
-#: Per platform and host, what a re-read needs to find a post again (Bluesky: its at:// URI,
-#: which names the author's DID, so it is crawl state, never a table column).
-POST_REFS = "state/refs/"
-
-
-def post_refs_folder(platform: str, host: str) -> str:
-    return f"{POST_REFS}{platform}/{_host_name(host)}/"
-
-
-def post_refs(platform: str, host: str, day: str) -> str:
-    """The references of the posts one scrape day kept (Parquet: post_id, author_key, ref)."""
-    return f"{post_refs_folder(platform, host)}dt={day}.parquet"
 
 
 def scrape_runs(day: str = "") -> str:

@@ -34,7 +34,7 @@ class LabelsRunRecord:
     params: dict[str, Any]  # the [labeling] section the run used, by field name
     params_hash: str  # Config.section_hash("labeling") of those parameters
     group_size: int  # rows per group: the rule's G, or every row for a global labeler
-    labels_sha256: str  # hex sha256 of labels/run=<id>/data.parquet as the labeler wrote it
+    labels_sha256: str  # tables.partition_sha256 of the run's labels partition as the labeler wrote it
     sources: dict[str, dict[str, int]]  # per source: rows_out, groups, positive
     record: dict[str, Any]  # the whole record (counts, drops by reason, splits, keys), to show
 

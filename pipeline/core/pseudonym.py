@@ -31,6 +31,16 @@ def author_keyer(secret_env: str, env: dict[str, str] | None = None, *, required
     Unset, a real source (``required``) refuses with :class:`MissingAuthorKey`; the simulator
     (``required=False``) uses :data:`DEV_AUTHOR_KEY`.
     """
+    key = _key(secret_env, env, required=required)
+
+    def author_key(uri: str) -> str:
+        return hmac.new(key, uri.encode(), hashlib.sha256).hexdigest()
+
+    return author_key
+
+
+def _key(secret_env: str, env: dict[str, str] | None, *, required: bool, warn: bool = True) -> bytes:
+    """The pseudonym key: ``$secret_env``, or the development key where that is allowed."""
     env = os.environ if env is None else env
     secret = env.get(secret_env, "")
     if not secret and required:
@@ -38,11 +48,22 @@ def author_keyer(secret_env: str, env: dict[str, str] | None = None, *, required
             f"refusing to scrape a real instance without a pseudonymization key: ${secret_env} is unset. "
             f"Set it to a long random secret and keep it (e.g. export {secret_env}=$(openssl rand -hex 32)); "
             "the same key must be used for every run, or the same author gets a new pseudonym")
-    if not secret:
+    if not secret and warn:
         log.warning("author-key secret %s is unset: using the simulator's fixed development key", secret_env)
-    key = secret.encode() if secret else DEV_AUTHOR_KEY
+    return secret.encode() if secret else DEV_AUTHOR_KEY
 
-    def author_key(uri: str) -> str:
-        return hmac.new(key, uri.encode(), hashlib.sha256).hexdigest()
 
-    return author_key
+def tombstone_salt(secret_env: str, env: dict[str, str] | None = None, *, required: bool = True) -> str:
+    """The salt of tombstone hashes, derived from the pseudonym key (never the key itself).
+
+    A tombstone stores ``sha256(salt + "\\n" + author_key)`` or ``sha256(salt + "\\n" + instance
+    + "\\n" + post_id)``: not the identifier, and nothing anyone without the key can test a
+    guessed post against. A plain salted sha256, so DuckDB can compute it over a whole table.
+    """
+    key = _key(secret_env, env, required=required, warn=False)  # the same refusal as author_keyer
+    return hmac.new(key, b"likerank tombstones", hashlib.sha256).hexdigest()
+
+
+def tombstone_hash(salt: str, *parts: str) -> str:
+    """The tombstone hash of an author key (one part) or a post (instance, post_id)."""
+    return hashlib.sha256("\n".join((salt, *parts)).encode()).hexdigest()

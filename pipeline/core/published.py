@@ -21,7 +21,7 @@ from pipeline.core import keys
 from pipeline.core.config import Config
 from pipeline.core.labels_run import read_labels_run
 from pipeline.core.storage import Storage, open_storage
-from pipeline.core.tables import get_json, object_sha256, partition_key, put_json
+from pipeline.core.tables import get_json, list_partitions, location, partition_sha256, put_json
 
 log = logging.getLogger(__name__)
 
@@ -51,7 +51,7 @@ def publish(cfg: Config, run_id: str, storage: Storage | None = None) -> dict[st
     if not result.get("success"):
         raise NotValidated(f"labels run {run_id}: validation failed ({result.get('failed_expectations')} "
                            f"expectation(s)); see {storage.uri(key)}")
-    current = object_sha256(storage, partition_key("labels", run_id))
+    current = partition_sha256(storage, "labels", run_id)
     if result.get("labels_sha256") != current:
         raise NotValidated(f"labels run {run_id}: its labels file changed after validation (validated sha256 "
                            f"{str(result.get('labels_sha256'))[:12]}, now {current[:12]}); validate it again")
@@ -114,10 +114,9 @@ def check_validated(storage: Storage, pointer: dict[str, Any]) -> None:
     """Refuse a labels run whose validation result is missing or failed, or whose file is not
     the one validated (its sha256 differs from the result's and the publication's)."""
     run = pointer["run_id"]
-    key = partition_key("labels", run)
-    if not storage.exists(key):
-        raise LabelsNotPublished(
-            f"{storage.uri(keys.PUBLISHED_LABELS)} names run {run!r} but {storage.uri(key)} is missing")
+    where = f"run={run} of {location(storage, 'labels')[0]}"
+    if run not in list_partitions(storage, "labels"):
+        raise LabelsNotPublished(f"{storage.uri(keys.PUBLISHED_LABELS)} names run {run!r} but {where} is missing")
     result = get_json(storage, keys.validation_result(run))
     if result is None:
         raise LabelsNotPublished(f"labels run {run!r}: no validation result at "
@@ -125,8 +124,8 @@ def check_validated(storage: Storage, pointer: dict[str, Any]) -> None:
     if not result.get("success"):
         raise LabelsNotPublished(f"labels run {run!r}: its validation failed ({storage.uri(keys.validation_result(run))}); "
                                  "refusing to train on it")
-    current = object_sha256(storage, key)
+    current = partition_sha256(storage, "labels", run)
     if not (pointer.get("labels_sha256") == result.get("labels_sha256") == current):
-        raise LabelsNotPublished(f"labels run {run!r}: {storage.uri(key)} is not the file that was validated and "
+        raise LabelsNotPublished(f"labels run {run!r}: {where} is not the data that was validated and "
                                  f"published (sha256 now {current[:12]}, validated {str(result.get('labels_sha256'))[:12]}, "
                                  f"published {str(pointer.get('labels_sha256'))[:12]}); label, validate and publish again")

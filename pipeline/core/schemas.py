@@ -141,20 +141,21 @@ LABELS = pa.schema([
 @dataclass(frozen=True)
 class Table:
     name: str
-    path: str  # prefix under the storage root
-    partition: str  # hive partition key
+    path: str  # the Delta table's folder under the storage root
+    partition: str  # partition column (a string), or "" for an unpartitioned table
     schema: pa.Schema
+    identity: tuple[str, ...] = ()  # the columns a row is merged on (partition column included)
 
 
 TABLES: dict[str, Table] = {
     t.name: t
     for t in (
-        Table("posts", "posts", "dt", POSTS),
-        Table("engagement", "engagement", "dt", ENGAGEMENT),
-        Table("downloads", "downloads", "dt", DOWNLOADS),
-        Table("images", "images/index", "dt", IMAGES),
-        Table("faces", "faces", "dt", FACES),
-        Table("labels", "labels", "run", LABELS),
+        Table("posts", "posts", "dt", POSTS, ("dt", "instance", "post_id")),
+        Table("engagement", "engagement", "dt", ENGAGEMENT, ("dt", "instance", "post_id")),
+        Table("downloads", "downloads", "dt", DOWNLOADS, ("dt", "source", "post_id", "url")),
+        Table("images", "images/index", "dt", IMAGES, ("dt", "sha256")),
+        Table("faces", "faces", "dt", FACES, ("dt", "sha256", "detector_id")),
+        Table("labels", "labels", "run", LABELS, ("run", "post_id")),
     )
 }
 
@@ -167,6 +168,32 @@ PREDICTIONS = pa.schema([
     f("label", pa.int8(), "The post's label (0 or 1)."),
     f("weight", pa.float32(), "1, or 0 where the image could not be read (excluded from the metrics)."),
 ])
+
+TOMBSTONES = pa.schema([
+    f("kind", pa.string(), "'author' or 'post'."),
+    f("key_hash", pa.string(), "HMAC-SHA256, under the pseudonym key, of the author key or of 'instance\\npost_id': "
+                               "never the identifier itself."),
+    f("images", pa.list_(pa.string()), "Digests of the images the forgotten posts referenced (cleaned once)."),
+    f("reason", pa.string(), "Why: 'request', 'deleted at source', 'opted out'."),
+    f("forgotten_at", UTC_TS, "When (UTC)."),
+])
+
+POST_REFS = pa.schema([
+    f("platform", pa.string(), "Source platform."),
+    f("host", pa.string(), "Instance host the post was read from."),
+    f("post_id", pa.string(), "Post id."),
+    f("author_key", pa.string(), "Author pseudonym (so forget can find the reference)."),
+    f("ref", pa.string(), "What a re-read needs: a Bluesky post's at:// URI (it names the author's DID)."),
+])
+
+#: Tables of likerank's own state, beside the analyst tables (no partition; merged on identity).
+INTERNAL_TABLES: dict[str, Table] = {
+    t.name: t
+    for t in (
+        Table("tombstones", "state/tombstones", "", TOMBSTONES, ("kind", "key_hash")),
+        Table("post_refs", "state/refs", "", POST_REFS, ("platform", "host", "post_id")),
+    )
+}
 
 #: Tables written as one file per run (not hive-partitioned): name -> schema.
 FILES: dict[str, pa.Schema] = {"predictions": PREDICTIONS}
@@ -182,7 +209,8 @@ def conform(table: str, data: pa.Table) -> pa.Table:
     Safe casts (e.g. int32 -> int64) are applied; anything lossy, missing or extra is an error
     naming the table, the column, the expected and the found type.
     """
-    schema = TABLES[table].schema if table in TABLES else FILES[table]
+    schema = (TABLES[table].schema if table in TABLES else INTERNAL_TABLES[table].schema if table in INTERNAL_TABLES
+              else FILES[table])
     missing = [n for n in schema.names if n not in data.column_names]
     if missing:
         raise SchemaError(f"table {table}: missing column(s) {', '.join(missing)}")

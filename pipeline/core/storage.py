@@ -60,6 +60,11 @@ class Storage(ABC):
     def arrow_fs(self) -> tuple[pyarrow.fs.FileSystem, str]:
         """A pyarrow filesystem and the base path of the root within it."""
 
+    @abstractmethod
+    def table_location(self, path: str) -> tuple[str, dict[str, str]]:
+        """The URI of the Delta table at ``path`` under the root, and the ``storage_options``
+        delta-rs needs to reach it."""
+
     def uri(self, key: str = "") -> str:
         return f"{self.root.rstrip('/')}/{key}" if key else self.root
 
@@ -166,6 +171,9 @@ class LocalStorage(Storage):
 
         return pyarrow.fs.LocalFileSystem(), self.root
 
+    def table_location(self, path: str) -> tuple[str, dict[str, str]]:
+        return str(self.file_of(path)), {}
+
 
 #: Attempts per S3 request (boto3 and pyarrow alike): transient errors are retried with backoff.
 S3_ATTEMPTS = 8
@@ -186,6 +194,7 @@ class S3Storage(Storage):
         region: str = "",
         access_key_id: str = "",
         secret_access_key: str = "",
+        conditional_put: str = "etag",
     ):
         import boto3
         from botocore.config import Config as BotoConfig
@@ -199,6 +208,10 @@ class S3Storage(Storage):
         self.endpoint_url = endpoint_url or None
         self.region = region or None
         self._keys = (access_key_id or None, secret_access_key or None)
+        #: How concurrent Delta commits stay safe: "etag" = the store's conditional PUT
+        #: (If-None-Match), as AWS S3 and SeaweedFS do; "" = none, then set a locking provider
+        #: (AWS_S3_LOCKING_PROVIDER=dynamodb) in the environment, which delta-rs reads.
+        self.conditional_put = conditional_put
         self.client = boto3.client(
             "s3",
             endpoint_url=self.endpoint_url,
@@ -305,6 +318,18 @@ class S3Storage(Storage):
         kwargs["retry_strategy"] = pyarrow.fs.AwsStandardS3RetryStrategy(max_attempts=S3_ATTEMPTS)
         return pyarrow.fs.S3FileSystem(**kwargs), base
 
+    def table_location(self, path: str) -> tuple[str, dict[str, str]]:
+        options = {"conditional_put": self.conditional_put} if self.conditional_put else {}
+        if self.endpoint_url:
+            options["endpoint_url"] = self.endpoint_url
+            if self.endpoint_url.startswith("http://"):
+                options["allow_http"] = "true"
+        if self.region:
+            options["region"] = self.region
+        if self._keys[0]:
+            options["access_key_id"], options["secret_access_key"] = self._keys
+        return f"s3://{self.bucket}/{self.object_key(path)}", options
+
 
 def open_storage(cfg: StorageConfig) -> Storage:
     """The storage the config points at."""
@@ -315,6 +340,7 @@ def open_storage(cfg: StorageConfig) -> Storage:
             region=cfg.region,
             access_key_id=cfg.access_key_id,
             secret_access_key=cfg.secret_access_key,
+            conditional_put=cfg.s3_conditional_put,
         )
     return LocalStorage(cfg.root)
 

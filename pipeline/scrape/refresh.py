@@ -37,7 +37,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from pipeline.core.config import Config
-from pipeline.core.forget import forget
+from pipeline.core.forget import forget, remove_tombstoned, salt_for
 from pipeline.core.post_refs import load_refs
 from pipeline.core.storage import open_storage
 from pipeline.core.tables import list_partitions, read_table
@@ -113,6 +113,7 @@ def refresh_engagement(cfg: Config, logical_date: str | date | datetime, *, inst
     engagement = (read_table(storage, "engagement", columns=["instance", "post_id", "age_days"])
                   if list_partitions(storage, "engagement") else pa.table({"instance": [], "post_id": [], "age_days": []}))
 
+    salt = salt_for(cfg)
     client = HttpClient(cfg.scrape)
     sources: dict[Service, Source] = {}
     service_now: dict[Service, datetime] = {}
@@ -161,6 +162,9 @@ def refresh_engagement(cfg: Config, logical_date: str | date | datetime, *, inst
                     rows.append(row)
                 if rows:
                     merge_partition(storage, "engagement", refresh_partition(day), rows)
+                    written = pa.Table.from_pylist(rows).select(["instance", "post_id"])
+                    remove_tombstoned(storage, salt, written.append_column(
+                        "author_key", pa.nulls(written.num_rows, pa.string())))  # a forget meanwhile
                 bar.update(min(BATCH, len(items) - i))
             for k in ("refreshed", "deleted", "opted_out", "failed"):
                 summary[k] += counts[k]
@@ -172,7 +176,8 @@ def refresh_engagement(cfg: Config, logical_date: str | date | datetime, *, inst
     finally:
         client.close()
     if deleted or opted_out:  # deletions and opt-outs at the source are applied here, everywhere
-        summary["forgotten"] = forget(storage, authors=opted_out, posts=deleted, reason="deleted or opted out at source")
+        summary["forgotten"] = forget(storage, salt, authors=opted_out, posts=deleted,
+                                      reason="deleted or opted out at source")
     summary["elapsed_s"] = round(time.monotonic() - t0, 2)
     log.info("refresh %s: %d due, %d refreshed, %d deleted and %d opted out (forgotten), %d failed", day,
              summary["due"], summary["refreshed"], summary["deleted"], summary["opted_out"], summary["failed"])

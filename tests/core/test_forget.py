@@ -16,7 +16,7 @@ import pytest
 from likerank.cli.main import main
 from pipeline.core import keys
 from pipeline.core.forget import load_tombstones
-from pipeline.core.pseudonym import author_keyer
+from pipeline.core.pseudonym import author_keyer, tombstone_hash, tombstone_salt
 from pipeline.core.schemas import LABELS, conform
 from pipeline.core.storage import LocalStorage
 from pipeline.core.tables import list_partitions, put_json, read_table, write_partition
@@ -26,6 +26,7 @@ from tests.fixtures.scrape import jpeg_bytes
 DAY = "2026-11-02"
 ALICE, BOB = "https://x.example/users/alice", "https://x.example/users/bob"
 KEY = author_keyer("LIKERANK_AUTHOR_KEY", env={}, required=False)  # the simulator's key, as the default config
+SALT = tombstone_salt("LIKERANK_AUTHOR_KEY", env={}, required=False)  # the tombstones' salt under that key
 
 
 def status(i: int, account: str, media: str) -> dict:
@@ -90,7 +91,7 @@ def test_forget_an_account_removes_it_everywhere_but_keeps_shared_images(world, 
     # The changed labels run is unpublished and lost what quoted its rows.
     assert not storage.exists(keys.PUBLISHED_LABELS)
     assert not storage.exists(keys.validation_result("L1")) and not storage.list("reports/L1/")
-    assert load_tombstones(storage).authors == {alice}
+    assert load_tombstones(storage, SALT).author_hashes == {tombstone_hash(SALT, alice)}  # hashed, not the key
 
 
 def test_forget_one_post(world, fake_mastodon, scrape_cfg):
@@ -152,6 +153,6 @@ def test_refresh_forgets_deleted_posts_and_authors_who_opted_out(world, fake_mas
     assert (summary["deleted"], summary["opted_out"], summary["refreshed"]) == (1, 3, 2)
     posts = read_table(storage, "posts").to_pylist()
     assert {p["post_id"] for p in posts} == {"103", "105"}
-    assert KEY(ALICE) in load_tombstones(storage).authors
-    assert (fake_mastodon.url, "104") in load_tombstones(storage).posts
+    assert load_tombstones(storage, SALT).covers_author(KEY(ALICE))
+    assert load_tombstones(storage, SALT).covers_post(fake_mastodon.url, "104")
     assert not storage.exists(keys.image_bytes(sha["104"])) and storage.exists(keys.image_bytes(sha["105"]))

@@ -220,13 +220,13 @@ def test_rebuilding_the_published_run_unpublishes_it_until_validated_again(local
 def test_labels_changed_after_validation_cannot_be_published(local_storage):
     from labeling.validate import validate_run
     from pipeline.core.published import NotValidated, publish
-    from pipeline.core.tables import partition_key
+    from pipeline.core.tables import read_table, write_partition
 
     write_world(local_storage)
     cfg = load_config(overrides=["validation.min_rows=4", "labeling.group_size=2", "validation.data_docs=false"])
     build_labels(cfg, "run1", local_storage)
     validate_run(cfg, "run1", local_storage, inputs=False)
-    key = partition_key("labels", "run1")
-    local_storage.put_bytes(key, local_storage.get_bytes(key) + b"\0")  # what a stray writer might do
+    rows = read_table(local_storage, "labels", ["run1"]).drop_columns(["run"])
+    write_partition(local_storage, "labels", "run1", rows.slice(1))  # what a stray writer might do
     with pytest.raises(NotValidated, match="changed after validation"):
         publish(cfg, "run1", local_storage)

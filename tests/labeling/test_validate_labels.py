@@ -2,10 +2,7 @@
 
 from __future__ import annotations
 
-import io
-
 import pyarrow as pa
-import pyarrow.parquet as pq
 import pytest
 
 from labeling.build_labels import label_candidates
@@ -13,7 +10,7 @@ from labeling.validate import ValidationFailed, validate_run
 from pipeline.core.config import load_config
 from pipeline.core.labels_run import write_labels_run
 from pipeline.core.published import NotValidated, publish, published
-from pipeline.core.tables import get_json, object_sha256, partition_key, write_partition
+from pipeline.core.tables import get_json, location, partition_sha256, write_partition
 from tests.labeling.test_labels_rule import cands
 
 CFG = load_config(env={}, overrides=["labeling.group_size=4", "labeling.min_followers=0",
@@ -29,13 +26,15 @@ def good_labels(run_id: str) -> tuple[pa.Table, dict]:
 
 def store_run(storage, run_id: str, labels: pa.Table, summary: dict, *, raw: bool = False) -> None:
     if raw:  # bypass the schema check, as a buggy writer would
-        buf = io.BytesIO()
-        pq.write_table(labels, buf)
-        storage.put_bytes(partition_key("labels", run_id), buf.getvalue())
+        from deltalake import write_deltalake
+
+        uri, options = location(storage, "labels")
+        write_deltalake(uri, labels.append_column("run", pa.array([run_id] * labels.num_rows)), mode="overwrite",
+                        predicate=f"run = '{run_id}'", partition_by=["run"], storage_options=options)
     else:
         write_partition(storage, "labels", run_id, labels)
     # The record, as the labeler writes it: the hash of the bytes it stored, buggy or not.
-    write_labels_run(storage, {**summary, "labels_sha256": object_sha256(storage, partition_key("labels", run_id))})
+    write_labels_run(storage, {**summary, "labels_sha256": partition_sha256(storage, "labels", run_id)})
 
 
 def test_good_run_passes_writes_docs_and_publishes(local_storage):

@@ -20,7 +20,7 @@ from pipeline.core import keys
 from pipeline.core.config import load_config
 from pipeline.core.published import LabelsNotPublished
 from pipeline.core.storage import LocalStorage
-from pipeline.core.tables import get_json, put_json
+from pipeline.core.tables import get_json, put_json, read_table, write_partition
 from tests.training.test_train_data import DETECTOR, LABELS_RUN, TINY, make_labels_run, truth_file
 from training import registry
 from training.launch import TrainingFailed, launch, train_on_published
@@ -113,7 +113,7 @@ def test_crash_after_an_epoch_then_resume_matches_uninterrupted(world, exact_two
 
     # A newer labels run is published meanwhile: the resumed run must stay on the labels it started on.
     pointer = get_json(storage, keys.PUBLISHED_LABELS)
-    storage.put_bytes("labels/run=lbl-newer/data.parquet", storage.get_bytes(f"labels/run={LABELS_RUN}/data.parquet"))
+    write_partition(storage, "labels", "lbl-newer", read_table(storage, "labels", [LABELS_RUN]).drop_columns(["run"]))
     put_json(storage, keys.PUBLISHED_LABELS, {**pointer, "run_id": "lbl-newer"})
     try:
         resumed = run(world, "gn2-crash", TWO_EPOCHS, extra_args=EXACT)  # same run id: resumes automatically
