@@ -126,6 +126,6 @@ def check_validated(storage: Storage, pointer: dict[str, Any]) -> None:
                                  "refusing to train on it")
     current = partition_sha256(storage, "labels", run)
     if not (pointer.get("labels_sha256") == result.get("labels_sha256") == current):
-        raise LabelsNotPublished(f"labels run {run!r}: {where} is not the data that was validated and "
+        raise LabelsNotPublished(f"labels run {run!r}: {where} is not the file that was validated and "
                                  f"published (sha256 now {current[:12]}, validated {str(result.get('labels_sha256'))[:12]}, "
                                  f"published {str(pointer.get('labels_sha256'))[:12]}); label, validate and publish again")

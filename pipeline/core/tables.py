@@ -328,12 +328,16 @@ def read_table(storage: Storage, table: str, partitions: list[str] | None = None
 
 
 def _declared_types(table: str, data: pa.Table) -> pa.Table:
-    """Delta has no fixed-size lists (a face's ten landmarks): cast back to the schema's types."""
-    schema = delta_schema(table)
-    for i, name in enumerate(data.column_names):
-        if name in schema.names and not data.schema.field(i).type.equals(schema.field(name).type):
-            data = data.set_column(i, schema.field(name), data.column(i).cast(schema.field(name).type))
-    return data
+    """``data`` in the fields of the table's schema: Delta stores every column nullable and has
+    no fixed-size lists (a face's ten landmarks), so both come back as declared."""
+    t = spec(table)
+    declared = {f.name: f for f in t.schema}
+    if t.partition:
+        declared[t.partition] = pa.field(t.partition, pa.string(), nullable=False)
+    target = pa.schema([declared.get(f.name, f) for f in data.schema])
+    if data.schema.equals(target, check_metadata=True):
+        return data
+    return data.cast(target)
 
 
 def _partition_files(storage: Storage, table: str, value: str) -> list[bytes]:

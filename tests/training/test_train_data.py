@@ -19,7 +19,7 @@ from pipeline.core.config import load_config
 from pipeline.core.labels_run import write_labels_run
 from pipeline.core.schemas import FACES, LABELS
 from pipeline.core.storage import ImageStore, Storage
-from pipeline.core.tables import get_json, object_sha256, put_json, write_partition
+from pipeline.core.tables import get_json, partition_sha256, put_json, write_partition
 
 LABELS_RUN = "lbl-test-1"
 DETECTOR = "det-test-sha"
@@ -68,19 +68,19 @@ def make_labels_run(storage: Storage, *, run_id: str = LABELS_RUN, n: dict[str, 
             })
             i += 1
     labels = pa.Table.from_pylist(rows, schema=LABELS)
-    key = write_partition(storage, "labels", run_id, labels)
+    write_partition(storage, "labels", run_id, labels)
     positive = sum(r["label"] for r in rows)
     write_labels_run(storage, {  # the record, as the labeler writes it beside its labels
         "run_id": run_id, "labeler": "groups", "params_hash": "p" * 16, "group_size": 16,
         "params": load_config(env={}, overrides=["labeling.group_size=16"]).to_dict()["labeling"],
-        "labels_sha256": object_sha256(storage, key), "rows_out": len(rows), "groups": len(rows) // 16,
+        "labels_sha256": partition_sha256(storage, "labels", run_id), "rows_out": len(rows), "groups": len(rows) // 16,
         "dropped": {}, "sources": {"mastodon": {"rows_out": len(rows), "groups": len(rows) // 16, "positive": positive}},
         "splits": {split: count for split, count in n.items()},
         "label_balance": {"positive": positive, "negative": len(rows) - positive},
     })
     write_partition(storage, "faces", "2026-01-01", pa.Table.from_pylist(faces, schema=FACES))
     if publish:  # as labeling's validate + publish leave it: a passing result for these bytes
-        sha = object_sha256(storage, key)
+        sha = partition_sha256(storage, "labels", run_id)
         put_json(storage, keys.validation_result(run_id), {"run_id": run_id, "success": True, "labels_sha256": sha})
         put_json(storage, keys.PUBLISHED_LABELS, {
             "run_id": run_id, "published_at": "2026-01-02T00:00:00Z", "rows": len(rows),
