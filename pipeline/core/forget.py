@@ -47,9 +47,10 @@ import pyarrow.compute as pc
 
 from pipeline.core import keys, published
 from pipeline.core.config import Config
+from pipeline.core.crawl_state import without_ids
 from pipeline.core.pseudonym import tombstone_hash
 from pipeline.core.storage import Storage
-from pipeline.core.tables import delete_rows, merge_rows, read_table, vacuum_now
+from pipeline.core.tables import delete_rows, get_json, merge_rows, put_json, read_table, vacuum_now
 
 log = logging.getLogger(__name__)
 
@@ -80,7 +81,7 @@ class Tombstones:
         import duckdb
 
         if not self or not t.num_rows:
-            return pa.chunked_array([pa.array([False] * t.num_rows)])
+            return pa.chunked_array([pa.array([False] * t.num_rows, pa.bool_())])
         con = duckdb.connect()
         try:
             con.register("t", t.select(["author_key", "instance", "post_id"]))
@@ -166,6 +167,7 @@ def forget(storage: Storage, salt: str, *, authors: Iterable[str] = (), posts: I
                          "post_id": pa.array([p for _, p in sorted(refs)], pa.string())})
     removed["engagement"] = delete_rows(storage, "engagement", ref_rows)
     removed["posts"] = delete_rows(storage, "posts", ref_rows)
+    removed["crawl_states"] = _forget_crawl_ids(storage, post_ids)
     if vacuum:
         for table in ("labels", "downloads", "faces", "images", "post_refs", "engagement", "posts"):
             removed["vacuumed_files"] += vacuum_now(storage, table)
@@ -173,19 +175,20 @@ def forget(storage: Storage, salt: str, *, authors: Iterable[str] = (), posts: I
     return removed
 
 
-def remove_tombstoned(storage: Storage, salt: str, rows: pa.Table) -> dict[str, Any] | None:
+def remove_tombstoned(storage: Storage, salt: str, rows: pa.Table) -> set[PostRef]:
     """After a writer's commit: forget those of the just-written ``rows`` (columns author_key,
     instance, post_id) that a tombstone covers, i.e. a forget that ran while the writer was
-    committing. None when there were none (the usual case: one small table read)."""
+    committing; return them (usually none: one small table read)."""
     tomb = load_tombstones(storage, salt)
     if not tomb or not rows.num_rows:
-        return None
+        return set()
     hit = rows.filter(tomb.mask(rows))
     if not hit.num_rows:
-        return None
+        return set()
     refs = set(zip(hit["instance"].to_pylist(), hit["post_id"].to_pylist(), strict=True))
     log.warning("%d just-written post(s) were forgotten meanwhile: removing them again", len(refs))
-    return forget(storage, salt, posts=refs, reason="forgotten while being written")
+    forget(storage, salt, posts=refs, reason="forgotten while being written")
+    return refs
 
 
 def forget_request(cfg: Config, *, account: str = "", author_key: str = "", instance: str = "",
@@ -271,6 +274,21 @@ def _forget_labels(storage: Storage, authors: set[str], post_ids: set[str], shas
     return out
 
 
+def _forget_crawl_ids(storage: Storage, post_ids: set[str]) -> int:
+    """Move crawl-state interval ends off the forgotten post ids; return the states changed."""
+    changed = 0
+    for key in storage.list(keys.crawl_states()):
+        if not key.endswith(".json") or not post_ids:
+            continue
+        state = get_json(storage, key) or {}
+        intervals = state.get("intervals", [])
+        scrubbed = without_ids(intervals, post_ids)
+        if scrubbed != intervals:
+            put_json(storage, key, {**state, "intervals": scrubbed})
+            changed += 1
+    return changed
+
+
 def _forget_predictions(storage: Storage, post_ids: set[str]) -> int:
     import pyarrow.parquet as pq
 
@@ -294,7 +312,7 @@ def _forget_predictions(storage: Storage, post_ids: set[str]) -> int:
 def rows_with_value(t: pa.Table, column: str, values: set[str]) -> pa.ChunkedArray:
     """True for the rows of ``t`` whose ``column`` is one of ``values`` (null: False)."""
     if not values:
-        return pa.chunked_array([pa.array([False] * t.num_rows)])
+        return pa.chunked_array([pa.array([False] * t.num_rows, pa.bool_())])
     return pc.fill_null(pc.is_in(t[column], value_set=pa.array(sorted(values), pa.string())), False)
 
 

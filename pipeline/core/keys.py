@@ -114,11 +114,16 @@ def _host_name(host: str) -> str:
     return host.lower().replace(":", "_")
 
 
+def crawl_states() -> str:
+    """The folder of every crawl state."""
+    return "state/scrape/"
+
+
 def crawl_state(host: str, hashtag: str, platform: str = "mastodon") -> str:
     """Which posts of one timeline were read. Mastodon's keep their first layout; another
     platform's get a folder of its own (the simulator serves both from one host)."""
     where = _host_name(host) if platform == "mastodon" else f"{_host_name(host)}/{platform}"
-    return f"state/scrape/{where}/{hashtag.lower()}.json"
+    return f"{crawl_states()}{where}/{hashtag.lower()}.json"
 
 
 def scrape_runs(day: str = "") -> str:

@@ -57,6 +57,7 @@ import pyarrow as pa
 
 from pipeline.core import keys
 from pipeline.core.config import PLATFORMS, Config
+from pipeline.core.crawl_state import id_key, without_ids
 from pipeline.core.forget import load_tombstones, remove_tombstoned, salt_for
 from pipeline.core.post_refs import save_refs
 from pipeline.core.pseudonym import author_keyer
@@ -65,7 +66,7 @@ from pipeline.core.storage import Storage, open_storage
 from pipeline.core.tables import get_json, merge_rows, put_json
 from pipeline.scrape.download import Downloaded, Downloader
 from pipeline.scrape.http import HttpClient
-from pipeline.scrape.sources.base import Item, Page, Post, Source, SourceRateLimited, id_key
+from pipeline.scrape.sources.base import Item, Page, Post, Source, SourceRateLimited
 from pipeline.scrape.sources.mastodon import MastodonSource
 
 log = logging.getLogger(__name__)
@@ -341,6 +342,7 @@ class Crawl:
         self.buffer = DayBuffer(storage, day)
         self.salt = salt_for(cfg)
         self.tombstones = load_tombstones(storage, self.salt)
+        self.forgotten_ids: set[str] = set()  # read but forgotten: no state interval may end on one
         self.downloader = Downloader(cfg.scrape, storage, client, source=source.kind, now=now)
 
         # What was read, kept or skipped, for the summary.
@@ -431,6 +433,7 @@ class Crawl:
         post = item.post
         if self.tombstones and self.tombstones.covers(post.author_key, post.instance, post.post_id):
             self.skipped["forgotten"] += 1
+            self.forgotten_ids.add(post.post_id)
             return
         self.kept += 1
         self.buffer.rows["posts"].append(post.row())
@@ -466,9 +469,12 @@ class Crawl:
         # A forget that ran while these rows were being committed tombstoned them first: its
         # lookup may have missed them, so they are removed here (see pipeline.core.forget).
         if committed:
-            remove_tombstoned(self.storage, self.salt, pa.Table.from_pylist(committed).select(
+            removed = remove_tombstoned(self.storage, self.salt, pa.Table.from_pylist(committed).select(
                 ["author_key", "instance", "post_id"]))
-        put_json(self.storage, self.state_key, self.buffered_state)  # after the data: state never covers unwritten rows
+            self.forgotten_ids |= {post_id for _, post_id in removed}
+        # After the data: state never covers unwritten rows; and no interval ends on a forgotten id.
+        state = {**self.buffered_state, "intervals": without_ids(self.buffered_state["intervals"], self.forgotten_ids)}
+        put_json(self.storage, self.state_key, state)
         self.unflushed = 0
 
     def close(self) -> None:

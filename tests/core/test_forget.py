@@ -156,3 +156,61 @@ def test_refresh_forgets_deleted_posts_and_authors_who_opted_out(world, fake_mas
     assert load_tombstones(storage, SALT).covers_author(KEY(ALICE))
     assert load_tombstones(storage, SALT).covers_post(fake_mastodon.url, "104")
     assert not storage.exists(keys.image_bytes(sha["104"])) and storage.exists(keys.image_bytes(sha["105"]))
+
+
+# --------------------------------------------------------------------------- concurrent writers
+
+#: Post ids long enough that their digits turn up nowhere by chance, so a byte search for them means something.
+LONG_ID = 1_099_511_627_776_000
+
+
+def no_trace(storage: LocalStorage, *needles: str) -> list[str]:
+    """Every file under the storage root (table logs included) that holds one of ``needles``."""
+    found = []
+    for path in storage.path.rglob("*"):
+        if path.is_file():
+            data = path.read_bytes()
+            found += [f"{path.relative_to(storage.path)}: {n}" for n in needles if n.encode() in data]
+    return found
+
+
+def test_a_scrape_that_commits_during_a_forget_does_not_bring_the_author_back(fake_mastodon, scrape_cfg, monkeypatch):
+    """The scrape has read its rows and is about to commit the posts when ``likerank forget``
+    runs to its end; the commit lands afterwards. Alice must not come back, and no byte of
+    her key or her post ids may stay anywhere under the storage root."""
+    import threading
+
+    import pipeline.scrape.scrape as mod
+
+    u = fake_mastodon.url
+    ids = [str(LONG_ID + i) for i in range(4)]
+    for i in range(4):
+        fake_mastodon.media[f"{i}.jpg"] = jpeg_bytes(seed=i)
+    fake_mastodon.statuses = [{**status(i, ALICE if i in (1, 2) else BOB, f"{u}/media/{i}.jpg"), "id": ids[i]}
+                              for i in range(4)][::-1]  # alice's posts in the middle of the timeline
+    scrape_cfg.scrape.backfill_days = 60
+    real, paused, resume = mod.merge_partition, threading.Event(), threading.Event()
+
+    def commit_posts_late(storage, table, value, rows):
+        if table == "posts" and not paused.is_set():
+            paused.set()
+            assert resume.wait(120)
+        return real(storage, table, value, rows)
+
+    monkeypatch.setattr(mod, "merge_partition", commit_posts_late)
+    outcome: dict = {}
+    crawl = threading.Thread(target=lambda: outcome.update(scrape(scrape_cfg, u, "selfie", DAY)))
+    crawl.start()
+    try:
+        assert paused.wait(120), "the scrape never reached its posts commit"
+        assert main(["--set", f"storage.root={scrape_cfg.storage.root}", "forget", "--account", ALICE]) == 0
+    finally:
+        resume.set()
+        crawl.join(120)
+    assert outcome["kept"] == 4  # all four were read before the forget
+    storage = LocalStorage(scrape_cfg.storage.root)
+    assert {p["post_id"] for p in read_table(storage, "posts").to_pylist()} == {ids[0], ids[3]}
+    for table in ("engagement", "downloads", "post_refs"):
+        assert not {ids[1], ids[2]} & {r["post_id"] for r in read_table(storage, table).to_pylist()}, table
+    assert no_trace(storage, KEY(ALICE), ids[1], ids[2]) == []
+    assert no_trace(storage, ids[0], ids[3])  # the search finds what is there: bob's posts stay

@@ -17,6 +17,7 @@ from urllib.parse import parse_qs, urlsplit
 
 import pytest
 
+from pipeline.core.crawl_state import id_key
 from pipeline.core.pseudonym import author_keyer
 from pipeline.core.storage import LocalStorage
 from pipeline.scrape.download import Downloader
@@ -26,7 +27,6 @@ from pipeline.scrape.sources.base import (
     OptedOut,
     SourceError,
     SourceRateLimited,
-    id_key,
 )
 from pipeline.scrape.sources.bluesky import (
     APP_PASSWORD_ENV,

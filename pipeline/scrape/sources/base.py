@@ -39,11 +39,6 @@ class SourceRateLimited(SourceError):
         self.retry_after_s = retry_after_s
 
 
-def id_key(post_id: str) -> tuple[int, str]:
-    """Sort key for ids: numeric ids by value (Mastodon ids are decimal strings), then text."""
-    return (len(post_id), post_id) if post_id.isdigit() else (1 << 30, post_id)
-
-
 @dataclass
 class Post:
     """One kept post, exactly the ``posts`` table's columns."""

@@ -36,7 +36,7 @@ Normalization of a postView into a ``posts`` row, and what is skipped (in this o
 Ids and pseudonyms: ``author_key`` = HMAC of the author's DID. ``post_id`` =
 ``<rkey>-<author_key[:8]>``: the rkey is a TID (13 base32-sortable characters whose value is
 microseconds since the epoch), so ids have one length and sort as text in creation order
-(see :func:`pipeline.scrape.sources.base.id_key`), and the suffix tells apart posts of two
+(see :func:`pipeline.core.crawl_state.id_key`), and the suffix tells apart posts of two
 authors with the same rkey without naming either. A post whose rkey is not a TID (the post
 lexicon requires one) has no place in that order and is counted as unplaced. The post's
 ``at://`` URI, which names the DID, is :attr:`Post.ref`: kept in the crawl state for re-reads,
@@ -71,6 +71,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 from urllib.parse import quote, urlencode, urlsplit
 
+from pipeline.core.crawl_state import id_key
 from pipeline.scrape.http import FetchResult, HttpClient, origin
 from pipeline.scrape.sources.base import (
     Item,
@@ -81,7 +82,6 @@ from pipeline.scrape.sources.base import (
     Source,
     SourceError,
     SourceRateLimited,
-    id_key,
 )
 from pipeline.scrape.sources.mastodon import parse_time, server_time, without_handles
 

@@ -41,6 +41,7 @@ from urllib.parse import quote, urlencode, urljoin, urlsplit
 
 from requests.utils import parse_header_links
 
+from pipeline.core.crawl_state import id_key
 from pipeline.scrape.http import HttpClient, origin
 from pipeline.scrape.sources.base import (
     Item,
@@ -51,7 +52,6 @@ from pipeline.scrape.sources.base import (
     Source,
     SourceError,
     SourceRateLimited,
-    id_key,
 )
 
 log = logging.getLogger(__name__)
