@@ -518,8 +518,8 @@ def format_summary(s: dict[str, Any]) -> str:
     lines.append(f"  images stored   {s['images']:>8}")
     for status, n in s["downloads"].items():
         lines.append(f"  download {status:<14} {n:>8}")
-    for table, n in s["partition_rows"].items():
-        lines.append(f"  {table:<9} dt={s['date']}: {n} rows")
+    for table, n in s["rows_written"].items():
+        lines.append(f"  {table:<9} dt={s['date']}: {n} rows written")
     lines.append(f"  state: {s['state']}")
     return "\n".join(lines)
 
