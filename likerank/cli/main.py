@@ -26,6 +26,7 @@ COMMAND_MODULES = [
     "likerank.cli.retrain_cmd",
     "likerank.cli.label_cmd",
     "likerank.cli.forget_cmd",
+    "likerank.cli.compact_cmd",
     "likerank.cli.score_cmd",
 ]
 
