@@ -33,6 +33,7 @@ from labeling import baselines
 from labeling.eligibility import (
     apply_filters,
     filter_rows,
+    input_versions,
     numpy_column,
     read_candidates,
     read_input_file,
@@ -323,8 +324,13 @@ def label_candidates(cands: pa.Table, cfg: Config, run_id: str, **options: Any) 
     return run.table(), run.summary
 
 
-def build_labels(cfg: Config, run_id: str, storage: Storage | None = None) -> dict[str, Any]:
+def build_labels(cfg: Config, run_id: str, storage: Storage | None = None, *, as_of: str | None = None) -> dict[str, Any]:
     """Label the project's tables into ``labels/run=<run_id>/``; return the run summary.
+
+    The record keeps the version of every table read (``table_versions``). ``as_of``: rebuild
+    that earlier run instead: its table versions, its labeler and its ``[labeling]``
+    parameters (not today's), so the labels come out identical as long as those versions have
+    not been vacuumed (``storage.retention_hours``); people forgotten since stay out.
 
     Raises :class:`NothingToLabel` (writing nothing) when too few new eligible posts exist
     (:func:`check_enough`). Rerunning a run id replaces its partition, config and summary
@@ -335,12 +341,20 @@ def build_labels(cfg: Config, run_id: str, storage: Storage | None = None) -> di
     from pipeline.core.tables import partition_sha256, read_table, write_partition
 
     storage = storage or open_storage(cfg.storage)
-    cands, counts = read_candidates(storage, cfg)
-    run = label_run(cands, cfg, run_id, counts=counts)
+    labeler = None
+    if as_of:
+        cfg, versions, labeler = as_of_inputs(cfg, storage, as_of)
+    else:
+        versions = input_versions(storage)
+    cands, counts = read_candidates(storage, cfg, versions)
+    run = label_run(cands, cfg, run_id, counts=counts, labeler=labeler)
     summary = run.summary
+    summary["table_versions"] = versions
+    if as_of:
+        summary["as_of"] = as_of
     pointer = published.published(storage)
-    if pointer and pointer.get("run_id") == run_id:
-        pointer = None  # a rerun of the published run compares against nothing
+    if pointer and (pointer.get("run_id") == run_id or as_of):
+        pointer = None  # a rerun of the published run, or a rebuild, compares against nothing
     new_posts = None
     if pointer:
         new_posts = run.count_new(read_table(storage, "labels", partitions=[pointer["run_id"]],
@@ -360,6 +374,28 @@ def build_labels(cfg: Config, run_id: str, storage: Storage | None = None) -> di
     log.info("labels run %s: %d rows in, %d labeled in %d groups -> %s", run_id, summary["rows_in"],
              summary["rows_out"], summary["groups"], summary["labels_uri"])
     return summary
+
+
+def as_of_inputs(cfg: Config, storage: Storage, run_id: str) -> tuple[Config, dict[str, int | None], str]:
+    """What rebuilding labels run ``run_id`` needs: the config with its ``[labeling]``
+    parameters, the table versions it read, and its labeler. Raises ValueError naming what is
+    missing (a run labeled before versions were recorded, or parameters that no longer load)."""
+    import dataclasses
+
+    from pipeline.core.config import LabelingConfig
+    from pipeline.core.labels_run import read_labels_run
+
+    record = read_labels_run(storage, run_id)
+    versions = record.record.get("table_versions")
+    if not versions:
+        raise ValueError(f"labels run {run_id}: its record has no table versions (labeled by an older release); "
+                         "it cannot be rebuilt as of its inputs")
+    try:
+        labeling = LabelingConfig(**record.params)
+        labeling.validate()
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"labels run {run_id}: its [labeling] parameters do not load today: {exc}") from None
+    return dataclasses.replace(cfg, labeling=labeling), versions, record.labeler
 
 
 def label_file(input_path: str | Path, output_path: str | Path, cfg: Config, run_id: str) -> dict[str, Any]:

@@ -325,14 +325,23 @@ def face_counts(faces: pa.Table, min_score: float) -> pa.Table:
         return con.sql(FACE_COUNTS_SQL, params={"min_score": min_score}).to_arrow_table()
 
 
-def read_candidates(storage: Storage, cfg: Config) -> tuple[pa.Table, dict[str, int]]:
-    """Candidates from the project's posts, engagement, downloads and faces tables.
+#: The tables a labels run reads (their versions are recorded in its record).
+INPUT_TABLES = ("posts", "engagement", "downloads", "faces")
+
+
+def read_candidates(storage: Storage, cfg: Config,
+                    versions: dict[str, int | None] | None = None) -> tuple[pa.Table, dict[str, int]]:
+    """Candidates from the project's posts, engagement, downloads and faces tables, each at
+    its version in ``versions`` (default: the current one; see :func:`input_versions`).
 
     Returns the candidates and the count of ``duplicate_post_id`` drops (the other reasons
-    are counted by :func:`apply_filters`).
+    are counted by :func:`apply_filters`). Tombstones are always read at their newest: a
+    rebuild of a past run never brings back someone forgotten since.
     """
     from labeling.duck import connect
     from pipeline.core.tables import read_table
+
+    versions = versions if versions is not None else input_versions(storage)
 
     columns = {
         "posts": ["instance", "post_id", "source", "author_key", "n_tags", "image_urls", "scraped_at", "dt"],
@@ -343,7 +352,7 @@ def read_candidates(storage: Storage, cfg: Config) -> tuple[pa.Table, dict[str, 
     }
     with connect() as con:
         for name, cols in columns.items():
-            con.register(name, read_table(storage, name, columns=cols))
+            con.register(name, read_table(storage, name, columns=cols, version=versions.get(name)))
         joined = con.sql(_CANDIDATES_SQL, params={"min_age_days": cfg.labeling.min_age_days,
                                                   "min_score": cfg.faces.min_score}).to_arrow_table()
     counts = empty_counts()
@@ -357,6 +366,13 @@ def read_candidates(storage: Storage, cfg: Config) -> tuple[pa.Table, dict[str, 
     counts["duplicate_post_id"] = joined.num_rows - pc.sum(first).as_py() if joined.num_rows else 0
     joined = joined.filter(first).drop_columns(["nth", "instance"])
     return joined.cast(CANDIDATES), counts
+
+
+def input_versions(storage: Storage) -> dict[str, int | None]:
+    """The current version of each input table (None: no commit yet), to read exactly these."""
+    from pipeline.core.tables import version
+
+    return {name: version(storage, name) for name in INPUT_TABLES}
 
 
 # --------------------------------------------------------------------------- bring your own

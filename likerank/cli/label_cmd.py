@@ -25,6 +25,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--input", metavar="FILE", help="label this Parquet/CSV file instead of the project's tables")
     p.add_argument("--output", metavar="FILE", help="with --input: where to write the labels (.parquet or .csv)")
     p.add_argument("--no-publish", action="store_true", help="validate but do not publish the run")
+    p.add_argument("--as-of", metavar="RUN_ID", help="rebuild that run from the table versions, labeler and parameters "
+                                                     "it recorded (into --run, default RUN_ID-asof); validated, "
+                                                     "never published")
     p.set_defaults(handler=label_command)
 
     ev = sub.choices.get("eval") or sub.add_parser("eval", help="evaluate outputs against ground truth")
@@ -47,9 +50,13 @@ def label_command(args: argparse.Namespace, cfg: Config) -> int:
     )
     from labeling.eligibility import InputError
     from labeling.validate import ValidationFailed, validate_run
+    from pipeline.core.labels_run import LabelsRunMissing
     from pipeline.core.published import publish
 
-    run_id = clean_run_id(args.run) if args.run else new_run_id()
+    run_id = clean_run_id(args.run) if args.run else (clean_run_id(f"{args.as_of}-asof") if args.as_of else new_run_id())
+    if args.as_of and args.input:
+        print("likerank label: --as-of rebuilds a run of the project's tables; it does not take --input", file=sys.stderr)
+        return 2
     if bool(args.input) != bool(args.output):
         print("likerank label: --input and --output go together", file=sys.stderr)
         return 2
@@ -63,10 +70,17 @@ def label_command(args: argparse.Namespace, cfg: Config) -> int:
         return 0
 
     try:
-        summary = build_labels(cfg, run_id)
+        summary = build_labels(cfg, run_id, as_of=args.as_of)
     except NothingToLabel as exc:  # not an error: nothing was written, the published run stands
         print(f"likerank label: {exc}", file=sys.stderr)
         return 0
+    except (ValueError, LabelsRunMissing) as exc:
+        print(f"likerank label: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:  # an --as-of version whose files were vacuumed
+        print(f"likerank label: the table versions of run {args.as_of} can no longer be read (vacuumed after "
+              f"storage.retention_hours): {exc}", file=sys.stderr)
+        return 1
     print(json.dumps(summary, indent=2))
     try:
         report = validate_run(cfg, run_id)
@@ -74,7 +88,7 @@ def label_command(args: argparse.Namespace, cfg: Config) -> int:
         print(str(exc), file=sys.stderr)
         return 1
     print(f"validation passed: {report['validation_uri']}")
-    if not args.no_publish:
+    if not args.no_publish and not args.as_of:
         pointer = publish(cfg, run_id)
         print(f"published labels run {pointer['run_id']} ({pointer['rows']} rows)")
     return 0

@@ -230,3 +230,38 @@ def test_labels_changed_after_validation_cannot_be_published(local_storage):
     write_partition(local_storage, "labels", "run1", rows.slice(1))  # what a stray writer might do
     with pytest.raises(NotValidated, match="changed after validation"):
         publish(cfg, "run1", local_storage)
+
+
+def test_a_run_rebuilt_as_of_its_table_versions_has_identical_labels(local_storage, capsys):
+    """More posts arrive and the config changes; ``label --as-of`` still rebuilds the run exactly."""
+    from pipeline.core.labels_run import read_labels_run
+    from pipeline.core.published import published
+    from pipeline.core.tables import read_table
+
+    write_world(local_storage)
+    cfg = load_config(env={}, overrides=["labeling.group_size=2", "validation.min_rows=2"])
+    build_labels(cfg, "run1", local_storage)
+    assert set(read_labels_run(local_storage, "run1").record["table_versions"]) == {
+        "posts", "engagement", "downloads", "faces"}
+    more = [post(f"{i:04d}", author=f"b{i}", followers=100 + i) for i in range(6, 10)]
+    write_partition(local_storage, "posts", "2026-02-16", pa.Table.from_pylist(more, schema=POSTS))
+    write_partition(local_storage, "engagement", "2026-02-16",
+                    pa.Table.from_pylist([obs(p["post_id"], 40.0, 7) for p in more], schema=ENGAGEMENT))
+    write_partition(local_storage, "downloads", "2026-02-16",
+                    pa.Table.from_pylist([download(p["post_id"]) for p in more], schema=DOWNLOADS))
+    write_partition(local_storage, "faces", "2026-02-16",
+                    pa.Table.from_pylist([face_row(f"sha-{p['post_id']}", [0.9]) for p in more], schema=FACES))
+
+    def labels(run: str) -> list[tuple]:
+        t = read_table(local_storage, "labels", [run]).sort_by("post_id")
+        return list(zip(*[t[c].to_pylist() for c in ("post_id", "group_id", "rank_in_group", "label", "score",
+                                                     "exposure", "params_hash")], strict=True))
+
+    now = build_labels(cfg, "run2", local_storage)
+    assert now["rows_out"] > 6 and labels("run2") != labels("run1")  # today's tables give other labels
+    args = ["--set", f"storage.root={local_storage.root}", "--set", "labeling.group_size=4",  # today's config differs
+            "--set", "validation.min_rows=2", "label", "--as-of", "run1"]
+    assert main(args) == 0, capsys.readouterr().err
+    assert labels("run1-asof") == labels("run1")
+    assert read_labels_run(local_storage, "run1-asof").params_hash == read_labels_run(local_storage, "run1").params_hash
+    assert published(local_storage) is None or published(local_storage)["run_id"] != "run1-asof"  # never published
