@@ -16,8 +16,10 @@ snapshots), so it never starts on posts whose faces are not detected yet.
   one platform does not stall the other (a long server wait ends that task early, its state
   saved, not failed). Each is incremental (it reads only posts not read before; state in
   `state/scrape/<host>/[bluesky/]<tag>.json`) and merges into `dt=<date>` on each table's
-  identity key, so a retry or rerun duplicates nothing. Mapped tasks run in parallel: the
-  tables are Delta tables that take concurrent commits.
+  identity key, so a retry or rerun duplicates nothing. Mapped tasks and runs of different
+  days run in parallel: the tables are Delta tables that take concurrent commits, and each
+  timeline's crawl state is leased to one task at a time (a task that finds it taken returns
+  at once, `stopped: busy`, since the holder reads those posts).
   Credentials come from Airflow connections when set (`source.airflow_conn_id`: the Mastodon
   token as its password; `source.bluesky_airflow_conn_id`: the Bluesky login and app
   password), else from the environment variables the `[source]` config names; they are
@@ -48,7 +50,9 @@ from likerank_assets import (
     schedule="@daily",
     start_date=START_DATE,
     catchup=False,
-    max_active_runs=1,  # runs share the per-(instance, hashtag) state: one at a time
+    # Runs of different days overlap (a backfill runs in parallel); each timeline's crawl state
+    # is leased to one task at a time, and a task that finds it taken ends saying so.
+    max_active_runs=4,
     default_args=DEFAULT_ARGS,
     tags=["likerank", "scrape"],
     doc_md=__doc__,

@@ -27,6 +27,7 @@ COMMAND_MODULES = [
     "likerank.cli.label_cmd",
     "likerank.cli.forget_cmd",
     "likerank.cli.compact_cmd",
+    "likerank.cli.migrate_cmd",
     "likerank.cli.score_cmd",
 ]
 

@@ -44,6 +44,11 @@ class Storage(ABC):
         return None
 
     @abstractmethod
+    def create(self, key: str, data: bytes) -> bool:
+        """Put ``data`` only if ``key`` does not exist yet; return whether it was created. Atomic:
+        of several processes creating one key at once, exactly one succeeds."""
+
+    @abstractmethod
     def get_bytes(self, key: str) -> bytes: ...
 
     @abstractmethod
@@ -139,6 +144,22 @@ class LocalStorage(Storage):
 
     def sync(self) -> None:
         os.sync()  # one call for a whole batch of durable=False puts
+
+    def create(self, key: str, data: bytes) -> bool:
+        dest = self.file_of(key)
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        tmp = dest.with_name(f".tmp-{uuid.uuid4().hex}-{dest.name}")
+        with open(tmp, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        try:  # a hard link fails when the name exists: one creator wins, and the file is whole
+            os.link(tmp, dest)
+            return True
+        except FileExistsError:
+            return False
+        finally:
+            tmp.unlink()
 
     def get_bytes(self, key: str) -> bytes:
         try:
@@ -243,6 +264,19 @@ class S3Storage(Storage):
                 return StorageError(f"{where}: not found")
             return StorageError(f"{where}: S3 error {code}: {exc}")
         return StorageError(f"{where}: {exc}")
+
+    def create(self, key: str, data: bytes) -> bool:
+        from botocore.exceptions import ClientError
+
+        try:  # a conditional PUT (If-None-Match: *): the store refuses it when the key exists
+            self.client.put_object(Bucket=self.bucket, Key=self.object_key(key), Body=data, IfNoneMatch="*")
+            return True
+        except ClientError as exc:
+            if exc.response.get("Error", {}).get("Code") in ("PreconditionFailed", "ConditionalRequestConflict", "412"):
+                return False
+            raise self._error(exc, key) from exc
+        except Exception as exc:  # noqa: BLE001 - translated into a StorageError naming the key
+            raise self._error(exc, key) from exc
 
     def put_bytes(self, key: str, data: bytes, *, durable: bool = True) -> None:
         try:  # an S3 PUT is durable once it returns

@@ -64,6 +64,7 @@ from pipeline.core.pseudonym import author_keyer
 from pipeline.core.schemas import TABLES
 from pipeline.core.storage import Storage, open_storage
 from pipeline.core.tables import get_json, merge_rows, put_json
+from pipeline.scrape import crawl_lease
 from pipeline.scrape.download import Downloaded, Downloader
 from pipeline.scrape.http import HttpClient
 from pipeline.scrape.sources.base import Item, Page, Post, Source, SourceRateLimited
@@ -275,15 +276,27 @@ def scrape(cfg: Config, instance: str, hashtag: str, logical_date: str | date | 
     now = now or (lambda: datetime.now(UTC))
     limit = cfg.scrape.max_posts if max_posts is None else max_posts
     storage = open_storage(cfg.storage)
+    key = state_key(instance.rstrip("/"), hashtag, platform)
+    try:
+        lease = crawl_lease.acquire(storage, key)
+    except crawl_lease.CrawlBusy as exc:  # not a failure: the scrape that holds it reads these posts
+        log.warning("scrape %s %s #%s: nothing to do: %s", platform, instance, hashtag, exc)
+        return {"source": platform, "instance": instance, "hashtag": hashtag, "date": day, "pages": 0, "seen": 0,
+                "kept": 0, "skipped": {}, "downloads": {}, "images": 0, "stopped": f"busy: {exc}", "state": key,
+                "rows_written": {}, "elapsed_s": round(time.monotonic() - started, 2)}
     client = HttpClient(cfg.scrape)
     try:
         src = source or make_source(cfg, platform, instance, client, now=now, token=token, login=login)
+        crawl = Crawl(cfg, storage, client, src, hashtag, day, limit=limit, now=now, flush_every=flush_every,
+                      progress=progress, started=started, lease=lease)
     except BaseException:
         client.close()
+        lease.release()
         raise
-    crawl = Crawl(cfg, storage, client, src, hashtag, day, limit=limit, now=now, flush_every=flush_every,
-                  progress=progress, started=started)
-    return crawl.run()
+    try:
+        return crawl.run()
+    finally:
+        lease.release()
 
 
 def walk_start(source: Source, day: str) -> str | None:
@@ -328,8 +341,9 @@ class Crawl:
 
     def __init__(self, cfg: Config, storage: Storage, client: HttpClient, source: Source, hashtag: str,
                  day: str, *, limit: int, now: Callable[[], datetime], flush_every: int, progress: bool,
-                 started: float):
+                 started: float, lease: crawl_lease.CrawlLease | None = None):
         self.cfg, self.storage, self.client, self.source = cfg, storage, client, source
+        self.lease = lease  # this timeline's crawl lease, renewed at each flush
         self.hashtag, self.day, self.flush_every, self.started = hashtag, day, flush_every, started
         self.platform = source.kind
         self.instance = source.instance
@@ -475,6 +489,8 @@ class Crawl:
         # After the data: state never covers unwritten rows; and no interval ends on a forgotten id.
         state = {**self.buffered_state, "intervals": without_ids(self.buffered_state["intervals"], self.forgotten_ids)}
         put_json(self.storage, self.state_key, state)
+        if self.lease is not None:
+            self.lease.renew()
         self.unflushed = 0
 
     def close(self) -> None:
