@@ -1,8 +1,8 @@
 """Every storage key and pointer likerank reads or writes, defined once.
 
-Tables (``posts/``, ``faces/``, ``labels/`` ...) are laid out by :mod:`pipeline.core.schemas`
-(their paths and partition columns) and :mod:`pipeline.core.tables` (one ``data.parquet`` per
-partition). Everything else a stage writes beside them is named here: run folders, their
+Tables (``posts/``, ``faces/``, ``labels/`` ...) are Delta tables laid out by
+:mod:`pipeline.core.schemas` (their paths, partition columns and identity keys) and written by
+:mod:`pipeline.core.tables`. Everything else a stage writes beside them is named here: run folders, their
 side files, the pointers that say which run is live, and the scraper's crawl state. A stage
 imports the key it needs instead of spelling it.
 

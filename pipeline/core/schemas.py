@@ -4,18 +4,21 @@ Writers check frames against these (:func:`conform`), readers and the validation
 them, and README's table reference is generated from them (:func:`pipeline.core.tables.markdown_reference`).
 Every field carries a ``doc`` in its metadata.
 
-Where each table lives under the storage root, and how it is partitioned:
+Every table is a Delta table; where each lives under the storage root, how it is partitioned
+and the identity key its rows are merged on (:attr:`Table.identity`):
 
-=============  ===============================  ============================================
-table          path                             partition
-=============  ===============================  ============================================
-posts          ``posts/dt=<date>/``             logical date of the scrape run
-engagement     ``engagement/dt=<date>/``        logical date of the observation run
-downloads      ``downloads/dt=<date>/``         logical date of the scrape run
-images         ``images/index/dt=<date>/``      logical date; the bytes are ``images/<aa>/<sha256>``
-faces          ``faces/dt=<date>/``             logical date of the detection run
-labels         ``labels/run=<run_id>/``         one labeling run
-=============  ===============================  ============================================
+=============  ======================  ============================================  ==========================
+table          path                    partition                                     identity
+=============  ======================  ============================================  ==========================
+posts          ``posts/``              ``dt``: logical date of the scrape run        dt, instance, post_id
+engagement     ``engagement/``         ``dt``: date of the observation run           dt, instance, post_id
+downloads      ``downloads/``          ``dt``: logical date of the scrape run        dt, source, post_id, url
+images         ``images/index/``       ``dt``; the bytes are ``images/<aa>/<sha>``   dt, sha256
+faces          ``faces/``              ``dt``: date and shard of the detection       dt, sha256, detector_id
+labels         ``labels/``             ``run``: one labeling run                     run, post_id
+tombstones     ``state/tombstones/``   none (likerank's own state)                   kind, key_hash
+post_refs      ``state/refs/``         none (likerank's own state)                   platform, host, post_id
+=============  ======================  ============================================  ==========================
 
 Files written once per run rather than as a partitioned table (:data:`FILES`):
 ``predictions`` at ``models/<run>/predictions.parquet`` (see :mod:`pipeline.core.keys`).
