@@ -142,7 +142,7 @@ def child_commits(mode: str, root: str, proc: int, commits: int, batch: int) -> 
         import io
 
         if storage.exists(key):
-            rows = pa.concat_tables([conform("engagement", pq.read_table(storage.file_of(key))), rows])
+            rows = pa.concat_tables([conform("engagement", pq.read_table(io.BytesIO(storage.get_bytes(key)))), rows])
         rows = tables.last_per_key(rows, ["instance", "post_id"])
         buf = io.BytesIO()
         pq.write_table(conform("engagement", rows), buf, compression="zstd")

@@ -54,7 +54,7 @@ def format_table(result: TableResult, verb: str, *, details: bool) -> str:
         return f"{result.table:<11} nothing to do"
     lines = [f"{result.table:<11} {verb} {len(result.files)} partition(s)/file(s), {result.rows} row(s)"]
     if details:
-        lines += [f"  {f.part}: {f.rows} row(s) from {f.key}" for f in result.files]
+        lines += [f"  {f.part}: {f.rows} row(s)" + (f" from {f.key}" if f.key != f.part else "") for f in result.files]
     lines += [f"  note: {note}" for note in result.notes]
     return "\n".join(lines)
 
@@ -65,5 +65,6 @@ def format_total(results: list[TableResult], root: str, *, dry_run: bool) -> str
     if not files:
         return f"nothing to migrate: {root} is in the Delta layout"
     if dry_run:
-        return f"dry run: would convert {files} partition(s)/file(s), {rows} row(s) into {tables} table(s); nothing changed"
+        return (f"dry run: would convert {files} partition(s)/file(s), {rows} row(s) into {tables} table(s); "
+                "nothing changed")
     return f"migrated {files} partition(s)/file(s), {rows} row(s) into {tables} Delta table(s) in {root}"

@@ -150,7 +150,8 @@ def _tombstone_records(storage: Storage) -> list[dict[str, Any]] | None:
     try:
         records = json.loads(storage.get_text(OLD_TOMBSTONES)) or []
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise BadInput(f"{storage.uri(OLD_TOMBSTONES)} is not valid JSON ({exc}); fix or restore it, then rerun") from None
+        raise BadInput(f"{storage.uri(OLD_TOMBSTONES)} is not valid JSON ({exc}); "
+                       "fix or restore it, then rerun") from None
     if not isinstance(records, list) or not all(isinstance(r, dict) for r in records):
         raise BadInput(f"{storage.uri(OLD_TOMBSTONES)}: expected a list of tombstone records")
     return records
@@ -161,8 +162,12 @@ def old_tombstones(storage: Storage) -> OldFile | None:
     records = _tombstone_records(storage)
     if records is None:
         return None
-    authors = {a for r in records for a in r.get("authors", []) if a}
-    posts = {(str(i), str(p)) for r in records for i, p in r.get("posts", [])}
+    try:
+        authors = {str(a) for r in records for a in r.get("authors", []) if a}
+        posts = {(str(i), str(p)) for r in records for i, p in r.get("posts", [])}
+    except (TypeError, ValueError):
+        raise BadInput(f"{storage.uri(OLD_TOMBSTONES)}: a record's authors must be a list of author keys and "
+                       "its posts a list of [instance, post_id] pairs") from None
     return OldFile("tombstones", OLD_TOMBSTONES, OLD_TOMBSTONES, len(authors) + len(posts))
 
 
@@ -255,7 +260,7 @@ def tombstone_rows(records: list[dict[str, Any]], salt: str) -> dict[tuple[str, 
         at, reason = _parse_time(r.get("at")), str(r.get("reason") or "request")
         for author in r.get("authors", []):
             if author:
-                add("author", tombstone_hash(salt, author), [], reason, at)
+                add("author", tombstone_hash(salt, str(author)), [], reason, at)
         for instance, post_id in r.get("posts", []):
             # Kept exactly as recorded: the hash must match the instance as the posts table holds it.
             add("post", tombstone_hash(salt, str(instance), str(post_id)), list(r.get("images", [])), reason, at)

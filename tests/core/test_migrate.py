@@ -125,6 +125,7 @@ def old_root(local_storage: LocalStorage) -> tuple[LocalStorage, dict[str, int]]
 
 def test_migrate_converts_every_table_and_removes_the_old_files(old_root, capsys):
     storage, expected = old_root
+    storage.put_text("labels/_published.json", json.dumps({"run_id": "L1", "labels_sha256": "old"}))
     assert run_cli(storage.root) == 0
     out = capsys.readouterr().out
 
@@ -135,6 +136,7 @@ def test_migrate_converts_every_table_and_removes_the_old_files(old_root, capsys
     assert storage.exists("labels/run=L1/_summary.json")
     assert "posts       converted 2 partition(s)/file(s), 4 row(s)" in out
     assert "engagement  nothing to do" in out
+    assert "note: labels run L1 is published, but its validation vouched for the old file's bytes" in out
     assert "migrated 8 partition(s)/file(s), 24 row(s) into 7 Delta table(s)" in out
 
     # The rows themselves came through, a face's ten landmarks included.
@@ -181,6 +183,7 @@ def test_dry_run_lists_and_changes_nothing(old_root, capsys):
     assert f"  {DAYS[0]}: 3 row(s) from posts/dt={DAYS[0]}/data.parquet" in out
     assert "tombstones  would convert 1 partition(s)/file(s), 3 row(s)" in out
     assert "post_refs   would convert 1 partition(s)/file(s), 2 row(s)" in out
+    assert "  state/tombstones.json: 3 row(s)\n" in out
     assert "nothing changed" in out
 
 
@@ -261,6 +264,14 @@ def test_tombstones_merge_with_those_already_in_the_table(old_root):
     row = rows[tombstone_hash(salt, INSTANCE, "999")]
     assert sorted(row["images"]) == [SHA[2], SHA[3]] and row["reason"] == "request"
     assert len(rows) == 3
+
+
+def test_ill_formed_tombstones_are_bad_input(old_root, capsys):
+    storage, _ = old_root
+    storage.put_text(OLD_TOMBSTONES, json.dumps([{"posts": ["not a pair"]}]))
+    assert run_cli(storage.root) == 2
+    assert "[instance, post_id] pairs" in capsys.readouterr().err
+    assert storage.exists(OLD_TOMBSTONES) and storage.exists(old_key("posts", DAYS[0]))  # nothing converted
 
 
 def test_a_file_of_another_shape_is_bad_input(old_root, capsys):

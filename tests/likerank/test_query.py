@@ -43,3 +43,29 @@ def test_cli_writes_csv(tmp_path):
                "--output", str(out)])
     assert rc == 0
     assert out.read_text().splitlines() == ['"label","n"', "0,2", "1,2"]
+
+
+def test_a_view_reads_the_current_version_never_a_replaced_file(storage: Storage):
+    """A raw Parquet glob also sees files a rewrite replaced (until vacuumed); the views do not."""
+    write_partition(storage, "labels", "r1", _labels("r1", 4))
+    write_partition(storage, "labels", "r1", _labels("r1", 3))  # the run rebuilt: its first file is replaced
+    assert len([k for k in storage.list("labels/run=r1/") if k.endswith(".parquet")]) == 2
+    assert run_query(storage, "select count(*) as n from labels_all").column("n").to_pylist() == [3]
+
+
+def test_predictions_is_a_view_of_every_model_runs_predictions(storage: Storage):
+    import io
+
+    import pyarrow.parquet as pq
+
+    from pipeline.core.schemas import conform
+
+    assert run_query(storage, "select count(*) as n from predictions").column("n").to_pylist() == [0]
+    for run, n in (("m1", 2), ("m2", 3)):
+        buf = io.BytesIO()
+        pq.write_table(conform("predictions", pa.table({
+            "post_id": [f"p{i}" for i in range(n)], "split": ["test"] * n, "prob": [0.5] * n, "pred_score": [0.5] * n,
+            "label": [1] * n, "weight": [1.0] * n})), buf)
+        storage.put_bytes(keys.model_predictions(run), buf.getvalue())
+    by_run = run_query(storage, "select model_run, count(*) as n from predictions group by 1 order by 1")
+    assert by_run.to_pylist() == [{"model_run": "m1", "n": 2}, {"model_run": "m2", "n": 3}]
