@@ -54,7 +54,8 @@ def format_table(result: TableResult, verb: str, *, details: bool) -> str:
         return f"{result.table:<11} nothing to do"
     lines = [f"{result.table:<11} {verb} {len(result.files)} partition(s)/file(s), {result.rows} row(s)"]
     if details:
-        lines += [f"  {f.part}: {f.rows} row(s)" + (f" from {f.key}" if f.key != f.part else "") for f in result.files]
+        lines += [f"  {f.where}: {f.rows} row(s)" + (f" from {f.key}" if f.key != f.where else "")
+                  for f in result.files]
     lines += [f"  note: {note}" for note in result.notes]
     return "\n".join(lines)
 

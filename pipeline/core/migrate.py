@@ -89,6 +89,12 @@ class OldFile:
     part: str  # what it is within the table: a partition value, or platform/host/dt=day for refs
     rows: int  # rows it holds (tombstones: rows it will make)
 
+    @property
+    def where(self) -> str:
+        """The file's place in its table, for people: ``dt=2026-11-02``, ``bluesky/host/dt=…``."""
+        t = spec(self.table)
+        return f"{t.partition}={self.part}" if t.partition else self.part
+
 
 @dataclass
 class TableResult:
@@ -190,13 +196,14 @@ def _open_parquet(storage: Storage, key: str) -> pq.ParquetFile:
 
 def _parquet_rows(storage: Storage, key: str) -> int:
     """Rows of an old Parquet file, from its footer."""
-    return _open_parquet(storage, key).metadata.num_rows
+    with _open_parquet(storage, key) as source:
+        return source.metadata.num_rows
 
 
 def _row_groups(storage: Storage, key: str) -> Iterator[pa.Table]:
-    source = _open_parquet(storage, key)
-    for i in range(source.num_row_groups):
-        yield source.read_row_group(i)
+    with _open_parquet(storage, key) as source:
+        for i in range(source.num_row_groups):
+            yield source.read_row_group(i)
 
 
 def _conformed_pieces(storage: Storage, old: OldFile) -> Callable[[], Iterator[pa.Table]]:
@@ -228,7 +235,10 @@ def _check_count(table: str, where: str, old_rows: int, found: int) -> None:
 def convert_partition(storage: Storage, old: OldFile) -> None:
     """Write one old partition file into its Delta table, check the count, then delete the file."""
     t = spec(old.table)
-    write_partition(storage, old.table, old.part, _conformed_pieces(storage, old))
+    try:
+        write_partition(storage, old.table, old.part, _conformed_pieces(storage, old))
+    except ValueError as exc:  # a partition value Delta's predicate cannot carry (a quote)
+        raise BadInput(f"{storage.uri(old.key)}: {exc}") from None
     found = read_table(storage, old.table, partitions=[old.part], columns=[t.partition]).num_rows
     _check_count(old.table, f"partition {t.partition}={old.part}", old.rows, found)
     storage.delete(old.key)

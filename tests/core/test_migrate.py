@@ -180,7 +180,7 @@ def test_dry_run_lists_and_changes_nothing(old_root, capsys):
     out = capsys.readouterr().out
     assert {k: storage.get_bytes(k) for k in storage.list()} == before
     assert "posts       would convert 2 partition(s)/file(s), 4 row(s)" in out
-    assert f"  {DAYS[0]}: 3 row(s) from posts/dt={DAYS[0]}/data.parquet" in out
+    assert f"  dt={DAYS[0]}: 3 row(s) from posts/dt={DAYS[0]}/data.parquet" in out
     assert "tombstones  would convert 1 partition(s)/file(s), 3 row(s)" in out
     assert "post_refs   would convert 1 partition(s)/file(s), 2 row(s)" in out
     assert "  state/tombstones.json: 3 row(s)\n" in out
