@@ -343,7 +343,7 @@ class Crawl:
                  day: str, *, limit: int, now: Callable[[], datetime], flush_every: int, progress: bool,
                  started: float, lease: crawl_lease.CrawlLease | None = None):
         self.cfg, self.storage, self.client, self.source = cfg, storage, client, source
-        self.lease = lease  # this timeline's crawl lease, renewed at each flush
+        self.lease = lease  # this timeline's crawl lease (its heartbeat renews it)
         self.hashtag, self.day, self.flush_every, self.started = hashtag, day, flush_every, started
         self.platform = source.kind
         self.instance = source.instance
@@ -489,8 +489,6 @@ class Crawl:
         # After the data: state never covers unwritten rows; and no interval ends on a forgotten id.
         state = {**self.buffered_state, "intervals": without_ids(self.buffered_state["intervals"], self.forgotten_ids)}
         put_json(self.storage, self.state_key, state)
-        if self.lease is not None:
-            self.lease.renew()
         self.unflushed = 0
 
     def close(self) -> None:

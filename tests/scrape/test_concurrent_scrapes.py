@@ -66,7 +66,7 @@ def test_three_scrapes_and_a_forget_at_once_lose_nothing_and_leave_no_trace(two_
         time.sleep(0.2)  # the forget starts once the first posts are committed
     forget = likerank(root, "forget", "--post", sim.url, victim)
     results = [p.communicate(timeout=600) + (p.returncode,) for p in [*scrapes, forget]]
-    for out, err, rc in results:
+    for _out, err, rc in results:
         assert rc == 0, err[-2000:]
 
     posts = rows(root, "posts")
