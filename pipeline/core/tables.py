@@ -29,7 +29,9 @@ import hashlib
 import json
 import logging
 import os
+import random
 import sys
+import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -117,29 +119,69 @@ def _commit_properties(operation: str, table: str):
     return CommitProperties(custom_metadata=commit_metadata(operation, table), max_commit_retries=5)
 
 
-def _with_retries(table: str, what: str, attempt) -> Any:
-    """Run ``attempt()`` until it commits; retry commit conflicts with backoff and jitter."""
-    from deltalake.exceptions import CommitFailedError
-    from tenacity import (
-        RetryError,
-        Retrying,
-        retry_if_exception_type,
-        stop_after_attempt,
-        wait_random_exponential,
+#: Tries of one read, or of one write that failed on the network (a dropped connection, a 5xx,
+#: a body cut short), before the error is raised: object_store retries requests, not bodies.
+STORAGE_ATTEMPTS = 6
+
+
+def _transient(exc: BaseException) -> bool:
+    """A storage error worth another try: the network or the store, not the data or the table."""
+    from deltalake.exceptions import (
+        CommitFailedError,
+        DeltaError,
+        DeltaProtocolError,
+        SchemaMismatchError,
     )
 
-    retrying = Retrying(stop=stop_after_attempt(COMMIT_ATTEMPTS),
-                        wait=wait_random_exponential(multiplier=BACKOFF_BASE_S, max=BACKOFF_MAX_S),
-                        retry=retry_if_exception_type(CommitFailedError), reraise=False)
-    try:
-        for tried in retrying:
-            with tried:
-                return attempt()
-    except RetryError as exc:
-        last = exc.last_attempt.exception()
-        raise TableConflict(f"table {table}: {what} conflicted with concurrent writers {COMMIT_ATTEMPTS} times "
-                            f"in a row; last: {last}") from last
-    return None  # unreachable: the loop returns or raises
+    if isinstance(exc, (CommitFailedError, DeltaProtocolError, SchemaMismatchError, FileNotFoundError)):
+        return False
+    text = str(exc)
+    return isinstance(exc, (OSError, DeltaError)) and any(
+        s in text for s in ("object store", "S3 error", "body error", "connection", "Connection", "timed out",
+                            "HTTP error", "IO error", "Io error"))
+
+
+def _with_retries(table: str, what: str, attempt) -> Any:
+    """Run ``attempt()`` until it commits. Commit conflicts are retried with backoff and jitter,
+    up to :data:`COMMIT_ATTEMPTS`; a transient storage error, up to :data:`STORAGE_ATTEMPTS`
+    (every write here is idempotent, so one that reached the store before the error is harmless
+    to repeat)."""
+    from deltalake.exceptions import CommitFailedError
+
+    conflicts = failures = 0
+    while True:
+        try:
+            return attempt()
+        except CommitFailedError as exc:
+            conflicts += 1
+            if conflicts >= COMMIT_ATTEMPTS:
+                raise TableConflict(f"table {table}: {what} conflicted with concurrent writers {COMMIT_ATTEMPTS} "
+                                    f"times in a row; last: {exc}") from exc
+            time.sleep(_backoff_s(conflicts))
+        except Exception as exc:
+            failures += 1
+            if not _transient(exc) or failures >= STORAGE_ATTEMPTS:
+                raise
+            log.warning("table %s: %s met a storage error, trying again: %s", table, what, str(exc)[:200])
+            time.sleep(_backoff_s(failures))
+
+
+def _backoff_s(tries: int) -> float:
+    """Full jitter: uniform in [0, min(cap, base * 2**tries)] seconds."""
+    return random.uniform(0, min(BACKOFF_MAX_S, BACKOFF_BASE_S * 2 ** tries))
+
+
+def _read_with_retries(table: str, read) -> Any:
+    """A read that met a transient storage error is tried again (reads are always safe to repeat)."""
+    for tries in range(1, STORAGE_ATTEMPTS + 1):
+        try:
+            return read()
+        except Exception as exc:
+            if not _transient(exc) or tries == STORAGE_ATTEMPTS:
+                raise
+            log.warning("table %s: a read met a storage error, trying again: %s", table, str(exc)[:200])
+            time.sleep(_backoff_s(tries))
+    return None  # unreachable
 
 
 def open_table(storage: Storage, table: str, version: int | None = None):
@@ -149,7 +191,7 @@ def open_table(storage: Storage, table: str, version: int | None = None):
 
     uri, options = location(storage, table)
     try:
-        return DeltaTable(uri, version=version, storage_options=options)
+        return _read_with_retries(table, lambda: DeltaTable(uri, version=version, storage_options=options))
     except TableNotFoundError:
         if version is not None:
             raise
@@ -335,7 +377,8 @@ def read_table(storage: Storage, table: str, partitions: list[str] | None = None
                columns: list[str] | None = None, filter: Any = None, version: int | None = None) -> pa.Table:
     """Rows of the table (or of some partitions, some columns, matching ``filter``), in the
     types of its schema."""
-    data = dataset(storage, table, partitions, version).to_table(columns=columns, filter=filter)
+    data = _read_with_retries(table, lambda: dataset(storage, table, partitions, version).to_table(
+        columns=columns, filter=filter))
     return _declared_types(table, data)
 
 

@@ -47,7 +47,8 @@ def test_dags_import_without_errors(dagbag):
 
 
 def test_the_chain_is_all_there(dagbag):
-    assert set(dagbag.dags) == {"scrape", "refresh_engagement", "detect_faces", "build_labels", "retrain", "forget"}
+    assert set(dagbag.dags) == {"scrape", "refresh_engagement", "detect_faces", "build_labels", "retrain", "forget",
+                                "maintain_tables"}
 
 
 def test_tasks_that_talk_to_the_network_have_an_execution_timeout(dagbag):
