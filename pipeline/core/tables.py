@@ -38,6 +38,7 @@ from typing import Any
 
 import pyarrow as pa
 import pyarrow.dataset as ds
+import pyarrow.fs as pafs
 
 from pipeline.core import keys
 from pipeline.core.schemas import INTERNAL_TABLES, PREDICTIONS, TABLES, Table, conform
@@ -358,6 +359,22 @@ def list_partitions(storage: Storage, table: str) -> list[str]:
     return sorted({p[t.partition] for p in dt.partitions()})
 
 
+def _dataset_filesystem(storage: Storage, table: str) -> pafs.FileSystem:
+    """The table's folder on a native pyarrow filesystem, for :func:`dataset` to read through.
+
+    Not deltalake's default, a Python filesystem (``PyFileSystem`` over its Rust store): with
+    it, Arrow's reader threads call into Python for every read, and a read still in flight
+    when the interpreter finalizes (left by a LIMIT query, a ``head()``, a reader not drained)
+    asks for the GIL on a thread CPython no longer lets run. The process then aborts
+    ("terminate called without an active exception"), segfaults or hangs in Arrow's
+    thread-pool shutdown after its work is done, and Airflow marks its task failed. A native
+    filesystem keeps Python off Arrow's threads. The log's file paths are relative to the
+    table's folder, as a subtree filesystem rooted there expects.
+    """
+    fs, base = storage.arrow_fs()
+    return pafs.SubTreeFileSystem(f"{base.rstrip('/')}/{spec(table).path}", fs)
+
+
 def dataset(storage: Storage, table: str, partitions: list[str] | None = None,
             version: int | None = None) -> ds.Dataset:
     """A pyarrow dataset over the table's current (or ``version``'s) files, partition column
@@ -370,7 +387,7 @@ def dataset(storage: Storage, table: str, partitions: list[str] | None = None,
     filters = [(t.partition, "in", list(partitions))] if partitions is not None and t.partition else None
     if partitions is not None and not partitions:
         return ds.dataset(delta_schema(table).empty_table())
-    return dt.to_pyarrow_dataset(file_pruning_predicate=filters)
+    return dt.to_pyarrow_dataset(file_pruning_predicate=filters, filesystem=_dataset_filesystem(storage, table))
 
 
 def read_table(storage: Storage, table: str, partitions: list[str] | None = None,
