@@ -394,9 +394,29 @@ def read_table(storage: Storage, table: str, partitions: list[str] | None = None
                columns: list[str] | None = None, filter: Any = None, version: int | None = None) -> pa.Table:
     """Rows of the table (or of some partitions, some columns, matching ``filter``), in the
     types of its schema."""
-    data = _read_with_retries(table, lambda: dataset(storage, table, partitions, version).to_table(
-        columns=columns, filter=filter))
-    return _declared_types(table, data)
+    if filter is None:
+        data = _read_with_retries(table, lambda: dataset(storage, table, partitions, version).to_table(columns=columns))
+        return _declared_types(table, data)
+    return _read_with_retries(table, lambda: _read_filtered(dataset(storage, table, partitions, version),
+                                                            table, columns, filter))
+
+
+def _read_filtered(data: ds.Dataset, table: str, columns: list[str] | None, filter: Any) -> pa.Table:
+    """Rows matching ``filter``, filtered batch by batch after the read rather than pushed down.
+
+    A file that delta-rs's MERGE wrote keeps DataFusion's ``string_view`` as its Arrow type,
+    while the table's schema says ``string``; pyarrow evaluates a pushed-down filter against
+    each file's own types and has no kernel comparing the two. Reading each batch in the
+    table's types first, then filtering, holds one batch plus the matches in memory.
+    """
+    pieces = []
+    for batch in data.to_batches():
+        rows = _declared_types(table, pa.Table.from_batches([batch])).filter(filter)
+        pieces.append(rows.select(columns) if columns is not None else rows)
+    if not pieces:
+        empty = _declared_types(table, data.schema.empty_table())
+        return empty.select(columns) if columns is not None else empty
+    return pa.concat_tables(pieces)
 
 
 def _declared_types(table: str, data: pa.Table) -> pa.Table:

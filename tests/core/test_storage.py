@@ -8,11 +8,12 @@ import signal
 import time
 
 import pyarrow as pa
+import pyarrow.compute as pc
 import pytest
 
 from pipeline.core.schemas import SchemaError
 from pipeline.core.storage import ImageStore, S3Storage, Storage, StorageError
-from pipeline.core.tables import list_partitions, read_table, write_partition
+from pipeline.core.tables import list_partitions, merge_rows, read_table, write_partition
 
 
 def test_bytes_roundtrip_list_delete(storage: Storage):
@@ -61,6 +62,17 @@ def test_partition_write_is_idempotent_and_read_back(storage: Storage):
     assert t.num_rows == 6
     assert sorted(t.column("dt").to_pylist()) == ["2026-11-01"] * 4 + ["2026-11-02"] * 2
     assert read_table(storage, "faces", partitions=["2026-11-02"]).num_rows == 2
+
+
+def test_filtered_reads_work_on_rows_that_a_merge_wrote(storage: Storage):
+    """MERGE writes string columns as ``string_view``; a filter on them must still read."""
+    write_partition(storage, "faces", "2026-11-01", _faces(2, status="decode_error"))
+    merge_rows(storage, "faces", _faces(3), partition_value="2026-11-01")  # a rerun: one new, two updated
+    ok = read_table(storage, "faces", columns=["sha256"], filter=pc.field("status") == "ok")
+    assert ok.column_names == ["sha256"]
+    assert sorted(ok["sha256"].to_pylist()) == [f"{i:064x}" for i in range(3)]
+    assert read_table(storage, "faces", filter=pc.field("sha256").isin([f"{1:064x}"])).num_rows == 1
+    assert read_table(storage, "faces", filter=pc.field("status") == "none").num_rows == 0
 
 
 def test_writer_rejects_wrong_types_naming_table_and_column(storage: Storage):
