@@ -23,6 +23,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from pipeline.core.config import load_config  # noqa: E402
+from pipeline.core.pseudonym import register_simulator  # noqa: E402
 from pipeline.core.storage import LocalStorage  # noqa: E402
 from pipeline.core.tables import list_partitions, read_table  # noqa: E402
 from pipeline.scrape.scrape import scrape  # noqa: E402
@@ -40,6 +41,7 @@ def eligible(sim) -> set[str]:
 
 def run_case(case: Case, posts: int, root: Path) -> dict:
     sim = start_server(seed=7, posts=posts)
+    register_simulator(sim.url)  # started here: the development key may hash its accounts
     try:
         cfg = load_config(overrides=[f"storage.root={root}"])
         cfg.scrape.allow_hosts = ["127.0.0.1", "localhost"]

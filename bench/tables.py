@@ -478,7 +478,10 @@ def scrape_cmd(root: Path, url: str, tag: str) -> list[str]:
 
 
 def scrape_run(root: Path, url: str, parallel: bool) -> float:
+    from pipeline.core.pseudonym import register_simulator
+
     env = {k: v for k, v in os.environ.items() if not k.startswith("LIKERANK_")}
+    register_simulator(url, env)  # started by this bench: the development key may hash its accounts
 
     def start(tag: str) -> subprocess.Popen:
         return subprocess.Popen(scrape_cmd(root, url, tag), cwd=REPO, env=env, stdout=subprocess.PIPE,

@@ -48,6 +48,7 @@ from pathlib import Path
 import requests
 
 from pipeline.core.config import Config, load_config
+from pipeline.core.pseudonym import register_simulator
 
 REPO = Path(__file__).resolve().parents[1]
 #: ``make airflow``'s Airflow home and storage root: apart from ``make run``'s (``.airflow``,
@@ -200,6 +201,8 @@ def simulator_env(env: dict[str, str], sim_url: str, truth: Path) -> None:
     """Point the DAGs at the simulator (``setdefault``: what the caller set wins)."""
     env["LIKERANK_SOURCE__INSTANCE_URL"] = sim_url
     env["LIKERANK_SOURCE__BLUESKY_URL"] = sim_url  # the simulator serves Bluesky's XRPC too
+    # Only a simulator started here may be pseudonymized with the public development key.
+    register_simulator(sim_url, env)
     # The simulator lives on loopback; the SSRF guard refuses it unless allow-listed.
     env.setdefault("LIKERANK_SCRAPE__ALLOW_HOSTS", "127.0.0.1")
     # Our own loopback server: no need for the polite defaults meant for real instances.

@@ -99,11 +99,21 @@ class Tombstones:
         return bool(self.author_hashes or self.post_hashes)
 
 
-def salt_for(cfg: Config) -> str:
-    """The tombstone salt of this deployment (a real source refuses to run without its key)."""
-    from pipeline.core.pseudonym import tombstone_salt
+def salt_for(cfg: Config, targets: Iterable[str] | None = None) -> str:
+    """The tombstone salt of this deployment.
 
-    return tombstone_salt(cfg.source.author_key_secret_env, required=cfg.source.kind != "simulator")
+    A run against servers (``targets``: scrape, refresh) refuses without the real key unless
+    every one is a simulator this process tree started (:func:`~pipeline.core.pseudonym.key_required`).
+    Steps that talk to no server (labeling, migration) only look tombstones up, so the
+    configured ``source.kind`` decides for them.
+    """
+    from pipeline.core.pseudonym import key_required, tombstone_salt
+
+    if targets is None:
+        return tombstone_salt(cfg.source.author_key_secret_env, required=cfg.source.kind != "simulator")
+    targets = list(targets)
+    return tombstone_salt(cfg.source.author_key_secret_env, required=key_required(targets),
+                          target=f"the accounts of {', '.join(targets) or 'no server'}")
 
 
 def load_tombstones(storage: Storage, salt: str) -> Tombstones:

@@ -113,7 +113,7 @@ def refresh_engagement(cfg: Config, logical_date: str | date | datetime, *, inst
     engagement = (read_table(storage, "engagement", columns=["instance", "post_id", "age_days"])
                   if list_partitions(storage, "engagement") else pa.table({"instance": [], "post_id": [], "age_days": []}))
 
-    salt = salt_for(cfg)
+    salt = salt_for(cfg, sorted(set(posts["instance"].to_pylist())))
     client = HttpClient(cfg.scrape)
     sources: dict[Service, Source] = {}
     service_now: dict[Service, datetime] = {}

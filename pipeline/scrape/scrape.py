@@ -60,7 +60,7 @@ from pipeline.core.config import PLATFORMS, Config
 from pipeline.core.crawl_state import id_key, without_ids
 from pipeline.core.forget import load_tombstones, remove_tombstoned, salt_for
 from pipeline.core.post_refs import save_refs
-from pipeline.core.pseudonym import author_keyer
+from pipeline.core.pseudonym import author_keyer, is_started_simulator, key_required
 from pipeline.core.schemas import TABLES
 from pipeline.core.storage import Storage, open_storage
 from pipeline.core.tables import get_json, merge_rows, put_json
@@ -219,10 +219,11 @@ def resolve_token(cfg: Config, token: str | None = None) -> str | None:
 SIMULATOR_LOGIN = ("likerank-demo.bsky.sim", "simulator-app-password")
 
 
-def resolve_bluesky_login(cfg: Config, login: tuple[str, str] | None = None) -> tuple[str, str]:
+def resolve_bluesky_login(cfg: Config, service: str, login: tuple[str, str] | None = None) -> tuple[str, str]:
     """The Bluesky identifier and app password: given (the DAG reads them from an Airflow
     connection), else the environment (``source.bluesky_identifier_env`` and
-    ``source.bluesky_password_env``), else, for the simulator only, :data:`SIMULATOR_LOGIN`.
+    ``source.bluesky_password_env``), else, when ``service`` is a simulator this process tree
+    started, :data:`SIMULATOR_LOGIN`.
     Raises ValueError naming the variables (never a value) when none is found."""
     from pipeline.scrape.sources.bluesky import credentials_from_env
 
@@ -230,7 +231,7 @@ def resolve_bluesky_login(cfg: Config, login: tuple[str, str] | None = None) -> 
                                           cfg.source.bluesky_password_env)
     if found:
         return found
-    if cfg.source.kind == "simulator":
+    if is_started_simulator(service):
         return SIMULATOR_LOGIN
     raise ValueError(f"Bluesky needs a login: set ${cfg.source.bluesky_identifier_env} (handle or email) and "
                      f"${cfg.source.bluesky_password_env} (an app password: Settings → Privacy and security → "
@@ -241,14 +242,15 @@ def make_source(cfg: Config, platform: str, instance: str, client: HttpClient, *
                 token: str | None = None, login: tuple[str, str] | None = None,
                 refs: Mapping[str, str] | None = None) -> Source:
     """The :class:`Source` of ``platform`` at ``instance`` (a Mastodon instance, a Bluesky XRPC service)."""
-    author_key = author_keyer(cfg.source.author_key_secret_env, required=cfg.source.kind != "simulator")
+    author_key = author_keyer(cfg.source.author_key_secret_env, required=key_required([instance]),
+                              target=f"the accounts of {instance}")
     if platform == "mastodon":
         return MastodonSource(instance, client, author_key=author_key, token=resolve_token(cfg, token),
                               page_limit=cfg.scrape.page_limit, now=now)
     if platform == "bluesky":
         from pipeline.scrape.sources.bluesky import MAX_PAGE, BlueskySource
 
-        identifier, password = resolve_bluesky_login(cfg, login)
+        identifier, password = resolve_bluesky_login(cfg, instance, login)
         # scrape.page_limit is Mastodon's (at most 40); Bluesky's search pages hold up to 100.
         return BlueskySource(instance, client, author_key=author_key, identifier=identifier, app_password=password,
                              refs=refs, page_limit=MAX_PAGE, now=now)
@@ -354,7 +356,7 @@ class Crawl:
         self.coverage = Coverage(load_state(storage, self.instance, hashtag, self.platform),
                                  backfill=cfg.scrape.backfill_days > 0, horizon=horizon, limit=limit)
         self.buffer = DayBuffer(storage, day)
-        self.salt = salt_for(cfg)
+        self.salt = salt_for(cfg, [self.instance])
         self.tombstones = load_tombstones(storage, self.salt)
         self.forgotten_ids: set[str] = set()  # read but forgotten: no state interval may end on one
         self.downloader = Downloader(cfg.scrape, storage, client, source=source.kind, now=now)

@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 from deltalake import DeltaTable
 
+from pipeline.core.pseudonym import SIMULATOR_URLS_ENV
 from pipeline.core.storage import LocalStorage
 from pipeline.core.tables import location, version
 
@@ -41,7 +42,7 @@ def eligible(world, tag: str) -> set[str]:
 
 
 def likerank(root: Path, *args: str) -> subprocess.Popen:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("LIKERANK_")}
+    env = {k: v for k, v in os.environ.items() if not k.startswith("LIKERANK_") or k == SIMULATOR_URLS_ENV}
     settings = ["storage.root=" + str(root), "scrape.allow_hosts=127.0.0.1", "scrape.backfill_days=100000",
                 "scrape.per_host_rps=1000", "scrape.per_host_concurrency=8"]
     return subprocess.Popen([sys.executable, "-m", "likerank.cli.main", *[a for s in settings for a in ("--set", s)],

@@ -14,6 +14,7 @@ import pytest
 
 from pipeline.core.forget import forget, salt_for
 from pipeline.core.post_refs import load_refs
+from pipeline.core.pseudonym import SIMULATOR_URLS_ENV
 from pipeline.core.storage import LocalStorage
 from pipeline.core.tables import list_partitions, read_table
 from pipeline.scrape.refresh import refresh_engagement
@@ -147,7 +148,7 @@ def test_refresh_rereads_bluesky_posts_by_their_uris_and_forget_removes_the_uris
 
 def test_cli_scrape_source_bluesky_never_shows_or_stores_the_password(scfg, sim, tmp_path):
     password = "sim-app-password-7f3a"
-    env = {k: v for k, v in os.environ.items() if not k.startswith("LIKERANK_")}
+    env = {k: v for k, v in os.environ.items() if not k.startswith("LIKERANK_") or k == SIMULATOR_URLS_ENV}
     env.update({"LIKERANK_STORAGE__ROOT": str(tmp_path / "cli"), "LIKERANK_SCRAPE__ALLOW_HOSTS": "127.0.0.1",
                 "LIKERANK_SCRAPE__PER_HOST_RPS": "1000", "LIKERANK_SCRAPE__BACKFILL_DAYS": "100000",
                 "LIKERANK_BLUESKY_IDENTIFIER": "tester.bsky.sim", "LIKERANK_BLUESKY_APP_PASSWORD": password})
@@ -165,7 +166,7 @@ def test_cli_scrape_source_bluesky_never_shows_or_stores_the_password(scfg, sim,
 
 
 def test_cli_scrape_bluesky_without_a_login_says_which_variables(tmp_path):
-    env = {k: v for k, v in os.environ.items() if not k.startswith("LIKERANK_")}
+    env = {k: v for k, v in os.environ.items() if not k.startswith("LIKERANK_") or k == SIMULATOR_URLS_ENV}
     env.update({"LIKERANK_STORAGE__ROOT": str(tmp_path / "cli"), "LIKERANK_SOURCE__KIND": "live",
                 "LIKERANK_SOURCE__INSTANCE_URL": "https://mastodon.example", "LIKERANK_AUTHOR_KEY": "k" * 32})
     res = subprocess.run([sys.executable, "-m", "likerank.cli.main", "scrape", "--source", "bluesky", "--tag", TAG],

@@ -7,11 +7,22 @@ import copy
 import hashlib
 import hmac
 import logging
+import os
+import subprocess
+import sys
 from datetime import UTC, datetime
+from pathlib import Path
 
 import pytest
 
-from pipeline.core.pseudonym import DEV_AUTHOR_KEY, MissingAuthorKey, author_keyer
+from pipeline.core.pseudonym import (
+    DEV_AUTHOR_KEY,
+    SIMULATOR_URLS_ENV,
+    MissingAuthorKey,
+    author_keyer,
+    key_required,
+    register_simulator,
+)
 from pipeline.scrape.http import HttpClient
 from pipeline.scrape.sources.base import SourceError
 from pipeline.scrape.sources.mastodon import MastodonSource, normalize_status
@@ -158,6 +169,34 @@ def test_dev_author_key_only_for_the_simulator(caplog):
 def test_a_real_source_refuses_to_run_without_a_pseudonym_key():
     with pytest.raises(MissingAuthorKey, match=r"\$LIKERANK_UNSET_FOR_TEST is unset.*export LIKERANK_UNSET_FOR_TEST="):
         author_keyer("LIKERANK_UNSET_FOR_TEST", env={})
+
+
+def test_the_development_key_is_decided_by_the_target_not_by_source_kind():
+    env: dict[str, str] = {}
+    register_simulator("http://127.0.0.1:8765/", env)
+    assert not key_required(["http://127.0.0.1:8765"], env)  # the simulator this process started
+    assert key_required(["http://127.0.0.1:8766"], env)  # another loopback server: not ours
+    assert key_required(["https://mastodon.social"], env)
+    assert key_required(["http://127.0.0.1:8765", "https://mastodon.social"], env)
+    assert key_required([], env)
+    register_simulator("https://mastodon.social", env)  # a registration cannot vouch for a real host
+    assert key_required(["https://mastodon.social"], env)
+
+
+def test_scraping_a_real_server_with_the_default_config_refuses_without_a_key(fake_mastodon, tmp_path):
+    """The default config says ``source.kind = "simulator"``; the target decides."""
+    fake_mastodon.statuses = [make_status(1, fake_mastodon.url)]
+    env = {k: v for k, v in os.environ.items() if not k.startswith("LIKERANK_")}
+    env[SIMULATOR_URLS_ENV] = "http://127.0.0.1:1"  # some other simulator was started, not this one
+    res = subprocess.run([sys.executable, "-m", "likerank.cli.main", "--set", f"storage.root={tmp_path}",
+                          "--set", "scrape.allow_hosts=127.0.0.1", "scrape", "--instance", fake_mastodon.url,
+                          "--tag", "selfie"], env=env, cwd=Path(__file__).parents[2], capture_output=True,
+                         text=True, timeout=120)
+    assert res.returncode != 0
+    assert f"the accounts of {fake_mastodon.url}" in res.stderr
+    assert "export LIKERANK_AUTHOR_KEY=" in res.stderr
+    assert fake_mastodon.page_requests == 0  # refused before reading anything
+    assert not list(tmp_path.glob("posts/**/*.parquet"))
 
 
 # ------------------------------------------------------------------ paging over loopback
