@@ -293,6 +293,19 @@ AIRFLOW_SERVICES = {
 }
 
 
+def test_the_containers_run_as_an_unprivileged_user(services, helm):
+    """They decode untrusted images with storage keys in their environment: not as root."""
+    users = re.findall(r"^USER (\S+)$", DOCKERFILE.read_text(), flags=re.M)
+    assert users and users[-1].split(":")[0] not in ("0", "root"), users
+    uid = users[-1].split(":")[0]
+    for name, service in services.items():
+        if "build" in service:
+            assert str(service.get("user", "")).split(":")[0] == uid, name
+        for volume in service.get("volumes", []):
+            assert ":/root" not in str(volume), (name, volume)  # the user's home is not /root
+    assert str(helm["uid"]) == uid and helm["uid"] != 0
+
+
 def test_compose_has_a_celery_deployment(services, workers):
     assert {"postgres", "redis", "seaweedfs", "storage-init"} <= set(services)
     for name, command in AIRFLOW_SERVICES.items():
