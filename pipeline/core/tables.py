@@ -143,10 +143,10 @@ def _transient(exc: BaseException) -> bool:
 
 
 def _with_retries(table: str, what: str, attempt) -> Any:
-    """Run ``attempt()`` until it commits. Commit conflicts are retried with backoff and jitter,
-    up to :data:`COMMIT_ATTEMPTS`; a transient storage error, up to :data:`STORAGE_ATTEMPTS`
-    (every write here is idempotent, so one that reached the store before the error is harmless
-    to repeat)."""
+    """Run ``attempt()`` (a read, or a write until it commits). Commit conflicts are retried
+    with backoff and jitter, up to :data:`COMMIT_ATTEMPTS`; a transient storage error, up to
+    :data:`STORAGE_ATTEMPTS` (reads are always safe to repeat, and every write here is
+    idempotent, so one that reached the store before the error is harmless to repeat)."""
     from deltalake.exceptions import CommitFailedError
 
     conflicts = failures = 0
@@ -172,19 +172,6 @@ def _backoff_s(tries: int) -> float:
     return random.uniform(0, min(BACKOFF_MAX_S, BACKOFF_BASE_S * 2 ** tries))
 
 
-def _read_with_retries(table: str, read) -> Any:
-    """A read that met a transient storage error is tried again (reads are always safe to repeat)."""
-    for tries in range(1, STORAGE_ATTEMPTS + 1):
-        try:
-            return read()
-        except Exception as exc:
-            if not _transient(exc) or tries == STORAGE_ATTEMPTS:
-                raise
-            log.warning("table %s: a read met a storage error, trying again: %s", table, str(exc)[:200])
-            time.sleep(_backoff_s(tries))
-    return None  # unreachable
-
-
 def open_table(storage: Storage, table: str, version: int | None = None):
     """The table's :class:`deltalake.DeltaTable` (at ``version``), or None if it has no commit yet."""
     from deltalake import DeltaTable
@@ -192,7 +179,7 @@ def open_table(storage: Storage, table: str, version: int | None = None):
 
     uri, options = location(storage, table)
     try:
-        return _read_with_retries(table, lambda: DeltaTable(uri, version=version, storage_options=options))
+        return _with_retries(table, "a read", lambda: DeltaTable(uri, version=version, storage_options=options))
     except TableNotFoundError:
         if version is not None:
             raise
@@ -395,10 +382,10 @@ def read_table(storage: Storage, table: str, partitions: list[str] | None = None
     """Rows of the table (or of some partitions, some columns, matching ``filter``), in the
     types of its schema."""
     if filter is None:
-        data = _read_with_retries(table, lambda: dataset(storage, table, partitions, version).to_table(columns=columns))
+        data = _with_retries(table, "a read", lambda: dataset(storage, table, partitions, version).to_table(columns=columns))
         return _declared_types(table, data)
-    return _read_with_retries(table, lambda: _read_filtered(dataset(storage, table, partitions, version),
-                                                            table, columns, filter))
+    return _with_retries(table, "a read", lambda: _read_filtered(
+        dataset(storage, table, partitions, version), table, columns, filter))
 
 
 def _read_filtered(data: ds.Dataset, table: str, columns: list[str] | None, filter: Any) -> pa.Table:
