@@ -13,6 +13,7 @@ import logging
 import sys
 
 from pipeline.core.config import ConfigError, load_config
+from pipeline.core.storage import StorageError
 
 #: Modules that register commands, in the order ``--help`` lists them.
 COMMAND_MODULES = [
@@ -32,6 +33,16 @@ COMMAND_MODULES = [
 ]
 
 
+def installed_version() -> str:
+    """The installed distribution's version (pyproject.toml's ``version``)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("likerank")
+    except PackageNotFoundError:  # run from a checkout that was never installed
+        return "unknown (not installed)"
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="likerank",
@@ -41,6 +52,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.FIELD=VALUE",
                         help="override one config value (repeatable); wins over file and environment")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    parser.add_argument("--version", action="version", version=f"likerank {installed_version()}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
     for name in COMMAND_MODULES:
@@ -62,6 +74,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         return int(args.handler(args, cfg) or 0)
+    except StorageError as exc:  # already names the root or key and the problem: no traceback
+        print(f"likerank {args.command}: {exc}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("likerank: interrupted", file=sys.stderr)
         return 130

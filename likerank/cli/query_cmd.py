@@ -3,9 +3,16 @@
 from __future__ import annotations
 
 import argparse
+import json
+import os
 import sys
+from pathlib import Path
+from typing import TYPE_CHECKING
 
 from pipeline.core.config import Config
+
+if TYPE_CHECKING:
+    import pyarrow as pa
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -19,26 +26,53 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def query(args: argparse.Namespace, cfg: Config) -> int:
     import duckdb
-    import pyarrow.csv
-    import pyarrow.parquet as pq
 
     from pipeline.core.query import run_query
     from pipeline.core.storage import open_storage
 
+    if args.output and not args.output.endswith((".parquet", ".csv")):
+        print(f"likerank query: --output {args.output}: expected a .parquet or .csv file name", file=sys.stderr)
+        return 2
+    storage = open_storage(cfg.storage)
+    storage.check_root()  # a mistyped root would otherwise answer every query with 0 rows
     try:
-        result = run_query(open_storage(cfg.storage), args.sql)
+        result = run_query(storage, args.sql)
     except duckdb.Error as exc:
         print(f"likerank query: {exc}", file=sys.stderr)
         return 1
     if args.output:
-        if args.output.endswith(".parquet"):
-            pq.write_table(result, args.output)
-        elif args.output.endswith(".csv"):
-            pyarrow.csv.write_csv(result, args.output)
-        else:
-            print(f"likerank query: --output {args.output}: expected a .parquet or .csv file name", file=sys.stderr)
-            return 2
+        write_result(result, Path(args.output))
         print(f"{result.num_rows} row(s) -> {args.output}")
         return 0
     print(result.to_pandas().to_string(max_rows=args.max_rows, index=False))
     return 0
+
+
+def write_result(result: pa.Table, path: Path) -> None:
+    """``result`` as Parquet or CSV at ``path``, whole or not at all (written beside, then renamed).
+
+    CSV has no lists or structs (``tags``, ``image_urls``, a face's box): such a column is
+    written as JSON text, one value per cell, which DuckDB's and pandas' readers parse back.
+    """
+    import pyarrow.csv
+    import pyarrow.parquet as pq
+
+    tmp = path.with_name(f".{path.name}.tmp")
+    try:
+        if path.suffix == ".parquet":
+            pq.write_table(result, tmp)
+        else:
+            pyarrow.csv.write_csv(_flat_for_csv(result), tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def _flat_for_csv(result: pa.Table) -> pa.Table:
+    import pyarrow as pa
+
+    for i, fld in enumerate(result.schema):
+        if pa.types.is_nested(fld.type):
+            cells = [None if v is None else json.dumps(v, default=str) for v in result.column(i).to_pylist()]
+            result = result.set_column(i, pa.field(fld.name, pa.string()), pa.array(cells, pa.string()))
+    return result

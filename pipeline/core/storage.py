@@ -70,6 +70,12 @@ class Storage(ABC):
         """The URI of the Delta table at ``path`` under the root, and the ``storage_options``
         delta-rs needs to reach it."""
 
+    @abstractmethod
+    def check_root(self) -> None:
+        """Raise :class:`StorageError`, naming the root and the problem, when there is nothing
+        to read there: a folder that does not exist, a missing bucket, refused credentials.
+        For commands that only read, where an empty answer would hide a mistyped root."""
+
     def uri(self, key: str = "") -> str:
         return f"{self.root.rstrip('/')}/{key}" if key else self.root
 
@@ -195,6 +201,10 @@ class LocalStorage(Storage):
     def table_location(self, path: str) -> tuple[str, dict[str, str]]:
         return str(self.file_of(path)), {}
 
+    def check_root(self) -> None:
+        if not self.path.is_dir():
+            raise StorageError(f"storage root {self.root}: no such folder (check storage.root; a scrape creates it)")
+
 
 #: Attempts per S3 request (boto3 and pyarrow alike): transient errors are retried with backoff.
 S3_ATTEMPTS = 8
@@ -241,6 +251,19 @@ class S3Storage(Storage):
             aws_secret_access_key=self._keys[1],
             config=BotoConfig(retries={"max_attempts": S3_ATTEMPTS, "mode": "standard"}, s3={"addressing_style": "path"}),
         )
+
+    def check_root(self) -> None:
+        from botocore.exceptions import ClientError
+
+        try:
+            self.client.head_bucket(Bucket=self.bucket)
+        except ClientError as exc:
+            if exc.response.get("Error", {}).get("Code", "") in ("404", "NoSuchBucket"):
+                raise StorageError(f"storage root {self.root}: bucket {self.bucket!r} does not exist at "
+                                   f"{self.endpoint_url or 'AWS'} (check storage.root)") from None
+            raise self._error(exc, "") from None
+        except Exception as exc:  # noqa: BLE001 - translated into a StorageError naming the root
+            raise self._error(exc, "") from None
 
     def object_key(self, key: str) -> str:
         """The S3 object key of a storage key: under the root's prefix."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pyarrow as pa
+import pytest
 
 from pipeline.core import keys
 from pipeline.core.query import run_query
@@ -69,3 +70,74 @@ def test_predictions_is_a_view_of_every_model_runs_predictions(storage: Storage)
         storage.put_bytes(keys.model_predictions(run), buf.getvalue())
     by_run = run_query(storage, "select model_run, count(*) as n from predictions group by 1 order by 1")
     assert by_run.to_pylist() == [{"model_run": "m1", "n": 2}, {"model_run": "m2", "n": 3}]
+
+
+def test_cli_writes_list_columns_to_csv_as_json(tmp_path):
+    import csv
+    import json
+
+    from likerank.cli.main import main
+    from pipeline.core.storage import LocalStorage
+
+    root = tmp_path / "data"
+    write_partition(LocalStorage(root), "labels", "r1", _labels("r1", 2))
+    out = tmp_path / "lists.csv"
+    rc = main(["--set", f"storage.root={root}", "query",
+               "select post_id, ['selfie', 'cat'] as tags, {'x': 1} as box from labels_all order by 1",
+               "--output", str(out)])
+    assert rc == 0
+    rows = list(csv.DictReader(out.open()))
+    assert [json.loads(r["tags"]) for r in rows] == [["selfie", "cat"]] * 2
+    assert json.loads(rows[0]["box"]) == {"x": 1}
+    assert not list(tmp_path.glob(".*.tmp"))
+
+
+def test_a_failed_csv_write_leaves_no_file(tmp_path, monkeypatch):
+    import pyarrow.csv
+
+    from likerank.cli.query_cmd import write_result
+
+    def broken(*args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(pyarrow.csv, "write_csv", broken)  # the one failure a real disk will not give on demand
+    out = tmp_path / "x.csv"
+    try:
+        write_result(pa.table({"a": [1]}), out)
+    except OSError:
+        pass
+    assert not out.exists() and not list(tmp_path.iterdir())
+
+
+def test_cli_names_a_root_that_does_not_exist(tmp_path, capsys):
+    from likerank.cli.main import main
+
+    rc = main(["--set", f"storage.root={tmp_path / 'missing'}", "query", "select count(*) from posts"])
+    assert rc == 1
+    assert f"{tmp_path / 'missing'}: no such folder" in capsys.readouterr().err
+
+
+@pytest.mark.s3
+def test_cli_names_a_missing_bucket_in_one_line(seaweed, capsys):
+    from likerank.cli.main import main
+
+    args = [f"storage.endpoint_url={seaweed['endpoint']}", f"storage.access_key_id={seaweed['key']}",
+            f"storage.secret_access_key={seaweed['secret']}", "storage.region=us-east-1",
+            "storage.root=s3://nobucket-here/x"]
+    rc = main([*[a for s in args for a in ("--set", s)], "query", "select count(*) from posts"])
+    err = capsys.readouterr().err
+    assert rc == 1
+    assert "bucket 'nobucket-here' does not exist" in err and "Traceback" not in err
+    assert len(err.strip().splitlines()) == 1
+
+
+def test_version(capsys):
+    from importlib.metadata import version
+
+    from likerank.cli.main import main
+
+    try:
+        main(["--version"])
+    except SystemExit as exc:
+        assert exc.code == 0
+    assert capsys.readouterr().out.strip() == f"likerank {version('likerank')}"
