@@ -19,8 +19,11 @@ import numpy as np
 
 from pipeline.faces.crop import MEAN, STD, face_crop_box
 
-#: Outputs of the exported ONNX graph, in order.
+#: Outputs of the exported ONNX graph, in order; a model trained with a score head
+#: (``training.score_head``) also has :data:`ONNX_SCORE_OUTPUT` after them.
 ONNX_OUTPUTS = ("label_logit", "features")
+#: The score head's logit (sigmoid: the predicted within-group rank score, 0..1).
+ONNX_SCORE_OUTPUT = "score_logit"
 
 
 class ModelUnavailable(RuntimeError):

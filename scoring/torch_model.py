@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 from pipeline.core.storage import Storage
-from scoring.model import ONNX_OUTPUTS, ModelSpec, ModelUnavailable, spec_path
+from scoring.model import ONNX_OUTPUTS, ONNX_SCORE_OUTPUT, ModelSpec, ModelUnavailable, spec_path
 from training import registry
 from training.model import build_model
 
@@ -25,7 +25,8 @@ class TorchModel:
     def __init__(self, spec: ModelSpec, state_dict: dict[str, Any]):
         self.spec = spec
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        net, _ = build_model(spec.backbone, "none", score_head=spec.score_head, norm=spec.norm)
+        # weights "": no initial weights and no log of a random initialization; the checkpoint follows.
+        net, _ = build_model(spec.backbone, "", score_head=spec.score_head, norm=spec.norm)
         net.load_state_dict(state_dict)
         self.net = net.eval().to(self.device)
 
@@ -59,16 +60,20 @@ def load_registry_model(storage: Storage, run_id: str | None = None) -> TorchMod
 
 
 def export_onnx(model: TorchModel, path: str | Path, opset: int = 17) -> Path:
-    """Write ``model`` as ONNX (dynamic batch axis; outputs :data:`ONNX_OUTPUTS`) and its
+    """Write ``model`` as ONNX (dynamic batch axis; outputs :data:`ONNX_OUTPUTS`, and
+    :data:`ONNX_SCORE_OUTPUT` when the model has a score head, as ``model.json`` says) and its
     :class:`ModelSpec` beside it as JSON; return the model's path."""
     class Exported(torch.nn.Module):
         def __init__(self, net: torch.nn.Module):
             super().__init__()
             self.net = net
 
-        def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
             features = self.net.backbone(x)
-            return self.net.label_head(features).squeeze(1), features
+            outputs = (self.net.label_head(features).squeeze(1), features)
+            if self.net.score_head is not None:
+                outputs += (self.net.score_head(features).squeeze(1),)
+            return outputs
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -76,9 +81,10 @@ def export_onnx(model: TorchModel, path: str | Path, opset: int = 17) -> Path:
     wrapper = Exported(model.net.to("cpu")).eval()
     tmp = path.with_name(f".tmp-{path.name}")
     # The TorchScript-based exporter: the dynamo one needs onnxscript, a dependency for this alone.
+    outputs = [*ONNX_OUTPUTS, *([ONNX_SCORE_OUTPUT] if model.net.score_head is not None else [])]
     torch.onnx.export(wrapper, (torch.zeros(1, 3, size, size),), str(tmp), dynamo=False, opset_version=opset,
-                      input_names=["image"], output_names=list(ONNX_OUTPUTS),
-                      dynamic_axes={"image": {0: "batch"}, "label_logit": {0: "batch"}, "features": {0: "batch"}})
+                      input_names=["image"], output_names=outputs,
+                      dynamic_axes={"image": {0: "batch"}, **{name: {0: "batch"} for name in outputs}})
     spec_path(path).write_text(json.dumps(asdict(model.spec), indent=2) + "\n")
     tmp.replace(path)
     model.net.to(model.device)

@@ -99,7 +99,8 @@ def build_model(backbone: str = "resnet18", weights: str = "imagenet", *, score_
     """The model and a record of how it was initialized: {"backbone", "norm", "weights", "weights_file"}.
 
     ``weights`` is 'imagenet', 'none' or a path to a state dict (a torchvision backbone's, or a
-    likerank checkpoint with a "model" entry). In the record, "weights" is what was actually
+    likerank checkpoint with a "model" entry); '' is 'none' for a caller that loads a checkpoint
+    next (scoring), so nothing logs a random initialization. In the record, "weights" is what was actually
     used ('none' when ImageNet weights were asked for but could not be had) and "weights_file"
     the file loaded.
     """

@@ -108,7 +108,9 @@ def decode_fitted(data: bytes, det_size: int, *, max_pixels: int = 40_000_000) -
             im = im.convert("RGB")
     except DecodeError:
         raise
-    except (UnidentifiedImageError, OSError, ValueError, SyntaxError, EOFError,
+    except UnidentifiedImageError:  # its text names Pillow's buffer object, which helps nobody
+        raise DecodeError(f"cannot decode image: not a known image format (starts {data[:8]!r})") from None
+    except (OSError, ValueError, SyntaxError, EOFError,
             Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
         reason = str(exc) or type(exc).__name__
         raise DecodeError(f"cannot decode image: {reason}") from None

@@ -253,8 +253,13 @@ class FaceDetector:
             self.infer_workers = max(1, (os.cpu_count() or 1) // cfg.threads)
         self.stats = _Stats()
         if CUDA in cfg.providers and self.provider != CUDA:
-            log.warning("face detector: %s was requested but %s runs (available: %s) - detection will be "
-                        "much slower", CUDA, self.provider, onnxruntime.get_available_providers())
+            # A warning only where the CUDA build is installed and still failed (a lost GPU, a
+            # driver mismatch); on a machine with the CPU build, CPU is simply what there is.
+            cuda_installed = CUDA in onnxruntime.get_available_providers()
+            log.log(logging.WARNING if cuda_installed else logging.INFO,
+                    "face detector: %s was requested but %s runs (available: %s)%s", CUDA, self.provider,
+                    onnxruntime.get_available_providers(),
+                    " - detection will be much slower" if cuda_installed else ": this onnxruntime is the CPU build")
         log.info("face detector %s (sha256 %s...) on %s, det_size %d (fallback %s), %s intra-op thread(s) x %d",
                  self.model_path.name, self.detector_id[:12], self.provider, self.det_size,
                  self.fallback_det_size or "off", cfg.threads or "default", self.infer_workers)

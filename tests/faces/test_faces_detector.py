@@ -238,14 +238,20 @@ def test_detector_reports_provider_and_id(face_detector, faces_model):
     assert face_detector.detector_id == file_sha256(faces_model) and len(face_detector.detector_id) == 64
 
 
-def test_cuda_requested_on_a_cpu_machine_warns(faces_model, caplog):
+def test_cuda_requested_on_a_cpu_machine_says_so(faces_model, caplog):
+    """A warning where the CUDA build is installed and still fell back (a lost GPU); with the
+    CPU build, CPU is what there is, and the line is information, not a warning on every call."""
+    import onnxruntime
+
     if cuda_device_present():
-        pytest.skip("CUDA is here; the fallback warning cannot happen")
+        pytest.skip("CUDA is here; the fallback cannot happen")
     cfg = load_config(overrides=[f"faces.model={faces_model}",
                                  "faces.providers=CUDAExecutionProvider,CPUExecutionProvider"])
-    with caplog.at_level("WARNING"):
+    with caplog.at_level("INFO"):
         assert FaceDetector(cfg.faces).provider == "CPUExecutionProvider"
-    assert "CUDAExecutionProvider was requested" in caplog.text
+    said = [r for r in caplog.records if "CUDAExecutionProvider was requested" in r.getMessage()]
+    cuda_build = "CUDAExecutionProvider" in onnxruntime.get_available_providers()
+    assert [r.levelname for r in said] == ["WARNING" if cuda_build else "INFO"]
 
 
 def test_not_a_detector_model_is_a_clear_error(tmp_path):

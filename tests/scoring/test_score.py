@@ -12,11 +12,12 @@ from pathlib import Path
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
+import torch
 from PIL import Image
 
 from pipeline.core.config import load_config
 from pipeline.core.storage import LocalStorage
-from scoring.model import OnnxModel, crop_batch
+from scoring.model import ONNX_OUTPUTS, ONNX_SCORE_OUTPUT, OnnxModel, crop_batch
 from scoring.score import score_inputs
 from scoring.torch_model import export_onnx, load_registry_model
 from tests.fixtures.scoring import FACE_PHOTOS, MODEL_RUN, NO_FACE_PHOTO
@@ -73,6 +74,14 @@ def test_onnx_export_agrees_with_torch_on_real_photos(cfg, model, tmp_path):
                        [np.array(torch_rows[2].face_box, dtype=np.float32)], model.spec)
     (t_logit, t_feat), (o_logit, o_feat) = model.run(batch), onnx_model.run(batch)
     assert np.allclose(t_logit, o_logit, atol=1e-4) and np.allclose(t_feat, o_feat, atol=1e-4)
+    # The score head travels too, as model.json's score_head says.
+    assert model.spec.score_head
+    outputs = [o.name for o in onnx_model.session.get_outputs()]
+    assert outputs == [*ONNX_OUTPUTS, ONNX_SCORE_OUTPUT]
+    (o_score,) = onnx_model.session.run([ONNX_SCORE_OUTPUT], {onnx_model.input_name: batch})
+    with torch.inference_mode():
+        t_score = model.net.score_head(model.net.backbone(torch.from_numpy(batch).to(model.device))).squeeze(1)
+    assert np.allclose(t_score.cpu().numpy(), o_score, atol=1e-4)
 
 
 def _cli(*args: str, env_root: Path) -> subprocess.CompletedProcess:
