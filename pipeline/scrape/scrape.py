@@ -67,7 +67,14 @@ from pipeline.core.tables import get_json, merge_rows, put_json
 from pipeline.scrape import crawl_lease
 from pipeline.scrape.download import Downloaded, Downloader
 from pipeline.scrape.http import HttpClient
-from pipeline.scrape.sources.base import Item, Page, Post, Source, SourceRateLimited
+from pipeline.scrape.sources.base import (
+    Item,
+    Page,
+    Post,
+    ResponseRefused,
+    Source,
+    SourceRateLimited,
+)
 from pipeline.scrape.sources.mastodon import MastodonSource
 
 log = logging.getLogger(__name__)
@@ -380,8 +387,10 @@ class Crawl:
     def run(self) -> dict[str, Any]:
         """Walk the timeline, flushing as it goes and at the end; record and return the summary.
 
-        Whatever stops the walk, what was read is flushed (and covered) first: a rate limit ends
-        the run early but normally; any other error is raised after the flush."""
+        Whatever stops the walk, what was read is flushed (and covered) first: a rate limit, or
+        an API response refused for its size, its time or its next link
+        (:class:`~pipeline.scrape.sources.base.ResponseRefused`), ends the run early but normally,
+        its summary's ``stopped`` saying why; any other error is raised after the flush."""
         try:
             for page in self.pages():
                 self.take(page)
@@ -391,6 +400,13 @@ class Crawl:
             self.flush()
             self.coverage.stop = f"rate limited: {exc}"
             log.warning("scrape %s #%s: stopped early, state saved: %s", self.instance, self.hashtag, exc)
+        except ResponseRefused as exc:
+            # The service answered outside what a scrape accepts: what it sent before is kept and
+            # covered; the same page is asked for again by the next run.
+            self.flush()
+            self.coverage.stop = f"{type(exc).__name__}: {exc}"
+            log.warning("scrape %s %s #%s: stopped early, state saved: %s: %s", self.platform, self.instance,
+                        self.hashtag, type(exc).__name__, exc)
         except BaseException:
             # Keep what was read: flush it (and cover it) before failing, unless the flush itself fails.
             try:
@@ -438,6 +454,8 @@ class Crawl:
         self.bar.set_postfix(kept=self.kept, images=len(self.image_hashes), refresh=False)
         if self.unflushed >= self.flush_every:
             self.flush()
+        if page.stop_error is not None:  # the page's own statuses are taken; the walk goes no further
+            raise page.stop_error
 
     def keep(self, item: Item) -> None:
         """Buffer a status's post and engagement rows and start its downloads, or count why not."""
