@@ -363,9 +363,12 @@ class RetryPolicy:
         redirect hops too (it is :attr:`FetchResult.attempts`); ``now`` is the client's clock."""
         if not self.should_retry(failure):
             return _GiveUp(f"{failure.error} (a {self.method} that may have reached the server is not retried)")
-        if self._tries_spent(retry_state):
-            return _GiveUp(failure.error + (f" (after {requests_sent} attempts)" if requests_sent > 1 else ""))
         server_wait = self.server_wait_s(failure)
+        # A wait too long to sit through is said (retry_after_s) whether or not tries are left:
+        # the host is closed for it all the same, and the caller defers or stops on it.
+        if self._tries_spent(retry_state) and (server_wait is None or (
+                server_wait <= self.max_server_wait_s and budget.allows(now + server_wait))):
+            return _GiveUp(failure.error + (f" (after {requests_sent} attempts)" if requests_sent > 1 else ""))
         if server_wait is not None:
             if server_wait > self.max_server_wait_s:
                 return _GiveUp(f"{failure.error}; the server asks to wait {server_wait:.0f} s (retry after "

@@ -12,6 +12,7 @@ from abc import ABC, abstractmethod
 from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass, field
 from datetime import datetime
+from urllib.parse import urlsplit
 
 from pipeline.core.config import ScrapeConfig
 from pipeline.scrape.http import FetchResult
@@ -189,6 +190,13 @@ class Source(ABC):
     def server_now(self) -> datetime:
         """The service's clock (its ``Date`` header): the refresh computes post ages on it.
         Raises :class:`SourceError` when the service cannot be reached."""
+
+    def retry_url(self, post_id: str, stored_url: str, ref: str | None = None) -> str | None:
+        """The URL to fetch when a later run tries an image again, from the form the
+        ``downloads`` row stored (``image_urls``: any path segment naming the author blanked to
+        ``_``) and the post's reference (:attr:`Post.ref`, from ``post_refs``); None when it
+        cannot be recovered. Here: the stored URL, where nothing was blanked out of it."""
+        return None if "_" in urlsplit(stored_url).path.split("/") else stored_url
 
     def close(self) -> None:  # noqa: B027 - optional hook
         pass

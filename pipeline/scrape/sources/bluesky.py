@@ -675,6 +675,19 @@ class BlueskySource(Source):
         page.items.sort(key=lambda it: id_key(it.post_id), reverse=True)
         return page
 
+    def retry_url(self, post_id: str, stored_url: str, ref: str | None = None) -> str | None:
+        """The CDN URL with the author's DID back in the segment the stored form blanked
+        (``/img/feed_fullsize/plain/<did>/<cid>@jpeg``); None without the post's ``at://`` ref."""
+        parts = split_at_uri(ref) if ref else None
+        if parts is None:
+            return super().retry_url(post_id, stored_url)
+        did = parts[0]
+        try:
+            url = urlsplit(stored_url)
+        except ValueError:
+            return None
+        return url._replace(path="/".join(did if seg == "_" else seg for seg in url.path.split("/"))).geturl()
+
     # ---------------------------------------------------------------- re-reads
 
     def reobserve(self, post_ids: Iterable[str]) -> Iterator[tuple[str, Observation | OptedOut | str]]:

@@ -325,6 +325,28 @@ class MastodonSource(Source):
                 page.next_url = self.page_url(hashtag, page.items[-1].post_id)
         return page
 
+    def retry_url(self, post_id: str, stored_url: str, ref: str | None = None) -> str | None:
+        """The stored URL, or where the author's handle was blanked out of it, the attachment's
+        URL as the status gives it now (one re-read); None when the status cannot be read or no
+        longer has that image."""
+        plain = super().retry_url(post_id, stored_url)
+        if plain is not None:
+            return plain
+        res = self.client.fetch_api(f"{self.instance}/api/v1/statuses/{quote(post_id, safe='')}",
+                                    headers=self._headers)
+        if not res.ok:
+            return None
+        try:
+            status = json.loads(res.body)
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            return None
+        item = normalize_status(status, instance=self.instance, hashtag="", author_key=self.author_key,
+                                scraped_at=self.now(), source=self.kind)
+        if item is None or item.post is None:
+            return None
+        fetch_urls = item.post.fetch_urls or item.post.image_urls
+        return dict(zip(item.post.image_urls, fetch_urls, strict=True)).get(stored_url)
+
     def max_id_before(self, when: datetime) -> str:
         # Mastodon status ids are snowflakes: creation time in ms, shifted past 16 random bits.
         return str(int(when.timestamp() * 1000) << 16)
