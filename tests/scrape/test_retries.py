@@ -194,3 +194,26 @@ def test_bluesky_puts_the_did_back_into_a_stored_image_url():
         f"https://cdn.bsky.app/img/feed_fullsize/plain/{did}/bafkreib@jpeg")
     assert src.retry_url("p", stored, None) is None  # no reference: cannot be recovered
     assert Source.retry_url(src, "p", "https://cdn.example/a/b.jpg") == "https://cdn.example/a/b.jpg"
+
+
+def test_a_mastodon_url_with_the_handle_blanked_is_read_back_from_the_status(fake_mastodon, rcfg):
+    healthy = {"now": False}
+
+    def image(h):
+        if healthy["now"]:
+            return ok(h, 7)
+        FakeMastodon.send(h, 503, b"down", "text/plain")
+
+    fake_mastodon.faults["alice/1.jpg"] = image
+    fake_mastodon.statuses = [{**post(fake_mastodon, 7), "account": {
+        "uri": "https://x/users/alice", "username": "alice", "acct": "alice", "followers_count": 3},
+        "media_attachments": [{"type": "image", "url": f"{fake_mastodon.url}/fault/alice/1.jpg"}]}]
+    scrape(rcfg, fake_mastodon.url, TAG, day(0), now=at(0))
+    healthy["now"] = True
+    later = scrape(rcfg, fake_mastodon.url, TAG, day(1), now=at(1))
+    assert later["retried"] == 1 and later["downloads"] == {"ok": 1}
+    assert "/api/v1/statuses/7" in [p for _, p in fake_mastodon.log]
+    rows = downloads(rcfg)
+    assert [(r["url"], r["attempt"], r["status"]) for r in rows] == [
+        (f"{fake_mastodon.url}/fault/_/1.jpg", 1, "http_error"), (f"{fake_mastodon.url}/fault/_/1.jpg", 2, "ok")]
+    assert "alice" not in repr(rows)
