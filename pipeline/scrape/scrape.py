@@ -704,7 +704,7 @@ def scrape_pairs(cfg: Config, instances: list[str] | None = None, hashtags: list
 def merge_summaries(summaries: list[dict[str, Any]]) -> dict[str, Any]:
     """Add up per-pair scrape summaries (for a DAG run's log and XCom)."""
     out: dict[str, Any] = {"pairs": len(summaries), "seen": 0, "kept": 0, "images": 0, "retried": 0,
-                           "skipped": Counter(), "downloads": Counter(), "sources": {}}
+                           "skipped": Counter(), "downloads": Counter(), "sources": {}, "stopped": {}}
     for s in summaries:
         for k in ("seen", "kept", "images", "retried"):
             out[k] += s.get(k, 0)
@@ -713,5 +713,9 @@ def merge_summaries(summaries: list[dict[str, Any]]) -> dict[str, Any]:
         per["kept"] += s.get("kept", 0)
         out["skipped"].update(s.get("skipped", {}))
         out["downloads"].update(s.get("downloads", {}))
+        # Why each task's walk ended: a rate limit or a refused response (too large, too slow, a
+        # next link off the instance) is named here, not only in that task's log.
+        out["stopped"][f"{s.get('source', 'mastodon')} {s.get('instance', '')} #{s.get('hashtag', '')}"] = \
+            s.get("stopped", "")
     out["skipped"], out["downloads"] = dict(out["skipped"]), dict(out["downloads"])
     return out

@@ -16,7 +16,7 @@ from pipeline.core.pseudonym import author_keyer
 from pipeline.core.storage import LocalStorage
 from pipeline.core.tables import get_json, read_table
 from pipeline.scrape.http import HttpClient
-from pipeline.scrape.scrape import scrape, state_key
+from pipeline.scrape.scrape import merge_summaries, scrape, state_key
 from pipeline.scrape.sources.base import CrossOriginLink, ResponseTooLarge, ResponseTooSlow
 from pipeline.scrape.sources.mastodon import MastodonSource
 from tests.fixtures.scrape import FakeMastodon, jpeg_bytes
@@ -169,6 +169,8 @@ def test_a_too_large_page_ends_the_task_with_its_state_saved(fake_mastodon, api_
     storage = LocalStorage(api_cfg.storage.root)
     [run] = storage.list(keys.scrape_runs(today()))  # the run log says why too
     assert get_json(storage, run)["stopped"] == summary["stopped"]
+    merged = merge_summaries([summary])  # what the DAG's run logs and returns
+    assert merged["stopped"] == {f"mastodon {fake_mastodon.url} #{TAG}": summary["stopped"]}
 
 
 @pytest.mark.timeout(120)
