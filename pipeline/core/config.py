@@ -155,30 +155,49 @@ class ScrapeConfig:
     per_host_concurrency: int = doc("Simultaneous requests per host.", default=4)
     connect_timeout_s: float = doc("TCP connect timeout, seconds.", default=5.0)
     read_timeout_s: float = doc("Socket read timeout, seconds.", default=15.0)
-    total_timeout_s: float = doc("Whole-download timeout, seconds.", default=60.0)
+    total_timeout_s: float = doc("Whole-download timeout of an image, seconds: every attempt, wait and byte.",
+                                 default=60.0)
+    api_total_timeout_s: float = doc("Whole-request timeout of an API call (a timeline page, a login, a re-read), "
+                                     "seconds: every attempt, wait and byte, checked between the body's chunks. "
+                                     "Longer than max_server_wait_s, so the waits that allows fit; a page not "
+                                     "read within it ends the (platform, instance, hashtag) run with its state "
+                                     "saved.", default=180.0)
     retries: int = doc("Retries on connection errors, 5xx and 429.", default=4)
     backoff_s: float = doc("First retry delay, seconds; doubles each retry, with jitter.", default=0.5)
     max_server_wait_s: float = doc("Longest wait a server may ask for (Retry-After, X-RateLimit-Reset), seconds; "
                                    "a longer one ends the (instance, hashtag) run with its state saved.",
                                    default=120.0)
     max_bytes: int = doc("Largest image body accepted, bytes (enforced while streaming).", default=20_000_000)
+    max_api_bytes: int = doc("Largest API response body accepted, bytes (enforced while streaming); a larger "
+                             "page ends the (platform, instance, hashtag) run with its state saved. A full "
+                             "Mastodon page of 40 statuses is well under 1 MiB.", default=8 * 1024 * 1024)
     max_pixels: int = doc("Largest decoded image accepted, pixels (decompression-bomb guard).", default=40_000_000)
     max_images_per_post: int = doc("Images downloaded per post (the first is the one labeled).", default=1)
     allow_hosts: list[str] = doc("Hosts/IPs exempt from the SSRF guard (tests: 127.0.0.1).", default_factory=list)
     backfill_days: int = doc("Walk older pages down to this many days back; 0 = forward only.", default=0)
+    max_attempts: int = doc("Tries of one image URL across scrape runs: a timeout, connection error, 5xx or 429 "
+                            "that outlasts the retries, or a host that asked for a wait longer than allowed "
+                            "(status 'deferred'), is tried again by a later run until this many tries; 1 = never "
+                            "again.", default=5)
+    retry_delay_s: float = doc("Delay before a later run tries a failed image URL again, seconds; doubles with each "
+                               "try (try n waits retry_delay_s * 2**(n-1)). A deferred URL waits for the server's "
+                               "reset instead, when that is later.", default=900.0)
     user_agent: str = doc("User-Agent sent with every request.", default="likerank/0.1 (+https://github.com/likerank/likerank)")
 
     def validate(self) -> None:
         if not 1 <= self.page_limit <= 40:
             raise ValueError("page_limit: must be within 1..40 (Mastodon's maximum)")
-        for name in ("threads", "per_host_concurrency", "max_images_per_post", "max_bytes", "max_pixels"):
+        for name in ("threads", "per_host_concurrency", "max_images_per_post", "max_bytes", "max_api_bytes",
+                     "max_pixels", "max_attempts"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}: must be >= 1")
-        for name in ("per_host_rps", "connect_timeout_s", "read_timeout_s", "total_timeout_s", "max_server_wait_s"):
+        for name in ("per_host_rps", "connect_timeout_s", "read_timeout_s", "total_timeout_s", "api_total_timeout_s",
+                     "max_server_wait_s"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name}: must be > 0")
-        if self.retries < 0 or self.backoff_s < 0 or self.max_posts < 0 or self.backfill_days < 0:
-            raise ValueError("retries, backoff_s, max_posts, backfill_days: must be >= 0")
+        if (self.retries < 0 or self.backoff_s < 0 or self.max_posts < 0 or self.backfill_days < 0
+                or self.retry_delay_s < 0):
+            raise ValueError("retries, backoff_s, max_posts, backfill_days, retry_delay_s: must be >= 0")
 
 
 @dataclass

@@ -23,6 +23,10 @@ post_refs      ``state/refs/``         none (likerank's own state)              
 Files written once per run rather than as a partitioned table (:data:`FILES`):
 ``predictions`` at ``models/<run>/predictions.parquet`` (see :mod:`pipeline.core.keys`).
 
+A ``downloads`` row is one try of one URL: a failed try that may succeed later carries
+``next_attempt_at``, and the run that tries again writes a new row (``attempt`` + 1) in its own
+partition; the latest row per ``(source, post_id, url)`` is the URL's state.
+
 A post with several images is one ``posts`` row with all its ``image_urls`` (in the
 author's order); the first image is the one labeled, since likes belong to the post.
 """
@@ -77,14 +81,28 @@ DOWNLOADS = pa.schema([
     f("source", pa.string(), "Platform: 'mastodon' or 'bluesky'."),
     f("post_id", pa.string(), "Post the URL belongs to."),
     f("url", pa.string(), "The URL attempted."),
-    f("status", pa.string(), "ok, http_error, timeout, too_large, not_image, decode_error, bomb, blocked, bad_url, connection_error, redirect_loop, opted_out (X-Robots-Tag noai/noimageai: the bytes are not kept)."),
+    f("status", pa.string(), "ok, http_error, timeout, too_large, not_image, decode_error, bomb, blocked, bad_url, "
+                             "connection_error, redirect_loop, opted_out (X-Robots-Tag noai/noimageai: the bytes are "
+                             "not kept), deferred (the host asked for a wait longer than scrape.max_server_wait_s or "
+                             "the download's time budget, e.g. X-RateLimit-Remaining: 0 with a far reset: not a "
+                             "failure; a later run tries it). A timeout, connection_error, deferred, or http_error "
+                             "429/5xx is tried again by a later run (next_attempt_at); every other status is final."),
     f("http_status", pa.int32(), "Last HTTP status code, if a response came.", nullable=True),
     f("error", pa.string(), "What went wrong, for humans.", nullable=True),
     f("bytes", pa.int64(), "Body bytes received."),
     f("elapsed_ms", pa.float64(), "Wall time of the attempt(s), milliseconds."),
-    f("attempts", pa.int32(), "Requests sent (1 + retries)."),
+    f("attempts", pa.int32(), "Requests sent within this try (1 + retries; 0 when none was sent, e.g. a "
+                              "deferred URL whose host was already closed)."),
     f("sha256", pa.string(), "Content hash of the stored image, when status is ok.", nullable=True),
     f("attempted_at", UTC_TS, "When the download started (UTC)."),
+    f("attempt", pa.int32(), "Which try of this URL the row records, counted from 1 across scrape runs; each try is "
+                             "its own row in the partition of the run that made it (a run never tries again a URL "
+                             "that already has a row in its own partition, so no try replaces another). Null on "
+                             "rows written before tries were counted.", nullable=True),
+    f("next_attempt_at", UTC_TS, "When a later scrape run may try this URL again (UTC): after "
+                                 "scrape.retry_delay_s * 2**(attempt-1), or the server's reset when later. Null "
+                                 "when the row is final: a final status, or scrape.max_attempts tries made.",
+      nullable=True),
 ])
 
 IMAGES = pa.schema([

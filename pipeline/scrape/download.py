@@ -22,6 +22,15 @@ perceptual hash is taken there from the decoded pixels (:mod:`pipeline.faces.pha
 download and labels each image is decoded once (a decode and phash here took a quarter of the
 downloader's CPU: JPEG ~0.6 ms, PNG ~4.5 ms, then the hash's resize).
 
+**Tries across runs.** A URL whose try failed in a way that may pass (a timeout, a connection
+error, a 5xx or 429 that outlasted the retries) gets ``next_attempt_at`` = now +
+``scrape.retry_delay_s * 2**(attempt-1)``; a host that asked for a wait the download cannot sit
+through (``X-RateLimit-Remaining: 0`` with a far reset, a long ``Retry-After``) makes the row
+``deferred``, due at the server's reset. A later scrape run tries due URLs again
+(:func:`pipeline.scrape.scrape.due_retries`), each try a new row with ``attempt`` + 1, until
+``scrape.max_attempts`` tries; a final status (404, 410, ``bad_url``, ``too_large``,
+``not_image``, ...) is never tried again (:func:`next_attempt_at`).
+
 Only ``scrape.threads`` downloads are in flight (twice that queued), so memory holds at most
 that many bodies at once, whatever the run's size. Finished work comes back through a queue fed
 by each future's done-callback (see ``Downloader.submit``).
@@ -36,7 +45,7 @@ import warnings
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 
 from PIL import Image
 
@@ -47,7 +56,33 @@ from pipeline.scrape.http import HttpClient
 warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
 
 STATUSES = ("ok", "http_error", "timeout", "too_large", "not_image", "decode_error", "bomb",
-            "blocked", "bad_url", "connection_error", "redirect_loop", "opted_out")
+            "blocked", "bad_url", "connection_error", "redirect_loop", "opted_out", "deferred")
+#: Statuses a later run tries again (``http_error`` only with :data:`RETRYABLE_HTTP`).
+RETRYABLE_STATUSES = frozenset({"timeout", "connection_error", "deferred"})
+
+
+def retryable(status: str, http_status: int | None) -> bool:
+    """Whether a try that ended so may succeed later: a timeout, a connection error, a
+    deferral, a 429 or a 5xx. A 404, 410 or any other 4xx, and every content check, are final."""
+    if status in RETRYABLE_STATUSES:
+        return True
+    return status == "http_error" and http_status is not None and (http_status == 429 or http_status >= 500)
+
+
+def next_attempt_at(cfg: ScrapeConfig, *, status: str, http_status: int | None, attempt: int,
+                    attempted_at: datetime, server_wait_s: float | None = None) -> datetime | None:
+    """When try ``attempt`` + 1 of a URL may be made: ``retry_delay_s * 2**(attempt-1)`` after
+    ``attempted_at``, or after the server's wait when that is later; None when the try's status
+    is final or ``max_attempts`` tries are made."""
+    if not retryable(status, http_status) or attempt >= cfg.max_attempts:
+        return None
+    delay_s = cfg.retry_delay_s * 2 ** (attempt - 1)
+    if server_wait_s is not None:
+        delay_s = max(delay_s, server_wait_s)
+    try:
+        return attempted_at + timedelta(seconds=delay_s)
+    except OverflowError:  # a reset beyond year 9999: as good as never
+        return None
 #: ``X-Robots-Tag`` directives that mean "do not use this image for AI": the bytes are not kept.
 OPT_OUT_DIRECTIVES = frozenset({"noai", "noimageai"})
 
@@ -145,11 +180,12 @@ class Downloader:
 
     # ---------------------------------------------------------------- one URL
 
-    def fetch(self, post_id: str, url: str, stored_url: str | None = None) -> Downloaded:
+    def fetch(self, post_id: str, url: str, stored_url: str | None = None, attempt: int = 1) -> Downloaded:
         """Download, check and store one image; never raises for a bad item.
 
         ``stored_url`` is the form of ``url`` the row records (the post's ``image_urls`` entry,
-        with any segment naming the author blanked); it replaces ``url`` in errors too."""
+        with any segment naming the author blanked); it replaces ``url`` in errors too.
+        ``attempt``: which try of this URL this is (1 unless a later run tries it again)."""
         attempted_at = self.now()
         t0 = time.monotonic()
         res = self.client.fetch(url, max_bytes=self.cfg.max_bytes, total_timeout_s=self.cfg.total_timeout_s)
@@ -159,7 +195,10 @@ class Downloader:
             "http_status": res.http_status, "error": res.error.replace(url, shown) if res.error else None,
             "bytes": res.body_bytes,
             "elapsed_ms": 0.0, "attempts": res.attempts, "sha256": None, "attempted_at": attempted_at,
+            "attempt": attempt, "next_attempt_at": None,
         }
+        if res.status == "http_error" and res.retry_after_s is not None:
+            row["status"] = "deferred"  # the host is closed for longer than this download may wait
         image = None
         opt_out = robots_opt_out(res.headers.get("X-Robots-Tag")) if res.ok else None
         if opt_out:
@@ -181,11 +220,25 @@ class Downloader:
             finally:
                 res.body = None  # bodies never outlive their check
         row["elapsed_ms"] = (time.monotonic() - t0) * 1000.0
+        self._plan_next_try(row, res.retry_after_s)
         return Downloaded(row, image)
+
+    def _plan_next_try(self, row: dict, server_wait_s: float | None) -> None:
+        """Set the row's ``next_attempt_at``, and say in its error whether another try follows."""
+        if row["status"] == "ok" or not retryable(row["status"], row["http_status"]):
+            return
+        attempt = row["attempt"]
+        row["next_attempt_at"] = next_attempt_at(self.cfg, status=row["status"], http_status=row["http_status"],
+                                                 attempt=attempt, attempted_at=row["attempted_at"],
+                                                 server_wait_s=server_wait_s)
+        tries = f"try {attempt} of scrape.max_attempts = {self.cfg.max_attempts}"
+        when = row["next_attempt_at"]
+        note = f"{tries}; a later run tries again from {when:%Y-%m-%d %H:%M:%S} UTC" if when else f"{tries}: final"
+        row["error"] = f"{row['error']} ({note})" if row["error"] else note
 
     # ---------------------------------------------------------------- many URLs
 
-    def submit(self, post_id: str, url: str, stored_url: str | None = None) -> list[Downloaded]:
+    def submit(self, post_id: str, url: str, stored_url: str | None = None, attempt: int = 1) -> list[Downloaded]:
         """Queue one URL; blocks while ``2 * threads`` are in flight. Returns results finished meanwhile."""
         if self._pool is None:
             self._pool = ThreadPoolExecutor(self.cfg.threads, thread_name_prefix="download")
@@ -194,7 +247,7 @@ class Downloader:
             out.append(self._take(block=True))
             out += self.finished()
         self._in_flight += 1
-        self._pool.submit(self.fetch, post_id, url, stored_url).add_done_callback(self._done.put)
+        self._pool.submit(self.fetch, post_id, url, stored_url, attempt).add_done_callback(self._done.put)
         return out
 
     def finished(self) -> list[Downloaded]:

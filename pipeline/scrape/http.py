@@ -20,18 +20,22 @@
   they are final. A redirect of a request with a body is not followed: the body (a password,
   say) goes only to the URL the caller chose.
 - **Timeouts**: ``connect_timeout_s`` and ``read_timeout_s`` per socket operation, and a
-  total budget per fetch (every attempt, wait and byte included) checked between reads.
-  Bodies are read with ``read1`` so a server that drips bytes cannot stretch one read past
-  ``read_timeout_s``.
+  total budget per fetch (every attempt, wait and byte included). Bodies are read with
+  ``read1``, the socket's timeout cut before each read to what the budget has left, and the
+  budget checked after each: a server that drips one byte at a time is cut off within one
+  read of the deadline. :meth:`HttpClient.fetch_api` bounds an API call by
+  ``api_total_timeout_s`` and ``max_api_bytes``; a fetch cut off by its budget says so in
+  :attr:`FetchResult.over_budget`.
 - **Size**: ``Content-Length`` is checked first, then the decoded body is counted while
   streaming and the transfer is abandoned as soon as it passes ``max_bytes``.
 - **Redirects**: followed by hand (at most :data:`MAX_REDIRECTS`), the SSRF guard checking
   each hop before it is requested; a hop back to a URL already visited is a loop. A hop to
   another origin (scheme, host, port) drops the credential headers (:data:`CREDENTIAL_HEADERS`):
   a token is sent only to the origin it was given for.
-- **Server waits**: a wait longer than ``max_server_wait_s`` is never slept through: the
-  fetch ends ``http_error`` with :attr:`FetchResult.retry_after_s` set, so the caller can say
-  when to come back.
+- **Server waits**: a wait longer than ``max_server_wait_s``, or one the fetch's time budget
+  cannot hold, is never slept through: the fetch ends ``http_error`` with
+  :attr:`FetchResult.retry_after_s` set, so the caller can say when to come back (an image is
+  deferred to a later run, a crawl stops with its state saved).
 
 A fetch never raises for an item-level failure; it returns a :class:`FetchResult` whose
 ``status`` is one of ``ok, http_error, timeout, too_large, blocked, bad_url,
@@ -83,7 +87,8 @@ class FetchResult:
     elapsed_ms: float = 0.0
     headers: Mapping[str, str] = field(default_factory=dict)
     final_url: str = ""
-    retry_after_s: float | None = None  # set when the server asked for a wait beyond max_server_wait_s
+    retry_after_s: float | None = None  # set when the server asked for a wait beyond max_server_wait_s or the budget
+    over_budget: bool = False  # the fetch ended because its total time budget ran out
 
     @property
     def ok(self) -> bool:
@@ -286,7 +291,8 @@ class _GiveUp:
     """End the fetch with the failed attempt's status and this error text."""
 
     error: str
-    retry_after_s: float | None = None  # a server wait beyond max_server_wait_s, for the caller
+    retry_after_s: float | None = None  # a server wait beyond max_server_wait_s or the budget, for the caller
+    over_budget: bool = False  # the time budget ran out
 
 
 @dataclass(frozen=True)
@@ -357,20 +363,25 @@ class RetryPolicy:
         redirect hops too (it is :attr:`FetchResult.attempts`); ``now`` is the client's clock."""
         if not self.should_retry(failure):
             return _GiveUp(f"{failure.error} (a {self.method} that may have reached the server is not retried)")
-        if self._tries_spent(retry_state):
-            return _GiveUp(failure.error + (f" (after {requests_sent} attempts)" if requests_sent > 1 else ""))
         server_wait = self.server_wait_s(failure)
+        # A wait too long to sit through is said (retry_after_s) whether or not tries are left:
+        # the host is closed for it all the same, and the caller defers or stops on it.
+        if self._tries_spent(retry_state) and (server_wait is None or (
+                server_wait <= self.max_server_wait_s and budget.allows(now + server_wait))):
+            return _GiveUp(failure.error + (f" (after {requests_sent} attempts)" if requests_sent > 1 else ""))
         if server_wait is not None:
             if server_wait > self.max_server_wait_s:
                 return _GiveUp(f"{failure.error}; the server asks to wait {server_wait:.0f} s (retry after "
                                f"{_wall_after(server_wait)}), beyond scrape.max_server_wait_s = "
                                f"{self.max_server_wait_s:g} s", retry_after_s=server_wait)
             if not budget.allows(now + server_wait):
-                return _GiveUp(f"{failure.error}; server asks to wait {server_wait:.1f} s, beyond the time budget")
+                return _GiveUp(f"{failure.error}; server asks to wait {server_wait:.1f} s (retry after "
+                               f"{_wall_after(server_wait)}), beyond the time budget of {budget.total_s:g} s",
+                               retry_after_s=server_wait)
             return _RetryAfter(server_wait, host_closed=True)
         pause = self.backoff_s(retry_state)
         if not budget.allows(now + pause):
-            return _GiveUp(failure.error + f" (time budget of {budget.total_s} s spent)")
+            return _GiveUp(failure.error + f" (time budget of {budget.total_s:g} s spent)", over_budget=True)
         return _RetryAfter(pause, host_closed=False)
 
 
@@ -471,12 +482,19 @@ class HttpClient:
             if isinstance(step, _GiveUp):
                 if step.retry_after_s is not None:
                     f.result.retry_after_s = step.retry_after_s
+                f.result.over_budget = step.over_budget
                 return self._finish(f, outcome.status, step.error)
             if step.host_closed:
                 self.limiter.close_until(outcome.host, now + step.wait_s)  # the next acquire() waits it out
             else:
                 self.sleep(step.wait_s)
             f.retry_state.prepare_for_next_attempt()
+
+    def fetch_api(self, url: str, **kwargs: Any) -> FetchResult:
+        """:meth:`fetch` an API URL under the API's bounds: at most ``max_api_bytes`` of body
+        and ``api_total_timeout_s`` for the whole call."""
+        return self.fetch(url, max_bytes=self.cfg.max_api_bytes, total_timeout_s=self.cfg.api_total_timeout_s,
+                          **kwargs)
 
     def _follow_redirects(self, f: _Fetch) -> FetchResult | _FailedAttempt:
         """Request ``f.current`` and each redirect target after it, up to the fetch's end or a
@@ -541,6 +559,7 @@ class HttpClient:
             return None
         wait = self.limiter.closed_until(host) - self.clock()
         if wait <= 0:
+            f.result.over_budget = True
             return self._finish(f, "timeout", f"waiting for a request slot at {host}; the time budget would pass first")
         f.result.retry_after_s = wait
         limit = (f"total timeout {f.budget.total_s} s" if deadline is not None
@@ -599,11 +618,11 @@ class HttpClient:
                                   host, http_status=code, headers=resp.headers)
         if code >= 400:
             if f.error_body:  # the API's error code; the fetch ends http_error however the read goes
-                self._read_body(resp, f.result, MAX_ERROR_BODY, f.budget.deadline, f.current)
+                self._read_body(resp, f.result, MAX_ERROR_BODY, f.budget, f.current)
             return self._finish(f, "http_error", f"HTTP {code} {resp.reason or ''}".strip() + f": {f.current}")
         if code != 200:
             return self._finish(f, "http_error", f"unexpected HTTP {code}: {f.current}")
-        status, error = self._read_body(resp, f.result, f.max_bytes, f.budget.deadline, f.current)
+        status, error = self._read_body(resp, f.result, f.max_bytes, f.budget, f.current)
         return self._finish(f, status, error)
 
     def _finish(self, f: _Fetch, status: str, error: str | None = None,
@@ -618,17 +637,30 @@ class HttpClient:
         return res
 
     def _read_body(self, resp: requests.Response, res: FetchResult, max_bytes: int | None,
-                   deadline: float | None, url: str) -> tuple[str, str | None]:
+                   budget: _Budget, url: str) -> tuple[str, str | None]:
         """Stream the body into ``res.body`` (``res.body_bytes`` counts what arrived, also when the
         transfer is abandoned); the fetch status it comes to (ok, too_large, timeout,
-        connection_error) and the error text."""
+        connection_error) and the error text.
+
+        Before each read the socket's timeout is cut to what the budget has left, and the budget
+        is checked after it: a body that drips in ends within one read of the deadline."""
         length = resp.headers.get("Content-Length")
         if max_bytes is not None and length and length.isdigit() and int(length) > max_bytes:
             return "too_large", f"Content-Length {length} exceeds the {max_bytes}-byte limit: {url}"
+        deadline = budget.deadline
+        sock = _response_socket(resp) if deadline is not None else None
         chunks: list[bytes] = []
         size = 0
         try:
             while True:
+                if deadline is not None:
+                    left_s = deadline - self.clock()
+                    if left_s <= 0:
+                        res.over_budget = True
+                        return "timeout", (f"body not complete within the total timeout of {budget.total_s:g} s "
+                                           f"({size} bytes read): {url}")
+                    if sock is not None:  # never 0 s: that would make the socket non-blocking
+                        sock.settimeout(max(0.001, min(self.cfg.read_timeout_s, left_s)))
                 chunk = resp.raw.read1(CHUNK, decode_content=True)
                 if not chunk:
                     break
@@ -636,9 +668,11 @@ class HttpClient:
                 if max_bytes is not None and size > max_bytes:
                     return "too_large", f"body passed the {max_bytes}-byte limit while streaming: {url}"
                 chunks.append(chunk)
-                if deadline is not None and self.clock() > deadline:
-                    return "timeout", f"body not complete within the total timeout ({size} bytes read): {url}"
         except (urllib3.exceptions.ReadTimeoutError, TimeoutError):
+            if deadline is not None and self.clock() >= deadline - 0.001:
+                res.over_budget = True
+                return "timeout", (f"body not complete within the total timeout of {budget.total_s:g} s "
+                                   f"({size} bytes read): {url}")
             return "timeout", f"body stalled for {self.cfg.read_timeout_s} s after {size} bytes: {url}"
         except (urllib3.exceptions.HTTPError, requests.exceptions.RequestException, OSError) as exc:
             return "connection_error", f"body cut off after {size} bytes ({_short(exc)}): {url}"
@@ -660,6 +694,13 @@ class HttpClient:
                 if wait:
                     self.limiter.close_until(host, self.clock() + wait)
                 return
+
+
+def _response_socket(resp: requests.Response) -> Any:
+    """The socket a streamed response is read from, to cut its timeout; None where urllib3
+    does not expose it (the budget is then checked between reads only)."""
+    connection = getattr(resp.raw, "connection", None)  # urllib3 2: the HTTPConnection while streaming
+    return getattr(connection, "sock", None)
 
 
 def origin(url: str) -> tuple[str, str, int | None]:

@@ -38,6 +38,16 @@ Durability and reruns
     Because a partition is one file, two runs must not write the same date at once: the DAG
     runs its mapped scrape tasks one at a time (``max_active_tis_per_dag=1``).
 
+Tries again
+    A run first tries again the images of its timeline (its posts: same platform, instance and
+    hashtag) whose latest ``downloads`` row is due (:func:`due_retries`: a retryable status,
+    ``next_attempt_at`` passed, fewer than ``scrape.max_attempts`` tries), then walks the
+    timeline. Each try is a new row with ``attempt`` + 1 in this run's partition; a URL that
+    already has a row in this run's partition waits for a later run, so a try never replaces
+    another. The fetch URL comes back through :meth:`Source.retry_url` (the stored URL has the
+    author blanked out of it where it named them). Forgotten posts are not tried; ``forget``
+    removes every try's row with the post's.
+
 Known limit: Mastodon gives a status that federates in late an id from its creation time, so
 one that arrives after its id range was covered is never read (as with ``since_id`` paging).
 """
@@ -54,20 +64,36 @@ from typing import Any
 from urllib.parse import urlsplit
 
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from pipeline.core import keys
 from pipeline.core.config import PLATFORMS, Config
 from pipeline.core.crawl_state import id_key, without_ids
 from pipeline.core.forget import load_tombstones, remove_tombstoned, salt_for
-from pipeline.core.post_refs import save_refs
+from pipeline.core.post_refs import load_refs, save_refs
 from pipeline.core.pseudonym import author_keyer, is_started_simulator, key_required
 from pipeline.core.schemas import TABLES
 from pipeline.core.storage import Storage, open_storage
-from pipeline.core.tables import get_json, merge_rows, put_json
+from pipeline.core.tables import (
+    delta_schema,
+    get_json,
+    last_per_key,
+    merge_rows,
+    open_table,
+    put_json,
+    read_table,
+)
 from pipeline.scrape import crawl_lease
 from pipeline.scrape.download import Downloaded, Downloader
 from pipeline.scrape.http import HttpClient
-from pipeline.scrape.sources.base import Item, Page, Post, Source, SourceRateLimited
+from pipeline.scrape.sources.base import (
+    Item,
+    Page,
+    Post,
+    ResponseRefused,
+    Source,
+    SourceRateLimited,
+)
 from pipeline.scrape.sources.mastodon import MastodonSource
 
 log = logging.getLogger(__name__)
@@ -179,6 +205,53 @@ def merge_partition(storage: Storage, table: str, value: str, rows: list[dict]) 
     return counts.inserted + counts.updated
 
 
+def add_missing_columns(storage: Storage, table: str) -> list[str]:
+    """Add to an existing Delta table the nullable columns its schema gained since it was
+    created (a merge would drop them silently); return their names. Rows written before read
+    them as null."""
+    from deltalake import Schema as DeltaSchema
+
+    dt = open_table(storage, table)
+    if dt is None:
+        return []
+    have = {fld.name for fld in dt.schema().fields}
+    missing = [fld for fld in delta_schema(table) if fld.name not in have]
+    if not missing:
+        return []
+    try:
+        dt.alter.add_columns(list(DeltaSchema.from_arrow(pa.schema(missing)).fields))
+    except Exception:  # noqa: BLE001 - another writer may have added them first
+        again = open_table(storage, table)
+        if again is None or any(f.name not in {g.name for g in again.schema().fields} for f in missing):
+            raise
+    log.info("table %s: added column(s) %s", table, ", ".join(f.name for f in missing))
+    return [f.name for f in missing]
+
+
+def due_retries(storage: Storage, source: str, day: str, now: datetime) -> pa.Table:
+    """The latest ``downloads`` row of each ``(source, post_id, url)`` of ``source`` that a run
+    for ``day`` should try again: ``next_attempt_at`` set and passed (see
+    :func:`pipeline.scrape.download.next_attempt_at`), and no row of the URL in partition
+    ``dt=day`` (a try there would replace it). Columns: post_id, url, status, attempt."""
+    columns = ["dt", "source", "post_id", "url", "status", "attempt", "next_attempt_at", "attempted_at"]
+    rows = read_table(storage, "downloads", columns=columns)
+    # Filtered here, not in the scan: the columns are absent from files written before they existed.
+    rows = rows.filter(pc.equal(rows["source"], source))
+    if not rows.num_rows:
+        return rows.select(["post_id", "url", "status", "attempt"])
+    order = rows.append_column("try", pc.fill_null(rows["attempt"], 1)).sort_by([("try", "ascending"),
+                                                                                ("attempted_at", "ascending")])
+    in_day = order.filter(pc.equal(order["dt"], day))
+    taken = set(zip(in_day["post_id"].to_pylist(), in_day["url"].to_pylist(), strict=True))
+    latest = last_per_key(order, ["source", "post_id", "url"])
+    due = latest.filter(pc.and_(pc.is_valid(latest["next_attempt_at"]),
+                                pc.less_equal(latest["next_attempt_at"], pa.scalar(now, type=latest["next_attempt_at"].type))))
+    if taken:
+        keep = [(p, u) not in taken for p, u in zip(due["post_id"].to_pylist(), due["url"].to_pylist(), strict=True)]
+        due = due.filter(pa.array(keep, pa.bool_()))
+    return due.select(["post_id", "url", "status", "try"]).rename_columns(["post_id", "url", "status", "attempt"])
+
+
 class DayBuffer:
     """Rows waiting for the next flush into the day's partitions."""
 
@@ -284,7 +357,8 @@ def scrape(cfg: Config, instance: str, hashtag: str, logical_date: str | date | 
     except crawl_lease.CrawlBusy as exc:  # not a failure: the scrape that holds it reads these posts
         log.warning("scrape %s %s #%s: nothing to do: %s", platform, instance, hashtag, exc)
         return {"source": platform, "instance": instance, "hashtag": hashtag, "date": day, "pages": 0, "seen": 0,
-                "kept": 0, "skipped": {}, "downloads": {}, "images": 0, "stopped": f"busy: {exc}", "state": key,
+                "kept": 0, "skipped": {}, "downloads": {}, "retried": 0, "images": 0, "stopped": f"busy: {exc}",
+                "state": key,
                 "rows_written": {}, "elapsed_s": round(time.monotonic() - started, 2)}
     client = HttpClient(cfg.scrape)
     try:
@@ -359,7 +433,9 @@ class Crawl:
         self.salt = salt_for(cfg, [self.instance])
         self.tombstones = load_tombstones(storage, self.salt)
         self.forgotten_ids: set[str] = set()  # read but forgotten: no state interval may end on one
+        self.now = now
         self.downloader = Downloader(cfg.scrape, storage, client, source=source.kind, now=now)
+        add_missing_columns(storage, "downloads")  # attempt, next_attempt_at on a table that predates them
 
         # What was read, kept or skipped, for the summary.
         self.page_count = 0
@@ -367,6 +443,7 @@ class Crawl:
         self.skipped: Counter[str] = Counter()  # statuses not kept, by reason (SKIP_REASONS)
         self.download_statuses: Counter[str] = Counter()  # attempted image URLs, by download status
         self.image_hashes: set[str] = set()  # sha256 of the images stored this run
+        self.retried = 0  # image URLs of earlier runs tried again
 
         # What the next flush makes durable.
         self.refs: list[dict[str, str]] = []  # what a re-read needs (Bluesky: the at:// URI), kept as crawl state
@@ -382,9 +459,12 @@ class Crawl:
     def run(self) -> dict[str, Any]:
         """Walk the timeline, flushing as it goes and at the end; record and return the summary.
 
-        Whatever stops the walk, what was read is flushed (and covered) first: a rate limit ends
-        the run early but normally; any other error is raised after the flush."""
+        Whatever stops the walk, what was read is flushed (and covered) first: a rate limit, or
+        an API response refused for its size, its time or its next link
+        (:class:`~pipeline.scrape.sources.base.ResponseRefused`), ends the run early but normally,
+        its summary's ``stopped`` saying why; any other error is raised after the flush."""
         try:
+            self.retry_due()
             for page in self.pages():
                 self.take(page)
             self.flush()
@@ -393,6 +473,13 @@ class Crawl:
             self.flush()
             self.coverage.stop = f"rate limited: {exc}"
             log.warning("scrape %s #%s: stopped early, state saved: %s", self.instance, self.hashtag, exc)
+        except ResponseRefused as exc:
+            # The service answered outside what a scrape accepts: what it sent before is kept and
+            # covered; the same page is asked for again by the next run.
+            self.flush()
+            self.coverage.stop = f"{type(exc).__name__}: {exc}"
+            log.warning("scrape %s %s #%s: stopped early, state saved: %s: %s", self.platform, self.instance,
+                        self.hashtag, type(exc).__name__, exc)
         except BaseException:
             # Keep what was read: flush it (and cover it) before failing, unless the flush itself fails.
             try:
@@ -405,6 +492,44 @@ class Crawl:
         summary = self.summary()
         self.record(summary)
         return summary
+
+    def retry_due(self) -> None:
+        """Start the downloads of this timeline's due retries (module doc, "Tries again")."""
+        due = due_retries(self.storage, self.platform, self.day, self.now())
+        if not due.num_rows:
+            return
+        posts = read_table(self.storage, "posts", columns=["source", "instance", "hashtag", "post_id", "author_key"])
+        posts = posts.filter(pc.and_(pc.and_(pc.equal(posts["source"], self.platform),
+                                             pc.equal(posts["instance"], self.instance)),
+                                     pc.and_(pc.equal(posts["hashtag"], self.hashtag),
+                                             pc.is_in(posts["post_id"], value_set=due["post_id"]))))
+        authors = dict(zip(posts["post_id"].to_pylist(), posts["author_key"].to_pylist(), strict=True))
+        refs = load_refs(self.storage, self.platform, self.host, authors) if authors else {}
+        for post_id, stored_url, attempt in zip(due["post_id"].to_pylist(), due["url"].to_pylist(),
+                                                due["attempt"].to_pylist(), strict=True):
+            author_key = authors.get(post_id)
+            if author_key is None:  # another timeline's post (or one forgotten since)
+                continue
+            if self.tombstones and self.tombstones.covers(author_key, self.instance, post_id):
+                continue
+            url = self.source.retry_url(post_id, stored_url, refs.get(post_id))
+            self.retried += 1
+            if url is None:
+                self.collect([self.unrecoverable(post_id, stored_url, attempt + 1)])
+                continue
+            self.collect(self.downloader.submit(post_id, url, stored_url, attempt + 1))
+        log.info("scrape %s %s #%s: trying %d image(s) of earlier runs again", self.platform, self.instance,
+                 self.hashtag, self.retried)
+
+    def unrecoverable(self, post_id: str, stored_url: str, attempt: int) -> Downloaded:
+        """The final row of a URL a retry cannot fetch: the stored form had the author blanked
+        out of it, and the platform could not give the real one back."""
+        return Downloaded({
+            "source": self.platform, "post_id": post_id, "url": stored_url, "status": "bad_url", "http_status": None,
+            "error": f"not tried again: the author was blanked out of {stored_url} and the post's image URL "
+                     "could not be read back (post deleted, or its reference gone)",
+            "bytes": 0, "elapsed_ms": 0.0, "attempts": 0, "sha256": None, "attempted_at": self.now(),
+            "attempt": attempt, "next_attempt_at": None}, None)
 
     def pages(self) -> Iterator[Page]:
         """The timeline's pages in walk order, from :attr:`start` down.
@@ -440,6 +565,8 @@ class Crawl:
         self.bar.set_postfix(kept=self.kept, images=len(self.image_hashes), refresh=False)
         if self.unflushed >= self.flush_every:
             self.flush()
+        if page.stop_error is not None:  # the page's own statuses are taken; the walk goes no further
+            raise page.stop_error
 
     def keep(self, item: Item) -> None:
         """Buffer a status's post and engagement rows and start its downloads, or count why not."""
@@ -506,7 +633,8 @@ class Crawl:
             "pages": self.page_count, "seen": self.kept + sum(self.skipped.values()), "kept": self.kept,
             "skipped": dict(sorted(self.skipped.items())),
             "downloads": dict(sorted(self.download_statuses.items())),
-            "images": len(self.image_hashes), "stopped": self.coverage.stop, "state": self.state_key,
+            "retried": self.retried, "images": len(self.image_hashes), "stopped": self.coverage.stop,
+            "state": self.state_key,
             "rows_written": dict(sorted(self.buffer.written.items())), "elapsed_s": round(time.monotonic() - self.started, 2),
         }
 
@@ -531,6 +659,7 @@ def format_summary(s: dict[str, Any]) -> str:
     ]
     for reason, n in s["skipped"].items():
         lines.append(f"  skipped {reason:<15} {n:>8}")
+    lines.append(f"  tried again     {s.get('retried', 0):>8}  (images of earlier runs that were due)")
     lines.append(f"  images stored   {s['images']:>8}")
     for status, n in s["downloads"].items():
         lines.append(f"  download {status:<14} {n:>8}")
@@ -576,15 +705,19 @@ def scrape_pairs(cfg: Config, instances: list[str] | None = None, hashtags: list
 
 def merge_summaries(summaries: list[dict[str, Any]]) -> dict[str, Any]:
     """Add up per-pair scrape summaries (for a DAG run's log and XCom)."""
-    out: dict[str, Any] = {"pairs": len(summaries), "seen": 0, "kept": 0, "images": 0,
-                           "skipped": Counter(), "downloads": Counter(), "sources": {}}
+    out: dict[str, Any] = {"pairs": len(summaries), "seen": 0, "kept": 0, "images": 0, "retried": 0,
+                           "skipped": Counter(), "downloads": Counter(), "sources": {}, "stopped": {}}
     for s in summaries:
-        for k in ("seen", "kept", "images"):
+        for k in ("seen", "kept", "images", "retried"):
             out[k] += s.get(k, 0)
         per = out["sources"].setdefault(s.get("source", "mastodon"), {"seen": 0, "kept": 0})
         per["seen"] += s.get("seen", 0)
         per["kept"] += s.get("kept", 0)
         out["skipped"].update(s.get("skipped", {}))
         out["downloads"].update(s.get("downloads", {}))
+        # Why each task's walk ended: a rate limit or a refused response (too large, too slow, a
+        # next link off the instance) is named here, not only in that task's log.
+        out["stopped"][f"{s.get('source', 'mastodon')} {s.get('instance', '')} #{s.get('hashtag', '')}"] = \
+            s.get("stopped", "")
     out["skipped"], out["downloads"] = dict(out["skipped"]), dict(out["downloads"])
     return out

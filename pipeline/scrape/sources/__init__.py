@@ -10,15 +10,19 @@ interface does not import every platform's dependencies.
 
 from pipeline.scrape.sources.base import (
     SKIP_REASONS,
+    CrossOriginLink,
     Item,
     Observation,
     OptedOut,
     Page,
     Post,
+    ResponseRefused,
+    ResponseTooLarge,
+    ResponseTooSlow,
     Source,
     SourceError,
     SourceRateLimited,
 )
 
-__all__ = ["SKIP_REASONS", "Item", "Observation", "OptedOut", "Page", "Post", "Source", "SourceError",
-           "SourceRateLimited"]
+__all__ = ["SKIP_REASONS", "CrossOriginLink", "Item", "Observation", "OptedOut", "Page", "Post", "ResponseRefused",
+           "ResponseTooLarge", "ResponseTooSlow", "Source", "SourceError", "SourceRateLimited"]

@@ -12,6 +12,10 @@ from abc import ABC, abstractmethod
 from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass, field
 from datetime import datetime
+from urllib.parse import urlsplit
+
+from pipeline.core.config import ScrapeConfig
+from pipeline.scrape.http import FetchResult
 
 #: Why a status was not kept. Every skipped status is counted under exactly one of these.
 SKIP_REASONS = {
@@ -37,6 +41,46 @@ class SourceRateLimited(SourceError):
     def __init__(self, message: str, retry_after_s: float):
         super().__init__(message)
         self.retry_after_s = retry_after_s
+
+
+class ResponseRefused(SourceError):
+    """An API response broke a bound the scrape sets on what it accepts (its size, its time,
+    where its next-page link points). Not read: the (platform, instance, hashtag) run ends with
+    what it read kept and its crawl state saved, and its summary names this error.
+
+    ``url`` is the request's URL as shown (no credential, no author); ``limit`` names the bound."""
+
+    def __init__(self, message: str, *, url: str, limit: str):
+        super().__init__(message)
+        self.url, self.limit = url, limit
+
+
+class ResponseTooLarge(ResponseRefused):
+    """The body passed ``scrape.max_api_bytes``."""
+
+
+class ResponseTooSlow(ResponseRefused):
+    """The call did not complete within ``scrape.api_total_timeout_s`` (every attempt, wait and byte)."""
+
+
+class CrossOriginLink(ResponseRefused):
+    """A next-page link names another origin (scheme, host, port) than the instance's: its posts
+    would be stored as the instance's, and the token would follow it. Not followed."""
+
+
+def refused(res: FetchResult, shown: str, cfg: ScrapeConfig) -> ResponseRefused | None:
+    """The :class:`ResponseRefused` an API fetch comes to, or None: its body passed
+    ``max_api_bytes`` or its time passed ``api_total_timeout_s``. ``shown`` is the URL as errors
+    may show it."""
+    if res.status == "too_large":
+        return ResponseTooLarge(f"API response from {shown} is larger than scrape.max_api_bytes = "
+                                f"{cfg.max_api_bytes} bytes; not read", url=shown,
+                                limit=f"scrape.max_api_bytes = {cfg.max_api_bytes}")
+    if res.over_budget:
+        return ResponseTooSlow(f"API response from {shown} not complete within scrape.api_total_timeout_s = "
+                               f"{cfg.api_total_timeout_s:g} s ({res.body_bytes} bytes read); not read", url=shown,
+                               limit=f"scrape.api_total_timeout_s = {cfg.api_total_timeout_s:g}")
+    return None
 
 
 @dataclass
@@ -115,6 +159,9 @@ class Page:
     #: statuses that could not even be placed (no id at all), by reason
     unplaced: dict[str, int] = field(default_factory=dict)
     next_url: str | None = None
+    #: Raised once the page's statuses are taken: the walk ends after this page (a next link
+    #: that was refused, say), with what it read kept.
+    stop_error: SourceError | None = None
 
 
 class Source(ABC):
@@ -143,6 +190,13 @@ class Source(ABC):
     def server_now(self) -> datetime:
         """The service's clock (its ``Date`` header): the refresh computes post ages on it.
         Raises :class:`SourceError` when the service cannot be reached."""
+
+    def retry_url(self, post_id: str, stored_url: str, ref: str | None = None) -> str | None:
+        """The URL to fetch when a later run tries an image again, from the form the
+        ``downloads`` row stored (``image_urls``: any path segment naming the author blanked to
+        ``_``) and the post's reference (:attr:`Post.ref`, from ``post_refs``); None when it
+        cannot be recovered. Here: the stored URL, where nothing was blanked out of it."""
+        return None if "_" in urlsplit(stored_url).path.split("/") else stored_url
 
     def close(self) -> None:  # noqa: B027 - optional hook
         pass

@@ -74,6 +74,7 @@ from urllib.parse import quote, urlencode, urlsplit
 from pipeline.core.crawl_state import id_key
 from pipeline.scrape.http import FetchResult, HttpClient, origin
 from pipeline.scrape.sources.base import (
+    CrossOriginLink,
     Item,
     Observation,
     OptedOut,
@@ -82,6 +83,7 @@ from pipeline.scrape.sources.base import (
     Source,
     SourceError,
     SourceRateLimited,
+    refused,
 )
 from pipeline.scrape.sources.mastodon import parse_time, server_time, without_handles
 
@@ -463,11 +465,14 @@ class BlueskySource(Source):
         headers = {"Accept": "application/json"}
         if bearer is not None:
             headers["Authorization"] = f"Bearer {bearer.value}"
-        res = self.client.fetch(url, method="POST", headers=headers, json_body=body,
-                                idempotent=idempotent, error_body=True)
+        res = self.client.fetch_api(url, method="POST", headers=headers, json_body=body,
+                                    idempotent=idempotent, error_body=True)
         self._service_time = server_time(res.headers) or self._service_time
         if res.retry_after_s is not None:
             raise SourceRateLimited(self._scrub(res.error or f"{url}: rate limited"), res.retry_after_s)
+        too_much = refused(res, url, self.client.cfg)
+        if too_much is not None:
+            raise too_much
         if not res.ok:
             code, message = _xrpc_error(res)
             detail = f" ({code}: {message[:200]})" if code else ""
@@ -529,21 +534,32 @@ class BlueskySource(Source):
         """GET an XRPC URL of this service with the session's token; return its parsed JSON
         and the response headers. An expired token is renewed once; bodies that are not JSON
         (an HTML error page from a proxy is usually transient) are retried. Raises
-        :class:`SourceError` naming ``shown`` (default: the URL) when it cannot be read."""
+        :class:`SourceError` naming ``shown`` (default: the URL) when it cannot be read, a
+        :class:`~pipeline.scrape.sources.base.ResponseRefused` when it passes the API's bounds or
+        is not on the service's origin (the search's next page is built here from its cursor, so
+        only a bug could ask for one)."""
         shown = shown or url
-        if origin(url) != origin(self.instance):  # the token belongs to this service alone
-            raise ValueError(f"{shown}: not a URL of {self.instance}")
+        try:
+            foreign = origin(url) != origin(self.instance)
+        except ValueError:
+            foreign = True
+        if foreign:  # the token belongs to this service alone
+            raise CrossOriginLink(f"{shown}: not a URL of {self.instance}; not requested", url=shown,
+                                  limit=f"the origin of {self.instance}")
         renewed = False
         problem = ""
         tries = self.client.cfg.retries + 1
         attempt = 0
         while attempt < tries:
             token = self._access_token()
-            res = self.client.fetch(url, headers={"Accept": "application/json",
-                                                  "Authorization": f"Bearer {token.value}"}, error_body=True)
+            res = self.client.fetch_api(url, headers={"Accept": "application/json",
+                                                      "Authorization": f"Bearer {token.value}"}, error_body=True)
             error = self._scrub((res.error or "").replace(url, shown))
             if res.retry_after_s is not None:
                 raise SourceRateLimited(error or f"{shown}: rate limited", res.retry_after_s)
+            too_much = refused(res, shown, self.client.cfg)
+            if too_much is not None:
+                raise too_much
             if not res.ok:
                 code, message = _xrpc_error(res)
                 if res.http_status in (400, 401) and code in TOKEN_ERRORS:
@@ -658,6 +674,19 @@ class BlueskySource(Source):
                 page.items.append(item)
         page.items.sort(key=lambda it: id_key(it.post_id), reverse=True)
         return page
+
+    def retry_url(self, post_id: str, stored_url: str, ref: str | None = None) -> str | None:
+        """The CDN URL with the author's DID back in the segment the stored form blanked
+        (``/img/feed_fullsize/plain/<did>/<cid>@jpeg``); None without the post's ``at://`` ref."""
+        parts = split_at_uri(ref) if ref else None
+        if parts is None:
+            return super().retry_url(post_id, stored_url)
+        did = parts[0]
+        try:
+            url = urlsplit(stored_url)
+        except ValueError:
+            return None
+        return url._replace(path="/".join(did if seg == "_" else seg for seg in url.path.split("/"))).geturl()
 
     # ---------------------------------------------------------------- re-reads
 

@@ -44,6 +44,7 @@ from requests.utils import parse_header_links
 from pipeline.core.crawl_state import id_key
 from pipeline.scrape.http import HttpClient, origin
 from pipeline.scrape.sources.base import (
+    CrossOriginLink,
     Item,
     Observation,
     OptedOut,
@@ -52,6 +53,7 @@ from pipeline.scrape.sources.base import (
     Source,
     SourceError,
     SourceRateLimited,
+    refused,
 )
 
 log = logging.getLogger(__name__)
@@ -249,15 +251,19 @@ class MastodonSource(Source):
     def get_json(self, url: str) -> tuple[Any, dict[str, str]]:
         """GET an API URL; return its parsed JSON and the response headers. Bodies that are
         not JSON (an HTML error page from a proxy is usually transient) are retried; raises
-        :class:`SourceError` naming the URL when the page cannot be read."""
+        :class:`SourceError` naming the URL when the page cannot be read, a
+        :class:`~pipeline.scrape.sources.base.ResponseRefused` when it passes the API's bounds."""
         # The token goes only to the instance itself, never to a host a Link header names.
         headers = self._headers if self._same_instance(url) else {"Accept": "application/json"}
         problem = ""
         tries = self.client.cfg.retries + 1
         for attempt in range(tries):
-            res = self.client.fetch(url, headers=headers)
+            res = self.client.fetch_api(url, headers=headers)
             if res.retry_after_s is not None:
                 raise SourceRateLimited(res.error or f"{url}: rate limited", res.retry_after_s)
+            too_much = refused(res, url, self.client.cfg)
+            if too_much is not None:
+                raise too_much
             if not res.ok:
                 hint = " (the instance may need an access token: source.token_env)" if res.http_status in (401, 403) else ""
                 raise SourceError(f"cannot read {url}: {res.status}: {res.error}{hint}")
@@ -280,7 +286,11 @@ class MastodonSource(Source):
 
     def read_page(self, url: str, hashtag: str) -> Page:
         """One timeline page: every status as an :class:`Item`, newest first, and the next URL
-        (the ``Link`` header's ``rel="next"``, else ``max_id`` = the oldest id on the page)."""
+        (the ``Link`` header's ``rel="next"``, else ``max_id`` = the oldest id on the page).
+
+        A ``rel="next"`` on another origin (scheme, host, port) than the instance is not
+        followed: its statuses would be stored as this instance's. The page's own statuses are
+        kept and the walk ends after them (:attr:`Page.stop_error`, a :class:`CrossOriginLink`)."""
         data, headers = self.get_json(url)
         if not isinstance(data, list):
             detail = f" ({str(data.get('error'))[:200]})" if isinstance(data, dict) and data.get("error") else ""
@@ -304,16 +314,45 @@ class MastodonSource(Source):
                     except ValueError:
                         log.warning("%s: malformed Link rel=next %r; paging by max_id instead", url, link["url"][:200])
                         page.next_url = None
+                    if page.next_url is not None and not self._same_instance(page.next_url):
+                        shown = page.next_url[:200]
+                        page.stop_error = CrossOriginLink(
+                            f"{url}: Link rel=next {shown} is not on {self.instance} (scheme, host and port must "
+                            "match); not followed", url=shown, limit=f"the origin of {self.instance}")
+                        page.next_url = None
+                        return page
             if page.next_url is None and page.items:
                 page.next_url = self.page_url(hashtag, page.items[-1].post_id)
         return page
+
+    def retry_url(self, post_id: str, stored_url: str, ref: str | None = None) -> str | None:
+        """The stored URL, or where the author's handle was blanked out of it, the attachment's
+        URL as the status gives it now (one re-read); None when the status cannot be read or no
+        longer has that image."""
+        plain = super().retry_url(post_id, stored_url)
+        if plain is not None:
+            return plain
+        res = self.client.fetch_api(f"{self.instance}/api/v1/statuses/{quote(post_id, safe='')}",
+                                    headers=self._headers)
+        if not res.ok:
+            return None
+        try:
+            status = json.loads(res.body)
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            return None
+        item = normalize_status(status, instance=self.instance, hashtag="", author_key=self.author_key,
+                                scraped_at=self.now(), source=self.kind)
+        if item is None or item.post is None:
+            return None
+        fetch_urls = item.post.fetch_urls or item.post.image_urls
+        return dict(zip(item.post.image_urls, fetch_urls, strict=True)).get(stored_url)
 
     def max_id_before(self, when: datetime) -> str:
         # Mastodon status ids are snowflakes: creation time in ms, shifted past 16 random bits.
         return str(int(when.timestamp() * 1000) << 16)
 
     def server_now(self) -> datetime:
-        res = self.client.fetch(f"{self.instance}/api/v1/instance", headers=self._headers)
+        res = self.client.fetch_api(f"{self.instance}/api/v1/instance", headers=self._headers)
         if res.status in ("connection_error", "timeout", "blocked"):
             raise SourceError(f"{self.instance}: unreachable ({res.error})")
         return server_time(res.headers) or self.now()
@@ -334,7 +373,7 @@ class MastodonSource(Source):
 
         def one(pid: str) -> tuple[str, Observation | OptedOut | str]:
             url = f"{self.instance}/api/v1/statuses/{quote(pid, safe='')}"
-            res = self.client.fetch(url, headers=self._headers)
+            res = self.client.fetch_api(url, headers=self._headers)
             if res.http_status in (404, 410):
                 return pid, "deleted"
             if not res.ok:
