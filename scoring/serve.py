@@ -49,7 +49,7 @@ import json
 import logging
 import socket
 import threading
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from importlib import resources
@@ -124,8 +124,10 @@ class Batcher:
     ``bench/serve.py``); either way one model call runs at a time, on its own thread.
     """
 
-    def __init__(self, model: Model, *, max_rows: int, wait_s: float, batching: bool = True):
+    def __init__(self, model: Model, *, max_rows: int, wait_s: float, batching: bool = True,
+                 at_work: Callable[[], int] = lambda: 1 << 30):
         self.model, self.max_rows, self.wait_s, self.batching = model, max_rows, wait_s, batching
+        self.at_work = at_work  # requests that may still call: no waiting for company that cannot come
         self.stats = BatchStats()
         self.queue: asyncio.Queue[_Call] | None = None
         self._worker: asyncio.Task[None] | None = None
@@ -177,7 +179,7 @@ class Batcher:
                 call = self.queue.get_nowait()
             except asyncio.QueueEmpty:
                 left = deadline - loop.time()
-                if left <= 0:
+                if left <= 0 or self.at_work() <= len(calls):
                     return None
                 try:
                     call = await asyncio.wait_for(self.queue.get(), left)
@@ -269,7 +271,7 @@ class ScoringService:
         self._token = token or None  # never logged: kept out of repr and messages
         limits = cfg.serve
         self.batcher = Batcher(model, max_rows=limits.batch_max, wait_s=limits.batch_wait_ms / 1000,
-                               batching=batching)
+                               batching=batching, at_work=lambda: self.in_flight)
         # Decoding and detection: as many at once as the detector has inference workers.
         self.detect_slots = threading.BoundedSemaphore(getattr(self.detector, "infer_workers", 1))
         self.budget = ByteBudget(limits.max_buffered_bytes)
