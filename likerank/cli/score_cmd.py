@@ -27,9 +27,13 @@ def register(sub: argparse._SubParsersAction) -> None:
 
     s = sub.add_parser("serve", help="serve the model over HTTP: POST /score, GET /healthz, and a page at /",
                        description="Serves the latest registered model (or --model / --onnx) until Ctrl-C. "
-                                   "Binds 127.0.0.1 unless --host says otherwise; uploads are limited to "
-                                   "scrape.max_bytes and decoded under the face stage's guards.")
-    s.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
+                                   "Binds 127.0.0.1 unless --host says otherwise; any other address needs a "
+                                   "bearer token in $LIKERANK_SERVE_TOKEN (serve.token_env), which every "
+                                   "request then sends as 'Authorization: Bearer <token>'. Uploads (JPEG, PNG, "
+                                   "WebP) are limited to scrape.max_bytes and decoded under the face stage's "
+                                   "guards; the [serve] settings bound connections, time and concurrent work.")
+    s.add_argument("--host", default="127.0.0.1",
+                   help="address to bind (default 127.0.0.1: this machine only; another needs $LIKERANK_SERVE_TOKEN)")
     s.add_argument("--port", type=int, default=8000, help="port (default 8000)")
     s.add_argument("--model", metavar="RUN_ID", help="a registered model run (default: the latest)")
     s.add_argument("--onnx", metavar="FILE", help="an exported model on onnxruntime")
@@ -104,22 +108,31 @@ def run_export(args: argparse.Namespace, cfg: Config) -> int:
 
 
 def run_serve(args: argparse.Namespace, cfg: Config) -> int:
+    import os
     import signal
     import threading
 
-    from scoring.serve import ScoringService, serve
+    from scoring.serve import ScoringService, ServeRefused, check_exposure, serve
 
+    token = os.environ.get(cfg.serve.token_env) or None
+    try:
+        check_exposure(args.host, token, cfg.serve.token_env)  # before loading a model: refuse at once
+    except ServeRefused as exc:
+        print(f"likerank serve: {exc}", file=sys.stderr)
+        return 2
     model = _load_model(args, cfg, "serve")
     if model is None:
         return 2
     try:
-        server = serve(ScoringService(cfg, model), args.host, args.port)
+        server = serve(ScoringService(cfg, model, token=token), args.host, args.port)
     except OSError as exc:
         print(f"likerank serve: cannot listen on {args.host}:{args.port}: {exc.strerror or exc}", file=sys.stderr)
         return 2
-    host, port = server.server_address[:2]
-    print(f"likerank serve: model {model.spec.run_id} on http://{host}:{port}/ (POST /score, GET /healthz); "
-          "Ctrl-C stops it", flush=True)
+    limits = cfg.serve
+    print(f"likerank serve: model {model.spec.run_id} on {server.url}/ (POST /score, GET /healthz); "
+          f"{'bearer token from $' + limits.token_env + ' required' if token else 'no token: this machine only'}; "
+          f"{limits.max_concurrent} requests at once, uploads up to {cfg.scrape.max_bytes} bytes; Ctrl-C stops it",
+          flush=True)
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     try:

@@ -324,6 +324,49 @@ class TrainingConfig:
 
 
 @dataclass
+class ServeConfig:
+    max_concurrent: int = doc("Requests decoded, detected and scored at once by `likerank serve`; one more "
+                              "is answered 503 with Retry-After (uploads still arriving do not count).",
+                              default=16)
+    max_connections: int = doc("Open connections plus running requests; past it uvicorn answers 503 at once "
+                               "(its limit_concurrency).", default=128)
+    max_buffered_bytes: int = doc("Upload bytes held in memory across all requests at once, bytes (each upload "
+                                  "is also capped by scrape.max_bytes); a request that would pass it gets 503.",
+                                  default=200_000_000)
+    head_timeout_s: float = doc("A request's line and headers must arrive within this many seconds of the "
+                                "connection opening or of the previous response, else the connection is closed.",
+                                default=10.0)
+    body_timeout_s: float = doc("An upload must arrive whole within this many seconds of its headers, else "
+                                "408 and the connection is closed.", default=10.0)
+    keep_alive_s: int = doc("An idle kept-alive connection is closed after this many seconds (uvicorn's "
+                            "timeout_keep_alive).", default=5)
+    batch_max: int = doc("Most crops in one model call: the crops of requests arriving together are scored "
+                         "in one batch (a request's own batch, e.g. its best-crop grid, is never split).",
+                         default=128)
+    batch_wait_ms: float = doc("How long a model call waits for more requests to join it, milliseconds.",
+                               default=5.0)
+    retry_after_s: int = doc("Seconds a busy answer (503) asks the client to wait (Retry-After).", default=1)
+    token_env: str = doc("Environment variable with the bearer token clients must send "
+                         "(Authorization: Bearer <token>); required to listen beyond loopback. Never logged.",
+                         default="LIKERANK_SERVE_TOKEN")
+
+    def validate(self) -> None:
+        for name in ("max_concurrent", "max_connections", "max_buffered_bytes", "keep_alive_s", "batch_max",
+                     "retry_after_s"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name}: must be >= 1")
+        for name in ("head_timeout_s", "body_timeout_s"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name}: must be > 0")
+        if self.batch_wait_ms < 0:
+            raise ValueError("batch_wait_ms: must be >= 0")
+        if self.max_connections <= self.max_concurrent:
+            raise ValueError("max_connections: must be > max_concurrent (connections also wait for uploads)")
+        if not self.token_env:
+            raise ValueError("token_env: must name an environment variable")
+
+
+@dataclass
 class Config:
     storage: StorageConfig = field(default_factory=StorageConfig)
     source: SourceConfig = field(default_factory=SourceConfig)
@@ -333,6 +376,7 @@ class Config:
     labeling: LabelingConfig = field(default_factory=LabelingConfig)
     validation: ValidationConfig = field(default_factory=ValidationConfig)
     training: TrainingConfig = field(default_factory=TrainingConfig)
+    serve: ServeConfig = field(default_factory=ServeConfig)
     #: "section.field" -> where its value came from ("default", "file <path>", "env VAR", "flag").
     origins: dict[str, str] = field(default_factory=dict, repr=False, compare=False)
 
