@@ -230,6 +230,29 @@ def _check_partition_value(table: str, value: str) -> None:
         raise ValueError(f"table {table}: bad partition value {value!r}")
 
 
+def open_for_write(storage: Storage, table: str):
+    """:func:`open_table`, with the nullable columns the table's schema gained since it was
+    created added first (rows written before read them as null): delta-rs's MERGE silently
+    drops a source column its target lacks, and an overwrite refuses the new schema."""
+    from deltalake import Schema as DeltaSchema
+
+    dt = open_table(storage, table)
+    if dt is None:
+        return None
+    have = {fld.name for fld in dt.schema().fields}
+    missing = [fld for fld in delta_schema(table) if fld.name not in have]
+    if not missing:
+        return dt
+    try:
+        dt.alter.add_columns(list(DeltaSchema.from_arrow(pa.schema(missing)).fields))
+    except Exception:  # noqa: BLE001 - another writer may have added them first
+        again = open_table(storage, table)
+        if again is None or any(f.name not in {g.name for g in again.schema().fields} for f in missing):
+            raise
+    log.info("table %s: added column(s) %s", table, ", ".join(f.name for f in missing))
+    return open_table(storage, table)
+
+
 def write_partition(storage: Storage, table: str, value: str,
                     data: pa.Table | Callable[[], Iterable[pa.Table]]) -> str:
     """Replace partition ``value`` of ``table`` with ``data`` in one commit; return its URI.
@@ -246,7 +269,7 @@ def write_partition(storage: Storage, table: str, value: str,
     uri, options = location(storage, table)
 
     def attempt() -> None:
-        exists = open_table(storage, table) is not None
+        exists = open_for_write(storage, table) is not None
         stream = _Stream(table, pieces(), value)
         try:
             write_deltalake(uri, stream.reader(), mode="overwrite" if exists else "append",
@@ -280,7 +303,7 @@ def merge_rows(storage: Storage, table: str, rows: pa.Table, *, partition_value:
     def attempt() -> MergeCounts:
         from deltalake import write_deltalake
 
-        dt = open_table(storage, table)
+        dt = open_for_write(storage, table)
         if dt is None:
             write_deltalake(uri, batch, mode="append", partition_by=[t.partition] if t.partition else None,
                             configuration=table_configuration(table), storage_options=options,
@@ -380,12 +403,22 @@ def dataset(storage: Storage, table: str, partitions: list[str] | None = None,
 def read_table(storage: Storage, table: str, partitions: list[str] | None = None,
                columns: list[str] | None = None, filter: Any = None, version: int | None = None) -> pa.Table:
     """Rows of the table (or of some partitions, some columns, matching ``filter``), in the
-    types of its schema."""
-    if filter is None:
-        data = _with_retries(table, "a read", lambda: dataset(storage, table, partitions, version).to_table(columns=columns))
-        return _declared_types(table, data)
-    return _with_retries(table, "a read", lambda: _read_filtered(
-        dataset(storage, table, partitions, version), table, columns, filter))
+    types of its schema. A column the schema gained after the table was written reads as null."""
+    def read() -> pa.Table:
+        data = dataset(storage, table, partitions, version)
+        have = set(data.schema.names)
+        wanted = columns if columns is not None else [*data.schema.names,
+                                                      *[f.name for f in spec(table).schema if f.name not in have]]
+        stored = [c for c in wanted if c in have]
+        rows = (_declared_types(table, data.to_table(columns=stored)) if filter is None
+                else _read_filtered(data, table, stored, filter))
+        for name in wanted:
+            if name not in have:  # only nullable columns are ever added to a schema
+                field = spec(table).schema.field(name)
+                rows = rows.append_column(field, pa.nulls(rows.num_rows, field.type))
+        return rows.select(wanted)
+
+    return _with_retries(table, "a read", read)
 
 
 def _read_filtered(data: ds.Dataset, table: str, columns: list[str] | None, filter: Any) -> pa.Table:

@@ -75,11 +75,9 @@ from pipeline.core.pseudonym import author_keyer, is_started_simulator, key_requ
 from pipeline.core.schemas import TABLES
 from pipeline.core.storage import Storage, open_storage
 from pipeline.core.tables import (
-    delta_schema,
     get_json,
     last_per_key,
     merge_rows,
-    open_table,
     put_json,
     read_table,
 )
@@ -203,29 +201,6 @@ def merge_partition(storage: Storage, table: str, value: str, rows: list[dict]) 
     counts = merge_rows(storage, table, pa.Table.from_pylist(rows, schema=TABLES[table].schema),
                         partition_value=value, operation=f"scrape {table}")
     return counts.inserted + counts.updated
-
-
-def add_missing_columns(storage: Storage, table: str) -> list[str]:
-    """Add to an existing Delta table the nullable columns its schema gained since it was
-    created (a merge would drop them silently); return their names. Rows written before read
-    them as null."""
-    from deltalake import Schema as DeltaSchema
-
-    dt = open_table(storage, table)
-    if dt is None:
-        return []
-    have = {fld.name for fld in dt.schema().fields}
-    missing = [fld for fld in delta_schema(table) if fld.name not in have]
-    if not missing:
-        return []
-    try:
-        dt.alter.add_columns(list(DeltaSchema.from_arrow(pa.schema(missing)).fields))
-    except Exception:  # noqa: BLE001 - another writer may have added them first
-        again = open_table(storage, table)
-        if again is None or any(f.name not in {g.name for g in again.schema().fields} for f in missing):
-            raise
-    log.info("table %s: added column(s) %s", table, ", ".join(f.name for f in missing))
-    return [f.name for f in missing]
 
 
 def due_retries(storage: Storage, source: str, day: str, now: datetime) -> pa.Table:
@@ -435,7 +410,6 @@ class Crawl:
         self.forgotten_ids: set[str] = set()  # read but forgotten: no state interval may end on one
         self.now = now
         self.downloader = Downloader(cfg.scrape, storage, client, source=source.kind, now=now)
-        add_missing_columns(storage, "downloads")  # attempt, next_attempt_at on a table that predates them
 
         # What was read, kept or skipped, for the summary.
         self.page_count = 0
