@@ -18,7 +18,6 @@ simulator's truth (:func:`evaluate_run`).
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -30,6 +29,7 @@ from labeling.eligibility import CANDIDATES
 from pipeline.core import keys
 from pipeline.core.config import Config
 from pipeline.core.storage import Storage, open_storage
+from pipeline.core.truth import coverage_line, match_id
 
 AUC_DEFINITION = ("P(quality of a random positive > quality of a random negative), ties half "
                   "(ROC-AUC of true quality as a score for the label)")
@@ -86,26 +86,9 @@ def evaluate_rows(rows: pd.DataFrame, cfg: Config, labelers: tuple[str, ...] = L
     return report
 
 
-def load_truth(path: str | Path) -> pd.DataFrame:
-    """Ground truth (post_id, quality [, has_face]) from a Parquet or CSV file.
-
-    Ground truth reaches evaluation only as a file: ``likerank sim truth`` writes the
-    simulator's, and ``make run`` writes one beside its logs.
-    """
-    path = Path(path)
-    if path.suffix.lower() == ".csv":
-        truth = pd.read_csv(path, dtype={"post_id": str})
-    else:
-        truth = pd.read_parquet(path)
-    missing = [c for c in ("post_id", "quality") if c not in truth.columns]
-    if missing:
-        raise ValueError(f"truth {path}: missing column(s) {', '.join(missing)}")
-    keep = [c for c in ("post_id", "quality", "has_face") if c in truth.columns]
-    return truth[keep].assign(post_id=truth["post_id"].astype(str))
-
-
 def evaluate_run(cfg: Config, run_id: str, truth: pd.DataFrame, storage: Storage | None = None) -> dict[str, Any]:
-    """Join labels run ``run_id`` with ``truth``, rerun every labeler on its rows, score them.
+    """Join labels run ``run_id`` with ``truth`` (:func:`pipeline.core.truth.load_truth`), rerun
+    every labeler on its rows, score them.
 
     Also scores the run's own stored labels (``stored``); saves the report as
     ``labels/run=<run_id>/_eval.json`` and returns it.
@@ -115,7 +98,7 @@ def evaluate_run(cfg: Config, run_id: str, truth: pd.DataFrame, storage: Storage
 
     storage = storage or open_storage(cfg.storage)
     labels = read_labels_frame(storage, run_id)
-    rows = labels.merge(truth, on="post_id", how="inner")
+    rows = labels.assign(match_id=labels["post_id"].astype(str).map(match_id)).merge(truth, on="match_id", how="inner")
     report = evaluate_rows(rows.drop(columns=["label", "score"]), cfg)
     face = rows[rows["has_face"].astype(bool)] if "has_face" in rows else rows
     face = face[face["quality"].notna()]
@@ -137,6 +120,6 @@ def format_report(report: dict[str, Any]) -> str:
     if "stored" in report:
         s = report["stored"]
         lines.append(f"stored labels ({s['labeler']}): AUC {s['auc']:.3f}, Spearman {s['spearman']:.3f} "
-                     f"on {report['matched_truth']} of {report['labels_rows']} rows matched to truth")
+                     f"({coverage_line(report['matched_truth'], report['labels_rows'])})")
     lines.append(f"AUC = {report['auc_definition']}")
     return "\n".join(lines)

@@ -5,6 +5,8 @@ image columns describe the post's first image (the one the pipeline labels) and 
 for posts without one. ``post_id`` is the world's status id: the id the Mastodon API serves,
 and for a Bluesky post (``platform``) the id behind its at-URI (:func:`simulator.bluesky.at_uri`
 maps one to the other; :meth:`simulator.bluesky.BlueskyIndex.post_by_uri` goes back).
+``source_id`` is the part of a scraper's post id the truth can know: the Mastodon status id,
+or the Bluesky record key (likerank's Bluesky post id adds a pseudonym after it).
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from simulator.bluesky import tid
 from simulator.world import World
 
 
@@ -53,6 +56,8 @@ TRUTH_SCHEMA = pa.schema([
     _f("image_width", pa.int32(), "Pixels.", nullable=True),
     _f("image_height", pa.int32(), "Pixels.", nullable=True),
     _f("platform", pa.string(), "mastodon or bluesky: where the author lives and the post is served."),
+    _f("source_id", pa.string(), "What a scraper's post id starts with: the status id on Mastodon, the "
+                                 "record key (rkey) of the post's at-URI on Bluesky."),
 ])
 
 
@@ -75,6 +80,7 @@ def truth_table(world: World) -> pa.Table:
             "media_id": world.media[p.first_image].id if img else None,
             "has_face": bool(img and img.has_face), "n_faces": img.n_faces if img else 0,
             "platform": world.platform(p.index),
+            "source_id": tid(p.created_ms, p.id) if world.platform(p.index) == "bluesky" else p.id,
         }
         if img:
             f = img.factors

@@ -25,6 +25,7 @@ from pipeline.core.config import Config
 from pipeline.core.labels_run import LabelsRunMissing, read_labels_run
 from pipeline.core.storage import Storage
 from pipeline.core.tables import list_partitions, read_table
+from pipeline.core.truth import coverage_line
 
 log = logging.getLogger(__name__)
 
@@ -150,9 +151,21 @@ class CardContext:
     has_summary: bool
     metrics: list[MetricRow]
     truth: list[MetricRow] | None
+    truth_coverage: str | None
     detector_licenses: list[DetectorLicense]
     other_detectors: list[str]
     weights_license: Any
+
+
+#: Keys of a split's truth metrics that count rows rather than measure the model.
+COVERAGE_KEYS = ("of",)
+
+
+def truth_coverage(truth: dict[str, Any]) -> str | None:
+    """How many posts of each split the truth covered, e.g. "val: truth matched 137 of 137 posts"."""
+    parts = [f"{s}: {coverage_line(m['n'], m['of'], 'posts')}"
+             for s in ("val", "test") if isinstance(m := truth.get(s), dict) and "of" in m and "n" in m]
+    return "; ".join(parts) or None
 
 
 def metric_rows(by_split: dict[str, Any]) -> list[MetricRow]:
@@ -236,7 +249,9 @@ def card_context(metrics: dict[str, Any], labels_summary: dict[str, Any] | None,
         sources=source_rows(summary, sources),
         has_summary=bool(summary),
         metrics=metric_rows(metrics),
-        truth=metric_rows(truth) if truth else None,
+        truth=metric_rows({s: {k: v for k, v in (m or {}).items() if k not in COVERAGE_KEYS}
+                           for s, m in truth.items()}) if truth else None,
+        truth_coverage=truth_coverage(truth) if truth else None,
         detector_licenses=detector_license_lines(licenses),
         other_detectors=[d[:12] for d in metrics.get("detector_ids") or [] if d not in shipped],
         weights_license=licenses.get("weights") or "n/a",

@@ -46,6 +46,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
+import pandas as pd
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
@@ -57,6 +58,7 @@ from pipeline.core.config import load_config
 from pipeline.core.published import check_validated, require_published
 from pipeline.core.storage import open_storage
 from pipeline.core.tables import put_json
+from pipeline.core.truth import load_truth, match_id
 from training import metrics, registry
 from training.data import LabeledImages, load_examples
 from training.model import NORMS, build_model
@@ -175,26 +177,28 @@ def predictions_parquet(examples: dict[str, Examples], preds: dict[str, dict[str
 
 
 def read_truth(path: str) -> dict[str, dict[str, float]]:
-    """column -> {post_id: value} for ``quality`` (and ``visual_quality`` when the file has it); nulls dropped."""
-    import pyarrow.parquet as pq
-
-    names = pq.read_schema(path).names
-    cols = [c for c in ("quality", "visual_quality") if c in names]
-    if "post_id" not in names or "quality" not in cols:
-        raise ValueError(f"--truth {path}: needs columns post_id and quality (has {', '.join(names)})")
-    t = pq.read_table(path, columns=["post_id", *cols])
-    ids = t["post_id"].to_pylist()
-    return {c: {p: v for p, v in zip(ids, t[c].to_pylist(), strict=True) if v is not None} for c in cols}
+    """column -> {match_id: value} for ``quality`` (and ``visual_quality`` when the file has it);
+    nulls dropped. Look a post up by :func:`pipeline.core.truth.match_id` of its id."""
+    try:
+        truth = load_truth(path, columns=("quality", "visual_quality"))
+    except ValueError as exc:
+        raise ValueError(f"--truth {path}: {exc}") from None
+    cols = [c for c in ("quality", "visual_quality") if c in truth.columns]
+    return {c: {k: float(v) for k, v in zip(truth["match_id"], truth[c], strict=True) if pd.notna(v)} for c in cols}
 
 
 def truth_split_metrics(truth: dict[str, dict[str, float]], ex: Examples,
                         pred: dict[str, np.ndarray]) -> dict[str, Any]:
     """ROC-AUC / Spearman of predicted probabilities against each hidden truth column."""
     out: dict[str, Any] = {}
+    ids = [match_id(p) for p in ex.post_id]
+    scored = [i for i in range(len(ids)) if pred["weight"][i] > 0]
     for col, values in truth.items():
-        keep = [i for i, p in enumerate(ex.post_id) if p in values and pred["weight"][i] > 0]
-        m = metrics.truth_metrics(np.array([values[ex.post_id[i]] for i in keep], dtype=np.float64), pred["prob"][keep])
+        keep = [i for i in scored if ids[i] in values]
+        m = metrics.truth_metrics(np.array([values[ids[i]] for i in keep], dtype=np.float64), pred["prob"][keep])
         out.update(m if col == "quality" else {f"{col}_{k}": v for k, v in m.items()})
+        if col == "quality":
+            out["of"] = len(scored)  # n of them met the truth: the coverage
     return out
 
 
@@ -222,7 +226,7 @@ class TrainingRun:
     published: dict[str, Any] = field(init=False)  # the labels publication record the run trains on
 
     # ---- check_inputs
-    truth: dict[str, dict[str, float]] | None = field(init=False)  # --truth: column -> {post_id: value}
+    truth: dict[str, dict[str, float]] | None = field(init=False)  # --truth: column -> {match_id: value}
     micro: int = field(init=False)  # images per process per micro-step
 
     # ---- load_data

@@ -95,9 +95,10 @@ def label_command(args: argparse.Namespace, cfg: Config) -> int:
 
 
 def eval_labels_command(args: argparse.Namespace, cfg: Config) -> int:
-    from labeling.evaluate import evaluate_run, format_report, load_truth
+    from labeling.evaluate import evaluate_run, format_report
     from pipeline.core.published import published_run_id
     from pipeline.core.storage import open_storage
+    from pipeline.core.truth import load_truth
 
     storage = open_storage(cfg.storage)
     run_id = args.run or published_run_id(storage)

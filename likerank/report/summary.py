@@ -7,6 +7,7 @@ from pathlib import Path
 
 from pipeline.core import keys
 from pipeline.core.config import Config
+from pipeline.core.truth import coverage_line
 
 
 def _fmt(counts: dict) -> str:
@@ -63,11 +64,13 @@ def summary(cfg: Config, truth: Path | None = None) -> str:
         if docs:
             lines.append(f"  Data Docs: {storage.uri(docs[0])}")
         if truth is not None:
-            from labeling.evaluate import evaluate_run, load_truth
+            from labeling.evaluate import evaluate_run
+            from pipeline.core.truth import load_truth
 
             ev = evaluate_run(cfg, run, load_truth(truth), storage)
             lines.append("\n== label quality against the simulator's hidden truth (ROC-AUC, face posts) ==")
             lines.append("  " + ", ".join(f"{name} {r['auc']:.3f}" for name, r in ev["labelers"].items()))
+            lines.append(f"  {coverage_line(ev['matched_truth'], ev['labels_rows'])}")
     else:
         lines.append("  labels: none published yet")
     latest = get_json(storage, keys.LATEST_MODEL)
@@ -81,7 +84,9 @@ def summary(cfg: Config, truth: Path | None = None) -> str:
                                             if isinstance(test.get(k), float)))
         truth_test = (m.get("truth") or {}).get("test") or {}
         if "roc_auc" in truth_test:
-            lines.append(f"  ROC-AUC against true quality (held-out authors): {truth_test['roc_auc']:.3f}")
+            lines.append(f"  ROC-AUC against true quality (held-out authors): {truth_test['roc_auc']:.3f}"
+                         + (f" ({coverage_line(truth_test['n'], truth_test['of'], 'test posts')})"
+                            if "of" in truth_test else ""))
         lines.append(f"  metrics: {storage.uri(latest['metrics_key'])}")
     lines.append("\n== where the tables live ==")
     for name, table in TABLES.items():

@@ -207,3 +207,23 @@ def test_malformed_post_views_are_skipped_and_named(scfg, sim, caplog):
     s = scrape(scfg, sim.url, TAG, "2025-06-02", platform="bluesky")
     assert s["skipped"]["missing_field"] == 3 and "createdAt" in caplog.text
     assert kept_world_posts(scfg, sim) == eligible(sim, "bluesky") - set(some)
+
+
+def test_every_scraped_post_of_both_platforms_meets_the_simulators_truth(scfg, sim, tmp_path):
+    """The hidden truth covers Bluesky too: its post ids carry a pseudonym the truth cannot
+    know, and are matched on their record key."""
+    from simulator import write_truth
+
+    from pipeline.core.truth import load_truth, match_id
+
+    for platform in ("mastodon", "bluesky"):
+        scrape(scfg, sim.url, TAG, "2025-06-02", platform=platform)
+    posts = rows(scfg, "posts")
+    assert {r["source"] for r in posts} == {"mastodon", "bluesky"}
+    write_truth(sim.world, tmp_path / "truth.parquet")
+    truth = load_truth(tmp_path / "truth.parquet").set_index("match_id")
+    matched = [r for r in posts if match_id(r["post_id"]) in truth.index]
+    assert len(matched) == len(posts), [r["post_id"] for r in posts if r not in matched][:5]
+    by_id = world_index_of(scfg, sim, [r["post_id"] for r in posts if r["source"] == "bluesky"])
+    for pid, index in by_id.items():  # the right post, not just some post
+        assert truth.loc[match_id(pid), "quality"] == sim.world.posts[index].quality

@@ -80,9 +80,10 @@ def test_two_process_run_trains_writes_metrics_and_publishes(world):
     for split in ("val", "test"):
         assert set(m[split]) >= {"accuracy", "roc_auc", "log_loss", "pearson_r", "mae", "rmse"}
         assert m[split]["n"] == 16 and m[split]["unreadable_images"] == 0
-    assert set(m["truth"]["test"]) == {"n", "roc_auc", "spearman_r", "visual_quality_n",
+    assert set(m["truth"]["test"]) == {"n", "of", "roc_auc", "spearman_r", "visual_quality_n",
                                        "visual_quality_roc_auc", "visual_quality_spearman_r"}
-    assert m["truth"]["test"]["n"] == 16 and m["truth"]["test"]["visual_quality_n"] < 16
+    assert m["truth"]["test"]["n"] == m["truth"]["test"]["of"] == 16  # every test post met the truth
+    assert m["truth"]["test"]["visual_quality_n"] < 16
     assert m["labels_run"] == LABELS_RUN and m["detector_ids"] == [DETECTOR]
     assert m["model"]["weights"] == "none" and m["code_version"]
     assert m["config"]["training"]["image_size"] == 32
