@@ -129,8 +129,10 @@ def test_forget_is_idempotent_and_names_what_it_needs(world, scrape_cfg, capsys)
     args = ["--set", f"storage.root={scrape_cfg.storage.root}", "forget"]
     assert main([*args, "--author-key", KEY(ALICE)]) == 0
     capsys.readouterr()
-    assert main([*args, "--author-key", KEY(ALICE)]) == 0
-    assert "forgot: posts 0, engagement 0" in capsys.readouterr().out
+    assert main([*args, "--author-key", KEY(ALICE)]) == 1  # a rerun removes nothing, and says so
+    out = capsys.readouterr()
+    assert "forgot: posts 0, engagement 0" in out.out
+    assert "nothing stored matched the author key (an earlier forget already removed them)" in out.err
     with pytest.raises(SystemExit):
         main([*args])  # one of --account, --author-key, --post is required
     assert list_partitions(world[0], "posts")
@@ -203,7 +205,8 @@ def test_a_scrape_that_commits_during_a_forget_does_not_bring_the_author_back(fa
     crawl.start()
     try:
         assert paused.wait(120), "the scrape never reached its posts commit"
-        assert main(["--set", f"storage.root={scrape_cfg.storage.root}", "forget", "--account", ALICE]) == 0
+        # Nothing of hers is committed yet: forget says so (exit 1) and keeps the tombstone.
+        assert main(["--set", f"storage.root={scrape_cfg.storage.root}", "forget", "--account", ALICE]) == 1
     finally:
         resume.set()
         crawl.join(120)
