@@ -51,7 +51,7 @@ from pipeline.core.config import Config
 from pipeline.core.crawl_state import without_ids
 from pipeline.core.pseudonym import tombstone_hash
 from pipeline.core.report_files import forget_reports, forget_stale_reports_here
-from pipeline.core.schemas import TABLES
+from pipeline.core.schemas import INTERNAL_TABLES, TABLES
 from pipeline.core.storage import Storage
 from pipeline.core.tables import delete_rows, get_json, merge_rows, put_json, read_table, vacuum_now
 
@@ -222,7 +222,7 @@ def forget(storage: Storage, salt: str, *, authors: Iterable[str] = (), posts: I
     if versions is not None:
         runs = removed["labels_runs"]
         removed["old_versions"] = versions.purge(
-            [TABLES[t].path + "/" for t in CHANGED_TABLES] + deleted_bytes + rewritten + changed_states
+            [{**TABLES, **INTERNAL_TABLES}[t].path + "/" for t in CHANGED_TABLES] + deleted_bytes + rewritten + changed_states
             + [keys.validation_run(r) + "/" for r in runs] + [keys.report_run(r) + "/" for r in runs])
     removed["matched"] = any(removed[k] for k in ROW_COUNTS)
     log.info("forgot %s", removed)
