@@ -9,7 +9,8 @@ What goes, in this order:
    referenced. A scrape skips what it covers, a labels run excludes it, and a writer that
    commits while this forget runs removes what it covers right after its commit (see below);
 2. their rows in every ``labels`` run; a run that had some loses its validation result and
-   Data Docs (which quote sample values) and its report, and is unpublished if it was
+   Data Docs (which quote sample values) and every recorded copy of its report
+   (:mod:`pipeline.core.report_files`), and is unpublished if it was
    published: it must be labeled again before training (models already trained cannot
    unlearn, see README);
 3. their rows in every model run's ``predictions`` file;
@@ -19,7 +20,14 @@ What goes, in this order:
 6. their ``engagement`` snapshots and their ``posts`` rows;
 7. the old files: every table it changed is vacuumed at once (zero retention) and
    checkpointed, so no byte of the removed rows stays on disk or in S3. Earlier versions of
-   those tables can no longer be read (time travel ends at the forget).
+   those tables can no longer be read (time travel ends at the forget). In a versioned S3
+   bucket the old versions and delete markers of everything removed or rewritten are deleted
+   too (:mod:`pipeline.core.bucket_versions`, checked before step 1: it may refuse to start).
+
+:func:`forget_plan` counts the same without writing anything (``--dry-run``). ``matched`` in
+either result says whether anything stored was theirs. Accounts are resolved to the
+identifiers the sources hash before they get here (:mod:`pipeline.scrape.resolve_account`);
+the ``forget`` DAG runs a request queued under an opaque id (:func:`queue_forget_request`).
 
 Each table loses its rows in **one MERGE-delete** for the whole request, however many authors
 and posts it names (never ``DELETE WHERE author_key = '...'``, which would write the key into

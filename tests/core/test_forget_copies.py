@@ -13,7 +13,7 @@ import pytest
 from likerank.report.build import build_report
 from pipeline.core import keys
 from pipeline.core.forget import forget, forget_plan
-from pipeline.core.report_files import owned_files, record_report
+from pipeline.core.report_files import owned_files
 from pipeline.core.storage import S3Storage
 from pipeline.core.tables import get_json, put_json, read_table
 from tests.core.test_forget import SALT

@@ -16,9 +16,11 @@ from likerank.cli.main import main
 from pipeline.core import keys
 from pipeline.core.storage import LocalStorage
 from pipeline.core.tables import read_table
-from tests.core.test_forget import ALICE, KEY, world  # noqa: F401 - the scraped world fixture
+from tests.core import test_forget
+from tests.core.test_forget import ALICE, KEY
 
 REPO = Path(__file__).resolve().parents[2]
+world = test_forget.world  # the scraped world: alice wrote posts 100-102, bob 103-105
 
 pytestmark = pytest.mark.slow
 
