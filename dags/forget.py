@@ -1,13 +1,19 @@
 """
 ### Forget an author or a post
 
-Triggered by hand (the trigger form asks for **one** of: an account URL/URI, an author key,
-or an instance + post id). Removes every row of that author or post from every table and
-partition, the image bytes no remaining post references, their rows in model predictions and
-the reports and validation results that quote them; unpublishes a labels run that had them;
-and records a tombstone so no later scrape or labels run collects them again. Models already
-trained cannot unlearn: retrain after forgetting. The task log lists what was removed.
-Owner: likerank-data.
+Runs a forget request queued by `likerank forget --account … --queue` (or `--author-key`,
+`--post`): the command resolves the person through the source's API, stores the request (author
+keys and post references, never the account as typed) under an opaque id, and prints
+`airflow dags trigger forget --conf '{"request": "<id>"}'`. This DAG's conf holds only that id,
+so nothing naming the person reaches Airflow's database or logs; the request is deleted once
+it has run.
+
+Removes every row of that author or post from every table and partition, the image bytes no
+remaining post references, their rows in model predictions, the validation results and every
+recorded copy of the reports that show them; unpublishes a labels run that had them; deletes
+old object versions in a versioned bucket; and records a tombstone so no later scrape or labels
+run collects them again. Models already trained cannot unlearn: retrain after forgetting. The
+task log lists the counts removed. Owner: likerank-data.
 """
 
 from __future__ import annotations
@@ -28,21 +34,18 @@ from likerank_assets import DEFAULT_ARGS, START_DATE
     tags=["likerank", "privacy"],
     doc_md=__doc__,
     params={
-        "account": Param("", type="string", title="Account URL or URI",
-                         description="e.g. https://mastodon.social/users/alice (hashed with the configured key)"),
-        "author_key": Param("", type="string", title="Author key", description="the pseudonym as stored"),
-        "instance": Param("", type="string", title="Instance (with post id)", description="e.g. https://mastodon.social"),
-        "post_id": Param("", type="string", title="Post id (with instance)"),
+        "request": Param("", type="string", title="Forget request id",
+                         description="the id `likerank forget … --queue` printed (never an account: it would be "
+                                     "stored in Airflow's database)"),
     },
 )
 def forget_dag():
     @task(execution_timeout=timedelta(hours=2))
     def forget(params: dict) -> dict:
         from pipeline.core.config import load_config
-        from pipeline.core.forget import forget_request
+        from pipeline.core.forget import run_forget_request
 
-        return forget_request(load_config(), account=params["account"], author_key=params["author_key"],
-                              instance=params["instance"], post_id=params["post_id"], reason="forget DAG")
+        return run_forget_request(load_config(), params["request"])
 
     forget()
 

@@ -5,6 +5,11 @@ Routes (Mastodon's), serving the world's Mastodon accounts and their statuses on
 * ``GET /api/v1/timelines/tag/:hashtag`` — ``limit``, ``max_id``, ``since_id``, ``min_id``,
   ``only_media``, ``any[]``/``all[]``/``none[]``; newest first; ``Link`` header.
 * ``GET /api/v1/statuses/:id``, ``GET /api/v1/accounts/:id``, ``GET /api/v1/instance``.
+* ``GET /api/v1/accounts/lookup?acct=<username>`` (also ``<username>@<this host>``; letter case
+  ignored, as Mastodon ignores it): the Account, else 404 ``Record not found``.
+* ``GET /.well-known/webfinger?resource=acct:<username>@<this host>`` (RFC 7033): the JRD with
+  the ActivityPub actor (``rel=self``, the account's ``uri``) and the profile page
+  (``http://webfinger.net/rel/profile-page``, its ``url``), else 404.
 * ``GET|HEAD /system/media_attachments/files/<id partition>/(original|small)/<id>.<ext>``.
 
 Routes (Bluesky's, on the same port), serving the world's Bluesky accounts and posts only
@@ -13,6 +18,8 @@ Routes (Bluesky's, on the same port), serving the world's Bluesky accounts and p
 * ``POST /xrpc/com.atproto.server.createSession`` (``{"identifier", "password"}``, any
   non-empty pair) and ``POST /xrpc/com.atproto.server.refreshSession`` (``Authorization:
   Bearer <refreshJwt>``). Access tokens expire after ``access_ttl_s`` seconds of real time.
+* ``GET /xrpc/com.atproto.identity.resolveHandle?handle=<handle>`` (no session needed, as on a
+  real PDS; letter case ignored): ``{"did": ...}``, else 400 ``InvalidRequest`` "Unable to resolve handle".
 * With ``Authorization: Bearer <accessJwt>``: ``GET /xrpc/app.bsky.feed.searchPosts`` (``q``,
   ``tag`` (repeatable, all must match), ``since`` (inclusive), ``until`` (exclusive),
   ``sort``, ``lang``, ``author``, ``limit`` 1..100 (25), ``cursor``; newest first; a query
@@ -133,6 +140,9 @@ class SimState:
         self.world = world
         self.index = TimelineIndex(world)
         self.bsky = bluesky.BlueskyIndex(world)
+        #: Lower-cased username -> account index, Mastodon accounts only (lookup and WebFinger).
+        self.mastodon_by_username = {a.username.lower(): a.index for a in world.accounts
+                                     if not world.on_bluesky[a.index]}
         self.sessions = bluesky.Sessions(access_ttl_s)
         self.max_search_results = max_search_results
         self.offset_ms = 0
@@ -232,6 +242,8 @@ class _Handler(BaseHTTPRequestHandler):
                 self._api(method, path, params)
             elif path.startswith("/xrpc/"):
                 self._xrpc(method, path[len("/xrpc/"):], params)
+            elif path == "/.well-known/webfinger":
+                self._webfinger(method, params)
             elif m := MEDIA_RE.match(path):
                 self._media(method, m.group(1), m.group(2), m.group(3), params)
             elif m := BSKY_IMG_RE.match(path):
@@ -338,6 +350,12 @@ class _Handler(BaseHTTPRequestHandler):
                 self._error(404, "Record not found", headers)
                 return
             self._api_body(self._status_json(i, now), headers, method, status_id)
+        elif parts[1:] == ["v1", "accounts", "lookup"]:
+            a = self._local_account(params.get("acct", [""])[-1])
+            if a is None:
+                self._error(404, "Record not found", headers)
+                return
+            self._api_body(entities.account(st.world, a, st.base, now), headers, method, None)
         elif len(parts) == 4 and parts[1:3] == ["v1", "accounts"]:
             a = st.world.account_by_id.get(parts[3])
             if a is None or st.world.on_bluesky[a]:
@@ -348,6 +366,38 @@ class _Handler(BaseHTTPRequestHandler):
             self._api_body(self._instance(), headers, method, None)
         else:
             self._error(404, "Record not found", headers)
+
+    def _local_account(self, acct: str) -> int | None:
+        """The Mastodon account named ``username`` or ``username@<this host>`` (any letter case)."""
+        username, _, domain = acct.strip().lstrip("@").partition("@")
+        if domain and domain.lower() not in self._own_domains():
+            return None
+        return self.state.mastodon_by_username.get(username.lower())
+
+    def _own_domains(self) -> set[str]:
+        """The names this server answers to: its base URL's host:port and the request's Host header."""
+        return {urlsplit(self.state.base).netloc.lower(), (self.headers.get("Host") or "").lower()}
+
+    def _webfinger(self, method: str, params: dict[str, list[str]]) -> None:
+        """RFC 7033 WebFinger for ``acct:`` resources, as Mastodon answers it."""
+        st = self.state
+        if method not in ("GET", "HEAD"):
+            self._error(405, "Method not allowed")
+            return
+        resource = params.get("resource", [""])[-1]
+        if not resource.startswith("acct:"):
+            self._error(400, "resource: expected acct:<username>@<domain>")
+            return
+        a = self._local_account(resource[len("acct:"):])
+        if a is None:
+            self._send(404, b"", "application/jrd+json; charset=utf-8", head=method == "HEAD")
+            return
+        obj = entities.account(st.world, a, st.base, st.now_ms)
+        jrd = {"subject": f"acct:{obj['username']}@{urlsplit(st.base).netloc}", "aliases": [obj["url"], obj["uri"]],
+               "links": [{"rel": "http://webfinger.net/rel/profile-page", "type": "text/html", "href": obj["url"]},
+                         {"rel": "self", "type": "application/activity+json", "href": obj["uri"]}]}
+        body = json.dumps(jrd, separators=(",", ":")).encode()
+        self._send(200, body, "application/jrd+json; charset=utf-8", head=method == "HEAD")
 
     def _status_json(self, i: int, now: int) -> dict[str, Any]:
         st = self.state
@@ -507,6 +557,9 @@ class _Handler(BaseHTTPRequestHandler):
                 return
             if method not in ("GET", "HEAD"):
                 raise bluesky.XrpcError(400, "InvalidRequest", f"Incorrect HTTP method ({method}) expected GET")
+            if nsid == "com.atproto.identity.resolveHandle":  # public on a PDS: no session
+                self._api_body(self._resolve_handle(params), headers, method, None)
+                return
             st.sessions.check(token)
             if st.faults and st.faults.fire("expired_token", "api", self.path):
                 st.sessions.expire(token or "")
@@ -533,6 +586,15 @@ class _Handler(BaseHTTPRequestHandler):
             self._xrpc_error(exc, headers)
             return
         self._api_body(obj, headers, method, None)
+
+    def _resolve_handle(self, params: dict[str, list[str]]) -> dict[str, str]:
+        handle = params.get("handle", [""])[-1].strip().lower()
+        if not handle:
+            raise bluesky.XrpcError(400, "InvalidRequest", 'Params must have the property "handle"')
+        a = self.state.bsky.account_by_actor.get(handle)
+        if a is None or self.state.bsky.handle[a] != handle:  # a DID is no handle
+            raise bluesky.XrpcError(400, "InvalidRequest", "Unable to resolve handle")
+        return {"did": self.state.bsky.did[a]}
 
     def _create_session(self, raw: bytes) -> dict[str, Any]:
         try:

@@ -14,7 +14,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--labels", metavar="RUN", help="labels run (default: the published run, else the newest)")
     p.add_argument("--model", metavar="RUN", help="model run (default: models/latest.json)")
     p.add_argument("--out", metavar="DIR", help="output folder (default: <storage root>/reports/<labels run>/ "
-                                                "on local storage, else ./reports/<labels run>/)")
+                                                "on local storage, else ./reports/<labels run>/); the folder "
+                                                "is recorded in storage so `likerank forget` can delete it")
     p.set_defaults(handler=report)
 
 

@@ -8,7 +8,9 @@ one-screen text summary ``make run`` ends with.
 
 ``build_report`` writes ``index.html`` with its charts (PNG, matplotlib's Agg renderer through
 ``matplotlib.figure.Figure``, so no pyplot state and no display) and downscaled JPEG thumbnails
-(``thumbs/``) beside it; nothing is fetched from the network when it is opened.
+(``thumbs/``) beside it; nothing is fetched from the network when it is opened. Every folder
+a report is written to is recorded in storage (:mod:`pipeline.core.report_files`), so
+``likerank forget`` deletes each copy that shows a forgotten person, wherever ``--out`` put it.
 
 Sections, each an element id in the page (tests and links rely on them):
 
@@ -62,6 +64,7 @@ import numpy as np
 from likerank.report.load import NotAvailable, ReportContext, Section, load_context
 from likerank.report.sections import SECTIONS
 from pipeline.core.config import Config
+from pipeline.core.report_files import record_report
 from pipeline.core.storage import Storage
 
 log = logging.getLogger(__name__)
@@ -103,6 +106,8 @@ def build_report(
                                      encoding="utf-8") as fh:
         fh.write(html)
     os.replace(fh.name, index)
+    if ctx.labels_run is not None:  # where its thumbnails are, so a forget reaches this copy too
+        record_report(ctx.storage, ctx.labels_run, ctx.out)
     log.info("report: %s", index)
     return index
 

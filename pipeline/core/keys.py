@@ -19,6 +19,8 @@ imports the key it needs instead of spelling it.
 ``state/refs/``                         how to re-read a post (a table: Bluesky at:// URIs)
 ``runs/scrape/<day>/``                  one summary per scrape run
 ``reports/<run>/``                      the HTML report of a labels run (local storage)
+``state/reports/<run>/<copy>.json``     one folder a report of that run was written to (host, path)
+``state/forget/<id>.json``              a queued forget request (author keys, posts), until run
 ======================================  ==============================================
 """
 
@@ -140,3 +142,24 @@ def scrape_run(day: str, host: str, hashtag: str, stamp: str, platform: str = "m
 def report_run(run_id: str) -> str:
     """The report of a labels run, on local storage (elsewhere it goes to ``./reports/``)."""
     return f"reports/{run_id}"
+
+
+def report_records() -> str:
+    """The folder of every report's location records."""
+    return "state/reports/"
+
+
+def report_locations(run_id: str) -> str:
+    """The folder of the records of where the reports of a labels run were written, so a forget
+    can reach every copy of their thumbnails, on this storage or on a local disk beside it."""
+    return f"{report_records()}{run_id}/"
+
+
+def report_location(run_id: str, copy_id: str) -> str:
+    """One copy's record (``copy_id``: a digest of its host and folder, so rewrites replace it)."""
+    return f"{report_locations(run_id)}{copy_id}.json"
+
+
+def forget_request(request_id: str) -> str:
+    """A forget request the ``forget`` DAG runs by its opaque id (the DAG's conf holds nothing else)."""
+    return f"state/forget/{request_id}.json"

@@ -129,8 +129,10 @@ def test_forget_is_idempotent_and_names_what_it_needs(world, scrape_cfg, capsys)
     args = ["--set", f"storage.root={scrape_cfg.storage.root}", "forget"]
     assert main([*args, "--author-key", KEY(ALICE)]) == 0
     capsys.readouterr()
-    assert main([*args, "--author-key", KEY(ALICE)]) == 0
-    assert "forgot: posts 0, engagement 0" in capsys.readouterr().out
+    assert main([*args, "--author-key", KEY(ALICE)]) == 1  # a rerun removes nothing, and says so
+    out = capsys.readouterr()
+    assert "forgot: posts 0, engagement 0" in out.out
+    assert "nothing stored matched the author key (an earlier forget already removed them)" in out.err
     with pytest.raises(SystemExit):
         main([*args])  # one of --account, --author-key, --post is required
     assert list_partitions(world[0], "posts")
@@ -203,7 +205,8 @@ def test_a_scrape_that_commits_during_a_forget_does_not_bring_the_author_back(fa
     crawl.start()
     try:
         assert paused.wait(120), "the scrape never reached its posts commit"
-        assert main(["--set", f"storage.root={scrape_cfg.storage.root}", "forget", "--account", ALICE]) == 0
+        # Nothing of hers is committed yet: forget says so (exit 1) and keeps the tombstone.
+        assert main(["--set", f"storage.root={scrape_cfg.storage.root}", "forget", "--account", ALICE]) == 1
     finally:
         resume.set()
         crawl.join(120)
@@ -214,3 +217,88 @@ def test_a_scrape_that_commits_during_a_forget_does_not_bring_the_author_back(fa
         assert not {ids[1], ids[2]} & {r["post_id"] for r in read_table(storage, table).to_pylist()}, table
     assert no_trace(storage, KEY(ALICE), ids[1], ids[2]) == []
     assert no_trace(storage, ids[0], ids[3])  # the search finds what is there: bob's posts stay
+
+
+# --------------------------------------------------------------------------- a person, however named
+
+
+@pytest.fixture(scope="module")
+def sim_world_both():
+    from simulator import build_world
+
+    return build_world(seed=11, posts=200, bluesky_share=0.5)
+
+
+@pytest.fixture
+def scraped_sim(sim_world_both, sim_server_factory, scrape_cfg):
+    """Both platforms of the simulator scraped for real; the CLI's settings point at it."""
+    sim = sim_server_factory(sim_world_both)
+    scrape_cfg.scrape.backfill_days = 100_000
+    for platform in ("mastodon", "bluesky"):
+        scrape(scrape_cfg, sim.url, "selfie", DAY, platform=platform)
+    args = ["--set", f"storage.root={scrape_cfg.storage.root}", "--set", f"source.instance_url={sim.url}",
+            "--set", f"source.bluesky_url={sim.url}", "--set", "scrape.allow_hosts=['127.0.0.1']"]
+    return sim, LocalStorage(scrape_cfg.storage.root), args
+
+
+def busiest(sim, storage: LocalStorage, platform: str):
+    """The account of ``platform`` with the most stored posts, and its author key."""
+    from simulator.bluesky import did_for
+
+    stored = read_table(storage, "posts").to_pylist()
+    best = None
+    for a in sim.world.accounts:
+        if bool(sim.world.on_bluesky[a.index]) != (platform == "bluesky"):
+            continue
+        key = KEY(did_for(a) if platform == "bluesky" else f"{sim.url}/users/{a.username}")
+        n = sum(p["author_key"] == key for p in stored)
+        if best is None or n > best[2]:
+            best = (a, key, n)
+    assert best[2] > 0
+    return best
+
+
+@pytest.mark.parametrize("platform, form", [
+    ("mastodon", "{url}/@{NAME}"), ("mastodon", "@{name}@{host}"), ("mastodon", "{url}/users/{name}"),
+    ("bluesky", "{HANDLE}"), ("bluesky", "{did}"),
+])
+def test_forget_finds_the_person_however_they_are_named(scraped_sim, capsys, platform, form):
+    from simulator.bluesky import did_for, handle_for
+
+    sim, storage, args = scraped_sim
+    account, key, n = busiest(sim, storage, platform)
+    text = form.format(url=sim.url, host=sim.url.split("://", 1)[1], name=account.username,
+                       NAME=account.username.upper(), HANDLE=handle_for(account).upper(), did=did_for(account))
+    before = len(read_table(storage, "posts"))
+    assert main([*args, "forget", "--account", text]) == 0
+    out = capsys.readouterr().out
+    assert f"forgot: posts {n}," in out
+    assert key not in repr(read_table(storage, "posts").to_pylist())
+    assert len(read_table(storage, "posts")) == before - n
+
+
+def test_dry_run_counts_what_forget_removes_and_changes_nothing(scraped_sim, capsys):
+    sim, storage, args = scraped_sim
+    account, key, n = busiest(sim, storage, "mastodon")
+    snapshot = {p: p.read_bytes() for p in storage.path.rglob("*") if p.is_file()}
+    assert main([*args, "forget", "--account", f"{account.username}@{sim.url.split('://', 1)[1]}", "--dry-run"]) == 0
+    planned = capsys.readouterr().out
+    assert {p: p.read_bytes() for p in storage.path.rglob("*") if p.is_file()} == snapshot  # not a byte changed
+    assert main([*args, "forget", "--account", f"{account.username}@{sim.url.split('://', 1)[1]}"]) == 0
+    done = capsys.readouterr().out
+    counts = planned.split("would forget: ", 1)[1].splitlines()[0]
+    assert f"posts {n}," in counts and done.split("forgot: ", 1)[1].splitlines()[0] == counts
+
+
+def test_nobody_found_or_nothing_stored_exits_non_zero_saying_which(scraped_sim, capsys):
+    sim, storage, args = scraped_sim
+    host = sim.url.split("://", 1)[1]
+    tomb_before = read_table(storage, "tombstones").num_rows
+    assert main([*args, "forget", "--account", f"nobody_at_all@{host}"]) == 2
+    assert "no such account found" in capsys.readouterr().err
+    assert read_table(storage, "tombstones").num_rows == tomb_before  # nobody named: nothing written
+    # An account that exists but opted out was never collected: nothing matches, the tombstone stays.
+    shy = next(a for a in sim.world.accounts if not sim.world.on_bluesky[a.index] and not a.discoverable)
+    assert main([*args, "forget", "--account", f"{sim.url}/@{shy.username}"]) == 1
+    assert "nothing stored matched the account; the tombstone is kept" in capsys.readouterr().err
+    assert load_tombstones(storage, SALT).covers_author(KEY(f"{sim.url}/users/{shy.username}"))

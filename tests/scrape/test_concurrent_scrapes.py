@@ -67,8 +67,11 @@ def test_three_scrapes_and_a_forget_at_once_lose_nothing_and_leave_no_trace(two_
         time.sleep(0.2)  # the forget starts once the first posts are committed
     forget = likerank(root, "forget", "--post", sim.url, victim)
     results = [p.communicate(timeout=600) + (p.returncode,) for p in [*scrapes, forget]]
-    for _out, err, rc in results:
+    for _out, err, rc in results[:-1]:
         assert rc == 0, err[-2000:]
+    # The forget may land before the victim's commit: then nothing stored matched yet (exit 1),
+    # and the tombstone has the scrape remove it right after its commit.
+    assert results[-1][2] in (0, 1), results[-1][1][-2000:]
 
     posts = rows(root, "posts")
     per_post = Counter((r["instance"], r["post_id"]) for r in posts)
