@@ -61,7 +61,15 @@ from pipeline.core.pseudonym import tombstone_hash
 from pipeline.core.report_files import forget_reports, forget_stale_reports_here
 from pipeline.core.schemas import INTERNAL_TABLES, TABLES
 from pipeline.core.storage import Storage
-from pipeline.core.tables import delete_rows, get_json, merge_rows, put_json, read_table, vacuum_now
+from pipeline.core.tables import (
+    delete_rows,
+    get_json,
+    list_partitions,
+    merge_rows,
+    put_json,
+    read_table,
+    vacuum_now,
+)
 
 log = logging.getLogger(__name__)
 
@@ -300,13 +308,33 @@ def remove_tombstoned(storage: Storage, salt: str, rows: pa.Table) -> set[PostRe
     return refs
 
 
-def author_keys(cfg: Config, account_ids: Iterable[str]) -> set[str]:
+def author_keys(cfg: Config, storage: Storage, account_ids: Iterable[str]) -> set[str]:
     """The author keys of resolved account identifiers (Mastodon account URIs, Bluesky DIDs),
     as the sources compute them (see :mod:`pipeline.scrape.resolve_account` for resolving)."""
     from pipeline.core.pseudonym import author_keyer
 
-    keyer = author_keyer(cfg.source.author_key_secret_env, required=cfg.source.kind != "simulator")
+    required, target = _forget_key_required(storage)
+    keyer = author_keyer(cfg.source.author_key_secret_env, required=required, target=target)
     return {keyer(i) for i in account_ids if i}
+
+
+def forget_salt(cfg: Config, storage: Storage) -> str:
+    """The tombstone salt for a forget: the real key's unless every stored post came from a
+    simulator on loopback (:func:`~pipeline.core.pseudonym.stored_key_required`)."""
+    from pipeline.core.pseudonym import tombstone_salt
+
+    required, target = _forget_key_required(storage)
+    return tombstone_salt(cfg.source.author_key_secret_env, required=required, target=target)
+
+
+def _forget_key_required(storage: Storage) -> tuple[bool, str]:
+    """Decided by where the stored posts came from, never by ``source.kind``."""
+    from pipeline.core.pseudonym import stored_key_required
+
+    instances = (sorted(set(read_table(storage, "posts", columns=["instance"])["instance"].to_pylist()))
+                 if list_partitions(storage, "posts") else [])
+    shown = ", ".join(instances[:3]) + (", ..." if len(instances) > 3 else "")
+    return stored_key_required(instances), f"the accounts stored from {shown or 'no instance yet'}"
 
 
 def forget_request(cfg: Config, *, account_ids: Iterable[str] = (), author_key: str = "", instance: str = "",
@@ -315,18 +343,18 @@ def forget_request(cfg: Config, *, account_ids: Iterable[str] = (), author_key: 
     key), an author key, or a post (instance + id). ``dry_run``: count, change nothing."""
     from pipeline.core.storage import open_storage
 
-    authors, posts = _request_targets(cfg, account_ids, author_key, instance, post_id)
     storage = open_storage(cfg.storage)
+    authors, posts = _request_targets(cfg, storage, account_ids, author_key, instance, post_id)
     if dry_run:
-        return forget_plan(storage, salt_for(cfg), authors=authors, posts=posts)
-    return forget(storage, salt_for(cfg), authors=authors, posts=posts, reason=reason)
+        return forget_plan(storage, forget_salt(cfg, storage), authors=authors, posts=posts)
+    return forget(storage, forget_salt(cfg, storage), authors=authors, posts=posts, reason=reason)
 
 
-def _request_targets(cfg: Config, account_ids: Iterable[str], author_key: str, instance: str,
+def _request_targets(cfg: Config, storage: Storage, account_ids: Iterable[str], author_key: str, instance: str,
                      post_id: str) -> tuple[set[str], set[PostRef]]:
     if bool(instance) != bool(post_id):
         raise ValueError("forget: a post is named by both its instance URL and its post id")
-    authors = author_keys(cfg, account_ids) | ({author_key} if author_key else set())
+    authors = author_keys(cfg, storage, account_ids) | ({author_key} if author_key else set())
     return authors, ({(instance, post_id)} if post_id else set())
 
 
@@ -344,10 +372,11 @@ def queue_forget_request(cfg: Config, *, account_ids: Iterable[str] = (), author
 
     from pipeline.core.storage import open_storage
 
-    authors, posts = _request_targets(cfg, account_ids, author_key, instance, post_id)
+    storage = open_storage(cfg.storage)
+    authors, posts = _request_targets(cfg, storage, account_ids, author_key, instance, post_id)
     _normalized(authors, posts)  # refuse an empty request now, not in the DAG
     request_id = secrets.token_hex(16)
-    put_json(open_storage(cfg.storage), keys.forget_request(request_id),
+    put_json(storage, keys.forget_request(request_id),
              {"authors": sorted(authors), "posts": sorted(posts), "queued_at": datetime.now(UTC).isoformat()})
     return request_id
 
@@ -366,7 +395,7 @@ def run_forget_request(cfg: Config, request_id: str, *, reason: str = "forget DA
     request = get_json(storage, key)
     if request is None:
         raise ValueError(f"no forget request {request_id} at {storage.uri(key)} (already run, or never queued)")
-    removed = forget(storage, salt_for(cfg), authors=request.get("authors", []),
+    removed = forget(storage, forget_salt(cfg, storage), authors=request.get("authors", []),
                      posts=[tuple(p) for p in request.get("posts", [])], reason=reason)
     storage.delete(key)
     versions = BucketVersions.detect(storage)

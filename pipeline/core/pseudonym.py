@@ -45,12 +45,15 @@ def is_started_simulator(url: str, env: dict[str, str] | None = None) -> bool:
     """Whether ``url`` is on a simulator this process tree started: registered, and on loopback
     (a simulator is never anywhere else, so a registration cannot vouch for a real server)."""
     env = os.environ if env is None else env
+    return is_loopback(url) and _origin(url) in env.get(SIMULATOR_URLS_ENV, "").split()
+
+
+def is_loopback(url: str) -> bool:
     host = urlsplit(url).hostname or ""
     try:
-        loopback = host == "localhost" or ipaddress.ip_address(host).is_loopback
+        return host == "localhost" or ipaddress.ip_address(host).is_loopback
     except ValueError:
         return False
-    return loopback and _origin(url) in env.get(SIMULATOR_URLS_ENV, "").split()
 
 
 def key_required(targets: Iterable[str], env: dict[str, str] | None = None) -> bool:
@@ -58,6 +61,14 @@ def key_required(targets: Iterable[str], env: dict[str, str] | None = None) -> b
     is a simulator this process tree started (and there is at least one)."""
     urls = list(targets)
     return not urls or not all(is_started_simulator(u, env) for u in urls)
+
+
+def stored_key_required(instances: Iterable[str]) -> bool:
+    """Whether work on stored posts from ``instances`` (a forget) needs the real key: yes unless
+    there are some and every one is on loopback, where only a simulator ever runs (the SSRF
+    guard refuses loopback to any scrape that did not allow it for one)."""
+    urls = list(instances)
+    return not urls or not all(is_loopback(u) for u in urls)
 
 
 def _origin(url: str) -> str:

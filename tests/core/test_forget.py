@@ -21,12 +21,18 @@ from pipeline.core.schemas import LABELS, conform
 from pipeline.core.storage import LocalStorage
 from pipeline.core.tables import list_partitions, put_json, read_table, write_partition
 from pipeline.scrape.scrape import scrape, state_key
-from tests.fixtures.scrape import jpeg_bytes
+from tests.fixtures.scrape import STAND_IN_AUTHOR_KEY, jpeg_bytes
 
 DAY = "2026-11-02"
 ALICE, BOB = "https://x.example/users/alice", "https://x.example/users/bob"
-KEY = author_keyer("LIKERANK_AUTHOR_KEY", env={}, required=False)  # the simulator's key, as the default config
-SALT = tombstone_salt("LIKERANK_AUTHOR_KEY", env={}, required=False)  # the tombstones' salt under that key
+# One key for the whole module: the stand-in instance's scrapes need one, and a forget uses it too.
+KEY = author_keyer("LIKERANK_AUTHOR_KEY", env={"LIKERANK_AUTHOR_KEY": STAND_IN_AUTHOR_KEY})
+SALT = tombstone_salt("LIKERANK_AUTHOR_KEY", env={"LIKERANK_AUTHOR_KEY": STAND_IN_AUTHOR_KEY})
+
+
+@pytest.fixture(autouse=True)
+def author_key(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("LIKERANK_AUTHOR_KEY", STAND_IN_AUTHOR_KEY)
 
 
 def status(i: int, account: str, media: str) -> dict:

@@ -212,9 +212,8 @@ def test_malformed_post_views_are_skipped_and_named(scfg, sim, caplog):
 def test_every_scraped_post_of_both_platforms_meets_the_simulators_truth(scfg, sim, tmp_path):
     """The hidden truth covers Bluesky too: its post ids carry a pseudonym the truth cannot
     know, and are matched on their record key."""
-    from simulator import write_truth
-
     from pipeline.core.truth import load_truth, match_id
+    from simulator import write_truth
 
     for platform in ("mastodon", "bluesky"):
         scrape(scfg, sim.url, TAG, "2025-06-02", platform=platform)

@@ -252,3 +252,11 @@ def test_reobserve_counts_deleted(fake_mastodon, scrape_cfg):
     assert out["1001"].likes == 10 and out["1003"].likes == 30
     # Dated by the server's Date header (the fake server's is the wall clock), not the fallback.
     assert abs((out["1003"].observed_at - datetime.now(UTC)).total_seconds()) < 60
+
+
+def test_a_forget_needs_the_real_key_unless_every_stored_post_came_from_loopback():
+    from pipeline.core.pseudonym import stored_key_required
+
+    assert not stored_key_required(["http://127.0.0.1:8765"])  # only a simulator runs there
+    assert stored_key_required(["http://127.0.0.1:8765", "https://mastodon.social"])
+    assert stored_key_required([])  # nothing stored says where the person lives
