@@ -77,7 +77,7 @@ DOWNLOADS = pa.schema([
     f("source", pa.string(), "Platform: 'mastodon' or 'bluesky'."),
     f("post_id", pa.string(), "Post the URL belongs to."),
     f("url", pa.string(), "The URL attempted."),
-    f("status", pa.string(), "ok, http_error, timeout, too_large, not_image, decode_error, bomb, blocked, bad_url, connection_error, redirect_loop, opted_out (X-Robots-Tag noai/noimageai: the bytes are not kept)."),
+    f("status", pa.string(), "ok, http_error, timeout, too_large, not_image, decode_error, bomb, blocked, bad_url, connection_error, redirect_loop, opted_out (X-Robots-Tag noai/noimageai: the bytes are not kept), not_strippable (a TIFF or AVIF whose metadata cannot be removed: not kept)."),
     f("http_status", pa.int32(), "Last HTTP status code, if a response came.", nullable=True),
     f("error", pa.string(), "What went wrong, for humans.", nullable=True),
     f("bytes", pa.int64(), "Body bytes received."),
@@ -94,6 +94,13 @@ IMAGES = pa.schema([
     f("format", pa.string(), "Pillow format name, e.g. JPEG, PNG."),
     f("bytes", pa.int64(), "Size of the stored file, bytes."),
     f("storage_key", pa.string(), "Key under the storage root: images/<aa>/<sha256>."),
+    f("metadata_stripped", pa.bool_(), "The stored bytes carry no EXIF, XMP, IPTC, GPS or comments (removed "
+                                       "segment by segment, pixels untouched); null: stored before stripping, "
+                                       "until `likerank migrate` cleans it.", nullable=True),
+    f("metadata_removed", pa.list_(pa.string()), "Kinds of metadata removed: exif, xmp, iptc, comment, text, "
+                                                 "mpf, trailer, app<n>; empty when there was none.", nullable=True),
+    f("exif_orientation", pa.int32(), "EXIF orientation (1..8) the original carried, applied when decoding; "
+                                      "null when it had none.", nullable=True),
 ])
 
 FACE = pa.struct([

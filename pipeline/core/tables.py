@@ -198,6 +198,25 @@ def open_table(storage: Storage, table: str, version: int | None = None):
         return None
 
 
+def add_missing_columns(storage: Storage, table: str, dt=None) -> list[str]:
+    """Add the columns the table's schema declares but its Delta table lacks (a column added
+    to :mod:`~pipeline.core.schemas` since the table was created); return their names. New
+    columns are nullable, so the rows already written read them as null. Run before every
+    write, so a writer of this release never meets an older table's narrower schema."""
+    from deltalake import Field
+
+    dt = dt if dt is not None else open_table(storage, table)
+    if dt is None:
+        return []
+    have = {f.name for f in dt.schema().fields}
+    missing = [f for f in delta_schema(table) if f.name not in have]
+    if missing:
+        log.info("table %s: adding column(s) %s", table, ", ".join(f.name for f in missing))
+        dt.alter.add_columns([Field.from_arrow(f) for f in missing],
+                             commit_properties=_commit_properties("add columns", table))
+    return [f.name for f in missing]
+
+
 def version(storage: Storage, table: str) -> int | None:
     """The table's current version, or None if it has no commit yet."""
     dt = open_table(storage, table)
@@ -258,7 +277,10 @@ def write_partition(storage: Storage, table: str, value: str,
     uri, options = location(storage, table)
 
     def attempt() -> None:
-        exists = open_table(storage, table) is not None
+        current = open_table(storage, table)
+        exists = current is not None
+        if exists:
+            add_missing_columns(storage, table, current)
         stream = _Stream(table, pieces(), value)
         try:
             write_deltalake(uri, stream.reader(), mode="overwrite" if exists else "append",
@@ -293,6 +315,8 @@ def merge_rows(storage: Storage, table: str, rows: pa.Table, *, partition_value:
         from deltalake import write_deltalake
 
         dt = open_table(storage, table)
+        if dt is not None and add_missing_columns(storage, table, dt):
+            dt = open_table(storage, table)
         if dt is None:
             write_deltalake(uri, batch, mode="append", partition_by=[t.partition] if t.partition else None,
                             configuration=table_configuration(table), storage_options=options,
@@ -377,8 +401,18 @@ def read_table(storage: Storage, table: str, partitions: list[str] | None = None
                columns: list[str] | None = None, filter: Any = None, version: int | None = None) -> pa.Table:
     """Rows of the table (or of some partitions, some columns, matching ``filter``), in the
     types of its schema."""
-    data = _read_with_retries(table, lambda: dataset(storage, table, partitions, version).to_table(
-        columns=columns, filter=filter))
+    source = _read_with_retries(table, lambda: dataset(storage, table, partitions, version))
+    declared = delta_schema(table)
+    # A column added to the schema after the table was last written is not in its files yet:
+    # it reads as null (every added column is nullable) until the next write adds it.
+    absent = [n for n in (columns or declared.names) if n not in source.schema.names and n in declared.names]
+    wanted = None if columns is None and not absent else [c for c in (columns or source.schema.names)
+                                                             if c not in absent]
+    data = _read_with_retries(table, lambda: source.to_table(columns=wanted, filter=filter))
+    for name in absent:
+        position = (columns or declared.names).index(name)
+        data = data.add_column(min(position, data.num_columns), declared.field(name),
+                               pa.nulls(data.num_rows, declared.field(name).type))
     return _declared_types(table, data)
 
 
