@@ -83,7 +83,7 @@ def strip_metadata(data: bytes, fmt: str) -> Stripped:
         return _strip_gif(data)
     if fmt == "BMP":
         return Stripped(data, (), None)
-    raise NotStrippable(f"{fmt}: its metadata cannot be removed without rewriting the file's layout; not kept")
+    raise NotStrippable(f"{fmt or 'an unknown format'}: its metadata cannot be removed without rewriting the file's layout; not kept")
 
 
 def exif_orientation(exif: bytes) -> int | None:
