@@ -56,8 +56,8 @@ from pipeline.core.tables import (
 
 log = logging.getLogger(__name__)
 
-#: Images per batch: one journal and about eight table commits each, whatever the store's size.
-BATCH = 200
+#: Images per batch: one journal, one read of each table naming images and about eight commits each.
+BATCH = 1000
 OPERATION = "migrate: strip image metadata"
 
 
@@ -168,7 +168,11 @@ def _apply(storage: Storage, moved: list[Moved], out: ImageCleaning) -> None:
 
 
 def _rows_with(storage: Storage, table: str, column: str, shas: list[str]) -> pa.Table:
-    return read_table(storage, table, filter=pc.field(column).isin(pa.array(sorted(shas), pa.string())))
+    """The rows whose ``column`` is one of ``shas``. Filtered here, not pushed into the scan:
+    on files a Delta merge rewrote, pyarrow's ``isin`` pushdown can fail comparing string with
+    string_view (ArrowNotImplementedError)."""
+    t = read_table(storage, table)
+    return t.filter(pc.is_in(t[column], value_set=pa.array(sorted(shas), pa.string())))
 
 
 def _merge_by_partition(storage: Storage, table: str, rows: list[dict[str, Any]]) -> list[str]:

@@ -65,8 +65,10 @@ def recorded_orientations(storage: Storage, shas: Iterable[str]) -> dict[str, in
     wanted = sorted(set(shas))
     if not wanted or not list_partitions(storage, "images"):
         return {}
-    t = read_table(storage, "images", columns=["dt", "sha256", "exif_orientation"],
-                   filter=pc.field("sha256").isin(pa.array(wanted, pa.string())))
+    t = read_table(storage, "images", columns=["dt", "sha256", "exif_orientation"])
+    # Filtered here, not in the scan: on files a Delta merge rewrote, pyarrow's ``isin``
+    # pushdown can fail comparing string with string_view (ArrowNotImplementedError).
+    t = t.filter(pc.is_in(t["sha256"], value_set=pa.array(wanted, pa.string())))
     out: dict[str, tuple[str, int]] = {}
     for day, sha, value in zip(t["dt"].to_pylist(), t["sha256"].to_pylist(), t["exif_orientation"].to_pylist(),
                                strict=True):
