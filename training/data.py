@@ -29,6 +29,7 @@ import torch
 from torch.utils.data import Dataset
 
 from pipeline.core.config import StorageConfig
+from pipeline.core.orientation import orientation_of, recorded_orientations, upright
 from pipeline.core.storage import ImageStore, Storage, open_storage
 from pipeline.core.tables import list_partitions, read_table
 from pipeline.faces.crop import MEAN, STD, face_crop_box
@@ -50,6 +51,8 @@ class Examples:
     box: np.ndarray  # float32 (n, 4): x1, y1, x2, y2 in the detector's pixel frame
     frame: np.ndarray  # float32 (n, 2): width, height the boxes refer to (NaN: unknown)
     detector_ids: set[str] = field(default_factory=set)
+    #: sha256 -> the EXIF orientation the images table recorded (stored bytes carry no EXIF)
+    orientations: dict[str, int] = field(default_factory=dict)
 
     def __len__(self) -> int:
         return len(self.sha256)
@@ -86,6 +89,7 @@ def load_examples(storage: Storage, run_id: str, *, crop: str = "face") -> dict[
     t = t.sort_by([("post_id", "ascending"), ("image_sha256", "ascending")])
     shas = t["image_sha256"].to_pylist()
     faces = _largest_faces(storage, set(shas)) if crop == "face" else {}
+    orientations = recorded_orientations(storage, shas)
     split = np.asarray(t["split"].to_pylist())
     label = t["label"].to_numpy().astype(np.int64)
     score = t["score"].to_numpy().astype(np.float32)
@@ -107,6 +111,7 @@ def load_examples(storage: Storage, run_id: str, *, crop: str = "face") -> dict[
             post_id=[post[i] for i in idx], sha256=[shas[i] for i in idx], author_key=[author[i] for i in idx],
             label=label[idx], score=score[idx], box=box[idx], frame=frame[idx],
             detector_ids={d for d in detectors[idx] if d},
+            orientations={shas[i]: orientations[shas[i]] for i in idx if shas[i] in orientations},
         )
     if crop == "face":
         n_box = sum(int(np.isfinite(e.box[:, 0]).sum()) for e in out.values())
@@ -154,7 +159,7 @@ class LabeledImages(Dataset):
 
     def load_image(self, i: int):
         """The cropped, squished, un-normalized PIL image of item ``i`` (raises on bad bytes)."""
-        from PIL import Image, ImageOps
+        from PIL import Image
 
         data = self.images.get(self.ex.sha256[i])
         img = Image.open(io.BytesIO(data))
@@ -168,7 +173,9 @@ class LabeledImages(Dataset):
                 side = max(box[2] - box[0], box[3] - box[1], 1.0) * (1 + self.face_margin)
                 want = self.image_size * max(full_w, full_h) / side
             img.draft("RGB", (int(want), int(want)))
-        img = ImageOps.exif_transpose(img).convert("RGB")
+        # Upright as the face boxes are: by the recorded orientation (the stored bytes' EXIF is
+        # gone), or by the file's own EXIF for an image stored before stripping.
+        img = upright(img, orientation_of(img, self.ex.orientations.get(self.ex.sha256[i]))).convert("RGB")
         if has_face:
             fw, fh = self.ex.frame[i]
             fw = fw if np.isfinite(fw) and fw > 0 else full_w

@@ -10,6 +10,7 @@ from typing import Any
 import numpy as np
 
 from likerank.report.load import ReportContext, is_number
+from pipeline.core.orientation import orientation_of, recorded_orientations, upright
 from pipeline.core.storage import ImageStore, StorageError
 from pipeline.core.tables import list_partitions, read_table
 
@@ -121,6 +122,7 @@ class Thumbnailer:
         self.done: dict[str, str | None] = {}
         self.missing = 0
         self.centres = self._face_centres(shas)
+        self.orientations = recorded_orientations(ctx.storage, shas)  # stored bytes carry no EXIF
 
     def _face_centres(self, shas: list[str]) -> dict[str, tuple[float, float]]:
         import pyarrow.compute as pc
@@ -148,7 +150,7 @@ class Thumbnailer:
             data = self.images.get(sha)
             with Image.open(io.BytesIO(data)) as im:
                 im.draft("RGB", (THUMB_PX * 2, THUMB_PX * 2))  # JPEG: decode at reduced scale
-                im = ImageOps.exif_transpose(im).convert("RGB")
+                im = upright(im, orientation_of(im, self.orientations.get(sha))).convert("RGB")
                 centre = self.centres.get(sha, (0.5, 0.5))
                 thumb = ImageOps.fit(im, (THUMB_PX, THUMB_PX), Image.Resampling.LANCZOS, centering=centre)
         except (StorageError, OSError, ValueError, Image.DecompressionBombError) as exc:

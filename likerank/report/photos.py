@@ -91,7 +91,7 @@ def read_photo(images: ImageStore, examples: Any, i: int, spec: Any) -> Photo | 
         if side is None:
             with Image.open(io.BytesIO(data)) as im:  # the header only
                 side = max(im.size)
-        img = decode_fitted(data, side)
+        img = decode_fitted(data, side, orientation=examples.orientations.get(sha))  # stored bytes carry no EXIF
     except (StorageError, DecodeError, OSError) as exc:
         log.warning("report: image %s (post %s) unreadable: %s", sha, examples.post_id[i], exc)
         return None

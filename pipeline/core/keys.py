@@ -17,6 +17,7 @@ imports the key it needs instead of spelling it.
 ``state/scrape/<host>/<tag>.json``      crawl coverage per (instance, hashtag)
 ``state/tombstones/``                   who and what ``likerank forget`` removed (a table, hashed)
 ``state/refs/``                         how to re-read a post (a table: Bluesky at:// URIs)
+``state/migrate/strip_images.json``     images being re-keyed by ``likerank migrate`` (a journal)
 ``runs/scrape/<day>/``                  one summary per scrape run
 ``reports/<run>/``                      the HTML report of a labels run (local storage)
 ``state/reports/<run>/<copy>.json``     one folder a report of that run was written to (host, path)
@@ -105,6 +106,11 @@ def model_card(run_id: str) -> str:
 def image_bytes(sha256: str) -> str:
     """Content-addressed: the same bytes are stored once whatever their URL."""
     return f"images/{sha256[:2]}/{sha256}"
+
+
+#: The batch of images ``likerank migrate`` is re-keying after stripping their metadata; present
+#: only while a batch is under way (a rerun finishes it first).
+STRIP_JOURNAL = "state/migrate/strip_images.json"
 
 
 def faces_manifest(partition: str) -> str:

@@ -36,6 +36,14 @@ replaces the partition rather than adding to it (the old file was the partition'
 content), and merging tombstones and references twice duplicates nothing. A root that is
 already Delta keeps its Delta rows; old files found beside them are merged in.
 
+**Columns added since.** A table whose schema has gained (nullable) columns since it was written
+gets them (:func:`~pipeline.core.tables.add_missing_columns`); its earlier rows read them as
+null. An old partition file without them is converted with them null.
+
+**Stored images lose their metadata.** Images stored before the downloader stripped EXIF, XMP,
+IPTC and comments are stripped in place and re-keyed under their new digest
+(:mod:`pipeline.core.clean_stored_images`); ``likerank migrate`` runs it after the tables.
+
 Only the :class:`~pipeline.core.storage.Storage` interface is used, so local roots and S3 alike.
 """
 
@@ -56,7 +64,7 @@ from pipeline.core import published
 from pipeline.core.pseudonym import tombstone_hash
 from pipeline.core.schemas import INTERNAL_TABLES, TABLES, TOMBSTONES, SchemaError, conform
 from pipeline.core.storage import Storage, StorageError
-from pipeline.core.tables import merge_rows, read_table, spec, write_partition
+from pipeline.core.tables import add_missing_columns, merge_rows, read_table, spec, write_partition
 
 log = logging.getLogger(__name__)
 
@@ -215,6 +223,9 @@ def _conformed_pieces(storage: Storage, old: OldFile) -> Callable[[], Iterator[p
         for piece in _row_groups(storage, old.key):
             if t.partition in piece.column_names:  # the value is the folder's, not the file's
                 piece = piece.drop_columns([t.partition])
+            for fld in t.schema:  # a nullable column added to the schema since the file was written
+                if fld.nullable and fld.name not in piece.column_names:
+                    piece = piece.append_column(fld, pa.nulls(piece.num_rows, fld.type))
             try:
                 yield conform(old.table, piece)
             except SchemaError as exc:
@@ -375,6 +386,9 @@ def migrate(storage: Storage, salt: Salt, *, dry_run: bool = False,
     for result in results:
         if not dry_run:
             _convert(storage, result, salt)
+            added = add_missing_columns(storage, result.table)
+            if added:
+                result.notes.append(f"added column(s) {', '.join(added)} (null in the rows written before)")
         if progress:
             progress(result)
     return results

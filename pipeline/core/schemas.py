@@ -83,7 +83,7 @@ DOWNLOADS = pa.schema([
     f("url", pa.string(), "The URL attempted."),
     f("status", pa.string(), "ok, http_error, timeout, too_large, not_image, decode_error, bomb, blocked, bad_url, "
                              "connection_error, redirect_loop, opted_out (X-Robots-Tag noai/noimageai: the bytes are "
-                             "not kept), deferred (the host asked for a wait longer than scrape.max_server_wait_s or "
+                             "not kept), not_strippable (a TIFF or AVIF whose metadata cannot be removed: not kept), deferred (the host asked for a wait longer than scrape.max_server_wait_s or "
                              "the download's time budget, e.g. X-RateLimit-Remaining: 0 with a far reset: not a "
                              "failure; a later run tries it). A timeout, connection_error, deferred, or http_error "
                              "429/5xx is tried again by a later run (next_attempt_at); every other status is final."),
@@ -112,6 +112,13 @@ IMAGES = pa.schema([
     f("format", pa.string(), "Pillow format name, e.g. JPEG, PNG."),
     f("bytes", pa.int64(), "Size of the stored file, bytes."),
     f("storage_key", pa.string(), "Key under the storage root: images/<aa>/<sha256>."),
+    f("metadata_stripped", pa.bool_(), "The stored bytes carry no EXIF, XMP, IPTC, GPS or comments (removed "
+                                       "segment by segment, pixels untouched); null: stored before stripping, "
+                                       "until `likerank migrate` cleans it.", nullable=True),
+    f("metadata_removed", pa.list_(pa.string()), "Kinds of metadata removed: exif, xmp, iptc, comment, text, "
+                                                 "mpf, trailer, app<n>; empty when there was none.", nullable=True),
+    f("exif_orientation", pa.int32(), "EXIF orientation (1..8) the original carried, applied when decoding; "
+                                      "null when it had none.", nullable=True),
 ])
 
 FACE = pa.struct([

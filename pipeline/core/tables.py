@@ -186,6 +186,30 @@ def open_table(storage: Storage, table: str, version: int | None = None):
         return None
 
 
+def add_missing_columns(storage: Storage, table: str, dt=None) -> list[str]:
+    """Add the columns the table's schema declares but its Delta table lacks (a column added
+    to :mod:`~pipeline.core.schemas` since the table was created); return their names. New
+    columns are nullable, so the rows already written read them as null. Run before every
+    write, so a writer of this release never meets an older table's narrower schema."""
+    from deltalake import Field
+
+    dt = dt if dt is not None else open_table(storage, table)
+    if dt is None:
+        return []
+    have = {f.name for f in dt.schema().fields}
+    missing = [f for f in delta_schema(table) if f.name not in have]
+    if missing:
+        log.info("table %s: adding column(s) %s", table, ", ".join(f.name for f in missing))
+        try:
+            dt.alter.add_columns([Field.from_arrow(f) for f in missing],
+                                 commit_properties=_commit_properties("add columns", table))
+        except Exception:  # noqa: BLE001 - another writer may have added them first
+            again = open_table(storage, table)
+            if again is None or {f.name for f in missing} - {f.name for f in again.schema().fields}:
+                raise
+    return [f.name for f in missing]
+
+
 def version(storage: Storage, table: str) -> int | None:
     """The table's current version, or None if it has no commit yet."""
     dt = open_table(storage, table)
@@ -231,26 +255,12 @@ def _check_partition_value(table: str, value: str) -> None:
 
 
 def open_for_write(storage: Storage, table: str):
-    """:func:`open_table`, with the nullable columns the table's schema gained since it was
-    created added first (rows written before read them as null): delta-rs's MERGE silently
-    drops a source column its target lacks, and an overwrite refuses the new schema."""
-    from deltalake import Schema as DeltaSchema
-
+    """:func:`open_table`, after :func:`add_missing_columns`: delta-rs's MERGE silently drops a
+    source column its target lacks, and an overwrite refuses the wider schema."""
     dt = open_table(storage, table)
-    if dt is None:
-        return None
-    have = {fld.name for fld in dt.schema().fields}
-    missing = [fld for fld in delta_schema(table) if fld.name not in have]
-    if not missing:
-        return dt
-    try:
-        dt.alter.add_columns(list(DeltaSchema.from_arrow(pa.schema(missing)).fields))
-    except Exception:  # noqa: BLE001 - another writer may have added them first
-        again = open_table(storage, table)
-        if again is None or any(f.name not in {g.name for g in again.schema().fields} for f in missing):
-            raise
-    log.info("table %s: added column(s) %s", table, ", ".join(f.name for f in missing))
-    return open_table(storage, table)
+    if dt is not None and add_missing_columns(storage, table, dt):
+        dt = open_table(storage, table)
+    return dt
 
 
 def write_partition(storage: Storage, table: str, value: str,

@@ -12,6 +12,10 @@ it needs a separate header parse to pick the scale and answers a bad file with `
 no reason; Pillow says what is wrong (truncated, unknown format), reads every format the
 scraper stores, and gives the EXIF orientation, so it is the decoder here (no new dependency).
 
+Stored images have no EXIF left (the scraper strips it), so the caller passes the orientation
+the ``images`` table recorded; without one, the file's own EXIF orientation applies (an image
+stored before stripping, or a file scored from disk).
+
 Errors are values for the caller to record: :class:`DecodeError` carries a one-line reason.
 """
 
@@ -25,19 +29,9 @@ import cv2
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-#: EXIF orientation -> the transpose that makes the image upright (as ``ImageOps.exif_transpose``).
-_ORIENT = {
-    2: Image.Transpose.FLIP_LEFT_RIGHT,
-    3: Image.Transpose.ROTATE_180,
-    4: Image.Transpose.FLIP_TOP_BOTTOM,
-    5: Image.Transpose.TRANSPOSE,
-    6: Image.Transpose.ROTATE_270,
-    7: Image.Transpose.TRANSVERSE,
-    8: Image.Transpose.ROTATE_90,
-}
-_EXIF_ORIENTATION = 0x0112
+from pipeline.core.orientation import orientation_of, swaps_axes, upright
+
 _JPEG_FORMATS = ("JPEG", "MPO")  # MPO: multi-picture JPEG (phones); Pillow drafts it like JPEG
-_EXIF_FORMATS = (*_JPEG_FORMATS, "WEBP", "PNG", "TIFF")
 
 
 class DecodeError(ValueError):
@@ -82,8 +76,11 @@ def resize_rgb(rgb: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     return cv2.resize(rgb, size, interpolation=cv2.INTER_AREA if shrink > 2 else cv2.INTER_LINEAR)
 
 
-def decode_fitted(data: bytes, det_size: int, *, max_pixels: int = 40_000_000) -> FittedImage:
+def decode_fitted(data: bytes, det_size: int, *, max_pixels: int = 40_000_000,
+                  orientation: int | None = None) -> FittedImage:
     """Decode ``data`` (any Pillow format) to an upright RGB image fitted to ``det_size``.
+
+    ``orientation`` (EXIF 1..8) is the recorded one of a stored image; None reads the file's EXIF.
 
     Raises :class:`DecodeError` for anything that is not a whole, decodable image of at most
     ``max_pixels`` pixels (the decompression-bomb guard).
@@ -99,7 +96,7 @@ def decode_fitted(data: bytes, det_size: int, *, max_pixels: int = 40_000_000) -
             raise DecodeError(f"image has no pixels ({w}x{h})")
         if w * h > max_pixels:
             raise DecodeError(f"image too large: {w}x{h} = {w * h} pixels > max_pixels {max_pixels}")
-        orientation = im.getexif().get(_EXIF_ORIENTATION, 1) if im.format in _EXIF_FORMATS else 1
+        orientation = orientation_of(im, orientation)
         tw, th = fit_size(w, h, det_size)
         if im.format in _JPEG_FORMATS and tw < w:
             im.draft("RGB", (tw, th))  # DCT-domain downscale; result stays >= (tw, th)
@@ -114,9 +111,8 @@ def decode_fitted(data: bytes, det_size: int, *, max_pixels: int = 40_000_000) -
             Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
         reason = str(exc) or type(exc).__name__
         raise DecodeError(f"cannot decode image: {reason}") from None
-    if orientation in _ORIENT:
-        im = im.transpose(_ORIENT[orientation])
-        if orientation >= 5:  # the four orientations that swap the axes
-            w, h, tw, th = h, w, th, tw
+    im = upright(im, orientation)
+    if swaps_axes(orientation):
+        w, h, tw, th = h, w, th, tw
     rgb = resize_rgb(np.asarray(im), (tw, th))
     return FittedImage(rgb=np.ascontiguousarray(rgb), width=w, height=h)

@@ -14,7 +14,9 @@ Read, decode, detect, write, in that order and overlapped:
   for the current detector (its model file's sha256) and cuts them into shards.
 * :func:`detect_shard` detects one shard and writes it as one ``faces`` partition,
   ``<logical date>-s<shard>-<8 hex of the shard's content>``: a retried shard replaces its
-  own partition, and a re-planned run (other content) never overwrites an earlier one.
+  own partition, and a re-planned run (other content) never overwrites an earlier one. Each
+  image is turned upright by the ``exif_orientation`` the ``images`` table recorded (stored
+  bytes have no EXIF left to read it from).
 
 Item failures are rows (status ``decode_error``, ``missing``, ``error``); only a shard that
 cannot be processed at all (no model, storage down) raises.
@@ -27,7 +29,7 @@ import logging
 import math
 import time
 from collections import deque
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime
@@ -79,15 +81,19 @@ def detect_stream(
     decode_workers: int = 2,
     max_pixels: int = 40_000_000,
     queue_size: int = 0,
+    orientations: Mapping[Any, int] | None = None,
 ) -> Iterator[tuple[Any, Detection]]:
     """Detect faces in every ``(key, loader)`` item; yield ``(key, Detection)`` in input order.
 
     ``loader()`` returns the image bytes; ``FileNotFoundError`` from it means status ``missing``.
+    ``orientations``: key -> the EXIF orientation recorded for a stored image (its EXIF is
+    gone); a key without one is turned upright by its own EXIF, if any.
     ``queue_size`` bounds the images decoded or being decoded ahead of inference
     (0 = four per worker thread); each holds ~6 MB at det_size 640 (its float32 canvas and
     fitted RGB copy), so the default 12 cost ~75 MB whatever the shard size.
     """
     window = queue_size or 4 * (decode_workers + detector.infer_workers)
+    recorded = orientations or {}
     batch = detector.max_batch
     pending: deque[tuple[list[Any], Future]] = deque()
     in_flight = 0
@@ -96,7 +102,8 @@ def detect_stream(
             ThreadPoolExecutor(detector.infer_workers, thread_name_prefix="faces-infer") as infer_pool:
         def submit(keys: list[Any], loaders: list[Loader]) -> None:
             nonlocal in_flight
-            decoded = [decode_pool.submit(_load_and_prepare, detector, ld, max_pixels) for ld in loaders]
+            decoded = [decode_pool.submit(_load_and_prepare, detector, ld, max_pixels, recorded.get(key))
+                       for key, ld in zip(keys, loaders, strict=True)]
             pending.append((keys, infer_pool.submit(_infer, detector, decoded)))
             in_flight += len(keys)
 
@@ -126,8 +133,8 @@ def detect_stream(
                 fut.cancel()
 
 
-def _load_and_prepare(detector: FaceDetector, loader: Loader,
-                      max_pixels: int) -> tuple[FittedImage, np.ndarray, str] | Detection:
+def _load_and_prepare(detector: FaceDetector, loader: Loader, max_pixels: int,
+                      orientation: int | None) -> tuple[FittedImage, np.ndarray, str] | Detection:
     """Decode-thread work: bytes -> fitted image, normalised canvas and phash, or a failure row."""
     try:
         data = loader()
@@ -136,7 +143,7 @@ def _load_and_prepare(detector: FaceDetector, loader: Loader,
     except Exception as exc:  # noqa: BLE001 - storage hiccup: a row, retried by the next plan
         return Detection("error", error=f"cannot read image: {type(exc).__name__}: {exc}")
     try:
-        img = decode_fitted(data, detector.det_size, max_pixels=max_pixels)
+        img = decode_fitted(data, detector.det_size, max_pixels=max_pixels, orientation=orientation)
     except DecodeError as exc:
         return Detection("decode_error", error=str(exc))
     except Exception as exc:  # noqa: BLE001 - one bad image must not fail the shard
@@ -277,6 +284,7 @@ def detect_shard(
     ``detector`` reuses a loaded model across shards; ``on_result`` is called per image
     (progress bars).
     """
+    from pipeline.core.orientation import recorded_orientations
     from pipeline.core.storage import ImageStore, StorageError, open_storage
     from pipeline.core.tables import write_partition
     from pipeline.faces.detector import FaceDetector
@@ -297,8 +305,10 @@ def detect_shard(
 
     started = time.perf_counter()
     results: list[tuple[str, Detection]] = []
+    orientations = recorded_orientations(storage, shas)  # stored images carry no EXIF to read it from
     for sha, det in detect_stream(detector, ((s, loader(s)) for s in shas),
-                                  decode_workers=cfg.faces.decode_workers, max_pixels=cfg.scrape.max_pixels):
+                                  decode_workers=cfg.faces.decode_workers, max_pixels=cfg.scrape.max_pixels,
+                                  orientations=orientations):
         results.append((sha, det))
         if on_result:
             on_result(sha, det)

@@ -12,9 +12,13 @@ concurrency cap, retries, timeouts, streamed size cap), then these content check
    limit is the one that decides;
 3. ``verify()`` for PNG (every chunk's CRC, without inflating the pixel data; Pillow's other
    formats verify nothing) → a bad checksum or chunk is ``decode_error``;
-4. the bytes are stored content-addressed (``ImageStore``: the same image posted twice is
-   stored once; both posts' ``downloads`` rows carry its sha256) with an ``images`` row
-   (format, dimensions, size).
+4. **metadata removed** (:mod:`pipeline.core.strip_metadata`): EXIF (GPS, camera), XMP, IPTC
+   and comments are cut out segment by segment, pixels untouched; the EXIF orientation is kept
+   as the ``images`` row's ``exif_orientation``. Broken segments → ``decode_error``; a TIFF or
+   AVIF, whose metadata cannot be cut out, → ``not_strippable`` (not kept);
+5. the stripped bytes are stored content-addressed (``ImageStore``: their sha256 is the key, so
+   the same image posted twice is stored once; both posts' ``downloads`` rows carry it) with an
+   ``images`` row (format, dimensions, size, what metadata was removed).
 
 No pixel is decoded here. The face stage decodes every image anyway: an image whose pixel
 data is truncated or corrupt becomes a ``faces`` row with status ``decode_error`` there, and the
@@ -51,12 +55,14 @@ from PIL import Image
 
 from pipeline.core.config import ScrapeConfig
 from pipeline.core.storage import ImageStore, Storage
+from pipeline.core.strip_metadata import MetadataError, NotStrippable, strip_metadata
 from pipeline.scrape.http import HttpClient
 
 warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
 
 STATUSES = ("ok", "http_error", "timeout", "too_large", "not_image", "decode_error", "bomb",
-            "blocked", "bad_url", "connection_error", "redirect_loop", "opted_out", "deferred")
+            "blocked", "bad_url", "connection_error", "redirect_loop", "opted_out", "not_strippable",
+            "deferred")
 #: Statuses a later run tries again (``http_error`` only with :data:`RETRYABLE_HTTP`).
 RETRYABLE_STATUSES = frozenset({"timeout", "connection_error", "deferred"})
 
@@ -209,14 +215,13 @@ class Downloader:
             try:
                 check = check_image(data, self.cfg.max_pixels)
                 if check.status == "ok":
-                    # Not fsynced one by one: the scrape syncs storage once per flush, before
-                    # any table row or crawl state records the image.
-                    sha, key = self.images.put(data, durable=False)
-                    row["sha256"] = sha
-                    image = {"sha256": sha, "width": check.width, "height": check.height,
-                             "format": check.format, "bytes": len(data), "storage_key": key}
+                    image = self._store(check, data)
+                    row["sha256"] = image["sha256"]
                 else:
                     row["status"], row["error"] = check.status, f"{check.error} ({shown})"
+            except MetadataError as exc:
+                row["status"] = "not_strippable" if isinstance(exc, NotStrippable) else "decode_error"
+                row["error"] = f"{exc} ({shown})"
             finally:
                 res.body = None  # bodies never outlive their check
         row["elapsed_ms"] = (time.monotonic() - t0) * 1000.0
@@ -235,6 +240,17 @@ class Downloader:
         when = row["next_attempt_at"]
         note = f"{tries}; a later run tries again from {when:%Y-%m-%d %H:%M:%S} UTC" if when else f"{tries}: final"
         row["error"] = f"{row['error']} ({note})" if row["error"] else note
+
+    def _store(self, check: ImageCheck, data: bytes) -> dict:
+        """Strip ``data``'s metadata, store what is left, return its ``images`` row. Raises
+        :class:`MetadataError` when it cannot be stripped (nothing is stored then)."""
+        stripped = strip_metadata(data, check.format)
+        # Not fsynced one by one: the scrape syncs storage once per flush, before any table
+        # row or crawl state records the image.
+        sha, key = self.images.put(stripped.data, durable=False)
+        return {"sha256": sha, "width": check.width, "height": check.height, "format": check.format,
+                "bytes": len(stripped.data), "storage_key": key, "metadata_stripped": True,
+                "metadata_removed": list(stripped.removed), "exif_orientation": stripped.orientation}
 
     # ---------------------------------------------------------------- many URLs
 

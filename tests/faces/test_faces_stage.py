@@ -215,3 +215,52 @@ def test_cli_faces_detects_stored_images_with_limit(faces_model, tmp_path, capsy
 
 def test_current_detector_id_is_the_model_sha256(faces_cfg, face_detector):
     assert current_detector_id(faces_cfg) == face_detector.detector_id
+
+
+def _sideways_t1(orientation: int) -> bytes:
+    """t1 (six faces) as a phone held sideways stores it: pixels turned 90 degrees, and an EXIF
+    orientation tag saying how to turn them back (6: 90 clockwise, 8: 90 anticlockwise)."""
+    import io
+
+    from PIL import Image
+
+    from tests.fixtures.metadata import exif_with_gps
+
+    turned = {6: Image.Transpose.ROTATE_90, 8: Image.Transpose.ROTATE_270}[orientation]
+    with Image.open(io.BytesIO(photo_bytes("t1"))) as im:
+        buf = io.BytesIO()
+        im.transpose(turned).save(buf, "JPEG", quality=95, exif=exif_with_gps(orientation))
+    return buf.getvalue()
+
+
+@pytest.mark.parametrize("orientation", [6, 8])
+def test_a_sideways_photo_is_detected_upright_after_its_exif_is_stripped(
+        faces_cfg, scrape_cfg, local_storage, face_detector, fake_mastodon, orientation):
+    import io
+
+    from PIL import Image
+
+    from pipeline.core.schemas import IMAGES
+    from pipeline.core.tables import write_partition
+    from pipeline.scrape.download import Downloader
+    from tests.fixtures.metadata import gps_of
+    from tests.fixtures.scrape import FakeMastodon
+
+    sideways = _sideways_t1(orientation)
+    fake_mastodon.faults["sideways.jpg"] = lambda h: FakeMastodon.send(h, 200, sideways, "image/jpeg")
+    with Downloader(scrape_cfg.scrape, local_storage) as downloader:  # the scraper's own path: strip, store, row
+        image = downloader.fetch("p1", f"{fake_mastodon.url}/fault/sideways.jpg").image
+    write_partition(local_storage, "images", DAY, pa.Table.from_pylist([image], schema=IMAGES))
+    stored = local_storage.get_bytes(image["storage_key"])
+    assert image["exif_orientation"] == orientation
+    assert gps_of(stored) == {} and not Image.open(io.BytesIO(stored)).getexif()
+
+    (shard,) = plan_shards(faces_cfg, local_storage)
+    detect_shard(faces_cfg, 0, shard, DAY, storage=local_storage, detector=face_detector)
+    row = _rows(read_table(local_storage, "faces"))[image["sha256"]]
+    assert row["status"] == "ok" and row["n_faces"] == 6  # as many as in the upright original
+    assert (row["width"], row["height"]) == (1280, 886)  # the upright frame the boxes are in
+
+    # Without the recorded orientation the same bytes are decoded sideways: most faces are missed.
+    unturned = list(detect_stream(face_detector, [("x", lambda: stored)], orientations={"x": 1}))
+    assert unturned[0][1].status == "ok" and len(unturned[0][1].faces) < 6
