@@ -20,6 +20,7 @@ COMMAND_MODULES = [
     "likerank.cli.config_cmd",
     "likerank.cli.query_cmd",
     "likerank.cli.report_cmd",
+    "likerank.cli.findings_cmd",
     "likerank.cli.faces_cmd",
     "likerank.cli.sim_cmd",
     "likerank.cli.scrape_cmd",

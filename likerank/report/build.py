@@ -29,6 +29,14 @@ id                     what it shows, and what it reads
                        table; a ROC curve and a calibration plot from the run's per-post
                        test predictions (``models/<run>/predictions.parquet``, the
                        ``predictions`` schema)
+``findings``           "what makes a good photo": each visual attribute of the labeled photos
+                       (face size, position and tilt, faces, brightness, contrast,
+                       saturation, black and white, border, sharpness) binned against the
+                       label rate and the model's mean probability, with 95 % intervals, a
+                       chi-square test per attribute (Holm-corrected) and one sentence each
+                       (``likerank/report/findings.py``; ``findings.png``); beside them the
+                       planted effect and the true quality per bin where
+                       ``training.truth_file`` is set
 ``map``                the test photos (at most ``MAP_MAX``, spread along post_id order) placed
                        by the model's penultimate-layer features, reduced to 2-D with t-SNE:
                        face thumbnails bordered by label (``map_label.png``) and by predicted
@@ -91,6 +99,7 @@ def build_report(
 
         storage = open_storage(cfg.storage)
     ctx = load_context(storage, labels_run, model_run, out)
+    ctx.truth_file = cfg.training.truth_file  # the findings show the planted effects beside the measured
     ctx.out.mkdir(parents=True, exist_ok=True)
     # Only what this module writes is cleared: --out may be a folder holding other things.
     for old in ctx.out.glob("*.png"):

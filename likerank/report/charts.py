@@ -283,3 +283,44 @@ def best_crops_chart(ctx: ReportContext, pairs: list[dict[str, Any]]) -> str:
         after.set_title(f"\nbest {pair['aspect']} · p {pair['best_prob']:.3f} ({gain:+.3f})", fontsize=9,
                         color=COLORS["pos"] if gain > 0 else "#1d232a")
     return save_chart(ctx, fig, "best_crops.png")
+
+def findings_chart(ctx: ReportContext, findings: Any) -> str | None:
+    """One small panel per attribute, in rank order: the label rate per bin with its Wilson 95 %
+    interval, the model's mean predicted probability with its 95 % interval, the overall rate.
+    A title ends in * when the attribute is significant, and says "(planted)" when the simulator
+    planted it (a truth file was given)."""
+    shown = [f for f in findings.attributes if f.bins]
+    if not shown:
+        return None
+    from matplotlib.figure import Figure
+
+    cols = 4
+    rows = -(-len(shown) // cols)
+    fig = Figure(figsize=(3.2 * cols, 2.7 * rows), layout="constrained")
+    axes = fig.subplots(rows, cols, squeeze=False).ravel()
+    for ax, f in zip(axes, shown, strict=False):
+        x = np.arange(len(f.bins))
+        rate = np.array([b.rate for b in f.bins], dtype=float)
+        err = np.array([[b.rate - b.rate_low, b.rate_high - b.rate] for b in f.bins], dtype=float).T
+        ax.axhline(f.overall_rate, color="#999999", linewidth=0.8, linestyle="--")
+        ax.errorbar(x - 0.08, rate, yerr=err, fmt="o", color=COLORS["pos"], markersize=4, capsize=2,
+                    label="label rate")
+        with_prob = [i for i, b in enumerate(f.bins) if b.prob is not None]
+        if with_prob:
+            p = np.array([f.bins[i].prob for i in with_prob], dtype=float)
+            lo = np.array([f.bins[i].prob_low if f.bins[i].prob_low is not None else f.bins[i].prob
+                           for i in with_prob], dtype=float)
+            hi = np.array([f.bins[i].prob_high if f.bins[i].prob_high is not None else f.bins[i].prob
+                           for i in with_prob], dtype=float)
+            ax.errorbar(np.array(with_prob) + 0.08, p, yerr=[p - lo, hi - p], fmt="s", color=COLORS["neg"],
+                        markersize=3.5, capsize=2, label="mean predicted p")
+        ax.set_xticks(x, [b.label for b in f.bins], rotation=30, ha="right", fontsize=7)
+        ax.set_xlim(-0.5, len(f.bins) - 0.5)
+        ax.set_ylim(0, 1)
+        ax.tick_params(axis="y", labelsize=7)
+        mark = (" *" if f.significant else "") + (" (planted)" if f.planted not in (None, "not planted") else "")
+        ax.set_title(f"{f.rank}. {f.title}{mark}", fontsize=8.5, color="#1d232a" if f.significant else "#6b7480")
+    for ax in axes[len(shown):]:
+        ax.set_axis_off()
+    axes[0].legend(fontsize=7, frameon=False, loc="lower left")
+    return save_chart(ctx, fig, "findings.png")

@@ -50,6 +50,7 @@ class ReportContext:
     metrics: dict[str, Any] | None
     predictions: pd.DataFrame | None = None
     predictions_why: str = ""
+    truth_file: str = ""  # ground truth (post_id, quality) beside the findings; "" = none
     charts: list[str] = field(default_factory=list)
     _con: Any = None
     _model: Any = None  # scoring.torch_model.TorchModel, loaded once by need_model()

@@ -18,6 +18,7 @@ from likerank.report.charts import (
     Thumbnailer,
     best_crops_chart,
     calibration_chart,
+    findings_chart,
     funnel_chart,
     history_chart,
     map_pictures,
@@ -342,6 +343,24 @@ def best_crops_section(ctx: ReportContext) -> dict[str, Any]:
     return {"chart": best_crops_chart(ctx, pairs), "pairs": rows, "tried": len(idx), "unreadable": unreadable,
             "run": model.spec.run_id}
 
+def findings_section(ctx: ReportContext) -> dict[str, Any]:
+    """Each visual attribute's bins against the label rate (:mod:`likerank.report.findings`)."""
+    from likerank.report.findings import findings_for_labels, load_truth_qualities
+
+    lab = ctx.need_labels()
+    truth, truth_why = None, ""
+    if ctx.truth_file:
+        try:
+            truth = load_truth_qualities(ctx.truth_file)
+        except (OSError, ValueError) as exc:  # the findings stand without the truth beside them
+            truth_why = str(exc)
+    found = findings_for_labels(ctx.storage, lab, labels_run=ctx.labels_run, predictions=ctx.predictions,
+                                model_run=ctx.model_run if ctx.predictions is not None else None,
+                                truth=truth, truth_name=ctx.truth_file)
+    if truth_why:
+        found.notes.append(f"no true effects shown: {truth_why}")
+    return {"f": found, "chart": findings_chart(ctx, found)}
+
 #: The page's sections, in order: element id, heading, builder.
 SECTIONS: list[tuple[str, str, Callable[[ReportContext], dict[str, Any]]]] = [
     ("funnel", "Funnel", funnel_section),
@@ -350,6 +369,7 @@ SECTIONS: list[tuple[str, str, Callable[[ReportContext], dict[str, Any]]]] = [
     ("label-balance", "Label balance per group", balance_section),
     ("validation", "Validation", validation_section),
     ("model", "Model", model_section),
+    ("findings", "What makes a good photo", findings_section),
     ("map", "Map", map_section),
     ("best-crops", "Best crops", best_crops_section),
     ("contact-sheets", "Contact sheets", contact_sheets_section),

@@ -92,8 +92,12 @@ def summary(cfg: Config, truth: Path | None = None) -> str:
     for name, table in TABLES.items():
         lines.append(f"  {name:<11} {storage.uri(table.path)}/")
     if run:
+        import dataclasses
+
         from likerank.report.build import build_report
 
+        if truth is not None:  # the report's findings show the planted effects beside the measured
+            cfg = dataclasses.replace(cfg, training=dataclasses.replace(cfg.training, truth_file=str(truth)))
         lines.append(f"\nreport: {build_report(cfg, storage)}")
     lines.append('\ntry:  .venv/bin/likerank query "select label, count(*) n, avg(likes) likes, '
                  'avg(followers) followers from labels group by label"')
