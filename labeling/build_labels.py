@@ -39,9 +39,12 @@ from labeling.eligibility import (
     read_input_file,
 )
 from labeling.rank_groups import (
+    WIDE_GROUP_WARNING,
     Ranking,
     code_counts,
+    drop_groups,
     exposure,
+    group_spans,
     post_id_key_unless_ordered,
     rank_groups,
     source_codes,
@@ -280,13 +283,19 @@ def label_run(cands: pa.Table, cfg: Config, run_id: str, *, labeler: str | None 
     ranking = rank(labeler, likes=numbers.likes, followers=numbers.followers, n_tags=numbers.n_tags,
                    exposures=numbers.exposure, key=key, source=source, group_size=lab.group_size)
     del key
+    partial_rows = int(np.count_nonzero(~ranking.kept))  # a few rows per source
+    spans = group_exposure(ranking, numbers.exposure, source, names, lab) if labeler == "groups" else None
+    if spans and lab.drop_wide_groups and spans["flagged"]:
+        ranking = drop_groups(ranking, np.array(spans["flagged"]))
     run = LabelsRun(cands=cands, rows=rows, likes=numbers.likes, followers=numbers.followers,
                     exposure=numbers.exposure, source=source, source_names=names, ranking=ranking,
                     split=splits_.result()[rows], labeler=labeler, params_hash=cfg.section_hash("labeling"),
                     run_id=run_id, summary={})
-    partial = np.flatnonzero(~ranking.kept)  # a few rows per source
-    dropped["partial_group"] = len(partial)
-    n = len(rows) - dropped["partial_group"]
+    partial = np.flatnonzero(~ranking.kept)  # the trailing partial groups, and any wide group dropped
+    dropped["partial_group"] = partial_rows
+    if len(partial) > partial_rows:
+        dropped["wide_group"] = len(partial) - partial_rows
+    n = len(rows) - len(partial)
     labels = ranking.label()  # 0 where not kept (rank 0)
     positive = int(np.count_nonzero(labels))
     split_counts = code_counts(run.split, len(SPLITS)) - np.bincount(run.split[partial], minlength=len(SPLITS))
@@ -313,9 +322,39 @@ def label_run(cands: pa.Table, cfg: Config, run_id: str, *, labeler: str | None 
                           "positive_share": round(positive / n, 6) if n else None},
         "splits": split_counts,
         "sources": per_source,
+        **({"group_exposure": spans} if spans else {}),
         "seconds": round(time.perf_counter() - started, 3),
     }
     return run
+
+
+def group_exposure(ranking: Ranking, exposures: np.ndarray, source: np.ndarray, names: list[str],
+                   lab: Any) -> dict[str, Any]:
+    """Each source's groups' exposure spans (max / min) for the run's summary: the top group's
+    span, the median, the widest; ``flagged``, the groups over ``labeling.max_group_exposure_ratio``
+    (none when it is 0); ``warning``, a sentence when any group spans more than
+    :data:`~labeling.rank_groups.WIDE_GROUP_WARNING` times (its label mostly tracks audience)."""
+    spans = group_spans(ranking, exposures, source)
+    ratio = spans.ratio
+    per_source: dict[str, Any] = {}
+    for code in np.unique(spans.source):
+        ids = np.flatnonzero(spans.source == code)  # in exposure order: the first is the top group
+        r = ratio[ids]
+        per_source[names[int(code)]] = {
+            "groups": [int(ids[0]), int(ids[-1])], "top_group_span": round(float(r[0]), 3),
+            "median_span": round(float(np.median(r)), 3), "widest_span": round(float(r.max()), 3),
+            "widest_group": int(ids[int(np.argmax(r))])}
+    limit = lab.max_group_exposure_ratio
+    flagged = np.flatnonzero(ratio > limit).tolist() if limit else []
+    wide = {name: s for name, s in per_source.items() if s["widest_span"] > WIDE_GROUP_WARNING}
+    warning = None
+    if wide:
+        warning = "; ".join(f"{name}: group {s['widest_group']} spans {s['widest_span']:.0f}x in exposure"
+                            for name, s in wide.items()) + (
+            " - in such a group positives have far bigger audiences than negatives, so the label mostly "
+            "tracks follower count (more posts, or labeling.max_group_exposure_ratio, narrow the groups)")
+    return {"per_source": per_source, "max_ratio": limit or None, "flagged": flagged,
+            "dropped": bool(flagged) and lab.drop_wide_groups, "warning": warning}
 
 
 def label_candidates(cands: pa.Table, cfg: Config, run_id: str, **options: Any) -> tuple[pa.Table, dict[str, Any]]:
@@ -360,6 +399,8 @@ def build_labels(cfg: Config, run_id: str, storage: Storage | None = None, *, as
         new_posts = run.count_new(read_table(storage, "labels", partitions=[pointer["run_id"]],
                                              columns=["post_id"]).column("post_id"))
     check_enough(summary, pointer, new_posts, cfg.validation.min_rows)
+    if (summary.get("group_exposure") or {}).get("warning"):
+        log.warning("labels run %s: %s", run_id, summary["group_exposure"]["warning"])
     # A rebuilt run must be validated again before it can be published, and must not stay
     # published meanwhile: training would otherwise read data nobody validated.
     if published.unpublish(storage, run_id):

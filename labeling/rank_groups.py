@@ -7,8 +7,9 @@ Given eligible posts (see :mod:`labeling.eligibility`):
 2. per source (``mastodon``, ``bluesky``: exposure means something else on each platform, so
    groups never mix them), sort by exposure descending, ties by ``post_id`` ascending; cut the
    sorted list into consecutive groups of ``group_size``; drop each source's trailing partial
-   group. Group ids are unique across sources: sources in name order, group 0 = the first
-   source's highest exposure;
+   group. Group ids are unique across sources and run on from one to the next (sources in
+   name order): group 0 is the first source's highest exposure, and the second source's
+   highest-exposure group comes right after the first source's lowest;
 3. within a group sort by likes ascending, ties by ``post_id`` ascending: ``rank_in_group`` 1..G;
 4. ``label = rank_in_group > G / 2``; ``score = (rank_in_group - 0.5) / G``.
 
@@ -61,6 +62,47 @@ class Ranking:
     def select(self, rows: np.ndarray) -> Ranking:
         """The ranking of the given rows only (a boolean mask or indices)."""
         return Ranking(self.group_id[rows], self.rank_in_group[rows], self.group_size)
+
+
+#: A group whose exposure spans more than this (max / min) is named in every run's summary as
+#: a warning, whatever ``labeling.max_group_exposure_ratio`` says: there positives have far
+#: bigger audiences than negatives, and the label mostly tracks follower count.
+WIDE_GROUP_WARNING = 10.0
+
+
+@dataclass(frozen=True)
+class GroupSpans:
+    """Each group's exposure span, aligned with group ids 0..n-1."""
+
+    source: np.ndarray  # int code of each group's source
+    low: np.ndarray  # float64, lowest exposure in the group
+    high: np.ndarray  # float64, highest
+
+    @property
+    def ratio(self) -> np.ndarray:
+        """max / min exposure per group (inf where the lowest is 0)."""
+        with np.errstate(divide="ignore", invalid="ignore"):
+            return np.where(self.low > 0, self.high / np.maximum(self.low, 1e-300), np.inf)
+
+
+def group_spans(ranking: Ranking, exposures: np.ndarray, source: np.ndarray) -> GroupSpans:
+    """The exposure span of every group of ``ranking`` (rows aligned with ``exposures``)."""
+    kept = ranking.kept
+    groups = int(ranking.group_id.max()) + 1 if kept.any() else 0
+    gid, exp = ranking.group_id[kept], np.asarray(exposures, dtype=np.float64)[kept]
+    low, high = np.full(groups, np.inf), np.full(groups, -np.inf)
+    np.minimum.at(low, gid, exp)
+    np.maximum.at(high, gid, exp)
+    codes = np.zeros(groups, dtype=np.int64)
+    codes[gid] = np.asarray(source)[kept]
+    return GroupSpans(codes, low, high)
+
+
+def drop_groups(ranking: Ranking, groups: np.ndarray) -> Ranking:
+    """``ranking`` without the rows of ``groups`` (their group id -1, as a dropped row's)."""
+    out = np.isin(ranking.group_id, groups)
+    return Ranking(np.where(out, -1, ranking.group_id).astype(np.int32),
+                   np.where(out, 0, ranking.rank_in_group).astype(np.int32), ranking.group_size)
 
 
 def exposure(followers: np.ndarray, n_tags: np.ndarray, tag_bonus: float,

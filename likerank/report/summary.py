@@ -56,8 +56,15 @@ def summary(cfg: Config, truth: Path | None = None) -> str:
         summ = record.record
         lines.append(f"  labeled posts         {summ['rows_out']:>7}   in {summ['groups']} groups of "
                      f"{record.group_size}; dropped: {_fmt(summ['dropped'])}")
+        spans = (summ.get("group_exposure") or {}).get("per_source", {})
         for source, counts in sorted(record.sources.items()):  # groups never mix sources
-            lines.append(f"    {source or '(no source)':<19} {counts['rows_out']:>7}   in {counts['groups']} groups")
+            span = spans.get(source)
+            lines.append(f"    {source or '(no source)':<19} {counts['rows_out']:>7}   in {counts['groups']} groups"
+                         + (f"; exposure span (max/min) top group {span['top_group_span']:.1f}x, "
+                            f"median {span['median_span']:.1f}x" if span else ""))
+        warning = (summ.get("group_exposure") or {}).get("warning")
+        if warning:
+            lines.append(f"  warning: {warning}")
         docs = [k for k in storage.list(keys.validation_run(run) + "/") if k.endswith("index.html")]
         lines.append("\n== validation (Great Expectations) ==")
         lines.append(f"  passed and published: labels run {run}")

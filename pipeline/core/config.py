@@ -255,6 +255,11 @@ class LabelingConfig:
     val_fraction: float = doc("Share of authors in the validation split.", default=0.1)
     test_fraction: float = doc("Share of authors in the test split.", default=0.1)
     split_salt: str = doc("Salt of the author hash that assigns splits (change to reshuffle).", default="likerank")
+    max_group_exposure_ratio: float = doc(
+        "Flag a group whose highest exposure is more than this many times its lowest (its label then "
+        "tracks audience size more than the photo); 0 = off, as the rule has it.", default=0.0)
+    drop_wide_groups: bool = doc("Drop the groups max_group_exposure_ratio flags instead of only "
+                                 "naming them in the run's summary.", default=False)
 
     def validate(self) -> None:
         if self.group_size < 2 or self.group_size % 2:
@@ -265,6 +270,8 @@ class LabelingConfig:
             raise ValueError("min_age_days, min_followers, tag_bonus: must be >= 0; max_tags >= 1")
         if self.max_followers < self.min_followers:
             raise ValueError("max_followers: must be >= min_followers")
+        if self.max_group_exposure_ratio < 0 or 0 < self.max_group_exposure_ratio < 1:
+            raise ValueError("max_group_exposure_ratio: must be 0 (off) or >= 1")
         if self.val_fraction < 0 or self.test_fraction < 0 or self.val_fraction + self.test_fraction >= 1:
             raise ValueError("val_fraction, test_fraction: must be >= 0 and sum below 1")
 

@@ -72,6 +72,32 @@ def test_groups_ties_and_partial_group_by_hand():
     assert set(labels.column("params_hash").to_pylist()) == {config(group_size=4).section_hash("labeling")}
 
 
+def test_group_exposure_spans_are_reported_flagged_and_optionally_dropped():
+    # G = 4, two sources: bluesky (name order first) has groups 0-1, mastodon group 2.
+    rows = ([dict(post_id=f"b{i}", source="bluesky", followers=f, likes=i)
+             for i, f in enumerate([5000, 4000, 3000, 100, 90, 80, 70, 60])]  # group 0 spans 50x, group 1 1.5x
+            + [dict(post_id=f"m{i}", source="mastodon", followers=f, likes=i)
+               for i, f in enumerate([200, 190, 180, 170])])  # group 2 spans 1.2x
+    labels, summary = label_candidates(cands(rows), config(group_size=4), "r1")
+    spans = summary["group_exposure"]
+    assert spans["per_source"]["bluesky"]["top_group_span"] == pytest.approx(50.0)
+    assert spans["per_source"]["bluesky"]["groups"] == [0, 1]
+    assert spans["per_source"]["mastodon"] == {"groups": [2, 2], "top_group_span": pytest.approx(200 / 170, rel=1e-3),
+                                               "median_span": pytest.approx(200 / 170, rel=1e-3),
+                                               "widest_span": pytest.approx(200 / 170, rel=1e-3), "widest_group": 2}
+    assert "bluesky: group 0 spans 50x" in spans["warning"] and "mastodon" not in spans["warning"]
+    assert spans["flagged"] == [] and labels.num_rows == 12  # off by default: only the warning
+    # Flagged, then dropped.
+    _, flagged = label_candidates(cands(rows), config(group_size=4, max_group_exposure_ratio=10), "r1")
+    assert flagged["group_exposure"]["flagged"] == [0] and flagged["rows_out"] == 12
+    labels, dropped = label_candidates(cands(rows), config(group_size=4, max_group_exposure_ratio=10,
+                                                           drop_wide_groups="true"), "r1")
+    assert set(labels.column("group_id").to_pylist()) == {1, 2} and labels.num_rows == 8
+    assert dropped["dropped"]["wide_group"] == 4 and dropped["rows_out"] == 8
+    assert dropped["splits"] and sum(dropped["splits"].values()) == 8
+    assert dropped["sources"]["bluesky"]["rows_out"] == 4
+
+
 def test_exposure_tag_bonus_and_views():
     exp = exposure(np.array([100, 100, 100, 100]), np.array([1, 3, 0, 2]), 0.05,
                    np.array([np.nan, np.nan, np.nan, 7.0]))
