@@ -18,8 +18,15 @@ from pipeline.core.storage import S3Storage
 from pipeline.core.tables import get_json, put_json, read_table
 from tests.core.test_forget import SALT
 from tests.fixtures.report import REPORT_RUN, make_report_dataset
+from tests.fixtures.scrape import STAND_IN_AUTHOR_KEY
 
 PERSON = "a00"  # the fabricated world's author keys are a00..a11; a00 wrote p000, p012, p024, p036
+
+
+@pytest.fixture(autouse=True)
+def author_key(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The report's posts come from instances that are not on loopback: forget needs a key."""
+    monkeypatch.setenv("LIKERANK_AUTHOR_KEY", STAND_IN_AUTHOR_KEY)
 
 
 def thumbs(folder) -> list:
