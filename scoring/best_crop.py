@@ -11,13 +11,17 @@ the image the face box is in):
 * every crop lies inside the photo (a real crop cannot add pixels) and contains the whole
   face; one that cannot is skipped.
 
-A 4:5 crop is centred on a black square for the square model input, so the model sees its
-shape. The original is the crop training uses (``training.face_margin`` around the face).
+The model takes square inputs, so a 4:5 crop is scored as the mean of its two inscribed
+squares (top-aligned and bottom-aligned, which together cover every pixel of it): padded with
+black bars, as before, it met borders training never showed and could not win; squashed, it
+would distort faces. The original is the crop training uses (``training.face_margin`` around
+the face).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -63,6 +67,25 @@ def candidate_boxes(face_box: np.ndarray, width: int, height: int) -> list[tuple
     return out
 
 
+def inscribed_squares(box: tuple[int, int, int, int]) -> list[tuple[int, int, int, int]]:
+    """The square model inputs a crop is scored by: itself when square, else its top-aligned
+    and bottom-aligned squares of its width (a portrait crop's two ends)."""
+    left, top, right, bottom = box
+    side = right - left
+    if bottom - top <= side:
+        return [box]
+    return [(left, top, right, top + side), (left, bottom - side, right, bottom)]
+
+
+def save_crop(rgb: np.ndarray, box: list[int] | tuple[int, ...], path: str | Path) -> str:
+    """Cut ``box`` (left, top, right, bottom in ``rgb``'s pixels) out and write it as an image,
+    its format from ``path``'s suffix; return the path."""
+    from PIL import Image
+
+    Image.fromarray(rgb).crop(tuple(int(v) for v in box)).save(path)
+    return str(path)
+
+
 def best_crop(model: Model, rgb: np.ndarray, face_box: np.ndarray) -> dict[str, Any]:
     """The best-scoring grid crop of ``rgb`` (uint8 HxWx3) around ``face_box`` (its pixels), and the
     original crop's score: ``{"original_prob", "best": {"box", "aspect", "prob"}, "candidates"}``."""
@@ -71,8 +94,13 @@ def best_crop(model: Model, rgb: np.ndarray, face_box: np.ndarray) -> dict[str, 
     original = float(label_probability(model.run(crop_batch([rgb], [face_box], model.spec))[0])[0])
     if not candidates:
         return {"original_prob": round(original, 6), "best": None, "candidates": 0}
-    batch = inputs_from_boxes([rgb] * len(candidates), [box for box, _ in candidates], model.spec)
-    probs = label_probability(model.run(batch)[0])
+    squares = [square for box, _ in candidates for square in inscribed_squares(box)]
+    square_probs = label_probability(model.run(inputs_from_boxes([rgb] * len(squares), squares, model.spec))[0])
+    probs, at = np.empty(len(candidates)), 0
+    for i, (box, _) in enumerate(candidates):
+        n = len(inscribed_squares(box))
+        probs[i] = float(np.mean(square_probs[at:at + n]))
+        at += n
     i = int(np.argmax(probs))
     best = Crop(box=candidates[i][0], aspect=candidates[i][1], prob=float(probs[i]))
     return {"original_prob": round(original, 6), "best": best.as_dict(), "candidates": len(candidates)}

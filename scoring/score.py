@@ -21,6 +21,7 @@ from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import numpy as np
 
@@ -92,9 +93,12 @@ def find_face(item: str, data: bytes, detector: Any, cfg: Config, row: ScoreRow)
     return row
 
 
-def score_rows(rows: list[ScoreRow], model: Model, *, best_crop: bool = False) -> None:
-    """Score the rows whose face was found (:func:`find_face`), in one batch, in place."""
+def score_rows(rows: list[ScoreRow], model: Model, *, best_crop: bool = False,
+               save_crops_to: Path | None = None) -> None:
+    """Score the rows whose face was found (:func:`find_face`), in one batch, in place.
+    ``save_crops_to``: a folder to write each best crop into, as a JPEG named after the input."""
     from scoring.best_crop import best_crop as search
+    from scoring.best_crop import save_crop
 
     ready = [r for r in rows if r.status == "ok" and r.rgb is not None]
     if ready:
@@ -108,13 +112,22 @@ def score_rows(rows: list[ScoreRow], model: Model, *, best_crop: bool = False) -
                 if r.best_crop["best"]:  # back to the original image's pixels
                     sx, sy = r.scale
                     b = r.best_crop["best"]["box"]
+                    if save_crops_to is not None:
+                        r.best_crop["saved"] = save_crop(r.rgb, b, save_crops_to / crop_file_name(r.input))
                     r.best_crop["best"]["box"] = [round(b[0] / sx), round(b[1] / sy), round(b[2] / sx), round(b[3] / sy)]
     for r in rows:
         r.rgb = None
 
 
+def crop_file_name(item: str) -> str:
+    """``<input's file name without suffix>.best.jpg``; a URL's last path segment, or ``photo``."""
+    stem = Path(urlsplit(item).path if "://" in item else item).stem or "photo"
+    return f"{stem}.best.jpg"
+
+
 def score_inputs(cfg: Config, inputs: Iterable[str], model: Model, *,
-                 batch_size: int = 32, detector: Any = None, best_crop: bool = False) -> Iterator[ScoreRow]:
+                 batch_size: int = 32, detector: Any = None, best_crop: bool = False,
+                 save_crops_to: Path | None = None) -> Iterator[ScoreRow]:
     """One :class:`ScoreRow` per input, in order (see the module docstring). ``best_crop`` also
     searches the crop of each photo the model likes best (:mod:`scoring.best_crop`)."""
     from pipeline.faces.detector import FaceDetector
@@ -124,7 +137,7 @@ def score_inputs(cfg: Config, inputs: Iterable[str], model: Model, *,
     pending: list[ScoreRow] = []
 
     def flush() -> Iterator[ScoreRow]:
-        score_rows(pending, model, best_crop=best_crop)
+        score_rows(pending, model, best_crop=best_crop, save_crops_to=save_crops_to)
         yield from pending
         pending.clear()
 

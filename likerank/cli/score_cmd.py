@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from pathlib import Path
 
 from pipeline.core.config import Config
 
@@ -23,6 +24,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--output", metavar="FILE.parquet", help="also write the rows as a Parquet table")
     p.add_argument("--best-crop", action="store_true",
                    help="also search square and 4:5 crops around the face and report the best one beside the original")
+    p.add_argument("--save-crop", metavar="DIR",
+                   help="write each photo's best crop into DIR as <name>.best.jpg (implies --best-crop), at the "
+                        "resolution the face was found in (at most faces.det_size pixels a side)")
     p.set_defaults(handler=run_score)
 
     s = sub.add_parser("serve", help="serve the model over HTTP: POST /score, GET /healthz, and a page at /",
@@ -72,12 +76,21 @@ def run_score(args: argparse.Namespace, cfg: Config) -> int:
     if args.batch_size < 1:
         print("likerank score: --batch-size must be >= 1", file=sys.stderr)
         return 2
+    save_to = None
+    if args.save_crop:
+        save_to = Path(args.save_crop)
+        try:
+            save_to.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            print(f"likerank score: --save-crop {args.save_crop}: {exc.strerror or exc}", file=sys.stderr)
+            return 2
     model = _load_model(args, cfg, "score")
     if model is None:
         return 2
     rows = []
     failed = 0
-    for row in score_inputs(cfg, args.inputs, model, batch_size=args.batch_size, best_crop=args.best_crop):
+    for row in score_inputs(cfg, args.inputs, model, batch_size=args.batch_size,
+                            best_crop=args.best_crop or save_to is not None, save_crops_to=save_to):
         record = row.record()
         rows.append(record)
         failed += row.status != "ok"

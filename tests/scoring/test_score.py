@@ -125,3 +125,38 @@ def test_best_crop_searches_crops_around_the_face_and_reports_the_best_beside_th
     assert {a for _, a in boxes} == {"1:1", "4:5"} and all(b[2] <= 400 and b[3] <= 500 for b, _ in boxes)
     four_five = [b for b, a in boxes if a == "4:5"]
     assert all(abs((b[3] - b[1]) / (b[2] - b[0]) - 1.25) < 0.05 for b in four_five)
+
+
+def test_a_portrait_crop_can_win_scored_on_its_own_pixels(model):
+    """A 4:5 crop is scored as the mean of its two inscribed squares, never padded with black:
+    a photo whose best content runs tall lets a 4:5 crop win."""
+    from scoring.best_crop import best_crop, inscribed_squares
+    from scoring.model import ModelSpec
+
+    assert inscribed_squares((0, 0, 100, 125)) == [(0, 0, 100, 100), (0, 25, 100, 125)]
+    assert inscribed_squares((5, 5, 50, 50)) == [(5, 5, 50, 50)]
+
+    class Brightness:  # a model whose preference is known: the brighter the input, the likelier
+        spec = ModelSpec(run_id="b", backbone="none", norm="none", score_head=False, image_size=32,
+                         face_margin=0.6, mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0))
+
+        def run(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+            return (batch.mean(axis=(1, 2, 3)) - 0.5) * 20, batch.mean(axis=(2, 3))
+
+    # Brighter towards the bottom, the face near the top: the squares that hold the face cannot
+    # reach the bright rows the whole-width portrait crop takes in.
+    rgb = np.repeat((np.arange(500) / 500 * 255).astype(np.uint8)[:, None, None], 400, axis=1).repeat(3, axis=2)
+    found = best_crop(Brightness(), rgb, np.array([170, 150, 230, 210], dtype=np.float32))
+    assert found["best"]["aspect"] == "4:5", found
+    assert found["best"]["box"] == [0, 0, 400, 500]
+
+
+def test_save_crop_writes_the_best_crop_as_an_image(model_root, tmp_path):
+    out = tmp_path / "crops"
+    res = _cli(str(FACES[2]), "--save-crop", str(out), env_root=model_root)
+    assert res.returncode == 0, res.stderr
+    row = json.loads(res.stdout.splitlines()[0])
+    saved = Path(row["best_crop"]["saved"])
+    assert saved == out / f"{Path(FACES[2]).stem}.best.jpg"
+    crop = Image.open(saved)
+    assert crop.format == "JPEG" and min(crop.size) > 16
