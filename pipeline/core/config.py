@@ -167,6 +167,18 @@ class ScrapeConfig:
     allow_hosts: list[str] = doc("Hosts/IPs exempt from the SSRF guard (tests: 127.0.0.1).", default_factory=list)
     backfill_days: int = doc("Walk older pages down to this many days back; 0 = forward only.", default=0)
     user_agent: str = doc("User-Agent sent with every request.", default="likerank/0.1 (+https://github.com/likerank/likerank)")
+    # Politeness shared by every scrape process (pipeline/scrape/limiter.py).
+    limiter_url: str = doc("Where per-host politeness (rate, simultaneous requests, server-imposed pauses) is "
+                           "shared by every scrape process and machine: empty = each process keeps its own; "
+                           "redis://host:port/db = one Redis for all workers (use a DB number of its own, not "
+                           "the Celery broker's).", default="")
+    expected_workers: int = doc("Scrape processes expected to run at once. When the shared limiter's Redis "
+                                "cannot be reached, each process falls back to per_host_rps and "
+                                "per_host_concurrency divided by this number, so together they stay polite.",
+                                default=4)
+    limiter_lease_s: float = doc("Lifetime of a request slot held in the shared limiter, seconds: the slot of a "
+                                 "worker killed mid-request is free again after this long. Longer than "
+                                 "total_timeout_s; a live request renews its slot while it waits.", default=90.0)
 
     def validate(self) -> None:
         if not 1 <= self.page_limit <= 40:
@@ -179,6 +191,10 @@ class ScrapeConfig:
                 raise ValueError(f"{name}: must be > 0")
         if self.retries < 0 or self.backoff_s < 0 or self.max_posts < 0 or self.backfill_days < 0:
             raise ValueError("retries, backoff_s, max_posts, backfill_days: must be >= 0")
+        if self.limiter_url and self.limiter_url.split("://", 1)[0] not in ("redis", "rediss", "unix"):
+            raise ValueError(f"limiter_url: empty or a redis://, rediss:// or unix:// URL, got {self.limiter_url!r}")
+        if self.expected_workers < 1 or self.limiter_lease_s <= 0:
+            raise ValueError("expected_workers: must be >= 1; limiter_lease_s: must be > 0")
 
 
 @dataclass
