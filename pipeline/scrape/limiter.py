@@ -10,18 +10,20 @@ Two backends behind one interface (:class:`Limiter`), picked by ``scrape.limiter
 - **redis://...**: :class:`SharedHostLimiter`, one set of limits per host for every process and
   machine that points at the same Redis:
 
-  * *rate*: a moving window of ``per_host_rps`` requests per second (``limits``'
-    :class:`~limits.strategies.MovingWindowRateLimiter` on its Redis storage): at most that many
-    requests in any window of that length, counted for all workers together. ``limits`` was
-    chosen over a hand-written token bucket: its window is exactly the promise we make (and
-    measure, bench/polite.py), it is taken atomically in Redis by its own Lua script, and its
-    window statistics say when the next request may go, which makes a blocking acquire a
-    sleep until then rather than a poll. Its timestamps come from each client's wall clock
-    (NTP-synchronised hosts differ by milliseconds, far below a window).
+  * *rate*: the generic cell rate algorithm (GCRA: a token bucket kept as one timestamp, the
+    "theoretical arrival time") with a burst of one, so requests to a host leave evenly spaced,
+    ``1 / per_host_rps`` seconds apart, counted for all workers together. It runs in the same
+    Lua script as the slot and the pause, on Redis' clock (``TIME``), in one round trip, and
+    answers how long to wait, so a blocking acquire sleeps rather than polls.
+    The ``limits`` library (moving window on Redis) was tried first and measured with
+    bench/polite.py: its window lets a host's whole second's worth go at once, and the few
+    milliseconds between a worker's acquire and its request's arrival then put 7 requests into
+    one second at a host limited to 5 (1.4 x the limit); evenly spaced requests keep within
+    1.1 x. It also keys its window by the rate, so a host tightened by one worker and not yet by
+    another would have two windows.
   * *concurrency*: leases, a Redis sorted set of lease ids per host scored by their expiry
     (``limiter_lease_s``), taken by a Lua script that first drops expired leases. A worker
-    killed mid-request leaks its slot for at most the lease's lifetime. ``limits`` has no
-    concurrency limit, hence the script.
+    killed mid-request leaks its slot for at most the lease's lifetime.
   * *pauses*: :meth:`close_until` stores the end of a server-imposed pause (429, Retry-After,
     an exhausted RateLimit quota) as a Redis key, in Redis' own clock (``TIME``), so every
     worker holds back from that host, whatever its own clock says.
@@ -46,13 +48,9 @@ import threading
 import time
 import uuid
 from collections.abc import Callable
-from fractions import Fraction
 from typing import Protocol
 
 import redis
-from limits import RateLimitItemPerSecond
-from limits.storage import RedisStorage
-from limits.strategies import MovingWindowRateLimiter
 
 from pipeline.core.config import ScrapeConfig
 
@@ -62,7 +60,7 @@ log = logging.getLogger(__name__)
 REDIS_RETRY_S = 30.0
 #: Seconds between looks at a host whose slots are all taken (others release without telling).
 SLOT_POLL_S = 0.05
-#: Longest single sleep in an acquire, seconds: pauses and windows are looked at again after it.
+#: Longest single sleep in an acquire, seconds: pauses and turns are looked at again after it.
 MAX_SLEEP_S = 1.0
 #: Redis client timeouts, seconds: an unreachable Redis costs at most this long before the fallback.
 REDIS_CONNECT_TIMEOUT_S = 1.0
@@ -171,33 +169,42 @@ class HostLimiter:
 
 # --------------------------------------------------------------------------- shared through Redis
 
-#: Take (or renew) a lease on one of a host's slots, unless the host is paused.
-#: KEYS: the host's lease set, its pause key. ARGV: lease id, lease lifetime (ms), slots.
-#: Returns {1, 0} with the lease held; {0, ms} while paused for ms more (a lease this id held is
-#: given back: a paused host holds no slots); {-1, 0} when every slot is taken.
-_TAKE_LEASE = """
+#: One try at a host: its pause, then a slot (a lease), then the rate (GCRA, burst of one).
+#: KEYS: the host's lease set, pause key, theoretical arrival time (TAT) key.
+#: ARGV: lease id, lease lifetime (ms), slots, interval between requests (ms, may be fractional).
+#: Returns {1, 0}: go (lease held, the TAT moved on by one interval);
+#: {0, ms}: paused for ms more (a lease this id held is given back: a paused host holds no slots);
+#: {-1, 0}: every slot is taken; {2, ms}: lease held (renewed), the next request may go in ms.
+_TRY_HOST = """
 local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local now = tonumber(t[1]) * 1000 + tonumber(t[2]) / 1000
 redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
 local paused = tonumber(redis.call('GET', KEYS[2]) or '0')
 if paused > now then
   redis.call('ZREM', KEYS[1], ARGV[1])
-  return {0, paused - now}
+  return {0, math.ceil(paused - now)}
 end
 local lease_ms = tonumber(ARGV[2])
-if redis.call('ZSCORE', KEYS[1], ARGV[1]) or redis.call('ZCARD', KEYS[1]) < tonumber(ARGV[3]) then
-  redis.call('ZADD', KEYS[1], now + lease_ms, ARGV[1])
-  redis.call('PEXPIRE', KEYS[1], lease_ms)
-  return {1, 0}
+if not redis.call('ZSCORE', KEYS[1], ARGV[1]) and redis.call('ZCARD', KEYS[1]) >= tonumber(ARGV[3]) then
+  return {-1, 0}
 end
-return {-1, 0}
+redis.call('ZADD', KEYS[1], now + lease_ms, ARGV[1])
+redis.call('PEXPIRE', KEYS[1], lease_ms)
+local interval = tonumber(ARGV[4])
+local tat = tonumber(redis.call('GET', KEYS[3]) or '0')
+if tat < now then tat = now end
+if tat > now then
+  return {2, math.ceil(tat - now)}
+end
+redis.call('SET', KEYS[3], tostring(tat + interval), 'PX', math.ceil(interval) + 1000)
+return {1, 0}
 """
 
 #: Close a host for ARGV[1] ms from Redis' now, unless it is already closed for longer.
 #: KEYS: the pause key. Returns the ms it stays closed.
 _PAUSE = """
 local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local now = tonumber(t[1]) * 1000 + tonumber(t[2]) / 1000
 local until_ms = now + tonumber(ARGV[1])
 local current = tonumber(redis.call('GET', KEYS[1]) or '0')
 if until_ms > current then
@@ -210,20 +217,11 @@ return current - now
 #: The ms a host stays closed from Redis' now (0 when open). KEYS: the pause key.
 _PAUSE_LEFT = """
 local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local now = tonumber(t[1]) * 1000 + tonumber(t[2]) / 1000
 local left = tonumber(redis.call('GET', KEYS[1]) or '0') - now
 if left < 0 then return 0 end
 return left
 """
-
-
-def rate_item(rps: float) -> RateLimitItemPerSecond:
-    """``rps`` requests per second as a ``limits`` item: N requests per M whole seconds (the
-    item's unit), M at most an hour; 2.5 rps is 5 per 2 s, a Crawl-delay of 10 s is 1 per 10 s."""
-    share = Fraction(rps).limit_denominator(3600)
-    if share.numerator < 1:  # slower than one request an hour
-        share = Fraction(1, 3600)
-    return RateLimitItemPerSecond(share.numerator, share.denominator)
 
 
 class SharedHostLimiter:
@@ -238,9 +236,7 @@ class SharedHostLimiter:
         self.client = redis.Redis.from_url(url, socket_connect_timeout=REDIS_CONNECT_TIMEOUT_S,
                                            socket_timeout=REDIS_SOCKET_TIMEOUT_S)
         # No round trip here: a Redis that is down shows at the first request, which falls back.
-        self.window = MovingWindowRateLimiter(
-            RedisStorage(url, connection_pool=self.client.connection_pool, key_prefix=f"{key_prefix}:rate"))
-        self._take_lease = self.client.register_script(_TAKE_LEASE)
+        self._try_host = self.client.register_script(_TRY_HOST)
         self._pause = self.client.register_script(_PAUSE)
         self._pause_left = self.client.register_script(_PAUSE_LEFT)
         self.fallback = HostLimiter(rps / expected_workers, max(1, concurrency // expected_workers), clock, sleep)
@@ -309,37 +305,32 @@ class SharedHostLimiter:
     # ----------------------------------------------------------------- steps
 
     def _acquire_shared(self, host: str, deadline: float | None) -> str | None:
-        """Hold a lease and take a rate token for ``host`` in Redis: the lease id, or None when
-        ``deadline`` would pass first (the lease is given back)."""
+        """Hold a lease and take the rate's next turn for ``host`` in Redis: the lease id, or None
+        when ``deadline`` would pass first (the lease is given back)."""
         lease = uuid.uuid4().hex
-        lease_key, pause_key = self._key("leases", host), self._key("pause", host)
-        item = rate_item(self._rate(host))
+        keys = [self._key("leases", host), self._key("pause", host), self._key("rate", host)]
         lease_ms = int(self.lease_s * 1000)
         held = False
         try:
             while True:
-                state, pause_ms = self._take_lease(keys=[lease_key, pause_key],
-                                                   args=[lease, lease_ms, self.concurrency])
-                held = state == 1
-                if held:
-                    if self.window.hit(item, host):
-                        return lease
-                    reset_wall = self.window.get_window_stats(item, host).reset_time
-                    # A little jitter: workers woken by the same reset do not all hit at once.
-                    wait = max(0.001, reset_wall - time.time()) + random.uniform(0, 0.01)
-                elif state == 0:
-                    wait = pause_ms / 1000.0
+                state, wait_ms = self._try_host(keys=keys, args=[lease, lease_ms, self.concurrency,
+                                                                 1000.0 / self._rate(host)])
+                if state == 1:
+                    return lease
+                held = state == 2
+                if state == -1:  # others release without telling: look again soon, not in step
+                    wait, needed = SLOT_POLL_S * random.uniform(0.5, 1.5), 0.0
                 else:
-                    wait = SLOT_POLL_S * random.uniform(0.5, 1.5)
-                if deadline is not None and self.clock() + (wait if state != -1 else 0) > deadline:
+                    wait = needed = wait_ms / 1000.0
+                if deadline is not None and self.clock() + needed > deadline:
                     break
                 self.sleep(min(wait, MAX_SLEEP_S))
         except BaseException:
             if held:
-                self._drop_lease(lease_key, lease)
+                self._drop_lease(keys[0], lease)
             raise
         if held:
-            self._drop_lease(lease_key, lease)
+            self._drop_lease(keys[0], lease)
         return None
 
     def _drop_lease(self, lease_key: str, lease: str) -> None:

@@ -15,7 +15,7 @@ import redis
 import requests
 
 from pipeline.core.config import ConfigError, load_config
-from pipeline.scrape.limiter import HostLimiter, SharedHostLimiter, build_limiter, rate_item
+from pipeline.scrape.limiter import HostLimiter, SharedHostLimiter, build_limiter
 from simulator.politeness import CountingHost, busiest_window
 from tests.conftest import free_port
 from tests.distributed.servers import redis_server
@@ -181,11 +181,16 @@ def test_tighten_lowers_the_shared_rate(limiter_url):
     limiter.release("fast.example")
 
 
-@pytest.mark.parametrize("rps,amount,seconds", [(5.0, 5, 1), (2.5, 5, 2), (0.1, 1, 10), (1 / 3, 1, 3),
-                                                (1e-9, 1, 3600)])
-def test_rate_item(rps, amount, seconds):
-    item = rate_item(rps)
-    assert (item.amount, item.get_expiry()) == (amount, seconds)
+def test_requests_to_a_host_leave_evenly_spaced(limiter_url):
+    """A burst of one: the shared rate spaces requests 1 / rps apart, whoever sends them."""
+    first, second = shared(limiter_url), shared(limiter_url)
+    sent = []
+    for limiter in (first, second, first, second, first, second):
+        assert limiter.acquire("even.example", None)
+        sent.append(time.monotonic())
+        limiter.release("even.example")
+    gaps = [b - a for a, b in zip(sent, sent[1:], strict=False)]
+    assert min(gaps) >= 1 / RPS - 0.01  # Redis' clock, ms resolution
 
 
 # --------------------------------------------------------------------------- Redis down
