@@ -3,7 +3,8 @@
 Modules, one verb each: ``world`` generates, ``images`` composes pictures, ``likes`` is the
 engagement model (its docstring holds every number), ``entities`` renders Mastodon JSON,
 ``bluesky`` renders AT Protocol views and searches them, ``timeline`` paginates,
-``ratelimit`` throttles, ``faults`` breaks things on purpose, ``server`` serves, ``truth``
+``ratelimit`` throttles, ``faults`` breaks things on purpose, ``politeness`` says what
+may be crawled and mined (robots.txt, TDM), ``server`` serves, ``truth``
 tells what the server never does. ``bluesky_share`` (default 0) puts that share of the
 accounts, and their posts, on Bluesky's XRPC API instead of Mastodon's.
 

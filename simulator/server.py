@@ -11,6 +11,8 @@ Routes (Mastodon's), serving the world's Mastodon accounts and their statuses on
   the ActivityPub actor (``rel=self``, the account's ``uri``) and the profile page
   (``http://webfinger.net/rel/profile-page``, its ``url``), else 404.
 * ``GET|HEAD /system/media_attachments/files/<id partition>/(original|small)/<id>.<ext>``.
+* ``GET|HEAD /robots.txt`` and ``/.well-known/tdmrep.json`` when ``politeness`` is on
+  (:mod:`.politeness`; otherwise 404), and ``tdm-reservation: 1`` on the files it picks.
 
 Routes (Bluesky's, on the same port), serving the world's Bluesky accounts and posts only
 (bodies: :mod:`.bluesky`); errors are ``{"error": <Name>, "message": ...}``:
@@ -75,6 +77,7 @@ from simulator.faults import (
     truncate_json,
 )
 from simulator.images import render_image, render_preview
+from simulator.politeness import Politeness
 from simulator.ratelimit import MASTODON_RATE_LIMIT, RateLimit, RateLimiter
 from simulator.timeline import BadParam, TimelineIndex, link_header, parse_query
 from simulator.world import DAY_MS, DEFAULT_NOW, World, build_world
@@ -82,6 +85,7 @@ from simulator.world import DAY_MS, DEFAULT_NOW, World, build_world
 log = logging.getLogger(__name__)
 
 JSON_TYPE = "application/json; charset=utf-8"
+TDMREP_PATH = "/.well-known/tdmrep.json"
 MEDIA_RE = re.compile(r"^/system/media_attachments/files/(?:\d{3}/)+(original|small)/(\d+)\.(jpg|png|mp4)$")
 BSKY_IMG_RE = re.compile(r"^/img/(feed_fullsize|feed_thumbnail)/plain/([^/]+)/([a-z2-7]+)@jpeg$")
 BSKY_WATCH_RE = re.compile(r"^/watch/([^/]+)/([a-z2-7]+)/(playlist\.m3u8|thumbnail\.jpg)$")
@@ -134,7 +138,8 @@ class SimState:
     """Everything a request handler needs; shared by all handler threads."""
 
     def __init__(self, world: World, rate_limit: RateLimit | None, image_cache_bytes: int,
-                 access_ttl_s: float = 7200.0, max_search_results: int = 1000):
+                 access_ttl_s: float = 7200.0, max_search_results: int = 1000,
+                 politeness: Politeness | None = None):
         if max_search_results < 1:
             raise ValueError(f"simulator: max_search_results must be >= 1, got {max_search_results}")
         self.world = world
@@ -154,6 +159,7 @@ class SimState:
         self.limiter = RateLimiter(rate_limit) if rate_limit else None
         self.xrpc_limiter = RateLimiter(rate_limit) if rate_limit else None  # Bluesky: its own windows
         self.cache = ImageCache(image_cache_bytes)
+        self.politeness = politeness or Politeness()
         self.base = ""  # set once the port is known
         self._lock = threading.Lock()
 
@@ -244,6 +250,8 @@ class _Handler(BaseHTTPRequestHandler):
                 self._xrpc(method, path[len("/xrpc/"):], params)
             elif path == "/.well-known/webfinger":
                 self._webfinger(method, params)
+            elif path in ("/robots.txt", TDMREP_PATH) and self.state.politeness.active:
+                self._site_policy(method, path)
             elif m := MEDIA_RE.match(path):
                 self._media(method, m.group(1), m.group(2), m.group(3), params)
             elif m := BSKY_IMG_RE.match(path):
@@ -443,6 +451,14 @@ class _Handler(BaseHTTPRequestHandler):
 
     # ------------------------------------------------------------------ media
 
+    def _site_policy(self, method: str, path: str) -> None:
+        """``/robots.txt`` or ``/.well-known/tdmrep.json`` of :class:`Politeness`."""
+        politeness, head = self.state.politeness, method == "HEAD"
+        if path == "/robots.txt":
+            self._send(200, politeness.robots_txt().encode(), "text/plain; charset=utf-8", head=head)
+        else:
+            self._send(200, politeness.tdmrep_json(), JSON_TYPE, head=head)
+
     def _media(self, method: str, style: str, media_id: str, ext: str, params: dict[str, list[str]]) -> None:
         st = self.state
         head = method == "HEAD"
@@ -487,7 +503,10 @@ class _Handler(BaseHTTPRequestHandler):
                 return
             if rule := st.faults.fire("wrong_content_type", "media", m.id, post.id):
                 ctype = str(rule.params["content_type"])
-        self._send(200, body, ctype, [("Cache-Control", "public, max-age=31536000, immutable")], head)
+        headers = [("Cache-Control", "public, max-age=31536000, immutable")]
+        if st.politeness.tdm_header(m.id):
+            headers.append(("tdm-reservation", "1"))
+        self._send(200, body, ctype, headers, head)
 
     def _media_faults(self, media_id: str, post_id: str, head: bool) -> bool:
         st = self.state
@@ -793,7 +812,7 @@ def start_server(world: World | None = None, *, seed: int = 7, posts: int = 5000
                  hashtags: tuple[str, ...] | list[str] = ("selfie",), now: datetime = DEFAULT_NOW,
                  host: str = "127.0.0.1", port: int = 0, rate_limit: RateLimit | None = None,
                  image_cache_mb: int = 256, bluesky_share: float = 0.0, access_ttl_s: float = 7200.0,
-                 max_search_results: int = 1000) -> SimServer:
+                 max_search_results: int = 1000, politeness: Politeness | None = None) -> SimServer:
     """Start a simulator on ``host:port`` (0 = a free port) in a background thread.
 
     ``world`` defaults to :func:`build_world(seed, posts, hashtags, now, bluesky_share)`; a
@@ -801,14 +820,17 @@ def start_server(world: World | None = None, *, seed: int = 7, posts: int = 5000
     ``rate_limit`` is off unless given (``MASTODON_RATE_LIMIT`` is Mastodon's 300 per 5
     minutes) and applies to Mastodon and XRPC clients alike. ``access_ttl_s``: lifetime of
     XRPC access tokens in real seconds (a PDS's is 2 hours); ``max_search_results``: posts one
-    ``searchPosts`` query pages through before its cursor ends.
+    ``searchPosts`` query pages through before its cursor ends. ``politeness``: robots.txt
+    and TDM signals on a share of the media files (:class:`~simulator.politeness.Politeness`;
+    default none).
     """
     if world is None:
         world = build_world(seed, posts, tuple(hashtags), now, bluesky_share)
     elif bluesky_share and bluesky_share != world.params.bluesky_share:
         raise ValueError(f"start_server: bluesky_share={bluesky_share} but the given world has "
                          f"{world.params.bluesky_share}; build the world with that share")
-    state = SimState(world, rate_limit, image_cache_mb * 1024 * 1024, access_ttl_s, max_search_results)
+    state = SimState(world, rate_limit, image_cache_mb * 1024 * 1024, access_ttl_s, max_search_results,
+                     politeness)
     handler = type("SimHandler", (_Handler,), {"state": state})
     httpd = _Server((host, port), handler)
     bound_host, bound_port = httpd.server_address[:2]

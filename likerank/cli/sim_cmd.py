@@ -32,6 +32,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     serve.add_argument("--port", type=int, default=0, help="port (default: a free one)")
     serve.add_argument("--rate-limit", type=int, help="API requests per 5 minutes, 0 = off (default: [simulator] rate_limit)")
     serve.add_argument("--image-cache-mb", type=int, default=256, help="rendered-image cache size, MiB")
+    serve.add_argument("--robots-share", type=float, default=0.0,
+                       help="share of media files /robots.txt disallows, 0..1 in tenths (default 0: no robots.txt)")
+    serve.add_argument("--tdm-header-share", type=float, default=0.0,
+                       help="share of media files served with tdm-reservation: 1, 0..1 in tenths (default 0)")
+    serve.add_argument("--tdm-file-share", type=float, default=0.0,
+                       help="share of media files a /.well-known/tdmrep.json rule reserves, 0..1 in tenths (default 0)")
     serve.set_defaults(handler=serve_sim)
 
     truth = ssub.add_parser("truth", help="write the world's ground truth (one row per status) as Parquet")
@@ -62,11 +68,17 @@ def _world_params(args: argparse.Namespace, cfg: Config) -> dict:
 
 def serve_sim(args: argparse.Namespace, cfg: Config) -> int:
     from simulator import build_world, rate_limit_from_config, start_server
+    from simulator.politeness import Politeness
 
+    try:
+        politeness = Politeness(args.robots_share, args.tdm_header_share, args.tdm_file_share)
+    except ValueError as exc:
+        print(f"likerank sim serve: {exc}", file=sys.stderr)
+        return 2
     world = build_world(**_world_params(args, cfg))
     per_5_min = cfg.simulator.rate_limit if args.rate_limit is None else args.rate_limit
     sim = start_server(world, host=args.host, port=args.port, rate_limit=rate_limit_from_config(per_5_min),
-                       image_cache_mb=args.image_cache_mb)
+                       image_cache_mb=args.image_cache_mb, politeness=politeness)
     stop = threading.Event()
 
     def on_signal(signum: int, _frame: object) -> None:

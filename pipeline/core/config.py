@@ -183,6 +183,18 @@ class ScrapeConfig:
                                "try (try n waits retry_delay_s * 2**(n-1)). A deferred URL waits for the server's "
                                "reset instead, when that is later.", default=900.0)
     user_agent: str = doc("User-Agent sent with every request.", default="likerank/0.1 (+https://github.com/likerank/likerank)")
+    # Politeness shared by every scrape process (pipeline/scrape/limiter.py).
+    limiter_url: str = doc("Where per-host politeness (rate, simultaneous requests, server-imposed pauses) is "
+                           "shared by every scrape process and machine: empty = each process keeps its own; "
+                           "redis://host:port/db = one Redis for all workers (use a DB number of its own, not "
+                           "the Celery broker's).", default="")
+    expected_workers: int = doc("Scrape processes expected to run at once. When the shared limiter's Redis "
+                                "cannot be reached, each process falls back to per_host_rps and "
+                                "per_host_concurrency divided by this number, so together they stay polite.",
+                                default=4)
+    limiter_lease_s: float = doc("Lifetime of a request slot held in the shared limiter, seconds: the slot of a "
+                                 "worker killed mid-request is free again after this long. Longer than "
+                                 "total_timeout_s; a live request renews its slot while it waits.", default=90.0)
 
     def validate(self) -> None:
         if not 1 <= self.page_limit <= 40:
@@ -198,6 +210,10 @@ class ScrapeConfig:
         if (self.retries < 0 or self.backoff_s < 0 or self.max_posts < 0 or self.backfill_days < 0
                 or self.retry_delay_s < 0):
             raise ValueError("retries, backoff_s, max_posts, backfill_days, retry_delay_s: must be >= 0")
+        if self.limiter_url and self.limiter_url.split("://", 1)[0] not in ("redis", "rediss", "unix"):
+            raise ValueError(f"limiter_url: empty or a redis://, rediss:// or unix:// URL, got {self.limiter_url!r}")
+        if self.expected_workers < 1 or self.limiter_lease_s <= 0:
+            raise ValueError("expected_workers: must be >= 1; limiter_lease_s: must be > 0")
 
 
 @dataclass

@@ -7,7 +7,8 @@
   simultaneous requests (``per_host_concurrency``). A 429 or an exhausted
   ``X-RateLimit-Remaining`` / ``RateLimit-Remaining`` closes the host until ``Retry-After`` /
   ``X-RateLimit-Reset`` / ``RateLimit-Reset`` has passed: no request to that host is sent
-  before then, from any thread.
+  before then, from any thread. With ``scrape.limiter_url`` these limits and pauses are shared
+  by every process through Redis (:mod:`pipeline.scrape.limiter`).
 - **Retries**: connection errors, timeouts, 5xx and 429 are retried ``retries`` times with
   exponential backoff (``backoff_s``, doubling) and full jitter, or after the server's
   ``Retry-After`` when it gives one. Every other 4xx is final. A 5xx waits for the quota's
@@ -62,6 +63,7 @@ from urllib3.connection import HTTPConnection, HTTPSConnection
 from urllib3.connectionpool import HTTPConnectionPool, HTTPSConnectionPool
 
 from pipeline.core.config import ScrapeConfig
+from pipeline.scrape.limiter import build_limiter
 from pipeline.scrape.ssrf import BlockedURL, SSRFGuard, UnresolvableHost
 
 MAX_REDIRECTS = 5
@@ -93,72 +95,6 @@ class FetchResult:
     @property
     def ok(self) -> bool:
         return self.status == "ok"
-
-
-# --------------------------------------------------------------------------- rate limiting
-
-
-class _Host:
-    __slots__ = ("tokens", "stamp", "closed_until", "slots")
-
-    def __init__(self, rps: float, concurrency: int, now: float):
-        self.tokens = max(1.0, rps)
-        self.stamp = now
-        self.closed_until = 0.0
-        self.slots = threading.BoundedSemaphore(concurrency)
-
-
-class HostLimiter:
-    """Per-host token bucket, concurrency cap and server-requested pauses (monotonic time)."""
-
-    def __init__(self, rps: float, concurrency: int, clock: Callable[[], float] = time.monotonic,
-                 sleep: Callable[[float], None] = time.sleep):
-        self.rps, self.concurrency = rps, concurrency
-        self.burst = max(1.0, rps)
-        self.clock, self.sleep = clock, sleep
-        self._lock = threading.Lock()
-        self._hosts: dict[str, _Host] = {}
-
-    def _host(self, host: str) -> _Host:
-        with self._lock:
-            h = self._hosts.get(host)
-            if h is None:
-                h = self._hosts[host] = _Host(self.rps, self.concurrency, self.clock())
-            return h
-
-    def close_until(self, host: str, until: float) -> None:
-        """No request to ``host`` before monotonic time ``until``."""
-        h = self._host(host)
-        with self._lock:
-            h.closed_until = max(h.closed_until, until)
-
-    def closed_until(self, host: str) -> float:
-        return self._host(host).closed_until
-
-    def acquire(self, host: str, deadline: float | None) -> bool:
-        """Take a slot and a token for ``host``; False if ``deadline`` passes first."""
-        h = self._host(host)
-        timeout = None if deadline is None else max(0.0, deadline - self.clock())
-        if not h.slots.acquire(timeout=timeout):
-            return False
-        while True:
-            with self._lock:
-                now = self.clock()
-                h.tokens = min(self.burst, h.tokens + (now - h.stamp) * self.rps)
-                h.stamp = now
-                wait = h.closed_until - now
-                if wait <= 0:
-                    if h.tokens >= 1.0:
-                        h.tokens -= 1.0
-                        return True
-                    wait = (1.0 - h.tokens) / self.rps
-            if deadline is not None and now + wait > deadline:
-                h.slots.release()
-                return False
-            self.sleep(min(wait, 1.0))
-
-    def release(self, host: str) -> None:
-        self._host(host).slots.release()
 
 
 # --------------------------------------------------------------------------- guarded transport
@@ -282,7 +218,7 @@ class _RetryAfter:
 
     wait_s: float
     #: True: the server asked for the wait, so the host stays closed for it and every thread
-    #: waits in :meth:`HostLimiter.acquire`. False: a backoff that only this fetch sleeps through.
+    #: waits in the limiter's ``acquire``. False: a backoff that only this fetch sleeps through.
     host_closed: bool
 
 
@@ -320,7 +256,7 @@ class RetryPolicy:
     redirect hop is not a try, a retry resumes at the hop that failed), and tenacity's
     strategies say when the count is spent and how long to back off. The rest has no place in
     tenacity's loop and stays here, each rule ending the fetch with its own error text: a wait
-    the server asks for closes the host for every thread (through :class:`HostLimiter`) rather
+    the server asks for closes the host for every thread (through the limiter, :mod:`pipeline.scrape.limiter`) rather
     than sleeping; a wait beyond ``max_server_wait_s`` or past the total budget ends the fetch;
     a request that is not idempotent is retried only where the server cannot have acted on it.
     """
@@ -413,7 +349,7 @@ class HttpClient:
                  sleep: Callable[[float], None] = time.sleep):
         self.cfg = cfg
         self.guard = SSRFGuard(cfg.allow_hosts)
-        self.limiter = HostLimiter(cfg.per_host_rps, cfg.per_host_concurrency, clock, sleep)
+        self.limiter = build_limiter(cfg, clock, sleep)  # in process, or shared through scrape.limiter_url
         self.clock, self.sleep = clock, sleep
         self._local = threading.local()
         self._sessions: list[requests.Session] = []

@@ -513,3 +513,24 @@ def test_helm_writes_no_secret(helm, helm_env):
     # The pipeline's secrets arrive from Secrets, in every container and task pod.
     assert {s["secretRef"]["name"] for s in yaml.safe_load(helm["extraEnvFrom"])} == {"likerank-storage",
                                                                                         "likerank-pipeline"}
+
+
+# --------------------------------------------------------------------------- shared politeness
+
+
+def test_compose_scrape_workers_share_their_limits_in_a_redis_db_of_their_own(services):
+    env = service_env(services["airflow-worker"])
+    limiter, broker = urlparse(env["LIKERANK_SCRAPE__LIMITER_URL"]), urlparse(env["AIRFLOW__CELERY__BROKER_URL"])
+    assert limiter.hostname == "redis" and limiter.hostname in services
+    assert limiter.path != broker.path  # another DB than Celery's broker
+    assert load_config(env=likerank_env(env)).scrape.limiter_url == env["LIKERANK_SCRAPE__LIMITER_URL"]
+
+
+def test_helm_scrape_pods_share_their_limits_in_the_k8s_redis(helm_env):
+    manifest = read_yaml(INFRA / "k8s" / "redis.yaml")
+    service = next(item for item in manifest["items"] if item["kind"] == "Service")
+    limiter = urlparse(helm_env["LIKERANK_SCRAPE__LIMITER_URL"])
+    assert limiter.hostname == service["metadata"]["name"]
+    assert limiter.port == service["spec"]["ports"][0]["port"]
+    deployment = next(item for item in manifest["items"] if item["kind"] == "Deployment")
+    assert deployment["spec"]["template"]["spec"]["securityContext"]["runAsNonRoot"] is True
