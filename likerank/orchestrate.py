@@ -86,6 +86,8 @@ class Simulator:
         """``now``: the world's clock (ISO 8601; default: the simulator's fixed demo date)."""
         cmd = [sys.executable, "-m", "likerank.cli.main", "sim", "serve",
                "--seed", str(cfg.simulator.seed), "--posts", str(cfg.simulator.posts), "--port", str(cfg.simulator.port),
+               "--robots-share", str(cfg.simulator.robots_share), "--tdm-header-share",
+               str(cfg.simulator.tdm_header_share), "--tdm-file-share", str(cfg.simulator.tdm_file_share),
                *(["--now", now] if now else [])]
         self.log = open(log, "w")
         self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=self.log, text=True)

@@ -81,6 +81,11 @@ def funnel_section(ctx: ReportContext) -> dict[str, Any]:
     dl = ctx.sql("select status, count(*) n from downloads group by 1 order by 2 desc, 1")
     stages.append({"stage": "downloads attempted", "count": int(dl.n.sum()) if len(dl) else 0,
                    "detail": {r.status: int(r.n) for r in dl.itertuples()}})
+    refused = ctx.sql("select opt_out_reason, count(*) n from downloads where opt_out_reason is not null "
+                      "group by 1 order by 2 desc, 1")
+    stages.append({"stage": "images the host refused (noai, robots.txt, TDM)",
+                   "count": int(refused.n.sum()) if len(refused) else 0,
+                   "detail": {r.opt_out_reason: int(r.n) for r in refused.itertuples()}})
     stages.append({"stage": "images stored", "count": scalar("select count(distinct sha256) from images"),
                    "detail": {}})
     # One row per image: its newest detection (a rerun with another detector adds rows).
@@ -108,8 +113,8 @@ def funnel_section(ctx: ReportContext) -> dict[str, Any]:
     chart = None
     if any(s["count"] for s in stages):
         bars = [("posts", posts), ("downloads ok", stages[1]["detail"].get("ok", 0)),
-                ("images", stages[2]["count"]),
-                ("with >= 1 face", stages[3]["detail"]["1 face"] + stages[3]["detail"]["2+ faces"]),
+                ("images", stages[3]["count"]),
+                ("with >= 1 face", stages[4]["detail"]["1 face"] + stages[4]["detail"]["2+ faces"]),
                 ("labeled", len(ctx.labels) if ctx.labels is not None else 0)]
         chart = funnel_chart(ctx, bars)
 

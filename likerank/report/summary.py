@@ -44,6 +44,10 @@ def summary(cfg: Config, truth: Path | None = None) -> str:
     lines.append(f"  posts stored          {sum(posts.values()):>7}   ({_fmt(posts)})")
     dl = {r["status"]: r["n"] for r in one("select status, count(*) n from downloads group by 1")}
     lines.append(f"  image downloads       {sum(dl.values()):>7}   ({_fmt(dl)})")
+    refused = {r["opt_out_reason"]: r["n"] for r in one(
+        "select opt_out_reason, count(*) n from downloads where opt_out_reason is not null group by 1")}
+    lines.append(f"    refused by the host {sum(refused.values()):>7}   ({_fmt(refused) if refused else 'none'}: "
+                 "X-Robots-Tag noai, robots.txt, TDM reservations)")
     faces = one("""select case when status <> 'ok' then status when n_faces = 0 then 'no face'
                    when n_faces = 1 then 'one face' else 'several faces' end k, count(*) n
                    from (from faces qualify row_number() over (partition by sha256 order by detected_at desc) = 1)

@@ -130,6 +130,12 @@ class SimulatorConfig:
                                "Mastodon.", default=0.4)
     hashtags: list[str] = doc("Hashtags every post carries one of.", default_factory=lambda: ["selfie"])
     rate_limit: int = doc("Requests per 5-minute window per client before 429; 0 = off (Mastodon: 300).", default=0)
+    robots_share: float = doc("Share of Mastodon media files the simulator's robots.txt disallows (tenths), so "
+                              "make run's funnel shows what robots.txt refuses.", default=0.1)
+    tdm_header_share: float = doc("Share of Mastodon media files served with tdm-reservation: 1 (tenths).",
+                                  default=0.0)
+    tdm_file_share: float = doc("Share of Mastodon media files a /.well-known/tdmrep.json rule reserves (tenths).",
+                                default=0.1)
     port: int = doc("Loopback port `make run` serves the simulator on. Keep it fixed: the scrape state "
                     "and the posts' instance URL include it, so a second run resumes instead of re-reading.",
                     default=8765)
@@ -143,6 +149,9 @@ class SimulatorConfig:
             raise ValueError("rate_limit: must be >= 0")
         if not 0.0 <= self.bluesky_share <= 1.0:
             raise ValueError("bluesky_share: must be within 0..1")
+        for name in ("robots_share", "tdm_header_share", "tdm_file_share"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise ValueError(f"{name}: must be within 0..1")
 
 
 @dataclass

@@ -82,11 +82,14 @@ DOWNLOADS = pa.schema([
     f("post_id", pa.string(), "Post the URL belongs to."),
     f("url", pa.string(), "The URL attempted."),
     f("status", pa.string(), "ok, http_error, timeout, too_large, not_image, decode_error, bomb, blocked, bad_url, "
-                             "connection_error, redirect_loop, opted_out (X-Robots-Tag noai/noimageai: the bytes are "
-                             "not kept), not_strippable (a TIFF or AVIF whose metadata cannot be removed: not kept), deferred (the host asked for a wait longer than scrape.max_server_wait_s or "
-                             "the download's time budget, e.g. X-RateLimit-Remaining: 0 with a far reset: not a "
-                             "failure; a later run tries it). A timeout, connection_error, deferred, or http_error "
-                             "429/5xx is tried again by a later run (next_attempt_at); every other status is final."),
+                             "connection_error, redirect_loop, opted_out (X-Robots-Tag noai/noimageai or a TDM "
+                             "reservation: the bytes are not kept), robots_disallowed (the host's robots.txt "
+                             "disallows it: never requested), not_strippable (a TIFF or AVIF whose metadata cannot "
+                             "be removed: not kept), deferred (the host asked for a wait longer than "
+                             "scrape.max_server_wait_s or the download's time budget, e.g. X-RateLimit-Remaining: 0 "
+                             "with a far reset, or its robots.txt could not be read: not a failure; a later run "
+                             "tries it). A timeout, connection_error, deferred, or http_error 429/5xx is tried again "
+                             "by a later run (next_attempt_at); every other status is final."),
     f("http_status", pa.int32(), "Last HTTP status code, if a response came.", nullable=True),
     f("error", pa.string(), "What went wrong, for humans.", nullable=True),
     f("bytes", pa.int64(), "Body bytes received."),
@@ -103,6 +106,9 @@ DOWNLOADS = pa.schema([
                                  "scrape.retry_delay_s * 2**(attempt-1), or the server's reset when later. Null "
                                  "when the row is final: a final status, or scrape.max_attempts tries made.",
       nullable=True),
+    f("opt_out_reason", pa.string(), "Why the image was refused: noai (X-Robots-Tag noai/noimageai), robots "
+                                     "(robots.txt), tdm (a TDM reservation: tdm-reservation header or tdmrep.json); "
+                                     "null otherwise.", nullable=True),
 ])
 
 IMAGES = pa.schema([

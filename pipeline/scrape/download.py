@@ -50,6 +50,7 @@ from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
+from urllib.parse import urlsplit
 
 from PIL import Image
 
@@ -62,7 +63,7 @@ warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
 
 STATUSES = ("ok", "http_error", "timeout", "too_large", "not_image", "decode_error", "bomb",
             "blocked", "bad_url", "connection_error", "redirect_loop", "opted_out", "not_strippable",
-            "deferred")
+            "deferred", "robots_disallowed")
 #: Statuses a later run tries again (``http_error`` only with :data:`RETRYABLE_HTTP`).
 RETRYABLE_STATUSES = frozenset({"timeout", "connection_error", "deferred"})
 
@@ -155,6 +156,16 @@ def check_image(data: bytes, max_pixels: int) -> ImageCheck:
     return ImageCheck("ok", None, width, height, fmt)
 
 
+def _well_formed(url: str) -> bool:
+    """Whether ``url`` names an origin whose robots.txt can be asked for; one that does not is
+    left to the fetch, which ends it as ``bad_url`` naming the problem."""
+    try:
+        parts = urlsplit(url)
+        return parts.scheme in ("http", "https") and bool(parts.hostname) and (parts.port or 0) >= 0
+    except ValueError:
+        return False
+
+
 @dataclass
 class Downloaded:
     """One attempted URL: its ``downloads`` row and, when ok, its ``images`` row."""
@@ -194,21 +205,33 @@ class Downloader:
         ``attempt``: which try of this URL this is (1 unless a later run tries it again)."""
         attempted_at = self.now()
         t0 = time.monotonic()
-        res = self.client.fetch(url, max_bytes=self.cfg.max_bytes, total_timeout_s=self.cfg.total_timeout_s)
         shown = stored_url or url
+        refusal = self.client.policy.robots_refusal(url) if _well_formed(url) else None
+        if refusal:  # never requested
+            row = self._refused_row(post_id, shown, attempted_at, attempt, refusal)
+            if not self.client.policy.robots_reachable(url):  # robots.txt down: no verdict yet, try later
+                row["status"], row["opt_out_reason"] = "deferred", None
+                self._plan_next_try(row, None)
+            return Downloaded(row, None)
+        res = self.client.fetch(url, max_bytes=self.cfg.max_bytes, total_timeout_s=self.cfg.total_timeout_s)
         row = {
             "source": self.source, "post_id": post_id, "url": shown, "status": res.status,
             "http_status": res.http_status, "error": res.error.replace(url, shown) if res.error else None,
             "bytes": res.body_bytes,
             "elapsed_ms": 0.0, "attempts": res.attempts, "sha256": None, "attempted_at": attempted_at,
-            "attempt": attempt, "next_attempt_at": None,
+            "attempt": attempt, "next_attempt_at": None, "opt_out_reason": None,
         }
         if res.status == "http_error" and res.retry_after_s is not None:
             row["status"] = "deferred"  # the host is closed for longer than this download may wait
         image = None
         opt_out = robots_opt_out(res.headers.get("X-Robots-Tag")) if res.ok else None
+        tdm = self.client.policy.tdm_refusal(url, res.headers) if res.ok and not opt_out else None
         if opt_out:
             row["status"], row["error"] = "opted_out", f"X-Robots-Tag: {opt_out} ({shown})"
+            row["opt_out_reason"] = "noai"
+            res.body = None
+        elif tdm:  # text and data mining reserved (EU DSM Art. 4(3)): the bytes are not kept
+            row["status"], row["error"], row["opt_out_reason"] = "opted_out", tdm.replace(url, shown), "tdm"
             res.body = None
         elif res.ok:
             data = res.body or b""
@@ -227,6 +250,13 @@ class Downloader:
         row["elapsed_ms"] = (time.monotonic() - t0) * 1000.0
         self._plan_next_try(row, res.retry_after_s)
         return Downloaded(row, image)
+
+    def _refused_row(self, post_id: str, shown: str, attempted_at: datetime, attempt: int, refusal: str) -> dict:
+        """The ``downloads`` row of a URL robots.txt disallows: final, never requested."""
+        return {"source": self.source, "post_id": post_id, "url": shown, "status": "robots_disallowed",
+                "http_status": None, "error": f"{refusal} ({shown})", "bytes": 0, "elapsed_ms": 0.0, "attempts": 0,
+                "sha256": None, "attempted_at": attempted_at, "attempt": attempt, "next_attempt_at": None,
+                "opt_out_reason": "robots"}
 
     def _plan_next_try(self, row: dict, server_wait_s: float | None) -> None:
         """Set the row's ``next_attempt_at``, and say in its error whether another try follows."""

@@ -64,6 +64,7 @@ from urllib3.connectionpool import HTTPConnectionPool, HTTPSConnectionPool
 
 from pipeline.core.config import ScrapeConfig
 from pipeline.scrape.limiter import build_limiter
+from pipeline.scrape.robots import RobotsPolicy, client_fetch
 from pipeline.scrape.ssrf import BlockedURL, SSRFGuard, UnresolvableHost
 
 MAX_REDIRECTS = 5
@@ -351,6 +352,9 @@ class HttpClient:
         self.guard = SSRFGuard(cfg.allow_hosts)
         self.limiter = build_limiter(cfg, clock, sleep)  # in process, or shared through scrape.limiter_url
         self.clock, self.sleep = clock, sleep
+        # What each host's robots.txt and TDMRep allow; its files are fetched through this client.
+        self.policy = RobotsPolicy(client_fetch(self), cfg.user_agent, limiter=self.limiter,
+                                   shared=getattr(self.limiter, "client", None))
         self._local = threading.local()
         self._sessions: list[requests.Session] = []
         self._sessions_lock = threading.Lock()
@@ -428,7 +432,11 @@ class HttpClient:
 
     def fetch_api(self, url: str, **kwargs: Any) -> FetchResult:
         """:meth:`fetch` an API URL under the API's bounds: at most ``max_api_bytes`` of body
-        and ``api_total_timeout_s`` for the whole call."""
+        and ``api_total_timeout_s`` for the whole call. A path the host's robots.txt disallows
+        is not requested: the result's status is ``robots_disallowed``."""
+        refusal = self.policy.robots_refusal(url)
+        if refusal:
+            return FetchResult(url=url, status="robots_disallowed", error=refusal)
         return self.fetch(url, max_bytes=self.cfg.max_api_bytes, total_timeout_s=self.cfg.api_total_timeout_s,
                           **kwargs)
 

@@ -220,6 +220,11 @@ class RobotsPolicy:
     def allowed(self, url: str) -> bool:
         return self.robots_refusal(url) is None
 
+    def robots_reachable(self, url: str) -> bool:
+        """Whether ``url``'s origin answered for its robots.txt: when not, its refusal is for
+        now (RFC 9309 2.3.1.4), and a later run may ask again."""
+        return self._robots_of(_origin(url)).reachable
+
     def crawl_delay_s(self, url: str) -> float | None:
         """The least seconds between two requests robots.txt asks of us (``Crawl-delay``, or
         ``Request-rate`` as seconds per request, whichever is longer); None when it asks none."""

@@ -416,6 +416,7 @@ class Crawl:
         self.kept = 0
         self.skipped: Counter[str] = Counter()  # statuses not kept, by reason (SKIP_REASONS)
         self.download_statuses: Counter[str] = Counter()  # attempted image URLs, by download status
+        self.opt_out_reasons: Counter[str] = Counter()  # refused images, by why (noai, robots, tdm)
         self.image_hashes: set[str] = set()  # sha256 of the images stored this run
         self.retried = 0  # image URLs of earlier runs tried again
 
@@ -503,7 +504,7 @@ class Crawl:
             "error": f"not tried again: the author was blanked out of {stored_url} and the post's image URL "
                      "could not be read back (post deleted, or its reference gone)",
             "bytes": 0, "elapsed_ms": 0.0, "attempts": 0, "sha256": None, "attempted_at": self.now(),
-            "attempt": attempt, "next_attempt_at": None}, None)
+            "attempt": attempt, "next_attempt_at": None, "opt_out_reason": None}, None)
 
     def pages(self) -> Iterator[Page]:
         """The timeline's pages in walk order, from :attr:`start` down.
@@ -571,6 +572,8 @@ class Crawl:
         """Buffer finished downloads: a ``downloads`` row each, an ``images`` row for each stored image."""
         for result in results:
             self.download_statuses[result.status] += 1
+            if result.download.get("opt_out_reason"):
+                self.opt_out_reasons[result.download["opt_out_reason"]] += 1
             self.buffer.rows["downloads"].append(result.download)
             if result.image is not None:
                 self.image_hashes.add(result.image["sha256"])
@@ -607,6 +610,7 @@ class Crawl:
             "pages": self.page_count, "seen": self.kept + sum(self.skipped.values()), "kept": self.kept,
             "skipped": dict(sorted(self.skipped.items())),
             "downloads": dict(sorted(self.download_statuses.items())),
+            "opt_out_reasons": dict(sorted(self.opt_out_reasons.items())),
             "retried": self.retried, "images": len(self.image_hashes), "stopped": self.coverage.stop,
             "state": self.state_key,
             "rows_written": dict(sorted(self.buffer.written.items())), "elapsed_s": round(time.monotonic() - self.started, 2),
@@ -637,6 +641,8 @@ def format_summary(s: dict[str, Any]) -> str:
     lines.append(f"  images stored   {s['images']:>8}")
     for status, n in s["downloads"].items():
         lines.append(f"  download {status:<14} {n:>8}")
+    for reason, n in s.get("opt_out_reasons", {}).items():
+        lines.append(f"  refused: {reason:<14} {n:>8}  (opt_out_reason)")
     for table, n in s["rows_written"].items():
         lines.append(f"  {table:<9} dt={s['date']}: {n} rows written")
     lines.append(f"  state: {s['state']}")
@@ -680,7 +686,8 @@ def scrape_pairs(cfg: Config, instances: list[str] | None = None, hashtags: list
 def merge_summaries(summaries: list[dict[str, Any]]) -> dict[str, Any]:
     """Add up per-pair scrape summaries (for a DAG run's log and XCom)."""
     out: dict[str, Any] = {"pairs": len(summaries), "seen": 0, "kept": 0, "images": 0, "retried": 0,
-                           "skipped": Counter(), "downloads": Counter(), "sources": {}, "stopped": {}}
+                           "skipped": Counter(), "downloads": Counter(), "opt_out_reasons": Counter(), "sources": {},
+                           "stopped": {}}
     for s in summaries:
         for k in ("seen", "kept", "images", "retried"):
             out[k] += s.get(k, 0)
@@ -689,9 +696,11 @@ def merge_summaries(summaries: list[dict[str, Any]]) -> dict[str, Any]:
         per["kept"] += s.get("kept", 0)
         out["skipped"].update(s.get("skipped", {}))
         out["downloads"].update(s.get("downloads", {}))
+        out["opt_out_reasons"].update(s.get("opt_out_reasons", {}))
         # Why each task's walk ended: a rate limit or a refused response (too large, too slow, a
         # next link off the instance) is named here, not only in that task's log.
         out["stopped"][f"{s.get('source', 'mastodon')} {s.get('instance', '')} #{s.get('hashtag', '')}"] = \
             s.get("stopped", "")
     out["skipped"], out["downloads"] = dict(out["skipped"]), dict(out["downloads"])
+    out["opt_out_reasons"] = dict(out["opt_out_reasons"])
     return out

@@ -150,7 +150,10 @@ def test_connection_refused(downloader):
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     row = downloader.fetch("p", f"http://127.0.0.1:{port}/x.jpg").download
-    assert row["status"] == "connection_error" and row["attempts"] == 3
+    # Its robots.txt cannot be read either: RFC 9309 disallows everything there for now, so the
+    # image is not requested and a later run tries again.
+    assert row["status"] == "deferred" and row["attempts"] == 0 and row["next_attempt_at"] is not None
+    assert "robots.txt of http://127.0.0.1:" in row["error"] and "unreachable" in row["error"]
 
 
 def test_same_image_twice_is_stored_once(fake_mastodon, faults, downloader, tmp_path):

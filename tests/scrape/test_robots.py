@@ -286,3 +286,50 @@ def test_the_simulator_has_no_robots_txt_by_default(client):
     with start_server(seed=3, posts=20) as sim:
         assert client.fetch(sim.url + "/robots.txt").http_status == 404
         assert client.fetch(sim.url + "/.well-known/tdmrep.json").http_status == 404
+
+
+# --------------------------------------------------------------------------- in a scrape
+
+
+def test_a_scrape_honours_robots_txt_and_tdm_and_says_why(tmp_path, sim_server_factory):
+    """robots.txt-disallowed images are never requested; TDM-reserved ones are fetched but not
+    kept; both are rows with their reason, counted in the summary."""
+    from pipeline.core.storage import LocalStorage
+    from pipeline.core.tables import read_table
+    from pipeline.scrape.scrape import scrape
+
+    politeness = Politeness(robots_share=0.2, tdm_header_share=0.1, tdm_file_share=0.1)
+    sim = sim_server_factory(seed=3, posts=120, politeness=politeness)
+    cfg = load_config(env={}, overrides=[f"storage.root={tmp_path / 'data'}", "scrape.allow_hosts=['127.0.0.1']",
+                                         "scrape.backfill_days=100000", "scrape.per_host_rps=1000"])
+    summary = scrape(cfg, sim.url, "selfie", "2025-06-02")
+    rows = read_table(LocalStorage(cfg.storage.root), "downloads").to_pylist()
+    by_reason: dict[str | None, list[dict]] = {}
+    for r in rows:
+        by_reason.setdefault(r["opt_out_reason"], []).append(r)
+    assert {"robots", "tdm"} <= set(by_reason), {k: len(v) for k, v in by_reason.items()}
+    for r in by_reason["robots"]:
+        assert r["status"] == "robots_disallowed" and r["attempts"] == 0 and r["sha256"] is None
+        assert "robots.txt of " in r["error"]
+    for r in by_reason["tdm"]:
+        assert r["status"] == "opted_out" and r["sha256"] is None
+        assert "tdm-reservation: 1" in r["error"] or "tdmrep.json" in r["error"]
+    assert summary["opt_out_reasons"] == {k: len(v) for k, v in by_reason.items() if k}
+    assert {r["status"] for r in by_reason[None]} <= {"ok", "not_image", "decode_error", "bomb"}
+
+
+def test_an_api_path_robots_txt_disallows_ends_the_task_by_name(fake_mastodon, tmp_path):
+    from pipeline.scrape.scrape import scrape
+
+    orig = fake_mastodon.route
+
+    def route(h):
+        if h.path == "/robots.txt":
+            return fake_mastodon.send(h, 200, b"User-agent: *\nDisallow: /api/v1/timelines/\n", "text/plain")
+        return orig(h)
+
+    fake_mastodon.route = route
+    cfg = load_config(env={}, overrides=[f"storage.root={tmp_path / 'data'}", "scrape.allow_hosts=['127.0.0.1']"])
+    summary = scrape(cfg, fake_mastodon.url, "selfie", "2025-06-02")
+    assert summary["stopped"].startswith("RobotsDisallowed") and "disallows /api/v1/timelines/" in summary["stopped"]
+    assert summary["pages"] == 0 and fake_mastodon.page_requests == 0

@@ -24,8 +24,12 @@ from pipeline.core.pseudonym import (
     register_simulator,
 )
 from pipeline.scrape.http import HttpClient
+from pipeline.scrape.robots import ROBOTS_PATH, TDMREP_PATH
 from pipeline.scrape.sources.base import SourceError
 from pipeline.scrape.sources.mastodon import MastodonSource, normalize_status
+
+#: What every host is asked for before anything else, without credentials.
+POLITENESS_FILES = (ROBOTS_PATH, TDMREP_PATH)
 
 # Account, following the documented example (Gargron on mastodon.social), with 4.2+'s uri/indexable.
 ACCOUNT = {
@@ -221,7 +225,8 @@ def test_pages_follow_link_next_and_send_token_only_to_instance(fake_mastodon, s
     orig = fake_mastodon.route
 
     def route(h):
-        seen_auth.append(h.headers.get("Authorization"))
+        if h.path not in POLITENESS_FILES:  # asked without credentials, as for any host
+            seen_auth.append(h.headers.get("Authorization"))
         orig(h)
 
     fake_mastodon.route = route

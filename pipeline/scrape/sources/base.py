@@ -63,6 +63,11 @@ class ResponseTooSlow(ResponseRefused):
     """The call did not complete within ``scrape.api_total_timeout_s`` (every attempt, wait and byte)."""
 
 
+class RobotsDisallowed(ResponseRefused):
+    """The host's robots.txt disallows the API path for likerank's user agent (or cannot be
+    read, which RFC 9309 counts as disallowing everything): not requested."""
+
+
 class CrossOriginLink(ResponseRefused):
     """A next-page link names another origin (scheme, host, port) than the instance's: its posts
     would be stored as the instance's, and the token would follow it. Not followed."""
@@ -72,6 +77,8 @@ def refused(res: FetchResult, shown: str, cfg: ScrapeConfig) -> ResponseRefused 
     """The :class:`ResponseRefused` an API fetch comes to, or None: its body passed
     ``max_api_bytes`` or its time passed ``api_total_timeout_s``. ``shown`` is the URL as errors
     may show it."""
+    if res.status == "robots_disallowed":
+        return RobotsDisallowed(f"{res.error}; the API call {shown} was not made", url=shown, limit="robots.txt")
     if res.status == "too_large":
         return ResponseTooLarge(f"API response from {shown} is larger than scrape.max_api_bytes = "
                                 f"{cfg.max_api_bytes} bytes; not read", url=shown,
