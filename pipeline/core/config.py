@@ -338,6 +338,13 @@ class TrainingConfig:
     replicas: int = doc("Kubernetes worker replicas.", default=2)
     gpus_per_replica: int = doc("GPUs per replica (kubernetes).", default=1)
     storage_secret: str = doc("Kubernetes secret holding the storage credentials.", default="likerank-storage")
+    input: str = doc("Where training reads images: 'objects' (one read from the image store per image) or "
+                     "'shards' (the tar shards of `likerank export RUN --format webdataset`, at training.shards: "
+                     "sequential reads, the way to feed a GPU from S3).", default="objects")
+    shards: str = doc("Folder or s3:// URI of a webdataset export of the published run (training.input = 'shards'); "
+                      "empty = <storage root>/exports/<run>/webdataset.", default="")
+    shuffle_buffer: int = doc("Samples each DataLoader worker holds to shuffle shard input (training.input = "
+                              "'shards').", default=1000)
     truth_file: str = doc("Ground-truth Parquet (post_id, quality; the simulator writes one): adds ROC-AUC "
                           "against true quality to the metrics; empty = none.", default="")
 
@@ -348,11 +355,24 @@ class TrainingConfig:
             raise ValueError("crop: must be 'face' or 'full'")
         if self.backend not in ("local", "kubernetes"):
             raise ValueError("backend: must be 'local' or 'kubernetes'")
+        if self.input not in ("objects", "shards"):
+            raise ValueError("input: must be 'objects' or 'shards'")
+        if self.shuffle_buffer < 0:
+            raise ValueError("shuffle_buffer: must be >= 0")
         for name in ("image_size", "epochs", "batch_size", "grad_accum", "nproc", "replicas"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}: must be >= 1")
         if self.lr <= 0 or self.workers < 0 or self.gpus_per_replica < 0 or self.face_margin < 0:
             raise ValueError("lr: must be > 0; workers, gpus_per_replica, face_margin >= 0")
+
+
+@dataclass
+class ExportConfig:
+    shard_size: int = doc("Samples per tar shard of a webdataset export (`likerank export`).", default=1000)
+
+    def validate(self) -> None:
+        if self.shard_size < 1:
+            raise ValueError("shard_size: must be >= 1")
 
 
 @dataclass
@@ -408,6 +428,7 @@ class Config:
     labeling: LabelingConfig = field(default_factory=LabelingConfig)
     validation: ValidationConfig = field(default_factory=ValidationConfig)
     training: TrainingConfig = field(default_factory=TrainingConfig)
+    export: ExportConfig = field(default_factory=ExportConfig)
     serve: ServeConfig = field(default_factory=ServeConfig)
     #: "section.field" -> where its value came from ("default", "file <path>", "env VAR", "flag").
     origins: dict[str, str] = field(default_factory=dict, repr=False, compare=False)

@@ -22,6 +22,7 @@ imports the key it needs instead of spelling it.
 ``reports/<run>/``                      the HTML report of a labels run (local storage)
 ``state/reports/<run>/<copy>.json``     one folder a report of that run was written to (host, path)
 ``state/forget/<id>.json``              a queued forget request (author keys, posts), until run
+``exports/<run>/<format>/``             the default folder of ``likerank export`` (layout: export_layout)
 ======================================  ==============================================
 """
 
@@ -169,3 +170,12 @@ def report_location(run_id: str, copy_id: str) -> str:
 def forget_request(request_id: str) -> str:
     """A forget request the ``forget`` DAG runs by its opaque id (the DAG's conf holds nothing else)."""
     return f"state/forget/{request_id}.json"
+
+
+# ---------------------------------------------------------------- exports
+
+
+def export_folder(run_id: str, fmt: str) -> str:
+    """Where ``likerank export RUN --format FMT`` writes when no ``--output`` is given, and where
+    ``training.input = 'shards'`` looks when ``training.shards`` is empty."""
+    return f"exports/{run_id}/{fmt}"
