@@ -19,6 +19,7 @@ import pyarrow as pa
 import pytest
 
 from likerank.orchestrate import dags_test
+from pipeline.core.pseudonym import register_simulator
 from pipeline.core.published import published_run_id
 from pipeline.core.storage import LocalStorage
 from pipeline.core.tables import read_table
@@ -58,6 +59,8 @@ def base_env(root: Path, sim_url: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("LIKERANK_", "AIRFLOW"))}
     env.update({"PATH": f"{Path(sys.executable).parent}:{env.get('PATH', '')}",
                 "LIKERANK_STORAGE__ROOT": str(root), "LIKERANK_SOURCE__INSTANCE_URL": sim_url, "LIKERANK_SOURCE__BLUESKY_URL": sim_url, **SETTINGS})
+    # This test started the simulator: the workers it spawns may use its demo Bluesky login.
+    register_simulator(sim_url, env)
     return env
 
 
