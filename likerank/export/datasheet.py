@@ -20,7 +20,9 @@ def _date(ts: datetime | None) -> str:
 
 
 def _window(span: tuple[datetime, datetime] | None) -> str:
-    return f"{_date(span[0])} to {_date(span[1])}" if span else "not recorded (no posts table rows for these posts)"
+    if not span:
+        return "at dates not recorded (no posts table rows for these posts)"
+    return f"between {_date(span[0])} and {_date(span[1])}"
 
 
 def _counts(d: dict[str, int]) -> str:
@@ -28,20 +30,22 @@ def _counts(d: dict[str, int]) -> str:
 
 
 def _exposure_spans(facts: Facts) -> str:
-    spans = facts.record.get("group_exposure")
-    if not spans:
-        return ""
-    shown = spans if isinstance(spans, list) else [spans]
-    return f" The run's record gives each group's exposure span: {str(shown)[:600]}."
+    """The run record's group exposure spans (max / min exposure within a group), in words."""
+    spans = (facts.record.get("group_exposure") or {}).get("per_source") or {}
+    said = [f"{name}: the top group spans {s['top_group_span']}x in exposure, the median group "
+            f"{s['median_span']}x, the widest (group {s['widest_group']}) {s['widest_span']}x"
+            for name, s in sorted(spans.items())]
+    warning = (facts.record.get("group_exposure") or {}).get("warning")
+    return (" " + "; ".join(said) + "." if said else "") + (f" The labeler warned: {warning}." if warning else "")
 
 
 def facts_text(facts: Facts) -> dict[str, Any]:
     """Each fact in words, by topic (strings, or lists of strings where Croissant wants a list)."""
     p, g = facts.params, facts.group_size
     total = sum(facts.splits.values())
-    sources = _counts(facts.sources)
+    sources = ", ".join(f"{k} ({v} samples)" for k, v in sorted(facts.sources.items())) or "no platform"
     instances = ", ".join(facts.instances) or "not recorded"
-    hashtags = ", ".join(f"#{h}" for h in facts.hashtags) or "not recorded"
+    hashtags = ", ".join(f"#{h}" for h in facts.hashtags) or "a hashtag the posts table no longer records"
     opted = sum(facts.opted_out.values())
     rule = (f"Labeler {facts.labeler!r} (parameters hash {facts.params_hash}). Posts were kept when online at least "
             f"{p.get('min_age_days', '?')} days when their likes were observed, with an author of "
@@ -59,7 +63,7 @@ def facts_text(facts: Facts) -> dict[str, Any]:
         "collection": (f"Public posts carrying {hashtags} were read through the platforms' public APIs "
                        f"({sources}; instances: {instances}) with their likes, the author's follower count, their "
                        f"tags and age; the first image of each post was downloaded and kept when a face detector "
-                       f"(SCRFD) found a face. Posts created {_window(facts.created)}; read {_window(facts.scraped)}. "
+                       f"(SCRFD) found a face. The posts were created {_window(facts.created)} and read {_window(facts.scraped)}. "
                        f"Opt-outs were honoured: authors not discoverable/indexable or marked noindex were never "
                        f"stored, and {opted} image download(s) were refused for an opt-out signal "
                        f"({_counts(facts.opted_out)}: X-Robots-Tag noai, robots.txt, TDM reservation)."),
@@ -70,12 +74,13 @@ def facts_text(facts: Facts) -> dict[str, Any]:
                           "shipped as `face_box`."),
         "annotation": rule,
         "biases": [
-            f"One hashtag ({hashtags}) and the people who use it on {sources}: the platforms' user demographics "
+            f"One hashtag ({hashtags}) and the people who use it on {', '.join(sorted(facts.sources)) or 'its platforms'}: the platforms' user demographics "
             "(age, gender, region, language) are not those of any population, and nothing here corrects for them.",
             "Likes are a popularity proxy: they reflect timing, network, platform ranking and the audience's tastes, "
             "not a property of the person photographed.",
             "Labels are relative to an exposure group (authors of similar follower counts); exposure groups of "
-            f"{g} posts compare only posts of similar reach.{_exposure_spans(facts)}",
+            f"{g} posts compare only posts of similar reach, and a wide group compares unequal audiences."
+            f"{_exposure_spans(facts)}",
             "Only photos in which a detector found a face are kept; detectors miss some faces more than others.",
         ],
         "limitations": [

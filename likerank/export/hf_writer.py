@@ -59,19 +59,10 @@ def write(part: Part, images: ImageStore, path: Path, tick: Tick) -> tuple[int, 
 
 
 def _yaml_features() -> list[dict[str, Any]]:
-    """``dataset_info.features`` as the Hub writes it in a card's header."""
-    out: list[dict[str, Any]] = []
-    for name, feat in features().items():
-        kind = type(feat).__name__
-        if kind == "Image":
-            out.append({"name": name, "dtype": "image"})
-        elif kind == "ClassLabel":
-            out.append({"name": name, "dtype": {"class_label": {"names": {str(i): n for i, n in enumerate(feat.names)}}}})
-        elif kind in ("Sequence", "List"):
-            out.append({"name": name, "list": feat.feature.dtype, "length": 4})
-        else:
-            out.append({"name": name, "dtype": feat.dtype})
-    return out
+    """``dataset_info.features`` as ``datasets`` itself writes it into a card's header."""
+    import datasets
+
+    return datasets.DatasetInfo(features=features())._to_yaml_dict()["features"]
 
 
 def card(run_id: str, files: list[Written], datasheet: str) -> str:

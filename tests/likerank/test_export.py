@@ -326,3 +326,40 @@ def test_webdataset_export_to_s3(world, seaweed, tmp_path):
             (local / name).write_bytes(remote.get_bytes(name))
     assert {s: len(webdataset_samples(local, s)) for s in COUNTS} == COUNTS
     assert export(s3cfg, LABELS_RUN, "webdataset", uri, storage=storage).already_complete
+
+
+# --------------------------------------------------------------------------- facts
+
+
+def test_croissant_and_datasheet_say_what_the_tables_know(tmp_path):
+    """With posts and downloads stored: the collection window, instance, hashtag and opt-outs."""
+    import datetime as dt
+
+    import pyarrow as pa
+
+    from pipeline.core.schemas import conform
+    from pipeline.core.tables import write_partition
+    from tests.fixtures.report import REPORT_RUN, make_report_dataset
+
+    root = tmp_path / "data"
+    storage = LocalStorage(root)
+    make_report_dataset(storage, model=False)
+    republish(storage, REPORT_RUN)
+    write_partition(storage, "downloads", "2026-11-24", conform("downloads", pa.Table.from_pylist([
+        {"source": "mastodon", "post_id": f"q{i}", "url": f"http://sim/q{i}.jpg", "status": "opted_out",
+         "http_status": 200, "error": None, "bytes": 0, "elapsed_ms": 1.0, "attempts": 1, "sha256": None,
+         "attempted_at": dt.datetime(2026, 11, 24, tzinfo=dt.UTC), "attempt": 1, "next_attempt_at": None,
+         "opt_out_reason": reason} for i, reason in enumerate(["tdm", "noai", "tdm"])])))
+    cfg = load_config(overrides=[f"storage.root={root}"])
+    result = export(cfg, REPORT_RUN, "webdataset", storage=storage)
+    out = Path(result.uri)
+    doc = json.loads((out / CROISSANT).read_text())
+    assert doc["rai:dataCollectionTimeFrame"] == ["2026-10-14", "2026-10-14"]  # created 40 days before 2026-11-23
+    assert "http://sim" in doc["rai:dataCollection"] and "#selfie" in doc["rai:dataCollection"]
+    assert "3 image download(s) were refused" in doc["rai:dataCollection"] and "noai: 1, tdm: 2" in doc["rai:dataCollection"]
+    sheet = (out / DATASHEET).read_text()
+    assert "between 2026-10-14 and 2026-10-14" in sheet and "#selfie" in sheet
+    assert "too_young: 3" in sheet  # the run's drops by reason, from its record
+    samples = webdataset_samples(out, "test")
+    assert samples and all("jpg" in s for s in samples)  # JPEG bytes get .jpg
+    assert result.manifest["table_versions"]["posts"] == 0
