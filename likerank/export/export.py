@@ -119,7 +119,7 @@ def export(cfg: Config, run_id: str, fmt: str, output: str | None = None, *,
     if fmt not in FORMATS:
         raise ValueError(f"format {fmt!r}: expected one of {', '.join(FORMATS)}")
     storage = storage or open_storage(cfg.storage)
-    pointer = require_published(storage, run_id)
+    pointer = require_published(storage, run_id, use="export")
     out = output_storage(cfg, storage, run_id, fmt, output)
     samples = load_samples(storage, cfg, run_id)
     shard_size = cfg.export.shard_size
@@ -128,7 +128,7 @@ def export(cfg: Config, run_id: str, fmt: str, output: str | None = None, *,
 
     manifest, journal = get_json(out, MANIFEST), get_json(out, PROGRESS)
     _claim(out, identity, manifest, journal)
-    if _same(manifest, identity):
+    if _same(manifest, identity) and all(out.exists(f["name"]) for f in manifest["files"]):
         log.info("export of labels run %s as %s at %s is already complete: nothing to do", run_id, fmt, out.uri())
         return ExportResult(out.uri(), manifest, already_complete=True, written=[])
     if (manifest is not None or journal is not None) and not _same(journal, identity):

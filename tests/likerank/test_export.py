@@ -83,6 +83,13 @@ def test_an_unpublished_run_is_refused_saying_why(tmp_path, capsys):
     assert not (root / keys.export_folder(LABELS_RUN, "webdataset")).exists()
 
 
+def test_a_run_other_than_the_published_one_is_refused(world, capsys):
+    cfg, storage = world
+    assert main(["--set", f"storage.root={storage.root}", "export", "lbl-nope", "--format", "hf"]) == 2
+    err = capsys.readouterr().err
+    assert "labels run 'lbl-nope' is not published" in err and "refusing to export unvalidated labels" in err
+
+
 def test_a_failed_validation_is_refused(world, capsys):
     cfg, storage = world
     put_json(storage, keys.validation_result(LABELS_RUN), {"run_id": LABELS_RUN, "success": False})
@@ -263,6 +270,9 @@ def test_a_lost_shard_is_rewritten_alone_and_a_complete_export_is_a_no_op(world,
     assert "already holds the complete webdataset export" in captured.err
     assert json.loads(captured.out)["written"] == []
     assert {p.name: p.stat().st_mtime_ns for p in out.iterdir()} == before
+    # A shard lost from a complete export is noticed and rewritten alone, too.
+    (out / shard_name("val", 0)).unlink()
+    assert export(cfg, LABELS_RUN, "webdataset", str(out), storage=storage).written == [shard_name("val", 0)]
 
 
 def test_an_interrupted_export_resumes_and_leaves_no_partial_shard(world, tmp_path, monkeypatch):
