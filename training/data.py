@@ -17,21 +17,19 @@ from __future__ import annotations
 
 import io
 import logging
-import math
 import os
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
-import pyarrow as pa
-import pyarrow.compute as pc
 import torch
 from torch.utils.data import Dataset
 
 from pipeline.core.config import StorageConfig
+from pipeline.core.largest_face import largest_faces
 from pipeline.core.orientation import orientation_of, recorded_orientations, upright
 from pipeline.core.storage import ImageStore, Storage, open_storage
-from pipeline.core.tables import list_partitions, read_table
+from pipeline.core.tables import read_table
 from pipeline.faces.crop import MEAN, STD, face_crop_box
 
 log = logging.getLogger(__name__)
@@ -58,29 +56,6 @@ class Examples:
         return len(self.sha256)
 
 
-def _largest_faces(storage: Storage, shas: set[str]) -> dict[str, tuple[list[float], float, float, str]]:
-    """sha256 -> (largest face box, width, height, detector id), from the newest ok faces row."""
-    if not list_partitions(storage, "faces"):
-        return {}
-    cols = ["sha256", "detector_id", "status", "width", "height", "faces", "detected_at"]
-    t = read_table(storage, "faces", columns=cols, filter=pc.field("status") == "ok")
-    t = t.filter(pc.is_in(t["sha256"], value_set=pa.array(sorted(shas), pa.string())))
-    newest: dict[str, dict] = {}
-    for row in t.to_pylist():
-        prev = newest.get(row["sha256"])
-        if prev is None or row["detected_at"] > prev["detected_at"]:
-            newest[row["sha256"]] = row
-    out = {}
-    for sha, row in newest.items():
-        faces = row["faces"] or []
-        if not faces:
-            continue
-        f = max(faces, key=lambda b: (b["x2"] - b["x1"]) * (b["y2"] - b["y1"]))
-        out[sha] = ([f["x1"], f["y1"], f["x2"], f["y2"]], row["width"] or math.nan,
-                    row["height"] or math.nan, row["detector_id"])
-    return out
-
-
 def load_examples(storage: Storage, run_id: str, *, crop: str = "face") -> dict[str, Examples]:
     """The rows of labels run ``run_id`` by split, with face boxes joined when ``crop`` is 'face'."""
     t = read_table(storage, "labels", partitions=[run_id],
@@ -88,7 +63,7 @@ def load_examples(storage: Storage, run_id: str, *, crop: str = "face") -> dict[
     # Deterministic order, independent of how the labeler wrote the file.
     t = t.sort_by([("post_id", "ascending"), ("image_sha256", "ascending")])
     shas = t["image_sha256"].to_pylist()
-    faces = _largest_faces(storage, set(shas)) if crop == "face" else {}
+    faces = largest_faces(storage, set(shas)) if crop == "face" else {}
     orientations = recorded_orientations(storage, shas)
     split = np.asarray(t["split"].to_pylist())
     label = t["label"].to_numpy().astype(np.int64)

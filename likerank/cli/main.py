@@ -25,6 +25,7 @@ COMMAND_MODULES = [
     "likerank.cli.sim_cmd",
     "likerank.cli.scrape_cmd",
     "likerank.cli.train_cmd",
+    "likerank.cli.export_cmd",
     "likerank.cli.retrain_cmd",
     "likerank.cli.label_cmd",
     "likerank.cli.forget_cmd",

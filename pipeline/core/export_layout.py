@@ -7,6 +7,7 @@ An export is one folder (local or ``s3://``) per published labels run and format
                                   format, files with their sample counts per split, tombstones checked
       croissant.json              MLCommons Croissant 1.0 metadata with its Responsible-AI fields
       DATASHEET.md                the same in prose ("Datasheets for Datasets" questions)
+      _progress.json              the resume journal: the files finished so far
       webdataset: <split>-000000.tar ...   tar shards, ``export.shard_size`` samples each
       hf:         data/<split>-00000-of-00001.parquet + README.md (dataset card with its YAML header)
       parquet:    <split>.parquet
@@ -27,6 +28,9 @@ MANIFEST = "export.json"
 CROISSANT = "croissant.json"
 DATASHEET = "DATASHEET.md"
 HF_CARD = "README.md"
+#: The resume journal: which files are finished (name, split, samples, sha256), and of which run,
+#: format and rows. Written first and after each file, kept beside the manifest.
+PROGRESS = "_progress.json"
 
 
 def shard_name(split: str, index: int) -> str:

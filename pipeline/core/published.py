@@ -89,8 +89,9 @@ def published_run_id(storage: Storage) -> str | None:
     return (published(storage) or {}).get("run_id")
 
 
-def require_published(storage: Storage, run_id: str | None = None) -> dict[str, Any]:
+def require_published(storage: Storage, run_id: str | None = None, *, use: str = "train") -> dict[str, Any]:
     """The pointer of the run to train on: the published one, or ``run_id`` if it is it.
+    ``use`` is the verb the refusals name (``train``, ``export``).
 
     Training on an unpublished (unvalidated or failed) run is refused, by design: the
     validation gate is what makes a labels run trustworthy.
@@ -104,13 +105,13 @@ def require_published(storage: Storage, run_id: str | None = None) -> dict[str, 
     if run_id and run_id != pointer["run_id"]:
         raise LabelsNotPublished(
             f"labels run {run_id!r} is not published (the published run is {pointer['run_id']!r} "
-            f"per {storage.uri(keys.PUBLISHED_LABELS)}); refusing to train on unvalidated labels"
+            f"per {storage.uri(keys.PUBLISHED_LABELS)}); refusing to {use} unvalidated labels"
         )
-    check_validated(storage, pointer)
+    check_validated(storage, pointer, use=use)
     return pointer
 
 
-def check_validated(storage: Storage, pointer: dict[str, Any]) -> None:
+def check_validated(storage: Storage, pointer: dict[str, Any], *, use: str = "train") -> None:
     """Refuse a labels run whose validation result is missing or failed, or whose file is not
     the one validated (its sha256 differs from the result's and the publication's)."""
     run = pointer["run_id"]
@@ -120,10 +121,10 @@ def check_validated(storage: Storage, pointer: dict[str, Any]) -> None:
     result = get_json(storage, keys.validation_result(run))
     if result is None:
         raise LabelsNotPublished(f"labels run {run!r}: no validation result at "
-                                 f"{storage.uri(keys.validation_result(run))}; refusing to train on unvalidated labels")
+                                 f"{storage.uri(keys.validation_result(run))}; refusing to {use} unvalidated labels")
     if not result.get("success"):
         raise LabelsNotPublished(f"labels run {run!r}: its validation failed ({storage.uri(keys.validation_result(run))}); "
-                                 "refusing to train on it")
+                                 f"refusing to {use} it")
     current = partition_sha256(storage, "labels", run)
     if not (pointer.get("labels_sha256") == result.get("labels_sha256") == current):
         raise LabelsNotPublished(f"labels run {run!r}: {where} is not the file that was validated and "

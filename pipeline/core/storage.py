@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import os
+import shutil
 import time
 import uuid
 from abc import ABC, abstractmethod
@@ -85,6 +86,12 @@ class Storage(ABC):
             self.delete(key)
         return len(keys)
 
+    def put_file(self, key: str, path: str | Path) -> None:
+        """Atomic put of a local file's content, then remove the file. The default reads it
+        whole; subclasses stream it (an export shard is hundreds of MB)."""
+        self.put_bytes(key, Path(path).read_bytes())
+        Path(path).unlink()
+
     def put_text(self, key: str, text: str) -> None:
         self.put_bytes(key, text.encode())
 
@@ -147,6 +154,19 @@ class LocalStorage(Storage):
             with contextlib.suppress(FileNotFoundError):
                 if old.stat().st_mtime < cutoff:
                     old.unlink()
+
+    def put_file(self, key: str, path: str | Path) -> None:
+        # A rename within one filesystem is atomic; across filesystems it is a copy to a temp
+        # name beside the destination, then a rename, so a reader never sees half a file.
+        dest = self.file_of(key)
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            os.replace(path, dest)
+        except OSError:
+            tmp = dest.parent / f".tmp-{uuid.uuid4().hex}-{dest.name}"
+            shutil.copyfile(path, tmp)
+            os.replace(tmp, dest)
+            Path(path).unlink()
 
     def sync(self) -> None:
         os.sync()  # one call for a whole batch of durable=False puts
@@ -306,6 +326,13 @@ class S3Storage(Storage):
             self.client.put_object(Bucket=self.bucket, Key=self.object_key(key), Body=data)
         except Exception as exc:  # noqa: BLE001 - translated into a StorageError naming the key
             raise self._error(exc, key) from exc
+
+    def put_file(self, key: str, path: str | Path) -> None:
+        try:  # multipart for large files; the object appears only when the upload completes
+            self.client.upload_file(str(path), self.bucket, self.object_key(key))
+        except Exception as exc:  # noqa: BLE001 - translated into a StorageError naming the key
+            raise self._error(exc, key) from exc
+        Path(path).unlink()
 
     def get_bytes(self, key: str) -> bytes:
         from botocore.exceptions import (
