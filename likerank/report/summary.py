@@ -112,4 +112,7 @@ def summary(cfg: Config, truth: Path | None = None) -> str:
         lines.append(f"\nreport: {build_report(cfg, storage)}")
     lines.append('\ntry:  .venv/bin/likerank query "select label, count(*) n, avg(likes) likes, '
                  'avg(followers) followers from labels group by label"')
+    if run:
+        lines.append(f"      .venv/bin/likerank export {run} --format hf   (or webdataset, parquet: the dataset for "
+                     "other tools, with croissant.json and DATASHEET.md)")
     return "\n".join(lines)

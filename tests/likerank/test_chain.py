@@ -135,3 +135,40 @@ def test_no_secret_is_stored_or_printed_anywhere(chain):
                 found += [(str(path), v) for v in DUMMY_SECRETS.values() if v.encode() in data]
     assert not found
     assert not [v for v in DUMMY_SECRETS.values() if any(v in out for out in chain["stdout"])]
+
+
+def test_the_published_run_exports_in_every_format(chain):
+    """What make run publishes leaves the tool: each format loads with its own library."""
+    import datasets
+    import mlcroissant
+    import pyarrow.parquet as pq
+    import webdataset as wds
+
+    s, work = chain["storage"], chain["work"]
+    run = published_run_id(s)
+    labels = read_table(s, "labels", partitions=[run])
+    by_split = {sp: labels.filter(pc.equal(labels["split"], sp)).num_rows for sp in ("train", "val", "test")}
+    env = {k: v for k, v in os.environ.items() if not k.startswith("LIKERANK_")}
+    env.update({"LIKERANK_STORAGE__ROOT": str(s.root), "LIKERANK_AUTHOR_KEY": DUMMY_SECRETS["LIKERANK_AUTHOR_KEY"]})
+    for fmt in ("webdataset", "hf", "parquet"):
+        p = subprocess.run([sys.executable, "-m", "likerank.cli", "export", run, "--format", fmt], env=env,
+                           cwd=work, capture_output=True, text=True, timeout=600)
+        assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+        folder = Path(s.root) / "exports" / run / fmt
+        manifest = json.loads((folder / "export.json").read_text())
+        assert manifest["run_id"] == run
+        mlcroissant.Dataset(jsonld=str(folder / "croissant.json"))  # raises on an invalid file
+        assert (folder / "DATASHEET.md").read_text().strip()
+        if fmt == "webdataset":
+            for sp, n in by_split.items():
+                shards = sorted(str(f) for f in folder.glob(f"{sp}-*.tar"))
+                got = list(wds.WebDataset(shards, shardshuffle=False).decode())
+                assert len(got) == n
+                assert sorted(g["json"]["label"] for g in got) == sorted(
+                    labels.filter(pc.equal(labels["split"], sp))["label"].to_pylist())
+        elif fmt == "hf":
+            ds = datasets.load_dataset(str(folder), cache_dir=str(work / "hf-cache"))
+            assert {sp: ds[sp].num_rows for sp in ds} == {sp: n for sp, n in by_split.items() if n}
+            assert ds["train"].features["label"].names == ["negative", "positive"]
+        else:
+            assert sum(pq.read_metadata(f).num_rows for f in folder.glob("*.parquet")) == labels.num_rows
