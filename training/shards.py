@@ -213,7 +213,7 @@ class ShardImages(IterableDataset):
         if self.shuffle_buffer > 1:
             rng = random.Random(f"samples:{self.seed}:{self.epoch}:{slot}:{repeat}")
             stages.append(wds.shuffle(self.shuffle_buffer, initial=min(self.shuffle_buffer, 100), rng=rng))
-        stages.append(wds.map(self.item))
+        stages.append(lambda samples: map(self.item, samples))  # not wds.map: it adds __key__ to the item
         return iter(wds.DataPipeline(*stages))
 
     def item(self, sample: dict[str, Any]) -> dict[str, Any]:
