@@ -160,6 +160,9 @@ def images_per_s(cfg, how: str, args, run: int) -> float:
         loader, _ = loader_for(cfg, how, args, run * args.epochs + e)
         for batch in loader:
             seen += len(batch["image"])
+            bad = int((batch["weight"] == 0).sum())
+            if bad:  # a fast loader of zero-weight items would be no result
+                raise SystemExit(f"train_input: {how}: {bad} unreadable images in a batch")
     return seen / (time.perf_counter() - t0)
 
 
