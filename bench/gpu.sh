@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# GPU benchmarks on one GPU machine, in under 8 minutes, with only this repository:
+# GPU benchmarks on one GPU machine, in under 10 minutes, with only this repository:
 #
 #   GPU=1 make setup && bash bench/gpu.sh            # DET_2_5G=/path/det_2.5g.onnx to add SCRFD-2.5GF
 #   SMOKE=1 bash bench/gpu.sh                        # here, on CPU: every line runs once, in ~30 s
@@ -8,6 +8,9 @@
 #   faces  bench/gpu_faces.py  onnxruntime-gpu SCRFD at 640 px: CUDA EP (+ TensorRT EP if usable),
 #                              batched + IO binding, decode excluded and included; ratio vs 2,000 img/s
 #   train  bench/gpu_train.py  torchvision ResNet-50, 224 px, bf16, channels_last; ratio vs 2,470 img/s (A100)
+#   input  bench/train_input.py --only shards: the training loader from webdataset shards on local disk
+#                              (training.input = "shards"), 224 px crops, one worker per CPU core;
+#                              ratio vs 2,000 img/s (can the CPUs feed the GPU?)
 # Without a GPU (and without SMOKE=1) it stops at once with the reason, exit status 2.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -16,14 +19,18 @@ PY=.venv/bin/python
 SMOKE=${SMOKE:-0}
 FACES_LIMIT_S=270   # the faces part's own budget is 210 s (--budget); the rest is start-up and slack
 TRAIN_LIMIT_S=150   # 60 s timed + warm-up (cudnn.benchmark) + model and CUDA start-up
+INPUT_LIMIT_S=150   # writing 1,500 synthetic JPEGs and their shards (~60-90 s), then 3 x 4 timed epochs
 started=$(date +%s)
 
 fail() { echo "gpu.sh: $*" >&2; exit 2; }
 
 [ -x "$PY" ] || fail "$PY is missing: run 'GPU=1 make setup' first"
+cores=$(nproc)
+input=(--images 1500 --epochs 4 --repeats 3 --workers "$cores")
 if [ "$SMOKE" = 1 ]; then
     echo "gpu.sh: SMOKE=1: CPU provider, tiny sizes, a few iterations (no figure here means anything)"
     mode=(--smoke)
+    input=(--images 80 --epochs 1 --repeats 1 --workers 1 --batch 8 --image-size 32)
 else
     mode=(--require-gpu)
     command -v nvidia-smi > /dev/null || fail "no nvidia-smi on PATH: this is not a GPU machine (SMOKE=1 runs on CPU)"
@@ -58,6 +65,7 @@ part() {  # part NAME LIMIT_S COMMAND...: run under a hard limit, record a failu
 # -u: unbuffered, so a part stopped at its limit still shows what it measured
 part faces "$FACES_LIMIT_S" "$PY" -u bench/gpu_faces.py --budget 210 "${mode[@]}" ${DET_2_5G:+--det-2-5g "$DET_2_5G"}
 part train "$TRAIN_LIMIT_S" "$PY" -u bench/gpu_train.py --seconds 60 "${mode[@]}"
+part input "$INPUT_LIMIT_S" "$PY" -u bench/train_input.py --only shards --goal 2000 "${input[@]}"
 
 echo
 echo "gpu.sh: $(( $(date +%s) - started )) s in all"

@@ -14,6 +14,8 @@ DALI data loading). ``torch.backends.cudnn.benchmark`` picks the convolution alg
 the untimed warm-up steps. The timed loop stops after ``--seconds``.
 
 likerank's own model under DDP is measured by ``bench/train.py --device cuda``.
+Whether the CPUs can feed such a GPU from webdataset shards (``training.input = "shards"``) is
+``bench/train_input.py --only shards --goal 2000``, ``bench/gpu.sh``'s ``input`` part.
 """
 
 from __future__ import annotations

@@ -6,8 +6,10 @@
   for one run, split by ``split``. Only these live in memory; image bytes never do.
 - :class:`LabeledImages` — a ``torch.utils.data.Dataset`` that fetches one image's bytes from
   the image store per item, decodes it (Pillow), crops (largest face plus margin, or the full
-  image), squishes to ``image_size`` square, augments (train only) and normalizes. Storage is
-  opened lazily in each DataLoader worker, so S3 clients are never pickled across processes.
+  image), squishes to ``image_size`` square, augments (train only) and normalizes, all through
+  :class:`ImageTransform`, which :class:`training.shards.ShardImages` (``training.input =
+  "shards"``) calls too. Storage is opened lazily in each DataLoader worker, so S3 clients are
+  never pickled across processes.
 
 An image that cannot be read or decoded is not an exception: the item comes back as zeros
 with ``weight`` 0, the loss and the metrics ignore it, and it is counted in the run's metrics.
@@ -18,6 +20,7 @@ from __future__ import annotations
 import io
 import logging
 import os
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -96,6 +99,90 @@ def load_examples(storage: Storage, run_id: str, *, crop: str = "face") -> dict[
     return out
 
 
+class ImageTransform:
+    """Stored image bytes -> the model's input tensor; every dataset of images calls this one.
+
+    Decode (Pillow; JPEG draft-decoded at a reduced scale when the crop is downsized anyway),
+    upright by the EXIF orientation, crop (largest face box plus ``face_margin``, or the full
+    image), squish to ``image_size`` square, augment (flip + small colour jitter, when
+    ``augment``) and normalize. :meth:`item` wraps it into a dataset item, with a bad image as
+    a zero-weight item.
+    """
+
+    def __init__(self, *, image_size: int, crop: str = "face", face_margin: float = 0.6, augment: bool = False):
+        self.image_size, self.crop, self.face_margin, self.augment = image_size, crop, face_margin, augment
+        self._jitter = None
+        if augment:
+            from torchvision import transforms
+
+            # Small colour jitter only: the label is about the photo's look, so keep it mostly intact.
+            self._jitter = transforms.ColorJitter(brightness=0.1, contrast=0.1, saturation=0.1)
+
+    def load_image(self, data: bytes, box: np.ndarray, frame: np.ndarray, orientation: int | None):
+        """The cropped, squished, un-normalized PIL image (raises on bad bytes).
+
+        ``box`` is x1, y1, x2, y2 (NaN: no face, the full image), in pixels of the upright image
+        of size ``frame`` (width, height; NaN: the decoded image's own size). ``orientation`` is
+        the recorded EXIF orientation the stored bytes no longer carry; None: the file's own EXIF.
+        """
+        from PIL import Image
+
+        img = Image.open(io.BytesIO(data))
+        has_face = self.crop == "face" and bool(np.isfinite(box).all())
+        full_w, full_h = img.size
+        if img.format == "JPEG":
+            # Let libjpeg decode at a reduced scale when the crop will be downsized anyway.
+            want = self.image_size
+            if has_face:
+                side = max(box[2] - box[0], box[3] - box[1], 1.0) * (1 + self.face_margin)
+                want = self.image_size * max(full_w, full_h) / side
+            img.draft("RGB", (int(want), int(want)))
+        # Upright as the face boxes are: by the recorded orientation (the stored bytes' EXIF is
+        # gone), or by the file's own EXIF for an image stored before stripping.
+        img = upright(img, orientation_of(img, orientation)).convert("RGB")
+        if has_face:
+            fw, fh = frame
+            fw = fw if np.isfinite(fw) and fw > 0 else full_w
+            fh = fh if np.isfinite(fh) and fh > 0 else full_h
+            sx, sy = img.size[0] / fw, img.size[1] / fh
+            img = img.crop(face_crop_box(box * np.array([sx, sy, sx, sy], dtype=np.float32),
+                                         self.face_margin, img.size))
+        return img.resize((self.image_size, self.image_size), Image.Resampling.BILINEAR)
+
+    def __call__(self, data: bytes, box: np.ndarray, frame: np.ndarray, orientation: int | None) -> torch.Tensor:
+        """The normalized (and, when augmenting, flipped and jittered) 3 x size x size tensor."""
+        from torchvision.transforms import functional as F
+
+        img = self.load_image(data, box, frame, orientation)
+        if self.augment:
+            if torch.rand(()) < 0.5:
+                img = F.hflip(img)
+            img = self._jitter(img)
+        return F.normalize(F.to_tensor(img), MEAN, STD)
+
+    def item(self, read: Callable[[], bytes], box: np.ndarray, frame: np.ndarray, orientation: int | None, *,
+             label: float, score: float, index: int, what: str) -> dict[str, Any]:
+        """A dataset item: ``image``, ``label``, ``score``, ``weight`` (0: unreadable), ``index``.
+
+        ``read`` fetches the bytes; a failure there or in decoding is logged (``what`` names the
+        image) and gives zeros with weight 0, not an exception.
+        """
+        weight = 1.0
+        try:
+            x = self(read(), box, frame, orientation)
+        except Exception as exc:  # noqa: BLE001 - a bad image is a zero-weight item, not a crash
+            log.warning("image %s: %s: %s", what, type(exc).__name__, exc)
+            x = torch.zeros(3, self.image_size, self.image_size)
+            weight = 0.0
+        return {
+            "image": x,
+            "label": torch.tensor(float(label)),
+            "score": torch.tensor(float(score)),
+            "weight": torch.tensor(weight),
+            "index": torch.tensor(index),
+        }
+
+
 class LabeledImages(Dataset):
     """Images of one split with their label and score; one image read from storage per item.
 
@@ -109,13 +196,7 @@ class LabeledImages(Dataset):
         self._storage_cfg = storage if isinstance(storage, StorageConfig) else None
         self._storage = None if self._storage_cfg is not None else storage
         self._pid = os.getpid()
-        self.image_size, self.crop, self.face_margin, self.augment = image_size, crop, face_margin, augment
-        self._jitter = None
-        if augment:
-            from torchvision import transforms
-
-            # Small colour jitter only: the label is about the photo's look, so keep it mostly intact.
-            self._jitter = transforms.ColorJitter(brightness=0.1, contrast=0.1, saturation=0.1)
+        self.transform = ImageTransform(image_size=image_size, crop=crop, face_margin=face_margin, augment=augment)
 
     def __len__(self) -> int:
         return len(self.ex)
@@ -134,51 +215,12 @@ class LabeledImages(Dataset):
 
     def load_image(self, i: int):
         """The cropped, squished, un-normalized PIL image of item ``i`` (raises on bad bytes)."""
-        from PIL import Image
-
-        data = self.images.get(self.ex.sha256[i])
-        img = Image.open(io.BytesIO(data))
-        box = self.ex.box[i]
-        has_face = self.crop == "face" and bool(np.isfinite(box).all())
-        full_w, full_h = img.size
-        if img.format == "JPEG":
-            # Let libjpeg decode at a reduced scale when the crop will be downsized anyway.
-            want = self.image_size
-            if has_face:
-                side = max(box[2] - box[0], box[3] - box[1], 1.0) * (1 + self.face_margin)
-                want = self.image_size * max(full_w, full_h) / side
-            img.draft("RGB", (int(want), int(want)))
-        # Upright as the face boxes are: by the recorded orientation (the stored bytes' EXIF is
-        # gone), or by the file's own EXIF for an image stored before stripping.
-        img = upright(img, orientation_of(img, self.ex.orientations.get(self.ex.sha256[i]))).convert("RGB")
-        if has_face:
-            fw, fh = self.ex.frame[i]
-            fw = fw if np.isfinite(fw) and fw > 0 else full_w
-            fh = fh if np.isfinite(fh) and fh > 0 else full_h
-            sx, sy = img.size[0] / fw, img.size[1] / fh
-            img = img.crop(face_crop_box(box * np.array([sx, sy, sx, sy], dtype=np.float32),
-                                         self.face_margin, img.size))
-        return img.resize((self.image_size, self.image_size), Image.Resampling.BILINEAR)
+        sha = self.ex.sha256[i]
+        return self.transform.load_image(self.images.get(sha), self.ex.box[i], self.ex.frame[i],
+                                         self.ex.orientations.get(sha))
 
     def __getitem__(self, i: int) -> dict[str, Any]:
-        from torchvision.transforms import functional as F
-
-        weight = 1.0
-        try:
-            img = self.load_image(i)
-            if self.augment:
-                if torch.rand(()) < 0.5:
-                    img = F.hflip(img)
-                img = self._jitter(img)
-            x = F.normalize(F.to_tensor(img), MEAN, STD)
-        except Exception as exc:  # noqa: BLE001 - a bad image is a zero-weight item, not a crash
-            log.warning("image %s (post %s): %s: %s", self.ex.sha256[i], self.ex.post_id[i], type(exc).__name__, exc)
-            x = torch.zeros(3, self.image_size, self.image_size)
-            weight = 0.0
-        return {
-            "image": x,
-            "label": torch.tensor(float(self.ex.label[i])),
-            "score": torch.tensor(float(self.ex.score[i])),
-            "weight": torch.tensor(weight),
-            "index": torch.tensor(i),
-        }
+        sha = self.ex.sha256[i]
+        return self.transform.item(lambda: self.images.get(sha), self.ex.box[i], self.ex.frame[i],
+                                   self.ex.orientations.get(sha), label=self.ex.label[i], score=self.ex.score[i],
+                                   index=i, what=f"{sha} (post {self.ex.post_id[i]})")

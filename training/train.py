@@ -60,9 +60,10 @@ from pipeline.core.storage import open_storage
 from pipeline.core.tables import put_json
 from pipeline.core.truth import load_truth, match_id
 from training import metrics, registry
-from training.data import LabeledImages, load_examples
+from training.data import ImageTransform, LabeledImages, load_examples
 from training.model import NORMS, build_model
 from training.model_card import write_model_card
+from training.shards import ShardExport, ShardImages, open_export
 
 if TYPE_CHECKING:
     from pipeline.core.config import Config, TrainingConfig
@@ -117,11 +118,16 @@ def compute_loss(label_logit: torch.Tensor, score_logit: torch.Tensor | None,
 
 
 @torch.no_grad()
-def predict(model: torch.nn.Module, dataset: LabeledImages, *, rank: int, world: int, batch_size: int,
-            workers: int, device: torch.device, autocast) -> dict[str, np.ndarray]:
-    """Eval-mode predictions for every item, each rank doing every world-th one; all ranks get all."""
+def predict(model: torch.nn.Module, dataset: LabeledImages | ShardImages, *, rank: int, world: int,
+            batch_size: int, workers: int, device: torch.device, autocast, n_items: int) -> dict[str, np.ndarray]:
+    """Eval-mode predictions for all ``n_items`` items, in index order, on every rank.
+
+    Each rank predicts every world-th object item, or its share of the shards (a
+    :class:`ShardImages` deals them itself); the predictions are gathered, and every index must
+    come back exactly once.
+    """
     model.eval()
-    part = Subset(dataset, list(range(rank, len(dataset), world)))
+    part = dataset if isinstance(dataset, ShardImages) else Subset(dataset, list(range(rank, len(dataset), world)))
     loader = DataLoader(part, batch_size=batch_size, num_workers=workers, pin_memory=device.type == "cuda")
     out: dict[str, list] = {"index": [], "prob": [], "score": [], "weight": []}
     for batch in loader:
@@ -138,6 +144,9 @@ def predict(model: torch.nn.Module, dataset: LabeledImages, *, rank: int, world:
         dist.all_gather_object(gathered, mine)
         mine = {k: np.concatenate([g[k] for g in gathered]) for k in mine}
     order = np.argsort(mine["index"], kind="stable")
+    if not np.array_equal(mine["index"][order], np.arange(n_items)):
+        raise RuntimeError(f"evaluation saw {len(order)} items ({len(np.unique(mine['index']))} distinct), "
+                           f"not each of {n_items} once")
     return {k: v[order] for k, v in mine.items()}
 
 
@@ -231,7 +240,8 @@ class TrainingRun:
 
     # ---- load_data
     examples: dict[str, Examples] = field(init=False)  # split -> its rows
-    sampler: DistributedSampler = field(init=False)
+    export: ShardExport | None = field(init=False)  # training.input = "shards": the checked export; else None
+    sampler: DistributedSampler | None = field(init=False)  # objects: shuffles and splits; shards: None
     loader: DataLoader = field(init=False)  # this rank's share of the train split, micro-batches
     loader_gen: torch.Generator = field(init=False)  # the loader's shuffling, re-seeded every epoch
     steps_per_epoch: int = field(init=False)  # optimizer steps
@@ -354,31 +364,51 @@ def check_inputs(run: TrainingRun) -> None:
              run.run_id, run.labels_run, run.world, run.device, tc.batch_size, run.world, run.micro, tc.grad_accum)
 
 
-def labeled_images(run: TrainingRun, split: str, *, augment: bool) -> LabeledImages:
-    """The split's images as a dataset, cropped and sized as the config says."""
+def labeled_images(run: TrainingRun, split: str, *, augment: bool, batches: int | None = None
+                   ) -> LabeledImages | ShardImages:
+    """The split's images as a dataset, cropped and sized as the config says: read per object, or
+    from the export's shards (``batches``: this rank's micro-batches per epoch when training)."""
     tc = run.tc
-    return LabeledImages(run.examples[split], run.cfg.storage, image_size=tc.image_size,
-                         crop=tc.crop, face_margin=tc.face_margin, augment=augment)
+    if run.export is None:
+        return LabeledImages(run.examples[split], run.cfg.storage, image_size=tc.image_size,
+                             crop=tc.crop, face_margin=tc.face_margin, augment=augment)
+    transform = ImageTransform(image_size=tc.image_size, crop=tc.crop, face_margin=tc.face_margin, augment=augment)
+    return ShardImages(run.export, split, run.examples[split], transform, rank=run.rank, world=run.world,
+                       batches=batches, batch_size=run.micro, shuffle_buffer=tc.shuffle_buffer, seed=tc.seed)
 
 
 def load_data(run: TrainingRun) -> None:
     """The labels' rows and this rank's train loader.
 
-    Only per-row arrays are held in memory; images are read per item inside the loader's workers.
+    Only per-row arrays are held in memory; images are read per item (``training.input =
+    "objects"``) or streamed from the export's shards (``"shards"``) inside the loader's workers.
+    Both give every rank the same steps per epoch: ceil(train rows / processes) images, in
+    whole micro-batches and optimizer steps.
     """
     tc = run.tc
     run.examples = load_examples(run.storage, run.labels_run, crop=tc.crop)
-    train_set = labeled_images(run, "train", augment=not run.args.no_augment)
-    run.sampler = DistributedSampler(train_set, num_replicas=run.world, rank=run.rank, shuffle=True, seed=tc.seed)
+    n_train = len(run.examples["train"])
+    per_rank = math.ceil(n_train / run.world)  # what DistributedSampler gives each rank
+    run.steps_per_epoch = per_rank // run.micro // tc.grad_accum
+    if run.steps_per_epoch == 0:
+        raise ValueError(f"labels run {run.labels_run}: {n_train} train rows are fewer than one global "
+                         f"batch ({tc.batch_size}); lower training.batch_size")
+    run.total_steps = run.steps_per_epoch * tc.epochs
+    run.export = None
+    if tc.input == "shards":
+        run.export = open_export(run.cfg, run.published, {s: len(e) for s, e in run.examples.items()})
+        log.info("reading shards of %s: %s", run.export.where,
+                 {s: len(run.export.files(s)) for s in ("train", "val", "test")})
+    train_set = labeled_images(run, "train", augment=not run.args.no_augment,
+                               batches=run.steps_per_epoch * tc.grad_accum)
+    run.sampler = None
+    if isinstance(train_set, LabeledImages):
+        run.sampler = DistributedSampler(train_set, num_replicas=run.world, rank=run.rank, shuffle=True,
+                                         seed=tc.seed)
     run.loader_gen = torch.Generator()
     # drop_last: every optimizer step sees a full global batch (and BatchNorm never sees a batch of 1).
     run.loader = DataLoader(train_set, batch_size=run.micro, sampler=run.sampler, num_workers=tc.workers,
                             pin_memory=run.use_cuda, drop_last=True, generator=run.loader_gen)
-    run.steps_per_epoch = len(run.loader) // tc.grad_accum
-    if run.steps_per_epoch == 0:
-        raise ValueError(f"labels run {run.labels_run}: {len(train_set)} train rows are fewer than one global "
-                         f"batch ({tc.batch_size}); lower training.batch_size")
-    run.total_steps = run.steps_per_epoch * tc.epochs
 
 
 def init_model(run: TrainingRun) -> None:
@@ -421,7 +451,10 @@ def restore_progress(run: TrainingRun) -> None:
 def train_one_epoch(run: TrainingRun, epoch: int) -> None:
     """Epoch ``epoch`` (0-based): steps_per_epoch optimizer steps, then its entry in run.history."""
     tc, model, optimizer, scaler = run.tc, run.model, run.optimizer, run.scaler
-    run.sampler.set_epoch(epoch)
+    if run.sampler is not None:
+        run.sampler.set_epoch(epoch)
+    else:
+        run.loader.dataset.set_epoch(epoch)
     torch.manual_seed(epoch_seed(tc.seed, run.rank, epoch))
     run.loader_gen.manual_seed(epoch_seed(tc.seed, run.rank, epoch))
     model.train()
@@ -492,14 +525,14 @@ def evaluate(run: TrainingRun) -> Evaluation | None:
     """Val/test predictions on every rank; rank 0 gets them with their metrics, the others None.
 
     Eval mode with rank 0's BatchNorm statistics on every rank; each rank predicts every
-    world-th item and the predictions are gathered.
+    world-th item (or, from shards, its share of them) and the predictions are gathered.
     """
     if run.ddp:
         for buf in run.raw_model.buffers():
             dist.broadcast(buf, src=0)
     preds = {s: predict(run.raw_model, labeled_images(run, s, augment=False), rank=run.rank, world=run.world,
                         batch_size=max(run.micro, 1) * 2, workers=run.tc.workers, device=run.device,
-                        autocast=run.autocast) for s in ("val", "test")}
+                        autocast=run.autocast, n_items=len(run.examples[s])) for s in ("val", "test")}
     if not run.master:
         return None
     return Evaluation(

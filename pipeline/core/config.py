@@ -341,10 +341,12 @@ class TrainingConfig:
     input: str = doc("Where training reads images: 'objects' (one read from the image store per image) or "
                      "'shards' (the tar shards of `likerank export RUN --format webdataset`, at training.shards: "
                      "sequential reads, the way to feed a GPU from S3).", default="objects")
-    shards: str = doc("Folder or s3:// URI of a webdataset export of the published run (training.input = 'shards'); "
-                      "empty = <storage root>/exports/<run>/webdataset.", default="")
+    shards: str = doc("Folder or s3:// URI of a webdataset export of the published run (training.input = 'shards'), "
+                      "reached with the [storage] endpoint and credentials; empty = <storage root>/exports/<run>/webdataset.",
+                      default="")
     shuffle_buffer: int = doc("Samples each DataLoader worker holds to shuffle shard input (training.input = "
-                              "'shards').", default=1000)
+                              "'shards'), seeded by training.seed and the epoch; 0 or 1 = shard order only.",
+                              default=1000)
     truth_file: str = doc("Ground-truth Parquet (post_id, quality; the simulator writes one): adds ROC-AUC "
                           "against true quality to the metrics; empty = none.", default="")
 

@@ -34,8 +34,9 @@ def png(arr: np.ndarray) -> bytes:
 
 
 def make_labels_run(storage: Storage, *, run_id: str = LABELS_RUN, n: dict[str, int] | None = None,
-                    publish: bool = True, seed: int = 0, size: int = 64) -> pa.Table:
-    """Write images, a faces partition and labels run ``run_id`` (published unless told not to)."""
+                    publish: bool = True, seed: int = 0, size: int = 64, encode=png) -> pa.Table:
+    """Write images, a faces partition and labels run ``run_id`` (published unless told not to).
+    ``encode``: pixels (H x W x 3 uint8) -> stored bytes (PNG; bench/train_input.py stores JPEGs)."""
     n = n or {"train": 64, "val": 16, "test": 16}
     rng = np.random.default_rng(seed)
     images = ImageStore(storage)
@@ -50,7 +51,7 @@ def make_labels_run(storage: Storage, *, run_id: str = LABELS_RUN, n: dict[str, 
             x1, y1 = (int(v) for v in rng.integers(0, size - side, size=2))
             level = int(np.clip(128 + 70 * quality, 0, 255))
             arr[y1:y1 + side, x1:x1 + side] = np.clip(level + rng.normal(0, 10, (side, side, 3)), 0, 255).astype(np.uint8)
-            sha, _ = images.put(png(arr))
+            sha, _ = images.put(encode(arr))
             rank = 1 + (i // 2) % 8 + (8 if label else 0)  # groups of 16: positives rank 9..16
             rows.append({
                 "post_id": f"p{i:04d}", "source": "mastodon", "image_sha256": sha, "author_key": f"a-{split}-{i // 4}",
