@@ -75,7 +75,7 @@ class ShardExport:
 
     def files(self, split: str) -> list[tuple[str, int]]:
         """(storage key, samples) of each shard of ``split``, in the manifest's order."""
-        return [(self.prefix + f["path"], int(f["samples"])) for f in self.manifest["files"] if f["split"] == split]
+        return [(self.prefix + f["name"], int(f["samples"])) for f in self.manifest["files"] if f["split"] == split]
 
     def samples(self, split: str) -> int:
         return sum(n for _, n in self.files(split))

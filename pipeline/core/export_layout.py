@@ -4,7 +4,8 @@ An export is one folder (local or ``s3://``) per published labels run and format
 
     <output>/
       export.json                 the manifest, written last: run, content hash, table versions,
-                                  format, files with their sample counts per split, tombstones checked
+                                  format, tombstones checked, and "files": one {"name", "split",
+                                  "samples"} per data file (training reads the shards by it)
       croissant.json              MLCommons Croissant 1.0 metadata with its Responsible-AI fields
       DATASHEET.md                the same in prose ("Datasheets for Datasets" questions)
       _progress.json              the resume journal: the files finished so far

@@ -75,7 +75,7 @@ def write_shards(storage: Storage, *, run_id: str | None = None, prefix: str | N
                                 "json": json.dumps(meta).encode()})
             name = layout.shard_name(split, n)
             storage.put_bytes(f"{prefix}/{name}" if prefix else name, buf.getvalue(), durable=False)
-            files.append({"path": name, "split": split, "samples": len(chunk)})
+            files.append({"name": name, "split": split, "samples": len(chunk)})
     storage.sync()
     doc = {"run_id": run, "labels_sha256": published["labels_sha256"], "format": "webdataset", "files": files,
            **(manifest or {})}
