@@ -47,7 +47,8 @@ id                     what it shows, and what it reads
                        model scores highest (``scoring.best_crop``), with both probabilities
                        (``best_crops.png`` and a table)
 ``contact-sheets``     the test split's photos ordered best to worst (by predicted
-                       probability, else by label score): a continuum, the top and bottom N
+                       probability, else by label score): a continuum, the top ``EDGE_N``
+                       (100; all of them when fewer) and the bottom ``EDGE_N`` of the rest
 =====================  =====================================================================
 
 A missing input (no model yet, no validation yet, no posts table) renders as

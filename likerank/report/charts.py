@@ -16,10 +16,11 @@ from pipeline.core.tables import list_partitions, read_table
 
 log = logging.getLogger(__name__)
 
-#: Thumbnail edge, pixels (square crops, JPEG). Karpathy's sheets used ~100 px tiles.
-THUMB_PX = 112
+#: Thumbnail edge, pixels (square crops, JPEG). Karpathy's sheets used ~100 px tiles; 96 px
+#: keeps a contact sheet of up to 360 tiles (the continuum and two grids of 100) near 1 MB.
+THUMB_PX = 96
 
-THUMB_QUALITY = 82
+THUMB_QUALITY = 80
 
 COLORS = {"neg": "#4c72b0", "pos": "#dd8452", "posts": "#8c8c8c", "labels": "#4c72b0", "line": "#c44e52"}
 

@@ -75,6 +75,47 @@ def test_full_world_renders_every_section(cfg, report_world: LocalStorage):
     assert "predicted probability" in html
 
 
+def _grid(html: str, gid: str) -> list[tuple[int, str, float]]:
+    """(rank, post, value) of each tile of the contact sheets' grid ``top`` or ``bottom``."""
+    part = html.split(f'<div id="{gid}">', 1)[1].split("<div id=", 1)[0].split("</section>", 1)[0]
+    return [(int(r), post, float(v)) for r, post, v in re.findall(r'<figure title="#(\d+) post (\S+) · [ps] ([\d.]+)', part)]
+
+
+def test_top_grid_holds_the_hundred_best_photos(cfg, local_storage: LocalStorage):
+    from PIL import Image
+
+    from likerank.report.charts import THUMB_PX
+    from likerank.report.sections import CONTINUUM_N, EDGE_N
+
+    made = make_report_dataset(local_storage, groups=33, checkpoint=False)  # 330 labeled, 110 of them test
+    assert made["test_rows"] == 110 and EDGE_N == 100
+    index = build_report(cfg, local_storage)
+    html = index.read_text()
+    top, bottom = _grid(html, "top"), _grid(html, "bottom")
+    assert [r for r, _, _ in top] == list(range(1, 101))  # the 100 best, in order
+    probs = [p for _, _, p in top]
+    assert probs == sorted(probs, reverse=True)
+    assert [r for r, _, _ in bottom] == list(range(101, 111))  # the rest: no photo in both grids
+    assert not {p for _, p, _ in top} & {p for _, p, _ in bottom}
+    assert "Top 100 of 110" in html and "Bottom 10" in html
+    # the size budget: one small JPEG per photo, shared by the continuum and the grids, loaded lazily
+    thumbs = sorted((index.parent / "thumbs").iterdir())
+    assert len(thumbs) == 110 <= CONTINUUM_N + 2 * EDGE_N
+    for t in thumbs:
+        with Image.open(t) as im:
+            assert im.format == "JPEG" and im.size == (THUMB_PX, THUMB_PX)
+    assert sum(t.stat().st_size for t in thumbs) < 110 * 8_000
+    tiles = re.findall(r"<img src=\"thumbs/[^>]*>", html)
+    assert tiles and all('loading="lazy"' in t and f'width="{THUMB_PX}"' in t for t in tiles)
+
+
+def test_top_grid_shows_every_photo_when_there_are_fewer(cfg, report_world: LocalStorage):
+    html = build_report(cfg, report_world).read_text()
+    top = _grid(html, "top")
+    assert [r for r, _, _ in top] == list(range(1, 15)) and len({p for _, p, _ in top}) == 14  # all 14 test photos
+    assert _grid(html, "bottom") == [] and "Every photo is in the top grid above" in html
+
+
 def test_rerun_replaces_its_own_files_only(cfg, report_world: LocalStorage, tmp_path: Path):
     out = tmp_path / "out"
     out.mkdir()
