@@ -47,7 +47,8 @@ id                     what it shows, and what it reads
                        model scores highest (``scoring.best_crop``), with both probabilities
                        (``best_crops.png`` and a table)
 ``contact-sheets``     the test split's photos ordered best to worst (by predicted
-                       probability, else by label score): a continuum, the top and bottom N
+                       probability, else by label score): a continuum, the top ``EDGE_N``
+                       (100; all of them when fewer) and the bottom ``EDGE_N`` of the rest
 =====================  =====================================================================
 
 A missing input (no model yet, no validation yet, no posts table) renders as
@@ -145,12 +146,20 @@ def _fmt(v: Any) -> str:
         return f"{v:,.4f}".rstrip("0").rstrip(".") if not v.is_integer() else f"{int(v):,}"
     return str(v)
 
+def _breakable(name: Any) -> Any:
+    """A column name that may wrap after each underscore (``visual_quality_roc_auc`` would
+    otherwise set the width of its column), escaped."""
+    from markupsafe import Markup, escape
+
+    return Markup("_<wbr>").join(escape(str(name)).split("_"))
+
 def _render(ctx: ReportContext, sections: list[Section], cfg: Config) -> str:
     import jinja2
 
     env = jinja2.Environment(loader=jinja2.FileSystemLoader(TEMPLATE.parent), autoescape=True,
                              undefined=jinja2.StrictUndefined, trim_blocks=True, lstrip_blocks=True)
     env.filters["fmt"] = _fmt
+    env.filters["breakable"] = _breakable
     env.tests["mapping"] = lambda v: isinstance(v, dict)
     env.tests["records"] = lambda v: isinstance(v, list) and bool(v) and all(isinstance(x, dict) for x in v)
     return env.get_template(TEMPLATE.name).render(

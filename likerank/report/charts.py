@@ -16,10 +16,11 @@ from pipeline.core.tables import list_partitions, read_table
 
 log = logging.getLogger(__name__)
 
-#: Thumbnail edge, pixels (square crops, JPEG). Karpathy's sheets used ~100 px tiles.
-THUMB_PX = 112
+#: Thumbnail edge, pixels (square crops, JPEG). Karpathy's sheets used ~100 px tiles; 96 px
+#: keeps a contact sheet of up to 360 tiles (the continuum and two grids of 100) near 1 MB.
+THUMB_PX = 96
 
-THUMB_QUALITY = 82
+THUMB_QUALITY = 80
 
 COLORS = {"neg": "#4c72b0", "pos": "#dd8452", "posts": "#8c8c8c", "labels": "#4c72b0", "line": "#c44e52"}
 
@@ -256,6 +257,22 @@ def best_crops_chart(ctx: ReportContext, pairs: list[dict[str, Any]]) -> str:
     numbers of :func:`scoring.best_crop.best_crop` (``post_id``, ``label``, ``original_prob``,
     ``best_prob``, ``aspect``).
     """
+    return save_chart(ctx, best_crops_figure(pairs), "best_crops.png")
+
+#: Longest post id a best-crops caption prints whole; longer ones keep their ends around "…"
+#: (the table under the picture has them in full). A caption is as wide as its crop at most.
+CAPTION_ID_CHARS = 24
+
+
+def _short_id(post_id: str) -> str:
+    if len(post_id) <= CAPTION_ID_CHARS:
+        return post_id
+    half = (CAPTION_ID_CHARS - 1) // 2
+    return f"{post_id[:half]}…{post_id[-half:]}"
+
+def best_crops_figure(pairs: list[dict[str, Any]]) -> Any:
+    """:func:`best_crops_chart`'s figure: each caption on lines short enough for its crop (the
+    post id alone on the first), so none runs past the picture's edge or into its neighbour."""
     from matplotlib.figure import Figure
     from PIL import Image
 
@@ -273,8 +290,8 @@ def best_crops_chart(ctx: ReportContext, pairs: list[dict[str, Any]]) -> str:
         r, c = divmod(k, per_row)
         before, after = axes[r][2 * c], axes[r][2 * c + 1]
         before.imshow(shown(pair["original"]))
-        before.set_title(f"post {pair['post_id']} · label {pair['label']}\noriginal · p {pair['original_prob']:.3f}",
-                         fontsize=9)
+        before.set_title(f"post {_short_id(str(pair['post_id']))}\nlabel {pair['label']} · original · "
+                         f"p {pair['original_prob']:.3f}", fontsize=9)
         if pair["best"] is None:
             after.text(0.5, 0.5, "no grid crop fits\nin the photo", ha="center", va="center", fontsize=9)
             continue
@@ -282,7 +299,7 @@ def best_crops_chart(ctx: ReportContext, pairs: list[dict[str, Any]]) -> str:
         after.imshow(shown(pair["best"]))
         after.set_title(f"\nbest {pair['aspect']} · p {pair['best_prob']:.3f} ({gain:+.3f})", fontsize=9,
                         color=COLORS["pos"] if gain > 0 else "#1d232a")
-    return save_chart(ctx, fig, "best_crops.png")
+    return fig
 
 def findings_chart(ctx: ReportContext, findings: Any) -> str | None:
     """One small panel per attribute, in rank order: the label rate per bin with its Wilson 95 %

@@ -46,10 +46,13 @@ from pipeline.core.labels_run import LabelsRunMissing, read_labels_run
 from pipeline.core.storage import StorageError
 from pipeline.core.tables import get_json
 
-#: Tiles in the best-to-worst continuum (sampled evenly along the order) and in each top/bottom grid.
+#: Tiles in the best-to-worst continuum (sampled evenly along the order).
 CONTINUUM_N = 160
 
-EDGE_N = 24
+#: Tiles in the top grid (the best of the order) and at most as many in the bottom grid (the
+#: worst of the rows the top grid left out, so no photo is in both). With the continuum that
+#: is at most 360 thumbnails of THUMB_PX, a few KB each, loaded lazily.
+EDGE_N = 100
 
 #: Scatter points drawn (a uniform subsample beyond this) and group boundary lines drawn.
 MAX_POINTS = 20_000
@@ -300,7 +303,8 @@ def contact_sheets_section(ctx: ReportContext) -> dict[str, Any]:
     rows = rows.reset_index(drop=True)
     thumbs = Thumbnailer(ctx, rows["image_sha256"].unique().tolist())
     idx = np.unique(np.linspace(0, len(rows) - 1, min(CONTINUUM_N, len(rows))).round().astype(int))
-    n_edge = min(EDGE_N, len(rows) // 2) or len(rows)
+    n_top = min(EDGE_N, len(rows))
+    n_bottom = min(EDGE_N, len(rows) - n_top)
 
     def tiles(index: Iterable[int]) -> list[dict[str, Any]]:
         out = []
@@ -314,8 +318,8 @@ def contact_sheets_section(ctx: ReportContext) -> dict[str, Any]:
         return out
 
     return {"scope": scope, "order": order, "n": len(rows), "continuum": tiles(idx),
-            "top": tiles(range(n_edge)), "bottom": tiles(range(len(rows) - n_edge, len(rows))),
-            "missing": thumbs.missing, "thumb_px": THUMB_PX}
+            "top": tiles(range(n_top)), "bottom": tiles(range(len(rows) - n_bottom, len(rows))),
+            "edge_n": EDGE_N, "missing": thumbs.missing, "thumb_px": THUMB_PX}
 
 
 def map_section(ctx: ReportContext) -> dict[str, Any]:

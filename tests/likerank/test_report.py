@@ -75,6 +75,47 @@ def test_full_world_renders_every_section(cfg, report_world: LocalStorage):
     assert "predicted probability" in html
 
 
+def _grid(html: str, gid: str) -> list[tuple[int, str, float]]:
+    """(rank, post, value) of each tile of the contact sheets' grid ``top`` or ``bottom``."""
+    part = html.split(f'<div id="{gid}">', 1)[1].split("<div id=", 1)[0].split("</section>", 1)[0]
+    return [(int(r), post, float(v)) for r, post, v in re.findall(r'<figure title="#(\d+) post (\S+) · [ps] ([\d.]+)', part)]
+
+
+def test_top_grid_holds_the_hundred_best_photos(cfg, local_storage: LocalStorage):
+    from PIL import Image
+
+    from likerank.report.charts import THUMB_PX
+    from likerank.report.sections import CONTINUUM_N, EDGE_N
+
+    made = make_report_dataset(local_storage, groups=33, checkpoint=False)  # 330 labeled, 110 of them test
+    assert made["test_rows"] == 110 and EDGE_N == 100
+    index = build_report(cfg, local_storage)
+    html = index.read_text()
+    top, bottom = _grid(html, "top"), _grid(html, "bottom")
+    assert [r for r, _, _ in top] == list(range(1, 101))  # the 100 best, in order
+    probs = [p for _, _, p in top]
+    assert probs == sorted(probs, reverse=True)
+    assert [r for r, _, _ in bottom] == list(range(101, 111))  # the rest: no photo in both grids
+    assert not {p for _, p, _ in top} & {p for _, p, _ in bottom}
+    assert "Top 100 of 110" in html and "Bottom 10" in html
+    # the size budget: one small JPEG per photo, shared by the continuum and the grids, loaded lazily
+    thumbs = sorted((index.parent / "thumbs").iterdir())
+    assert len(thumbs) == 110 <= CONTINUUM_N + 2 * EDGE_N
+    for t in thumbs:
+        with Image.open(t) as im:
+            assert im.format == "JPEG" and im.size == (THUMB_PX, THUMB_PX)
+    assert sum(t.stat().st_size for t in thumbs) < 110 * 8_000
+    tiles = re.findall(r"<img src=\"thumbs/[^>]*>", html)
+    assert tiles and all('loading="lazy"' in t and f'width="{THUMB_PX}"' in t for t in tiles)
+
+
+def test_top_grid_shows_every_photo_when_there_are_fewer(cfg, report_world: LocalStorage):
+    html = build_report(cfg, report_world).read_text()
+    top = _grid(html, "top")
+    assert [r for r, _, _ in top] == list(range(1, 15)) and len({p for _, p, _ in top}) == 14  # all 14 test photos
+    assert _grid(html, "bottom") == [] and "Every photo is in the top grid above" in html
+
+
 def test_rerun_replaces_its_own_files_only(cfg, report_world: LocalStorage, tmp_path: Path):
     out = tmp_path / "out"
     out.mkdir()
@@ -187,6 +228,33 @@ def test_best_crops_pair_each_photos_original_with_its_best_crop(cfg, report_wor
     assert float(rows[0][2]) == pytest.approx(_probability_of(report_world, rows[0][0]), abs=1e-4)
 
 
+def test_best_crops_captions_stay_inside_the_picture():
+    """Captions are drawn into best_crops.png, where CSS cannot wrap them: each must lie inside
+    the picture and clear of its neighbours, for the longest post ids the sources make and more."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from PIL import Image
+
+    from likerank.report.charts import best_crops_figure
+
+    square, tall = Image.new("RGB", (200, 200), "tan"), Image.new("RGB", (160, 200), "gray")
+    ids = ["3lbxyzabcdefg-1a2b3c4d", "113456789012345678901", "https://example.social/@someone/113456789012345678",
+           "3lbxyzabcdefg-9f8e7d6c"]
+    pairs = [{"post_id": pid, "label": 1, "original_prob": 0.5123, "best_prob": 0.6234 if k != 3 else None,
+              "aspect": "4:5" if k == 0 else "1:1", "original": square, "best": (tall if k == 0 else square) if k != 3 else None}
+             for k, pid in enumerate(ids)]
+    fig = best_crops_figure(pairs)
+    canvas = FigureCanvasAgg(fig)  # as savefig draws it
+    canvas.draw()
+    renderer, frame = canvas.get_renderer(), fig.bbox
+    boxes = [ax.title.get_window_extent(renderer) for ax in fig.axes if ax.get_title()]
+    assert len(boxes) == 7  # three pairs with a best crop, one without
+    for b in boxes:
+        assert frame.x0 <= b.x0 and b.x1 <= frame.x1 and b.y1 <= frame.y1, (b, frame)
+    for i, a in enumerate(boxes):
+        for b in boxes[i + 1:]:
+            assert not a.overlaps(b), (a, b)
+
+
 @pytest.mark.parametrize(("checkpoint", "model", "why"), [
     (False, False, "models/latest.json does not exist"),
     (False, True, f"model run &#39;{REPORT_MODEL}&#39;: its checkpoint is missing"),
@@ -270,3 +338,105 @@ def test_renders_in_headless_chromium(cfg, report_world: LocalStorage, tmp_path:
         assert im.size == (1280, 2400)
         colors = im.convert("RGB").resize((64, 120)).getcolors(64 * 120)
     assert shot.stat().st_size > 50_000 and colors and len(colors) > 50  # not a blank page
+
+
+#: Injected into a test-only copy of a page: opens every <details>, then walks each card (a
+#: section of <main>) for elements that stick out of it horizontally, and checks every caption
+#: for text wider than its box (clipped, or spilling out); writes the findings as JSON into
+#: <pre id="layout-check">, which --dump-dom hands back. An element inside a box that clips or
+#: scrolls sideways is judged by that box, and such a box that has to scroll is listed apart
+#: (``scrolls``): the way out for a table too wide for a narrow window, not for a wide one.
+LAYOUT_CHECK = """<script>
+window.addEventListener("load", () => {
+  const tol = 1, out = {width: innerWidth, cards: 0, overflow: [], clipped: [], scrolls: [], page: null};
+  const name = (el) => el.tagName.toLowerCase() + (el.id ? "#" + el.id : "")
+    + (el.className && typeof el.className === "string" ? "." + el.className.trim().split(/\\s+/).join(".") : "");
+  const path = (el, card) => { const p = []; for (let e = el; e && e !== card; e = e.parentElement) p.unshift(name(e));
+                               return name(card) + " > " + p.join(" > "); };
+  document.querySelectorAll("details").forEach((d) => { d.open = true; });
+  for (const card of document.querySelectorAll("main > section")) {
+    out.cards += 1;
+    const edge = card.getBoundingClientRect(), over = new Set();
+    for (const el of card.querySelectorAll("*")) {  // document order: parents first
+      const r = el.getBoundingClientRect();
+      if (!r.width && !r.height) continue;
+      if (getComputedStyle(el).overflowX !== "visible" && el.scrollWidth > el.clientWidth + tol) {
+        out.scrolls.push({el: path(el, card), scrollWidth: el.scrollWidth, clientWidth: el.clientWidth});
+      }
+      let held = false;
+      for (let a = el.parentElement; a && a !== card; a = a.parentElement) {
+        if (over.has(a) || getComputedStyle(a).overflowX !== "visible") { held = true; break; }
+      }
+      if (!held && (r.right > edge.right + tol || r.left < edge.left - tol)) {
+        over.add(el);  // its children are not listed again
+        out.overflow.push({el: path(el, card), left: Math.round(r.left - edge.left), right: Math.round(r.right - edge.right)});
+      }
+    }
+    for (const cap of card.querySelectorAll("figcaption, caption, .caption")) {
+      if (cap.scrollWidth > cap.clientWidth + tol) {
+        out.clipped.push({el: path(cap, card), text: cap.textContent.trim().slice(0, 80),
+                          scrollWidth: cap.scrollWidth, clientWidth: cap.clientWidth});
+      }
+    }
+  }
+  const doc = document.documentElement;
+  out.page = {scrollWidth: doc.scrollWidth, clientWidth: doc.clientWidth};
+  const pre = document.createElement("pre");
+  pre.id = "layout-check";
+  pre.textContent = JSON.stringify(out);
+  document.body.appendChild(pre);
+});
+</script>"""
+
+
+def _layout(index: Path, width: int, profile: Path) -> dict:
+    """LAYOUT_CHECK's findings for ``index`` in headless Chromium ``width`` px wide (a copy beside
+    it carries the script, so the page's relative pictures resolve)."""
+    import json
+
+    probe = index.with_name(f".layout-check-{width}.html")
+    probe.write_text(index.read_text().replace("</body>", LAYOUT_CHECK + "\n</body>", 1))
+    try:
+        run = subprocess.run([CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--no-first-run",
+                              "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                              "--hide-scrollbars", f"--user-data-dir={profile}", f"--window-size={width},2000",
+                              "--virtual-time-budget=5000", "--dump-dom", probe.as_uri()],
+                             capture_output=True, text=True, timeout=120)
+    finally:
+        probe.unlink()
+    assert run.returncode == 0, run.stderr[-2000:]
+    found = re.search(r'<pre id="layout-check">(.*?)</pre>', run.stdout, re.S)
+    assert found, "the layout check did not run: " + run.stdout[-500:]
+    import html as _html
+
+    return json.loads(_html.unescape(found.group(1)))
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="no chromium binary on PATH (CI installs Debian's `chromium`)")
+def test_layout_check_catches_overflow_and_clipped_captions(tmp_path: Path):
+    page = tmp_path / "probe.html"
+    page.write_text("""<!doctype html><html><body><main style="width: 600px">
+      <section id="fits"><table><tr><td>a</td></tr></table><figure><figcaption>short</figcaption></figure>
+        <div style="overflow-x: auto"><div id="scrolls" style="width: 3000px">held by its scrolling box</div></div></section>
+      <section id="wide"><div id="too-wide" style="width: 3000px">x</div></section>
+      <section id="cut"><figure style="width: 80px; margin: 0"><figcaption id="clipped" style="white-space: nowrap;
+        overflow: hidden">a caption far too long for its eighty pixels</figcaption></figure></section>
+    </main></body></html>""")
+    found = _layout(page, 1280, tmp_path / "profile")
+    assert found["cards"] == 3
+    assert [o["el"] for o in found["overflow"]] == ["section#wide > div#too-wide"]
+    assert [c["el"] for c in found["clipped"]] == ["section#cut > figure > figcaption#clipped"]
+    assert [c["el"] for c in found["scrolls"]] == ["section#fits > div", "section#cut > figure > figcaption#clipped"]
+    assert found["page"]["scrollWidth"] > found["page"]["clientWidth"]  # the page itself scrolls sideways
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="no chromium binary on PATH (CI installs Debian's `chromium`)")
+@pytest.mark.parametrize("width", [1280, 1920])
+def test_cards_hold_their_content_in_chromium(cfg, report_world: LocalStorage, tmp_path: Path, width):
+    index = build_report(cfg, report_world)
+    found = _layout(index, width, tmp_path / "profile")
+    assert found["width"] == width and found["cards"] == len(SECTION_IDS)
+    assert found["overflow"] == [], found["overflow"][:10]
+    assert found["clipped"] == [], found["clipped"][:10]
+    assert found["scrolls"] == [], found["scrolls"][:10]  # the metrics table fits, no sideways scrolling
+    assert found["page"]["scrollWidth"] <= found["page"]["clientWidth"], found["page"]
