@@ -6,17 +6,18 @@ G/2 positives per group, ranks 1..G, likes ascending with rank, exposure descend
 group id, one split per author) are computed as check columns (``chk_*``) beside each label
 row, so GX's unexpected rows point at the offending posts.
 
-:func:`validate_run` runs one GX checkpoint per table in a file-backed context under a temp
-folder, then copies the result JSON and the Data Docs HTML to ``validation/run=<run_id>/``
-(storage may be S3). It returns a small report and raises :class:`ValidationFailed` with a
-readable summary when any expectation fails.
+:func:`validate_run` runs one GX checkpoint per table in an ephemeral context (data asset named
+after the table, GX run named after the labels run), writes the result JSON to
+``validation/run=<run_id>/`` (storage may be S3) and, when ``validation.data_docs``, the Data
+Docs: likerank's own offline pages rendered from that result by :mod:`pipeline.core.data_docs`
+(GX's site needs CDNs and JavaScript to show anything; see that module). It returns a small
+report and raises :class:`ValidationFailed` with a readable summary when any expectation fails.
 """
 
 from __future__ import annotations
 
 import logging
-import tempfile
-from pathlib import Path
+from datetime import UTC, datetime
 from typing import Any
 
 import pandas as pd
@@ -24,6 +25,7 @@ import pandas as pd
 from labeling.splits import SPLITS
 from pipeline.core import keys
 from pipeline.core.config import Config
+from pipeline.core.data_docs import write_data_docs
 from pipeline.core.labels_run import LabelsRunRecord, read_labels_run
 from pipeline.core.schemas import TABLES
 from pipeline.core.storage import Storage, open_storage
@@ -175,37 +177,46 @@ def _table_frame(storage: Storage, table: str) -> pd.DataFrame | None:
     return read_table(storage, table).to_pandas()
 
 
-def run_checkpoints(frames: dict[str, tuple[pd.DataFrame, list]], docs_dir: Path | None) -> dict[str, Any]:
+def run_checkpoints(frames: dict[str, tuple[pd.DataFrame, list]], run_name: str,
+                    run_time: datetime | None = None) -> dict[str, Any]:
     """Validate each frame against its expectations, one GX checkpoint per table.
 
-    ``docs_dir``: where the file-backed GX project (and its Data Docs) lives; None = no docs.
-    Returns {table: {"success", "statistics", "failures": [...], "result": describe_dict}}.
+    Each frame is the data asset named after its table; ``run_name`` (the labels run id) names
+    the GX run. Returns {table: {"success", "rows", "statistics", "data_asset", "suite",
+    "run_name", "failures": [...], "result": describe_dict}}.
     """
     gx = great_expectations()
+    from great_expectations.core.run_identifier import RunIdentifier
     from great_expectations.data_context.types.base import ProgressBarsConfig
 
-    if docs_dir is None:
-        ctx = gx.get_context(mode="ephemeral")
-    else:
-        ctx = gx.get_context(mode="file", project_root_dir=str(docs_dir))
+    ctx = gx.get_context(mode="ephemeral")
     ctx.variables.progress_bars = ProgressBarsConfig(globally=False)
     source = ctx.data_sources.add_pandas("likerank")
+    run_id = RunIdentifier(run_name=run_name, run_time=run_time or datetime.now(UTC))
     out: dict[str, Any] = {}
     for table, (frame, expectations) in frames.items():
         batch = source.add_dataframe_asset(table).add_batch_definition_whole_dataframe("run")
         suite = ctx.suites.add(gx.ExpectationSuite(name=f"likerank_{table}", expectations=expectations))
         vd = ctx.validation_definitions.add(gx.ValidationDefinition(name=f"likerank_{table}", data=batch, suite=suite))
-        actions = [gx.checkpoint.UpdateDataDocsAction(name="data_docs")] if docs_dir is not None else []
         checkpoint = ctx.checkpoints.add(gx.Checkpoint(
-            name=f"likerank_{table}", validation_definitions=[vd], actions=actions,
+            name=f"likerank_{table}", validation_definitions=[vd], actions=[],
             result_format={"result_format": "SUMMARY", "partial_unexpected_count": 5}))
-        result = checkpoint.run(batch_parameters={"dataframe": frame})
+        result = checkpoint.run(batch_parameters={"dataframe": frame}, run_id=run_id)
         (vr,) = result.run_results.values()
         out[table] = {"success": bool(result.success), "rows": len(frame),
                       "statistics": dict(vr.statistics),
+                      "data_asset": _asset_name(vr.meta) or table, "suite": vr.suite_name,
+                      "run_name": result.run_id.run_name,
                       "failures": [_failure(table, frame, er) for er in vr.results if not er.success],
                       "result": result.describe_dict()}
     return out
+
+
+def _asset_name(meta: dict[str, Any]) -> str | None:
+    batch = meta.get("active_batch_definition")
+    if isinstance(batch, dict):
+        return batch.get("data_asset_name")
+    return getattr(batch, "data_asset_name", None)
 
 
 def _failure(table: str, frame: pd.DataFrame, er: Any) -> dict[str, Any]:
@@ -244,11 +255,12 @@ def validate_run(cfg: Config, run_id: str, storage: Storage | None = None, *,
                  inputs: bool = True, raise_on_failure: bool = True) -> dict[str, Any]:
     """Validate labels run ``run_id`` (and, with ``inputs``, the posts and faces tables it read).
 
-    Writes ``validation/run=<run_id>/result.json`` and, when ``validation.data_docs``, the Data
-    Docs under ``validation/run=<run_id>/data_docs/`` (open ``index.html``). Returns the report
+    Writes ``validation/run=<run_id>/result.json`` and, when ``validation.data_docs``, the run's
+    Data Docs page ``validation/run=<run_id>/data_docs/index.html`` and the index of every
+    stored run, ``validation/index.html`` (both offline, no script). Returns the report
     (success, statistics per table, failures, keys); raises :class:`ValidationFailed` on failure.
     """
-    from pipeline.core.tables import location, put_json
+    from pipeline.core.tables import get_json, location, put_json
 
     storage = storage or open_storage(cfg.storage)
     run = read_labels_run(storage, run_id)
@@ -264,18 +276,8 @@ def validate_run(cfg: Config, run_id: str, storage: Storage | None = None, *,
             if frame is not None:
                 frames[table] = (frame, suite())
 
-    docs_prefix = keys.validation_docs(run_id)
-    with tempfile.TemporaryDirectory(prefix="likerank-gx-") as tmp:
-        docs = Path(tmp) if cfg.validation.data_docs else None
-        results = run_checkpoints(frames, docs)
-        docs_key = None
-        if docs is not None:
-            site = docs / "gx" / "uncommitted" / "data_docs" / "local_site"
-            storage.delete_prefix(f"{docs_prefix}/")  # a rerun replaces, never mixes, old pages
-            for path in sorted(p for p in site.rglob("*") if p.is_file()):
-                storage.put_bytes(f"{docs_prefix}/{path.relative_to(site).as_posix()}", path.read_bytes())
-            docs_key = f"{docs_prefix}/index.html"
-
+    now = datetime.now(UTC)
+    results = run_checkpoints(frames, run_name=run_id, run_time=now)
     failures = [f for r in results.values() for f in r["failures"]]
     report = {
         "run_id": run_id,
@@ -284,15 +286,19 @@ def validate_run(cfg: Config, run_id: str, storage: Storage | None = None, *,
         "group_size": run.group_size,
         "dropped": run.record.get("dropped", {}),  # the labels run's drop counts, for the failure message
         "labels_sha256": labels_sha256,  # what this result vouches for: publishing and training check it
-        "tables": {t: {k: r[k] for k in ("success", "rows", "statistics")} for t, r in results.items()},
+        "tables": {t: {k: r[k] for k in ("success", "rows", "statistics", "data_asset", "suite", "run_name")}
+                   for t, r in results.items()},
         "failed_expectations": len(failures),
         "failures": failures,
         "validation_key": keys.validation_result(run_id),
         "validation_uri": storage.uri(keys.validation_result(run_id)),
-        "docs_key": docs_key,
+        "validated_at": now.isoformat(timespec="seconds"),
+        "docs_key": f"{keys.validation_docs(run_id)}/index.html" if cfg.validation.data_docs else None,
     }
-    put_json(storage, report["validation_key"],
-             {**report, "results": {t: r["result"] for t, r in results.items()}})
+    storage.delete_prefix(f"{keys.validation_docs(run_id)}/")  # a rerun replaces, never mixes, old pages
+    put_json(storage, report["validation_key"], {**report, "results": {t: r["result"] for t, r in results.items()}})
+    if cfg.validation.data_docs:  # rendered from the result as stored: this run's page, then the index of all
+        write_data_docs(storage, get_json(storage, report["validation_key"]))
     log.info("validation of labels run %s: %s (%d failed expectation(s))", run_id,
              "passed" if report["success"] else "FAILED", len(failures))
     if not report["success"] and raise_on_failure:

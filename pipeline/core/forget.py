@@ -57,6 +57,7 @@ from pipeline.core import keys, published
 from pipeline.core.bucket_versions import BucketVersions
 from pipeline.core.config import Config
 from pipeline.core.crawl_state import without_ids
+from pipeline.core.data_docs import refresh_index
 from pipeline.core.pseudonym import tombstone_hash
 from pipeline.core.report_files import forget_reports, forget_stale_reports_here
 from pipeline.core.schemas import INTERNAL_TABLES, TABLES
@@ -475,6 +476,8 @@ def _forget_labels(storage: Storage, authors: set[str], post_ids: set[str], shas
         for run in runs:
             storage.delete_prefix(keys.validation_run(run) + "/")  # its result and Data Docs quote rows
             _add_reports(out["reports"], forget_reports(storage, run))  # thumbnails: every recorded copy
+        if storage.exists(keys.validation_index()):
+            refresh_index(storage)  # the Data Docs index lists only runs that still have a result
         out["label_post_ids"] = set(hit["post_id"].to_pylist())
         out["labels_runs"] = runs
     _add_reports(out["reports"], forget_stale_reports_here(storage))  # an earlier forget could not reach these

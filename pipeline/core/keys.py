@@ -10,6 +10,7 @@ imports the key it needs instead of spelling it.
 ``labels/_published.json``              pointer: the validated labels run training reads
 ``labels/run=<id>/``                    one labeling run: data, resolved config, summary
 ``validation/run=<id>/``                its Great Expectations result and Data Docs
+``validation/index.html``               the Data Docs index: every validated run, passed or failed
 ``models/latest.json``                  pointer: the newest registered model run
 ``models/<run>/``                       checkpoint, metrics, predictions, config
 ``images/<aa>/<sha256>``                content-addressed image bytes
@@ -68,8 +69,13 @@ def validation_result(run_id: str) -> str:
 
 
 def validation_docs(run_id: str) -> str:
-    """Great Expectations' Data Docs site of the run (open ``index.html``)."""
+    """The run's Data Docs folder (open ``index.html``: its expectations, each passed or failed)."""
     return f"{validation_run(run_id)}/data_docs"
+
+
+def validation_index() -> str:
+    """The Data Docs index of every validation run in storage (beside the ``run=<id>/`` folders)."""
+    return "validation/index.html"
 
 
 # ---------------------------------------------------------------- models

@@ -15,6 +15,7 @@ import pytest
 
 from likerank.cli.main import main
 from pipeline.core import keys
+from pipeline.core.data_docs import refresh_index
 from pipeline.core.forget import load_tombstones
 from pipeline.core.pseudonym import author_keyer, tombstone_hash, tombstone_salt
 from pipeline.core.schemas import LABELS, conform
@@ -61,7 +62,8 @@ def world(fake_mastodon, scrape_cfg):
                "split": "test", "labeler": "groups", "params_hash": "p", "run_id": "L1"}
               for r, p in enumerate(sorted(posts, key=lambda p: p["post_id"]))]
     write_partition(storage, "labels", "L1", pa.Table.from_pylist(labels, schema=LABELS))
-    put_json(storage, keys.validation_result("L1"), {"success": True})
+    put_json(storage, keys.validation_result("L1"), {"run_id": "L1", "success": True})
+    refresh_index(storage)  # the Data Docs index of validation runs
     put_json(storage, keys.PUBLISHED_LABELS, {"run_id": "L1"})
     storage.put_text("reports/L1/index.html", "<html>thumbnails</html>")
     preds = conform("predictions", pa.table({
@@ -82,6 +84,7 @@ def every_row(storage: LocalStorage) -> dict[str, list[dict]]:
 def test_forget_an_account_removes_it_everywhere_but_keeps_shared_images(world, scrape_cfg, capsys):
     storage, sha = world
     alice = KEY(ALICE)
+    assert "L1" in storage.get_text(keys.validation_index())
     assert main(["--set", f"storage.root={scrape_cfg.storage.root}", "forget", "--account", ALICE]) == 0
     out = capsys.readouterr().out
     assert "forgot: posts 3, engagement 3, downloads 3" in out and "unpublished labels run L1" in out
@@ -97,6 +100,7 @@ def test_forget_an_account_removes_it_everywhere_but_keeps_shared_images(world, 
     # The changed labels run is unpublished and lost what quoted its rows.
     assert not storage.exists(keys.PUBLISHED_LABELS)
     assert not storage.exists(keys.validation_result("L1")) and not storage.list("reports/L1/")
+    assert "L1" not in storage.get_text(keys.validation_index())  # the index no longer lists the run
     assert load_tombstones(storage, SALT).author_hashes == {tombstone_hash(SALT, alice)}  # hashed, not the key
 
 
