@@ -4,10 +4,16 @@ A. Karpathy's 2015 #selfie post ended with findings ("face about 1/3 of the imag
 forehead, oversaturate, add a border, don't take group shots, don't shoot in low light"). This
 module asks the same questions of a labels run, one attribute at a time:
 
-1. **Measure** every labeled photo. Face attributes come from the image's newest ok ``faces``
-   row (its largest face by box area); pixel attributes from the stored image bytes, decoded
-   straight to :data:`ANALYSIS_PX` on the long side (``pipeline.faces.decode``: a DCT-domain
-   downscale for JPEGs), in threads, so thousands of photos take seconds.
+1. **Measure** every labeled photo: read its attributes from the image's newest ok ``faces``
+   row (its largest face by box area). The face stage stores them there, measured from the
+   pixels it decoded for detection (:mod:`pipeline.faces.photo_attributes`, which also holds
+   the measurement's constants), so a run's findings cost one table read, no decoding. Rows
+   written before those columns existed read them as null (``pipeline.core.tables`` reads a
+   column added to the schema as null on older rows): only for those images, and for images
+   with no ok ``faces`` row, the face attributes are computed from the row's boxes and the
+   pixel attributes measured from the stored bytes, decoded as the stage decodes them, in
+   threads. Either way a value is the number the column holds (float32), so old data and new
+   give the same findings.
 2. **Bin** each attribute: continuous ones at their quintiles, rounded to two significant
    digits so a bin reads "17–24 %"; counts and yes/no flags by value. A bin with fewer than
    :data:`MIN_BIN_N` photos is merged into its smaller neighbour.
@@ -47,24 +53,32 @@ from __future__ import annotations
 import logging
 import math
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-import cv2
 import numpy as np
 import pandas as pd
 
 from pipeline.core.storage import ImageStore, Storage, StorageError
-from pipeline.faces.decode import DecodeError, decode_fitted
+from pipeline.faces.decode import DecodeError
+from pipeline.faces.photo_attributes import (  # noqa: F401 - the measurement's constants, named in this module's docs
+    ANALYSIS_PX,
+    BORDER_MIN_PX,
+    BORDER_TOLERANCE,
+    BRIGHTNESS_PERCENTILE,
+    BW_MAX_SPREAD,
+    SATURATION_MIN_VALUE,
+    PixelAttributes,
+    border_widths,
+    face_geometry,
+    measure_bytes,
+    pixel_attributes,
+)
 
 log = logging.getLogger(__name__)
-
-#: Long side the pixel attributes are measured at, pixels: sharpness and the border width are
-#: scale-dependent, so every photo is brought to the same size first.
-ANALYSIS_PX = 256
 
 #: Quantile bins per continuous attribute (before merging small ones).
 QUANTILE_BINS = 5
@@ -75,27 +89,6 @@ MIN_BIN_N = 30
 
 #: Significance threshold on the Holm-adjusted p-value (family: every attribute tested).
 ALPHA = 0.05
-
-#: A border is at least this wide on each side at ANALYSIS_PX, pixels.
-BORDER_MIN_PX = 2
-
-#: A border line's values stay within this many levels (0-255, any channel) of the corner colour,
-#: 95 % of them: JPEG ringing next to the photo and noise pass, a picture does not.
-BORDER_TOLERANCE = 12
-
-#: Black-and-white: the 99th percentile of each pixel's max-min channel spread, levels (0-255).
-#: A grey JPEG decodes with a spread of 0-2; a washed-out colour photo keeps 10 or more.
-BW_MAX_SPREAD = 6
-
-#: Brightness is this percentile of luma: how bright the brightest part of the photo gets. Low
-#: light and under-exposure lower it; a dark background, dark clothes or a dark scene with a lit
-#: subject barely move it (the mean luma mostly measures what is in the picture: on the simulator's
-#: photos it follows the planted exposure with Spearman 0.65, this with 0.91).
-BRIGHTNESS_PERCENTILE = 99
-
-#: Pixels darker than this HSV value (0-255) are left out of the saturation: their hue and
-#: saturation are compression noise.
-SATURATION_MIN_VALUE = 26
 
 Z95 = 1.959963984540054  # two-sided 95 % normal quantile
 
@@ -154,127 +147,124 @@ def planted_effects() -> dict[str, str]:
 
 # --------------------------------------------------------------------------- measuring
 
-
-@dataclass(frozen=True)
-class PixelAttributes:
-    brightness: float
-    contrast: float
-    saturation: float  # %
-    black_and_white: bool
-    border: bool
-    sharpness: float
-
-
-def border_widths(rgb: np.ndarray) -> tuple[int, int, int, int]:
-    """Widths (top, bottom, left, right, pixels) of a frame of one colour around ``rgb``; all 0
-    when the four corners disagree or any side is under BORDER_MIN_PX wide."""
-    h, w = rgb.shape[:2]
-    img = rgb.astype(np.int16)
-    corners = np.stack([img[0, 0], img[0, -1], img[-1, 0], img[-1, -1]])
-    colour = np.median(corners, axis=0)
-    if np.abs(corners - colour).max() > BORDER_TOLERANCE:
-        return 0, 0, 0, 0
-
-    def uniform(line: np.ndarray) -> bool:  # at most 5 % of its values off the corner colour
-        return np.count_nonzero(np.abs(line - colour) > BORDER_TOLERANCE) <= 0.05 * line.size
-
-    def run(lines: Callable[[int], np.ndarray], limit: int) -> int:
-        k = 0
-        while k < limit and uniform(lines(k)):
-            k += 1
-        return k
-
-    # A side more than a quarter of the image wide is not a border but a plain picture.
-    top = run(lambda i: img[i], h // 4)
-    bottom = run(lambda i: img[h - 1 - i], h // 4)
-    left = run(lambda i: img[:, i], w // 4)
-    right = run(lambda i: img[:, w - 1 - i], w // 4)
-    sides = (top, bottom, left, right)
-    if min(sides) < BORDER_MIN_PX:
-        return 0, 0, 0, 0
-    return sides
+#: Display unit per attribute from its ``faces`` column: the column's name and the factor (the
+#: columns hold fractions; the findings read percent).
+STORED = {
+    "face_share": ("largest_face_height", 100.0),
+    "face_x": ("largest_face_cx", 100.0),
+    "face_y": ("largest_face_cy", 100.0),
+    "head_tilt": ("head_tilt", 1.0),
+    "brightness": ("brightness", 1.0),
+    "contrast": ("contrast", 1.0),
+    "saturation": ("saturation", 100.0),
+    "black_and_white": ("black_and_white", 1.0),
+    "border": ("border", 1.0),
+    "sharpness": ("sharpness", 1.0),
+}
+_FACE_ATTRS = ("face_share", "face_x", "face_y", "head_tilt")
+_PIXEL_ATTRS = tuple(PixelAttributes.__dataclass_fields__)
 
 
-def pixel_attributes(rgb: np.ndarray) -> PixelAttributes:
-    """The pixel attributes of an RGB uint8 image (already at the analysis size)."""
-    top, bottom, left, right = border_widths(rgb)
-    inner = np.ascontiguousarray(rgb[top:rgb.shape[0] - bottom, left:rgb.shape[1] - right])
-    luma = cv2.cvtColor(inner, cv2.COLOR_RGB2GRAY).astype(np.float32)  # Rec. 601 weights
-    hsv = cv2.cvtColor(inner, cv2.COLOR_RGB2HSV)
-    lit = hsv[..., 2] >= SATURATION_MIN_VALUE
-    saturation = float(hsv[..., 1][lit].mean()) / 255 * 100 if lit.any() else 0.0
-    r, g, b = cv2.split(inner)  # cv2's per-pixel max/min: ~100x numpy's reduction over a 3-wide axis
-    spread = cv2.subtract(cv2.max(cv2.max(r, g), b), cv2.min(cv2.min(r, g), b))
-    coloured = np.count_nonzero(spread > BW_MAX_SPREAD)  # "99th percentile <= BW_MAX_SPREAD"
-    return PixelAttributes(
-        brightness=float(np.percentile(luma, BRIGHTNESS_PERCENTILE)),
-        contrast=float(luma.std()),
-        saturation=saturation,
-        black_and_white=bool(coloured <= 0.01 * spread.size),
-        border=bool(top),
-        sharpness=float(cv2.Laplacian(luma, cv2.CV_32F).var()),
-    )
+def _as_stored(value: Any) -> float:
+    """A measured value as its ``faces`` column holds it (float32; flags 0 / 1; None as NaN),
+    back as a float: a value measured here and one read from the table are the same number."""
+    return float("nan") if value is None else float(np.float32(value))
 
 
 def measure_images(storage: Storage, shas: Sequence[str], workers: int | None = None) -> pd.DataFrame:
-    """Pixel attributes of stored images, one row per sha256 (``error`` says why one has none)."""
+    """Pixel attributes of stored images measured from their bytes, in display units, one row
+    per sha256 (``error`` says why one has none): for images whose ``faces`` row has no stored
+    attributes. Decoded as the face stage decodes (upright by the recorded EXIF orientation,
+    fitted to the detector's input size), so the numbers are the ones the stage would store."""
+    from pipeline.core.orientation import recorded_orientations
+
     images = ImageStore(storage)
+    unique = list(dict.fromkeys(shas))
+    orientations = recorded_orientations(storage, unique) if unique else {}
 
     def one(sha: str) -> dict[str, Any]:
         try:
-            fitted = decode_fitted(images.get(sha), ANALYSIS_PX)
+            pixels = measure_bytes(images.get(sha), orientation=orientations.get(sha))
         except (DecodeError, StorageError) as exc:
             return {"sha256": sha, "error": str(exc)}
-        return {"sha256": sha, "error": None, **asdict(pixel_attributes(fitted.rgb))}
+        row = {name: _as_stored(value) * STORED[name][1] for name, value in asdict(pixels).items()}
+        return {"sha256": sha, "error": None, **row}
 
-    unique = list(dict.fromkeys(shas))
     # Pillow's decoder, cv2 and numpy release the GIL: threads use every core.
     with ThreadPoolExecutor(max_workers=workers or min(8, os.cpu_count() or 2)) as pool:
         rows = list(pool.map(one, unique))
-    columns = ["sha256", "error", *PixelAttributes.__dataclass_fields__]
-    return pd.DataFrame(rows, columns=columns)
+    return pd.DataFrame(rows, columns=["sha256", "error", *_PIXEL_ATTRS])
 
 
 def face_attributes(faces: pd.DataFrame) -> pd.DataFrame:
-    """Face attributes from ``faces`` rows (one per image: its newest ok detection), by sha256."""
+    """Face attributes, in display units, from ``faces`` rows (one per image: its newest ok
+    detection), by sha256: the stored columns where the row has them, else computed from its
+    boxes (:func:`~pipeline.faces.photo_attributes.face_geometry`, as the stage stores them).
+    NaN without a face."""
     rows = []
-    for r in faces.itertuples(index=False):
-        row: dict[str, Any] = {"sha256": r.sha256, "n_faces": float(r.n_faces)}
-        boxes = list(r.faces) if r.faces is not None else []
-        if boxes and r.width and r.height:
-            big = max(boxes, key=lambda f: (f["x2"] - f["x1"]) * (f["y2"] - f["y1"]))
-            row["face_share"] = (big["y2"] - big["y1"]) / r.height * 100
-            row["face_x"] = (big["x1"] + big["x2"]) / 2 / r.width * 100
-            row["face_y"] = (big["y1"] + big["y2"]) / 2 / r.height * 100
-            lm = big["landmarks"]
-            if lm is not None and len(lm) >= 4:
-                # landmarks: (x, y) of the left eye, right eye, nose, mouth corners (image left first)
-                roll = math.degrees(math.atan2(lm[3] - lm[1], lm[2] - lm[0]))
-                row["head_tilt"] = abs(roll)
+    for r in faces.to_dict("records"):
+        row: dict[str, Any] = {"sha256": r["sha256"], "n_faces": float(r["n_faces"])}
+        boxes = list(r["faces"]) if r.get("faces") is not None else []
+        if boxes and r.get("width") and r.get("height"):
+            computed: dict[str, Any] | None = None
+            for name in _FACE_ATTRS:
+                column, factor = STORED[name]
+                value = r.get(column)
+                if value is None or (isinstance(value, float) and math.isnan(value)):
+                    computed = computed or face_geometry(boxes, r["width"], r["height"])
+                    value = computed[column]
+                row[name] = _as_stored(value) * factor
         rows.append(row)
-    return pd.DataFrame(rows, columns=["sha256", "n_faces", "face_share", "face_x", "face_y", "head_tilt"])
+    return pd.DataFrame(rows, columns=["sha256", "n_faces", *_FACE_ATTRS])
+
+
+def stored_pixels(faces: pd.DataFrame) -> pd.DataFrame:
+    """Pixel attributes, in display units, of the ``faces`` rows that store them, by sha256."""
+    have = [c for c in _PIXEL_ATTRS if c in faces]
+    if len(have) < len(_PIXEL_ATTRS):
+        return pd.DataFrame(columns=["sha256", "error", *_PIXEL_ATTRS])
+    rows = faces[faces[list(_PIXEL_ATTRS)].notna().all(axis=1)]
+    out = pd.DataFrame({"sha256": rows["sha256"].to_numpy(), "error": None})
+    for name in _PIXEL_ATTRS:
+        column, factor = STORED[name]
+        out[name] = rows[column].astype(np.float32).astype(float).to_numpy() * factor
+    return out
+
+
+#: The ``faces`` columns the findings read.
+FACES_COLUMNS = ["sha256", "status", "width", "height", "n_faces", "faces", "detected_at",
+                 *dict.fromkeys(c for c, _ in STORED.values())]
 
 
 def latest_faces(storage: Storage, shas: Sequence[str]) -> pd.DataFrame:
-    """The newest ok ``faces`` row of each image (a rerun with another detector adds rows)."""
+    """The newest ok ``faces`` row of each image (a rerun with another detector adds rows), with
+    its attribute columns (null on rows written before they existed)."""
     import pyarrow.compute as pc
 
     from pipeline.core.tables import list_partitions, read_table
 
-    cols = ["sha256", "status", "width", "height", "n_faces", "faces", "detected_at"]
     if not list_partitions(storage, "faces"):
-        return pd.DataFrame(columns=cols)
-    rows = read_table(storage, "faces", columns=cols,
+        return pd.DataFrame(columns=FACES_COLUMNS)
+    rows = read_table(storage, "faces", columns=FACES_COLUMNS,
                       filter=pc.field("sha256").isin(list(set(shas))) & (pc.field("status") == "ok")).to_pandas()
     return rows.sort_values("detected_at", ascending=False).drop_duplicates("sha256")
 
 
 def measure_labeled_photos(storage: Storage, labels: pd.DataFrame, workers: int | None = None) -> pd.DataFrame:
     """One row per labeled post: ``post_id``, ``label``, every attribute (NaN where unmeasured:
-    no faces row, or the image could not be read) and ``error`` (why the pixels are missing)."""
+    no faces row, or the image could not be read) and ``error`` (why the pixels are missing).
+    The attributes are read from the images' ``faces`` rows; only the images whose row does not
+    store them (written before the columns existed, or no ok row) are decoded and measured."""
     shas = [s for s in labels["image_sha256"].dropna().astype(str) if s]  # "": a bring-your-own row, no image
-    faces = face_attributes(latest_faces(storage, shas))
-    pixels = measure_images(storage, shas, workers)
+    rows = latest_faces(storage, shas)
+    faces = face_attributes(rows)
+    stored = stored_pixels(rows)
+    todo = [s for s in dict.fromkeys(shas) if s not in set(stored["sha256"])]
+    if todo:
+        log.info("findings: %d of %d photo(s) have no stored attributes; measuring them from their bytes",
+                 len(todo), len(set(shas)))
+    measured = measure_images(storage, todo, workers)
+    pixels = measured if not len(stored) else stored if not len(measured) else pd.concat([stored, measured])
     out = (labels[["post_id", "image_sha256", "label"]]
            .merge(faces, left_on="image_sha256", right_on="sha256", how="left").drop(columns="sha256")
            .merge(pixels, left_on="image_sha256", right_on="sha256", how="left").drop(columns="sha256"))

@@ -145,10 +145,33 @@ FACES = pa.schema([
                             "null when it did not decode.", nullable=True),
     f("n_faces", pa.int32(), "Faces found at or above the detector threshold."),
     f("faces", pa.list_(FACE), "Each face: box (pixels), score, five landmarks (x,y pairs)."),
-    f("largest_face_share", pa.float32(), "Largest face box area / image area.", nullable=True),
-    f("largest_face_cx", pa.float32(), "Largest face centre x / width.", nullable=True),
-    f("largest_face_cy", pa.float32(), "Largest face centre y / height.", nullable=True),
+    f("largest_face_share", pa.float32(), "Largest face box area / image area, fraction 0-1; 0 when no face "
+                                          "was found.", nullable=True),
+    f("largest_face_cx", pa.float32(), "Largest face centre x / width, fraction 0-1 from the left.",
+      nullable=True),
+    f("largest_face_cy", pa.float32(), "Largest face centre y / height, fraction 0-1 from the top.",
+      nullable=True),
     f("detected_at", UTC_TS, "When detection ran (UTC)."),
+    # The photo's attributes (pipeline/faces/photo_attributes.py), measured by the face stage from
+    # the pixels it decoded for detection. Null on rows that did not decode, and on rows written
+    # before the columns existed (likerank.report.findings measures those from the bytes).
+    f("largest_face_height", pa.float32(), "Largest face box height / image height, fraction 0-1; 0 when no "
+                                           "face was found.", nullable=True),
+    f("head_tilt", pa.float32(), "Head roll of the largest face, degrees 0-180: the angle between the line "
+                                 "through its two eye landmarks and the horizontal, without sign; null when no "
+                                 "face was found.", nullable=True),
+    f("brightness", pa.float32(), "99th percentile of luma (Rec. 601), levels 0-255, inside any uniform border.",
+      nullable=True),
+    f("contrast", pa.float32(), "Standard deviation of luma (Rec. 601), levels 0-255, inside any uniform border.",
+      nullable=True),
+    f("saturation", pa.float32(), "Mean HSV saturation, fraction 0-1, of the pixels inside any uniform border "
+                                  "whose HSV value is at least 26 of 255 (darker ones are noise).", nullable=True),
+    f("black_and_white", pa.bool_(), "No colour beyond compression noise: at most 1 % of pixels have a max-min "
+                                     "channel spread above 6 levels (0-255).", nullable=True),
+    f("border", pa.bool_(), "A uniform frame of one colour on all four sides, each at least 2 px wide with the "
+                            "image at 256 px on its long side.", nullable=True),
+    f("sharpness", pa.float32(), "Variance of the Laplacian of luma (levels squared, luma 0-255) with the image "
+                                 "at 256 px on its long side, inside any uniform border.", nullable=True),
 ])
 
 LABELS = pa.schema([

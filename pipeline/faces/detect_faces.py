@@ -6,7 +6,9 @@ Read, decode, detect, write, in that order and overlapped:
   decoding run in ``faces.decode_workers`` threads (Pillow, cv2, numpy and storage reads all
   release the GIL), each producing an image fitted to ``det_size``, its normalised canvas and
   its perceptual hash (:mod:`pipeline.faces.phash`: the downloader reads headers only, so
-  this is where an image's pixels are first decoded, and the hash is taken here);
+  this is where an image's pixels are first decoded, and the hash is taken here) and its
+  pixel attributes (:mod:`pipeline.faces.photo_attributes`: brightness, contrast, saturation,
+  black and white, border, sharpness, measured from the same fitted pixels);
   inference runs in :attr:`FaceDetector.infer_workers` threads. At most ``queue_size`` images
   are in flight between the two, so memory stays bounded whatever the shard size. Results
   come back in input order.
@@ -31,13 +33,19 @@ import time
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from datetime import UTC, date, datetime
 from typing import TYPE_CHECKING, Any
 
 from pipeline.core import keys
 from pipeline.faces.decode import DecodeError, FittedImage, decode_fitted
 from pipeline.faces.phash import perceptual_hash
+from pipeline.faces.photo_attributes import (
+    PIXEL_COLUMNS,
+    PixelAttributes,
+    face_geometry,
+    measure_pixels,
+)
 
 if TYPE_CHECKING:
     import numpy as np
@@ -65,6 +73,7 @@ class Detection:
     height: int | None = None
     faces: list[Face] = field(default_factory=list)
     phash: str | None = None  # of the decoded image; None when it did not decode
+    pixels: PixelAttributes | None = None  # of the decoded image; None when it did not decode
 
     def as_dict(self) -> dict[str, Any]:
         return {"status": self.status, "error": self.error, "width": self.width, "height": self.height,
@@ -134,8 +143,9 @@ def detect_stream(
 
 
 def _load_and_prepare(detector: FaceDetector, loader: Loader, max_pixels: int,
-                      orientation: int | None) -> tuple[FittedImage, np.ndarray, str] | Detection:
-    """Decode-thread work: bytes -> fitted image, normalised canvas and phash, or a failure row."""
+                      orientation: int | None) -> tuple[FittedImage, np.ndarray, str, PixelAttributes | None] | Detection:
+    """Decode-thread work: bytes -> fitted image, normalised canvas, phash and pixel attributes,
+    or a failure row."""
     try:
         data = loader()
     except FileNotFoundError as exc:
@@ -148,7 +158,12 @@ def _load_and_prepare(detector: FaceDetector, loader: Loader, max_pixels: int,
         return Detection("decode_error", error=str(exc))
     except Exception as exc:  # noqa: BLE001 - one bad image must not fail the shard
         return Detection("decode_error", error=f"{type(exc).__name__}: {exc}")
-    return img, detector.blob(img.rgb, detector.det_size), perceptual_hash(img.rgb)
+    try:
+        pixels = measure_pixels(img.rgb)
+    except Exception:  # noqa: BLE001 - the detection stands without them (null columns)
+        log.exception("cannot measure the pixel attributes of a %dx%d image", img.width, img.height)
+        pixels = None
+    return img, detector.blob(img.rgb, detector.det_size), perceptual_hash(img.rgb), pixels
 
 
 def _infer(detector: FaceDetector, decoded: list[Future]) -> list[Detection]:
@@ -167,13 +182,14 @@ def _infer(detector: FaceDetector, decoded: list[Future]) -> list[Detection]:
         else:
             found = detector.detect_batch(imgs, np.concatenate([prepared[i][1] for i in todo]))
         for i, img, faces in zip(todo, imgs, found, strict=True):
-            out[i] = Detection("ok", width=img.width, height=img.height, faces=faces, phash=prepared[i][2])
+            out[i] = Detection("ok", width=img.width, height=img.height, faces=faces, phash=prepared[i][2],
+                               pixels=prepared[i][3])
     except Exception as exc:  # noqa: BLE001 - a failed run marks its images, the shard goes on
         log.exception("face detection failed for a batch of %d image(s)", len(todo))
         for i in todo:
-            img, _, phash = prepared[i]
+            img, _, phash, pixels = prepared[i]
             out[i] = Detection("error", error=f"{type(exc).__name__}: {exc}", width=img.width, height=img.height,
-                               phash=phash)
+                               phash=phash, pixels=pixels)
     return out  # type: ignore[return-value]
 
 
@@ -181,7 +197,9 @@ def _infer(detector: FaceDetector, decoded: list[Future]) -> list[Detection]:
 
 
 def faces_table(results: Iterable[tuple[str, Detection]], detector_id: str, detected_at: datetime | None = None) -> pa.Table:
-    """``faces`` rows (FACES schema) for ``(sha256, Detection)`` pairs."""
+    """``faces`` rows (FACES schema) for ``(sha256, Detection)`` pairs: the face geometry
+    (:func:`~pipeline.faces.photo_attributes.face_geometry`) of an ``ok`` row, the pixel
+    attributes of any row whose image decoded."""
     import pyarrow as pa
 
     from pipeline.core.schemas import FACES
@@ -189,20 +207,14 @@ def faces_table(results: Iterable[tuple[str, Detection]], detector_id: str, dete
     detected_at = detected_at or datetime.now(UTC)
     cols: dict[str, list] = {name: [] for name in FACES.names}
     for sha, det in results:
-        share = cx = cy = None
-        if det.status == "ok":
-            share = 0.0
-            if det.faces:
-                big = max(det.faces, key=lambda f: f.area)
-                share = big.area / (det.width * det.height)
-                cx = (big.x1 + big.x2) / 2 / det.width
-                cy = (big.y1 + big.y2) / 2 / det.height
-        for name, value in (("sha256", sha), ("detector_id", detector_id), ("status", det.status),
-                            ("error", det.error), ("width", det.width), ("height", det.height),
-                            ("phash", det.phash), ("n_faces", len(det.faces)), ("faces", [f.as_dict() for f in det.faces]),
-                            ("largest_face_share", share), ("largest_face_cx", cx), ("largest_face_cy", cy),
-                            ("detected_at", detected_at)):
-            cols[name].append(value)
+        boxes = [f.as_dict() for f in det.faces]
+        geometry = face_geometry(boxes, det.width, det.height) if det.status == "ok" else face_geometry([], None, None)
+        pixels = dict.fromkeys(PIXEL_COLUMNS) if det.pixels is None else asdict(det.pixels)
+        row = {"sha256": sha, "detector_id": detector_id, "status": det.status, "error": det.error,
+               "width": det.width, "height": det.height, "phash": det.phash, "n_faces": len(det.faces),
+               "faces": boxes, **geometry, **pixels, "detected_at": detected_at}
+        for name in FACES.names:
+            cols[name].append(row[name])
     return pa.Table.from_pydict(cols, schema=FACES)
 
 

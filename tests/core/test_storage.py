@@ -11,9 +11,13 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pytest
 
-from pipeline.core.schemas import SchemaError
+from pipeline.core.schemas import FACES, SchemaError
 from pipeline.core.storage import ImageStore, S3Storage, Storage, StorageError
 from pipeline.core.tables import list_partitions, merge_rows, read_table, write_partition
+
+#: The faces columns the face stage measures (rows written before them read null).
+PHOTO_ATTRIBUTE_COLUMNS = ("largest_face_height", "head_tilt", "brightness", "contrast", "saturation",
+                           "black_and_white", "border", "sharpness")
 
 
 def test_bytes_roundtrip_list_delete(storage: Storage):
@@ -50,6 +54,7 @@ def _faces(n: int, status: str = "ok") -> pa.Table:
         "faces": [[] for _ in range(n)],
         "largest_face_share": pa.nulls(n, pa.float32()), "largest_face_cx": pa.nulls(n, pa.float32()),
         "largest_face_cy": pa.nulls(n, pa.float32()), "detected_at": pa.array([now.value] * n, now.type),
+        **{name: pa.nulls(n, FACES.field(name).type) for name in PHOTO_ATTRIBUTE_COLUMNS},
     })
 
 

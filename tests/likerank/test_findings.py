@@ -132,6 +132,80 @@ def test_face_attributes_from_the_real_detector(face_detector):
     assert 30 < up.face_x < 60 and 10 < up.face_y < 30  # she sits left of centre, high in the frame
 
 
+def _labeled_world(storage: Storage, face_detector, *, old: bool) -> pd.DataFrame:
+    """Real photos detected by the real stage, and 80 labeled posts of them (ten a photo). With
+    ``old`` the faces rows are written as a release before the attribute columns wrote them."""
+    from pipeline.core.config import load_config
+    from pipeline.faces.detect_faces import detect_shard, detect_stream, faces_table
+    from tests.fixtures.faces import store_images, write_old_faces
+
+    astronaut = Image.open(io.BytesIO(photo_bytes("astronaut"))).convert("RGB")
+    images = {name: photo_bytes(name) for name in ("t1", "astronaut", "camera", "chelsea")}
+    images |= {"border": _jpeg(ImageOps.expand(astronaut, border=24, fill=(255, 255, 255))),
+               "tilted": _jpeg(astronaut.rotate(20, resample=Image.Resampling.BICUBIC, fillcolor=(128, 128, 128))),
+               "dark": _jpeg(Image.eval(astronaut, lambda v: int(v * 0.4))),
+               "blurred": _jpeg(astronaut.filter(ImageFilter.GaussianBlur(4)))}
+    shas = store_images(storage, images)
+    if old:
+        found = detect_stream(face_detector, [(shas[n], (lambda d=d: d)) for n, d in images.items()], decode_workers=1)
+        write_old_faces(storage, "2026-11-23-s0000-old", faces_table(found, face_detector.detector_id))
+    else:
+        cfg = load_config(overrides=["faces.providers=CPUExecutionProvider"])
+        detect_shard(cfg, 0, sorted(shas.values()), "2026-11-23", storage=storage, detector=face_detector)
+    rng = np.random.default_rng(7)
+    names = [n for n in images for _ in range(10)]
+    return pd.DataFrame({"post_id": [f"p{i:03d}" for i in range(len(names))],
+                         "image_sha256": [shas[n] for n in names],
+                         "label": rng.integers(0, 2, len(names))})
+
+
+def test_stored_attributes_give_the_findings_measuring_gives(face_detector, tmp_path, monkeypatch):
+    decodes: list[str] = []
+    measure = F.measure_bytes
+
+    def counted(data: bytes, **kw):
+        decodes.append("one")
+        return measure(data, **kw)
+
+    monkeypatch.setattr(F, "measure_bytes", counted)
+    new_store, old_store = LocalStorage(tmp_path / "new"), LocalStorage(tmp_path / "old")
+    labels = _labeled_world(new_store, face_detector, old=False)
+    assert _labeled_world(old_store, face_detector, old=True).equals(labels)
+
+    stored = F.measure_labeled_photos(new_store, labels)
+    assert decodes == []  # read from the faces table: not one image decoded
+    measured = F.measure_labeled_photos(old_store, labels)
+    assert len(decodes) == 8  # the old rows lack the columns: each photo measured from its bytes, once
+
+    pd.testing.assert_frame_equal(stored, measured, rtol=1e-6)
+    by_post = stored.set_index("post_id")
+    assert by_post.loc["p020", "black_and_white"] == 1.0 and by_post.loc["p040", "border"] == 1.0  # camera, border
+    assert by_post.loc["p050", "head_tilt"] > by_post.loc["p010", "head_tilt"] + 10  # tilted, upright astronaut
+    assert by_post.loc["p030", "n_faces"] == 0 and math.isnan(by_post.loc["p030", "face_share"])  # the cat
+    assert stored["error"].isna().all() and stored["brightness"].notna().all()
+
+    new = F.findings_for_labels(new_store, labels, labels_run="r1").to_dict()
+    old = F.findings_for_labels(old_store, labels, labels_run="r1").to_dict()
+    assert new["tested"] >= 5
+    _assert_close(new, old)  # bins, rates, tests and sentences alike
+
+
+def _assert_close(a, b) -> None:
+    """Equal, floats within float tolerance, recursively."""
+    if isinstance(a, dict):
+        assert a.keys() == b.keys()
+        for k in a:
+            _assert_close(a[k], b[k])
+    elif isinstance(a, list):
+        assert len(a) == len(b)
+        for x, y in zip(a, b, strict=True):
+            _assert_close(x, y)
+    elif isinstance(a, float):
+        assert b == pytest.approx(a, rel=1e-6)
+    else:
+        assert a == b
+
+
 # --------------------------------------------------------------------------- report and command
 
 
