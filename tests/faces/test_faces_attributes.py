@@ -25,13 +25,6 @@ from tests.fixtures.faces import (
 DAY = "2026-11-23"
 
 
-@pytest.fixture
-def faces_cfg(cfg, faces_model):
-    cfg.faces.model = str(faces_model)
-    cfg.faces.providers = ["CPUExecutionProvider"]
-    return cfg
-
-
 def _jpeg(im: Image.Image) -> bytes:
     buf = io.BytesIO()
     im.save(buf, "JPEG", quality=90)

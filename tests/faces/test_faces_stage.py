@@ -24,13 +24,6 @@ from tests.fixtures.faces import photo_bytes, store_images, truncated_jpeg
 DAY = "2026-11-23"
 
 
-@pytest.fixture
-def faces_cfg(cfg, faces_model):
-    cfg.faces.model = str(faces_model)
-    cfg.faces.providers = ["CPUExecutionProvider"]
-    return cfg
-
-
 def _rows(table: pa.Table) -> dict[str, dict]:
     return {r["sha256"]: r for r in table.to_pylist()}
 
