@@ -13,8 +13,8 @@ from typing import Any
 
 import pyarrow as pa
 
-from likerank.export.parts import Part, Tick
-from likerank.export.samples import Sample, Samples, StoredImage, read_image, sample_fields
+from likerank.export.parts import Part, Tick, readable_samples
+from likerank.export.samples import Sample, Samples, StoredImage, sample_fields
 from pipeline.core.export_layout import SPLITS, parquet_name
 from pipeline.core.storage import ImageStore
 
@@ -52,15 +52,10 @@ def write_rows(part: Part, images: ImageStore, path: Path, tick: Tick, schema: p
     """Write ``part``'s samples as rows of ``schema`` (``row_of`` makes one); return (written, missing)."""
     import pyarrow.parquet as pq
 
-    written = missing = 0
+    written = 0
     batch: list[dict[str, Any]] = []
     with pq.ParquetWriter(path, schema) as writer:
-        for sample in part.samples:
-            image = read_image(images, sample)
-            tick(image)
-            if image is None:
-                missing += 1
-                continue
+        for sample, image in readable_samples(part, images, tick):
             batch.append(row_of(sample, image))
             written += 1
             if len(batch) == ROWS_PER_GROUP:
@@ -68,7 +63,7 @@ def write_rows(part: Part, images: ImageStore, path: Path, tick: Tick, schema: p
                 batch = []
         if batch or not written:  # an all-missing split still gets a readable (empty) file
             writer.write_table(pa.Table.from_pylist(batch, schema=schema))
-    return written, missing
+    return written, len(part.samples) - written
 
 
 def _row(sample: Sample, image: StoredImage) -> dict[str, Any]:

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
-from likerank.export.samples import Sample, StoredImage
+from likerank.export.samples import Sample, StoredImage, read_image
+from pipeline.core.storage import ImageStore
 
 
 @dataclass(frozen=True)
@@ -41,3 +42,13 @@ class Written:
 #: Called once per sample handled, with its image (None: missing from the store): advances the
 #: progress bar and records the image extensions written.
 Tick = Callable[[StoredImage | None], None]
+
+
+def readable_samples(part: Part, images: ImageStore, tick: Tick) -> Iterator[tuple[Sample, StoredImage]]:
+    """``part``'s samples whose image the store still has, each with its bytes; every sample,
+    read or missing, ticks the progress. A writer's missing count is len(part.samples) - written."""
+    for sample in part.samples:
+        image = read_image(images, sample)
+        tick(image)
+        if image is not None:
+            yield sample, image

@@ -11,8 +11,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from likerank.export.parts import Part, Tick
-from likerank.export.samples import Samples, read_image, sample_fields
+from likerank.export.parts import Part, Tick, readable_samples
+from likerank.export.samples import Samples, sample_fields
 from pipeline.core.export_layout import SPLITS, shard_name
 from pipeline.core.storage import ImageStore
 
@@ -35,16 +35,11 @@ def write(part: Part, images: ImageStore, path: Path, tick: Tick) -> tuple[int, 
     """Write ``part`` as a tar at ``path``; return (samples written, images missing)."""
     import webdataset as wds
 
-    written = missing = 0
+    written = 0
     with open(path, "wb") as fh, wds.TarWriter(fh, mtime=MTIME, encoder=False) as tar:
-        for sample in part.samples:
-            image = read_image(images, sample)
-            tick(image)
-            if image is None:
-                missing += 1
-                continue
+        for sample, image in readable_samples(part, images, tick):
             fields = sample_fields(sample, image)
             tar.write({"__key__": sample.key, image.ext: image.data,
                        "json": json.dumps(fields, sort_keys=False).encode()})
             written += 1
-    return written, missing
+    return written, len(part.samples) - written
