@@ -96,6 +96,17 @@ class MetricRow:
 
 
 @dataclass(frozen=True)
+class EpochRow:
+    """One epoch of the training history: the training loss and the validation curve (None: not measured)."""
+
+    epoch: Any
+    train_loss: Any
+    val_log_loss: Any
+    val_roc_auc: Any
+    val_accuracy: Any
+
+
+@dataclass(frozen=True)
 class SourceRow:
     """One source of the labels run: labeled posts, groups, and the first and last day a post was created."""
 
@@ -150,6 +161,7 @@ class CardContext:
     sources: list[SourceRow]
     has_summary: bool
     metrics: list[MetricRow]
+    history: list[EpochRow]
     truth: list[MetricRow] | None
     truth_coverage: str | None
     detector_licenses: list[DetectorLicense]
@@ -172,6 +184,13 @@ def metric_rows(by_split: dict[str, Any]) -> list[MetricRow]:
     """The rows of a metrics table: every metric either split has, in :data:`METRIC_ORDER` first."""
     val, test = (by_split.get(s) or {} for s in ("val", "test"))
     return [MetricRow(name, val.get(name), test.get(name)) for name in metric_names(val, test)]
+
+
+def epoch_rows(history: Any) -> list[EpochRow]:
+    """metrics.json's per-epoch history; runs trained before the validation curve have no val_* keys."""
+    rows = [h for h in history if isinstance(h, dict)] if isinstance(history, list) else []
+    return [EpochRow(h.get("epoch"), h.get("train_loss"), h.get("val_log_loss"), h.get("val_roc_auc"),
+                     h.get("val_accuracy")) for h in rows]
 
 
 def split_rows(metrics: dict[str, Any]) -> list[tuple[str, Any]]:
@@ -249,6 +268,7 @@ def card_context(metrics: dict[str, Any], labels_summary: dict[str, Any] | None,
         sources=source_rows(summary, sources),
         has_summary=bool(summary),
         metrics=metric_rows(metrics),
+        history=epoch_rows(metrics.get("history")),
         truth=metric_rows({s: {k: v for k, v in (m or {}).items() if k not in COVERAGE_KEYS}
                            for s, m in truth.items()}) if truth else None,
         truth_coverage=truth_coverage(truth) if truth else None,

@@ -28,9 +28,10 @@ What it does, top to bottom (the steps :func:`main` calls, sharing one :class:`T
 labels run it was started on, else the published one) -> ``check_inputs`` (truth file; global
 ``batch_size`` split evenly over processes and ``grad_accum`` micro-steps) -> ``load_data`` ->
 ``init_model`` -> ``restore_progress`` (weights, optimizer, step count from the checkpoint) ->
-``train_one_epoch`` + ``save_progress`` (checkpoint) per epoch -> ``evaluate`` (predict val/test
-on all ranks; rank 0 scores them) -> ``publish`` (rank 0: metrics.json, predictions, model card,
-config, models/latest.json). Only rank 0 writes files or logs at INFO.
+``train_one_epoch`` + ``validate_epoch`` (the validation curve) + ``save_progress`` (checkpoint)
+per epoch -> ``evaluate`` (predict val/test on all ranks; rank 0 scores them) -> ``publish``
+(rank 0: metrics.json, predictions, model card, config, models/latest.json). Only rank 0 writes
+files or logs at INFO.
 """
 
 from __future__ import annotations
@@ -521,18 +522,42 @@ def simulate_crash(run: TrainingRun, epoch: int) -> int:
     return STOPPED
 
 
-def evaluate(run: TrainingRun) -> Evaluation | None:
-    """Val/test predictions on every rank; rank 0 gets them with their metrics, the others None.
+def predict_split(run: TrainingRun, split: str) -> dict[str, np.ndarray]:
+    """:func:`predict` on one split, on every rank.
 
-    Eval mode with rank 0's BatchNorm statistics on every rank; each rank predicts every
-    world-th item (or, from shards, its share of them) and the predictions are gathered.
+    Eval mode with rank 0's BatchNorm statistics on every rank (DDP broadcasts them from rank 0
+    before each training forward anyway, so this changes nothing for training); each rank
+    predicts every world-th item (or, from shards, its share of them) and the predictions are
+    gathered.
     """
     if run.ddp:
         for buf in run.raw_model.buffers():
             dist.broadcast(buf, src=0)
-    preds = {s: predict(run.raw_model, labeled_images(run, s, augment=False), rank=run.rank, world=run.world,
-                        batch_size=max(run.micro, 1) * 2, workers=run.tc.workers, device=run.device,
-                        autocast=run.autocast, n_items=len(run.examples[s])) for s in ("val", "test")}
+    return predict(run.raw_model, labeled_images(run, split, augment=False), rank=run.rank, world=run.world,
+                   batch_size=max(run.micro, 1) * 2, workers=run.tc.workers, device=run.device,
+                   autocast=run.autocast, n_items=len(run.examples[split]))
+
+
+def validate_epoch(run: TrainingRun, epoch: int) -> None:
+    """The validation curve: the val split's label metrics after epoch ``epoch``, added to its
+    history entry by rank 0 as ``val_log_loss``, ``val_roc_auc`` and ``val_accuracy``.
+
+    No weights change, and every epoch re-seeds its randomness, so a run with or without these
+    passes (or resumed between them) trains the same model.
+    """
+    pred = predict_split(run, "val")
+    if not run.master:
+        return
+    val = split_metrics(run.examples["val"], pred, score_head=False)
+    run.history[-1].update({f"val_{k}": val[k] for k in ("log_loss", "roc_auc", "accuracy")})
+    log.info("epoch %d val: log-loss %.4f, ROC-AUC %.4f, accuracy %.4f", epoch + 1,
+             val["log_loss"], val["roc_auc"], val["accuracy"])
+
+
+def evaluate(run: TrainingRun) -> Evaluation | None:
+    """Val/test predictions on every rank (:func:`predict_split`); rank 0 gets them with their
+    metrics, the others None."""
+    preds = {s: predict_split(run, s) for s in ("val", "test")}
     if not run.master:
         return None
     return Evaluation(
@@ -600,6 +625,7 @@ def main(argv: list[str] | None = None) -> int:
     restore_progress(run)
     for epoch in range(run.start_epoch, run.tc.epochs):
         train_one_epoch(run, epoch)
+        validate_epoch(run, epoch)
         save_progress(run, epoch)
         if run.args.stop_after_epoch and epoch + 1 == run.args.stop_after_epoch:
             return simulate_crash(run, epoch)

@@ -93,25 +93,42 @@ def calibration_chart(ctx: ReportContext, y: np.ndarray, prob: np.ndarray, bins:
     ax.legend(fontsize=8, frameon=False, loc="upper left")
     return {"chart": save_chart(ctx, fig, "calibration.png"), "bins": rows}
 
+#: The training history's curves, by panel: losses (lower is better), then the validation
+#: metrics on a 0-1 scale. ``val_*`` is the validation curve, measured after every epoch.
+HISTORY_PANELS = {
+    "loss": ("train_loss", "train_bce", "val_log_loss"),
+    "validation": ("val_roc_auc", "val_accuracy"),
+}
+
+
+def history_panels(rows: list[dict[str, Any]]) -> dict[str, list[str]]:
+    """Panel title -> the curves the history has numbers for; panels without any are left out
+    (runs trained before the validation curve have the loss panel only)."""
+    panels = {title: [k for k in names if any(is_number(r.get(k)) for r in rows)]
+              for title, names in HISTORY_PANELS.items()}
+    return {title: names for title, names in panels.items() if names}
+
+
 def history_chart(ctx: ReportContext, history: list[Any]) -> str | None:
-    """Per-epoch numbers (loss, val metrics) if the history is a list of flat dicts."""
+    """Per-epoch losses and the validation curve, if the history is a list of flat dicts."""
     rows = [h for h in history if isinstance(h, dict)]
-    keys = [k for k in ("train_loss", "train_bce", "loss", "val_loss", "val_roc_auc", "val_accuracy")
-            if any(is_number(r.get(k)) for r in rows)]
-    if not rows or not keys:
+    panels = history_panels(rows)
+    if not panels:
         return None
     from matplotlib.figure import Figure
     from matplotlib.ticker import MaxNLocator
 
     fig = Figure(figsize=(6, 3), layout="constrained")
-    ax = fig.subplots()
     x = [r.get("epoch", i) for i, r in enumerate(rows)]
-    for k in keys:
-        ax.plot(x, [r.get(k, np.nan) if is_number(r.get(k)) else np.nan for r in rows], marker="o", label=k)
-    ax.set_xlabel("epoch")
-    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-    ax.legend(fontsize=8, frameon=False)
+    for ax, (title, names) in zip(np.atleast_1d(fig.subplots(1, len(panels))), panels.items(), strict=True):
+        for k in names:
+            ax.plot(x, [r[k] if is_number(r.get(k)) else np.nan for r in rows], marker="o", label=k)
+        ax.set_title(title, fontsize=9)
+        ax.set_xlabel("epoch")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.legend(fontsize=7, frameon=False)
     return save_chart(ctx, fig, "history.png")
+
 
 class Thumbnailer:
     """Square JPEG thumbnails in ``thumbs/``, centred on the largest face where faces/ knows it."""

@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 
 from likerank.report.build import build_report
-from likerank.report.charts import roc_points
+from likerank.report.charts import history_panels, roc_points
 from likerank.report.sections import SECTION_IDS
 from pipeline.core.storage import LocalStorage, Storage
 from tests.fixtures.report import FACE_BOX, REPORT_MODEL, REPORT_RUN, make_report_dataset
@@ -301,6 +301,19 @@ def test_roc_points(y, p, auc):
     fpr, tpr = roc_points(np.array(y), np.array(p, dtype=float))
     assert fpr[0] == tpr[0] == 0 and fpr[-1] == tpr[-1] == 1
     assert np.trapezoid(tpr, fpr) == pytest.approx(auc)
+
+
+def test_history_draws_the_validation_curve_beside_the_losses():
+    epochs = [{"epoch": 1, "train_loss": 0.7, "train_bce": 0.69, "val_log_loss": 0.68, "val_roc_auc": 0.55,
+               "val_accuracy": 0.52},
+              {"epoch": 2, "train_loss": 0.6, "train_bce": 0.6, "val_log_loss": 0.64, "val_roc_auc": 0.61,
+               "val_accuracy": float("nan")}]
+    assert history_panels(epochs) == {"loss": ["train_loss", "train_bce", "val_log_loss"],
+                                      "validation": ["val_roc_auc", "val_accuracy"]}
+    # A run trained before the validation curve: the loss panel alone.
+    old = [{k: v for k, v in e.items() if not k.startswith("val_")} for e in epochs]
+    assert history_panels(old) == {"loss": ["train_loss", "train_bce"]}
+    assert history_panels([{"epoch": 1}]) == {}
 
 
 def test_cli_report(report_world: LocalStorage, tmp_path: Path, capsys):

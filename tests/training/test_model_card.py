@@ -38,6 +38,10 @@ def metrics(*, truth: bool, weights: str = "imagenet") -> dict:
         "truth": ({"val": {"n": 300, "roc_auc": 0.7777, "spearman_r": 0.4},
                    "test": {"n": 300, "roc_auc": 0.71, "spearman_r": math.nan}} if truth else None),
         "truth_file": "/home/alice/truth.parquet",
+        # the first epoch from a run trained before the validation curve existed (resumed since)
+        "history": [{"epoch": 1, "step": 40, "train_loss": 0.9},
+                    {"epoch": 2, "step": 80, "train_loss": 0.75, "val_log_loss": 0.7, "val_roc_auc": 0.6,
+                     "val_accuracy": 0.55}],
         "config": {"training": {"image_size": 224, "crop": "face", "weights": "imagenet"}},
     }
 
@@ -70,6 +74,7 @@ def test_card_with_truth_two_sources_and_nan_metrics():
     assert "| accuracy | 0.612 | 0.600 |" in card
     assert "| roc_auc | 0.650 | n/a |" in card and "| log_loss | 0.679 | n/a |" in card
     assert "| pearson_r | 0.200 | 0.188 |" in card and "| unreadable_images | 0 | 2 |" in card
+    assert "| 1 | 0.900 | n/a | n/a | n/a |" in card and "| 2 | 0.750 | 0.700 | 0.600 | 0.550 |" in card
     assert "hidden quality" in card and "| roc_auc | 0.778 | 0.710 |" in card and "| spearman_r | 0.400 | n/a |" in card
     assert "Engagement is not beauty" in card and "groups of 100" in card
     assert "non-commercial research use only" in card and "`pipeline/faces/models/README.md`" in card

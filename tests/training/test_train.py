@@ -13,6 +13,7 @@ gradient up to float summation order, and the tolerance below is what that leave
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 
@@ -32,6 +33,7 @@ from training.launch import TrainingFailed, launch, train_on_published
 EQUIV_TOL = 1e-5
 EXACT = ["--norm", "group", "--no-augment"]
 TWO_EPOCHS = "training.epochs=2"  # the exactness runs: 8 steps are enough to compare
+VAL_CURVE = ("val_log_loss", "val_roc_auc", "val_accuracy")  # measured after every epoch
 
 
 @pytest.fixture(scope="module")
@@ -77,6 +79,11 @@ def test_two_process_run_trains_writes_metrics_and_publishes(world):
     assert m["steps"] == 12 and m["steps_per_epoch"] == 4 and m["micro_batch"] == 8
     losses = [h["train_loss"] for h in m["history"]]
     assert len(losses) == 3 and losses[-1] < losses[0], losses
+    # The validation curve: val metrics after every epoch; after the last one they are the final val metrics.
+    for h in m["history"]:
+        assert set(h) >= set(VAL_CURVE) and 0 <= h["val_roc_auc"] <= 1 and h["val_log_loss"] > 0, h
+    for k in VAL_CURVE:
+        assert m["history"][-1][k] == pytest.approx(m["val"][k.removeprefix("val_")], abs=1e-6), k
     for split in ("val", "test"):
         assert set(m[split]) >= {"accuracy", "roc_auc", "log_loss", "pearson_r", "mae", "rmse"}
         assert m[split]["n"] == 16 and m[split]["unreadable_images"] == 0
@@ -89,7 +96,10 @@ def test_two_process_run_trains_writes_metrics_and_publishes(world):
     assert m["config"]["training"]["image_size"] == 32
     storage = world["storage"]
     assert storage.exists(m["checkpoint_key"]) and storage.exists("models/bn2/config.toml")
-    assert "## Metrics" in storage.get_text(keys.model_card("bn2"))
+    card = storage.get_text(keys.model_card("bn2"))
+    assert "## Metrics" in card
+    curve = [line for line in card.splitlines() if re.match(r"\| [123] \| \d", line)]
+    assert len(curve) == 3 and f"| {m['history'][-1]['val_roc_auc']:.3f} |" in curve[-1], curve
     import io
 
     import pyarrow.parquet as pq
@@ -125,7 +135,8 @@ def test_crash_after_an_epoch_then_resume_matches_uninterrupted(world, exact_two
     assert resumed["steps"] == exact_two["steps"] == 8
     assert [h["step"] for h in resumed["history"]] == [4, 8]
     for a, b in zip(resumed["history"], exact_two["history"], strict=True):
-        assert a["train_loss"] == pytest.approx(b["train_loss"], abs=1e-6)
+        for k in ("train_loss", *VAL_CURVE):
+            assert a[k] == pytest.approx(b[k], abs=1e-6), (a["epoch"], k)
     for split in ("val", "test"):
         for k in ("accuracy", "roc_auc", "log_loss", "pearson_r", "mae", "rmse"):
             assert resumed[split][k] == pytest.approx(exact_two[split][k], abs=1e-6), (split, k)
@@ -135,8 +146,9 @@ def test_crash_after_an_epoch_then_resume_matches_uninterrupted(world, exact_two
 def test_one_and_two_processes_agree(world, exact_two):
     one = run(world, "gn1", TWO_EPOCHS, "training.nproc=1", extra_args=EXACT)
     assert one["world_size"] == 1 and one["micro_batch"] == 16 and one["steps"] == exact_two["steps"]
-    diffs = {f"history[{i}]": abs(a["train_loss"] - b["train_loss"])
-             for i, (a, b) in enumerate(zip(one["history"], exact_two["history"], strict=True))}
+    diffs = {f"history[{i}].{k}": abs(a[k] - b[k])
+             for i, (a, b) in enumerate(zip(one["history"], exact_two["history"], strict=True))
+             for k in ("train_loss", *VAL_CURVE)}
     for split in ("val", "test"):
         for k in ("accuracy", "roc_auc", "log_loss", "pearson_r", "mae", "rmse"):
             diffs[f"{split}.{k}"] = abs(one[split][k] - exact_two[split][k])
