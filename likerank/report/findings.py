@@ -63,6 +63,7 @@ import numpy as np
 import pandas as pd
 
 from pipeline.core.storage import ImageStore, Storage, StorageError
+from pipeline.core.truth import coverage_line, load_truth, match_id
 from pipeline.faces.decode import DecodeError
 from pipeline.faces.photo_attributes import (  # noqa: F401 - the measurement's constants, named in this module's docs
     ANALYSIS_PX,
@@ -563,17 +564,21 @@ def compute_findings(table: pd.DataFrame, *, labels_run: str | None = None, mode
 
 
 def load_truth_qualities(path: str | Path) -> pd.DataFrame:
-    """``post_id`` and the true quality columns present (``visual_quality``, ``quality``) of a
-    ground-truth Parquet or CSV file (``likerank sim truth`` writes the simulator's)."""
+    """``match_id`` and the true quality columns present (``visual_quality``, ``quality``) of a
+    ground-truth Parquet or CSV file (``likerank sim truth`` writes the simulator's), read by
+    :func:`pipeline.core.truth.load_truth` so that every source's posts meet their truth."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"truth file {path}: does not exist")
-    frame = pd.read_csv(path, dtype={"post_id": str}) if path.suffix.lower() == ".csv" else pd.read_parquet(path)
-    keep = [c for c in ("visual_quality", "quality") if c in frame.columns]
-    if "post_id" not in frame.columns or not keep:
-        raise ValueError(f"truth file {path}: needs post_id and visual_quality or quality; "
-                         f"has {', '.join(map(str, frame.columns))}")
-    return frame[["post_id", *keep]].assign(post_id=frame["post_id"].astype(str)).drop_duplicates("post_id")
+    return load_truth(path, columns=("visual_quality", "quality")).drop_duplicates("match_id")
+
+
+def join_truth(table: pd.DataFrame, truth: pd.DataFrame) -> tuple[pd.DataFrame, int]:
+    """``table`` (one row a post) with the truth's quality columns beside each post, matched by
+    :func:`pipeline.core.truth.match_id`; and how many posts the truth covered."""
+    joined = (table.assign(match_id=table["post_id"].astype(str).map(match_id))
+              .merge(truth, on="match_id", how="left").drop(columns="match_id"))
+    return joined, int(joined["quality"].notna().sum())
 
 
 def findings_for_labels(storage: Storage, labels: pd.DataFrame, *, labels_run: str | None,
@@ -593,9 +598,8 @@ def findings_for_labels(storage: Storage, labels: pd.DataFrame, *, labels_run: s
         notes.append(f"{int(table['prob'].notna().sum()):,} labeled posts have a test prediction of model run "
                      f"{model_run}")
     if truth is not None:
-        table = table.merge(truth, on="post_id", how="left")
-        matched = int(table[truth.columns[1]].notna().sum())
-        notes.append(f"{matched:,} of {len(table):,} labeled posts matched in the truth file {truth_name}")
+        table, matched = join_truth(table, truth)
+        notes.append(f"{coverage_line(matched, len(table))} in the truth file {truth_name}")
     result = compute_findings(table, labels_run=labels_run, model_run=model_run, truth=truth_name if truth is not None else "")
     result.notes = notes
     return result

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -82,6 +83,7 @@ def test_every_stage_ran_and_the_summary_says_so(chain):
                  "passed and published: labels run", "ROC-AUC against true quality", "report: ", "likerank query",
                  "simulator: stopped"):
         assert word in first, word
+    assert re.search(r"truth matched ([\d,]+) of \1 labeled posts", first), "truth coverage below 100%"
 
 
 def test_tables_exist_and_agree(chain):
@@ -109,6 +111,7 @@ def test_tables_exist_and_agree(chain):
     metrics = json.loads(s.get_text(latest["metrics_key"]))
     assert metrics["status"] == "complete" and metrics["labels_run"] == run
     assert "roc_auc" in metrics["test"]
+    assert all({"val_log_loss", "val_roc_auc"} <= set(h) for h in metrics["history"]), "no validation curve"
 
 
 def test_report_shows_every_section(chain):
@@ -117,6 +120,9 @@ def test_report_shows_every_section(chain):
     for section in ("funnel", "distributions", "likes-vs-followers", "label-balance", "validation", "model",
                     "contact-sheets"):
         assert f'id="{section}"' in html and f'<section id="{section}" class="na">' not in html, section
+    # the findings meet every source's posts in the simulator's truth
+    assert '<section id="findings" class="ok">' in html
+    assert re.search(r"truth matched ([\d,]+) of \1 labeled posts in the truth file", html), "findings: truth coverage"
 
 
 def test_second_run_is_incremental(chain):

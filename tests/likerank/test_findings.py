@@ -229,6 +229,21 @@ def test_report_section_on_the_fabricated_world(report_world: LocalStorage, tmp_
     assert f.truth == "" and all(a.planted is None for a in f.attributes)  # no truth: no planted effects
 
 
+def test_the_truth_meets_the_posts_of_every_source(tmp_path):
+    # As the simulator writes it: a Bluesky post's own id is not what likerank stores; its source_id
+    # is the rkey, and likerank's id is "<rkey>-<author_key[:8]>".
+    path = tmp_path / "truth.parquet"
+    pd.DataFrame({"post_id": ["111", "222", "333"], "source_id": ["111", "3ljjc3uib6sti", "333"],
+                  "quality": [0.1, 0.2, 0.3], "visual_quality": [0.4, 0.5, 0.6]}).to_parquet(path)
+    posts = pd.DataFrame({"post_id": ["111", "3ljjc3uib6sti-0123abcd", "444"], "label": [1, 0, 1]})
+    joined, matched = F.join_truth(posts, F.load_truth_qualities(path))
+    assert matched == 2 and joined["post_id"].tolist() == posts["post_id"].tolist()
+    assert joined["visual_quality"].tolist()[:2] == [0.4, 0.5] and math.isnan(joined["visual_quality"].iloc[2])
+    with pytest.raises(ValueError, match="missing column"):
+        pd.DataFrame({"post_id": ["1"], "visual_quality": [0.1]}).to_parquet(tmp_path / "bad.parquet")
+        F.load_truth_qualities(tmp_path / "bad.parquet")
+
+
 def test_findings_command_prints_the_ranked_table(report_world: LocalStorage, capsys):
     common = ["--set", f"storage.root={report_world.path}"]
     assert main([*common, "findings"]) == 0  # the published run, the latest model
