@@ -20,7 +20,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("run", nargs="?", metavar="RUN", help="labels run (default: the published run)")
     p.add_argument("--model", metavar="RUN", help="model run whose test predictions are shown (default: "
                                                   "models/latest.json; 'none' for none)")
-    p.add_argument("--truth", metavar="FILE", help="ground truth (post_id, visual_quality or quality; "
+    p.add_argument("--truth", metavar="FILE", help="ground truth (post_id, quality[, visual_quality]; "
                                                    "`likerank sim truth` writes one): show the true effect beside "
                                                    "(default: training.truth_file)")
     p.add_argument("--bins", action="store_true", help="also print every attribute's bins")
