@@ -77,10 +77,12 @@ def findings(args: argparse.Namespace, cfg: Config) -> int:
 
 def format_findings(f: Findings, *, bins: bool = False) -> str:
     """The ranked table, then one sentence per attribute (and every bin with ``bins``)."""
+    from likerank.report.findings import ASSOCIATION_NOTE
+
     lines = [f"What makes a good photo: labels run {f.labels_run}, {f.n_labeled:,} labeled photos, "
              f"{f.overall_rate:.0%} positive" + (f"; model run {f.model_run}" if f.model_run else ""),
              f"Chi-square test of bin x label per attribute; p {f.correction}-adjusted over {f.tested} attributes; "
-             f"significant below {f.alpha:g}.", ""]
+             f"significant below {f.alpha:g}.", ASSOCIATION_NOTE, ""]
     header = f"{'#':>2}  {'attribute':<34}{'n':>7}{'bins':>5}{'spread':>8}{'V':>7}{'p (Holm)':>10}  significant"
     if f.truth:
         header += "  true spread"

@@ -424,6 +424,12 @@ class AttributeFinding:
     rank: int = 0
 
 
+#: What a finding is and is not, said under every findings table (report and ``likerank findings``).
+ASSOCIATION_NOTE = ("Each attribute is tested on its own: a finding is an association with the label, not a "
+                    "cause, and attributes that go together (a larger face is also a sharper one) are found "
+                    "together.")
+
+
 @dataclass
 class Findings:
     labels_run: str | None

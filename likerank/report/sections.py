@@ -204,7 +204,7 @@ def balance_section(ctx: ReportContext) -> dict[str, Any]:
     ax.axhline(0.5, color=COLORS["line"], linewidth=1, label="0.5")
     ax.plot(g.index, g["share"], "o", markersize=3, color=COLORS["neg"], label="positive share")
     ax.set_ylim(-0.02, 1.02)
-    ax.set_xlabel("group_id (0 = highest exposure)")
+    ax.set_xlabel("group_id (ids run on across sources; within one, a lower id is a higher exposure)")
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_ylabel("share label = 1")
     ax.legend(fontsize=8, frameon=False)
@@ -354,7 +354,7 @@ def best_crops_section(ctx: ReportContext) -> dict[str, Any]:
 
 def findings_section(ctx: ReportContext) -> dict[str, Any]:
     """Each visual attribute's bins against the label rate (:mod:`likerank.report.findings`)."""
-    from likerank.report.findings import findings_for_labels, load_truth_qualities
+    from likerank.report.findings import ASSOCIATION_NOTE, findings_for_labels, load_truth_qualities
 
     lab = ctx.need_labels()
     truth, truth_why = None, ""
@@ -368,7 +368,7 @@ def findings_section(ctx: ReportContext) -> dict[str, Any]:
                                 truth=truth, truth_name=ctx.truth_file)
     if truth_why:
         found.notes.append(f"no true effects shown: {truth_why}")
-    return {"f": found, "chart": findings_chart(ctx, found)}
+    return {"f": found, "chart": findings_chart(ctx, found), "note": ASSOCIATION_NOTE}
 
 #: The page's sections, in order: element id, heading, builder.
 SECTIONS: list[tuple[str, str, Callable[[ReportContext], dict[str, Any]]]] = [

@@ -355,13 +355,14 @@ def test_renders_in_headless_chromium(cfg, report_world: LocalStorage, tmp_path:
 
 #: Injected into a test-only copy of a page: opens every <details>, then walks each card (a
 #: section of <main>) for elements that stick out of it horizontally, and checks every caption
-#: for text wider than its box (clipped, or spilling out); writes the findings as JSON into
+#: for text wider than its box (clipped, or spilling out), and every badge and one-word number
+#: cell for a line break (broken in two they read "signific / ant", "1 / 0"); writes the findings as JSON into
 #: <pre id="layout-check">, which --dump-dom hands back. An element inside a box that clips or
 #: scrolls sideways is judged by that box, and such a box that has to scroll is listed apart
 #: (``scrolls``): the way out for a table too wide for a narrow window, not for a wide one.
 LAYOUT_CHECK = """<script>
 window.addEventListener("load", () => {
-  const tol = 1, out = {width: innerWidth, cards: 0, overflow: [], clipped: [], scrolls: [], page: null};
+  const tol = 1, out = {width: innerWidth, cards: 0, overflow: [], clipped: [], scrolls: [], wrapped: [], page: null};
   const name = (el) => el.tagName.toLowerCase() + (el.id ? "#" + el.id : "")
     + (el.className && typeof el.className === "string" ? "." + el.className.trim().split(/\\s+/).join(".") : "");
   const path = (el, card) => { const p = []; for (let e = el; e && e !== card; e = e.parentElement) p.unshift(name(e));
@@ -389,6 +390,19 @@ window.addEventListener("load", () => {
       if (cap.scrollWidth > cap.clientWidth + tol) {
         out.clipped.push({el: path(cap, card), text: cap.textContent.trim().slice(0, 80),
                           scrollWidth: cap.scrollWidth, clientWidth: cap.clientWidth});
+      }
+    }
+    for (const b of card.querySelectorAll(".badge")) {  // one line is about 1.4 font sizes high
+      const h = b.getBoundingClientRect().height, size = parseFloat(getComputedStyle(b).fontSize);
+      if (b.getClientRects().length > 1 || h > 2 * size) {
+        out.wrapped.push({el: path(b, card), text: b.textContent.trim(), height: Math.round(h)});
+      }
+    }
+    for (const td of card.querySelectorAll("td.num")) {  // a word's text: one box per line it takes
+      const text = td.textContent.trim(), range = document.createRange();
+      range.selectNodeContents(td);
+      if (text && !/\\s/.test(text) && range.getClientRects().length > 1) {
+        out.wrapped.push({el: path(td, card), text: text, lines: range.getClientRects().length});
       }
     }
   }
@@ -433,12 +447,17 @@ def test_layout_check_catches_overflow_and_clipped_captions(tmp_path: Path):
         <div style="overflow-x: auto"><div id="scrolls" style="width: 3000px">held by its scrolling box</div></div></section>
       <section id="wide"><div id="too-wide" style="width: 3000px">x</div></section>
       <section id="cut"><figure style="width: 80px; margin: 0"><figcaption id="clipped" style="white-space: nowrap;
-        overflow: hidden">a caption far too long for its eighty pixels</figcaption></figure></section>
+        overflow: hidden">a caption far too long for its eighty pixels</figcaption></figure>
+        <table style="width: 60px"><tr><td><span class="badge" style="display: inline-block; font-size: 12px">ok</span></td><td><span id="broken" class="badge" style="display: inline-block; font-size: 12px">a badge
+        broken in two</span></td><td class="num" id="split-number" style="overflow-wrap: anywhere">1234567890</td>
+        </tr></table></section>
     </main></body></html>""")
     found = _layout(page, 1280, tmp_path / "profile")
     assert found["cards"] == 3
     assert [o["el"] for o in found["overflow"]] == ["section#wide > div#too-wide"]
     assert [c["el"] for c in found["clipped"]] == ["section#cut > figure > figcaption#clipped"]
+    assert [w["el"] for w in found["wrapped"]] == ["section#cut > table > tbody > tr > td > span#broken.badge",
+                                                   "section#cut > table > tbody > tr > td#split-number.num"]
     assert [c["el"] for c in found["scrolls"]] == ["section#fits > div", "section#cut > figure > figcaption#clipped"]
     assert found["page"]["scrollWidth"] > found["page"]["clientWidth"]  # the page itself scrolls sideways
 
@@ -451,5 +470,6 @@ def test_cards_hold_their_content_in_chromium(cfg, report_world: LocalStorage, t
     assert found["width"] == width and found["cards"] == len(SECTION_IDS)
     assert found["overflow"] == [], found["overflow"][:10]
     assert found["clipped"] == [], found["clipped"][:10]
+    assert found["wrapped"] == [], found["wrapped"][:10]
     assert found["scrolls"] == [], found["scrolls"][:10]  # the metrics table fits, no sideways scrolling
     assert found["page"]["scrollWidth"] <= found["page"]["clientWidth"], found["page"]
