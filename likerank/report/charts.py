@@ -9,6 +9,7 @@ from typing import Any
 
 import numpy as np
 
+from labeling.rank_groups import WIDE_GROUP_WARNING
 from likerank.report.load import ReportContext, is_number
 from pipeline.core.orientation import orientation_of, recorded_orientations, upright
 from pipeline.core.storage import ImageStore, StorageError
@@ -92,6 +93,31 @@ def calibration_chart(ctx: ReportContext, y: np.ndarray, prob: np.ndarray, bins:
     ax.set_aspect("equal")
     ax.legend(fontsize=8, frameon=False, loc="upper left")
     return {"chart": save_chart(ctx, fig, "calibration.png"), "bins": rows}
+
+def span_chart(ctx: ReportContext, spans: Any, limit: float | None) -> str | None:
+    """Each group's exposure span (max / min, log scale) by group id, a colour per source, with the
+    span above which the labeler warns and ``limit`` (``labeling.max_group_exposure_ratio``) if set.
+    ``spans``: :func:`likerank.report.sections.group_exposure_spans`."""
+    if spans.empty:
+        return None
+    from matplotlib.figure import Figure
+    from matplotlib.ticker import MaxNLocator
+
+    fig = Figure(figsize=(9, 3), layout="constrained")
+    ax = fig.subplots()
+    for source, part in spans.groupby("source", sort=True):
+        ax.plot(part.index, part["span"], "o", markersize=3, label=str(source))
+    ax.axhline(WIDE_GROUP_WARNING, color=COLORS["posts"], linestyle="--", linewidth=1,
+               label=f"warned above {WIDE_GROUP_WARNING:g}x")
+    if limit:
+        ax.axhline(limit, color=COLORS["line"], linewidth=1, label=f"max_group_exposure_ratio {limit:g}x")
+    ax.set_yscale("log")
+    ax.set_xlabel("group_id")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.set_ylabel("exposure span (max / min)")
+    ax.legend(fontsize=8, frameon=False)
+    return save_chart(ctx, fig, "group_exposure.png")
+
 
 #: The training history's curves, by panel: losses (lower is better), then the validation
 #: metrics on a 0-1 scale. ``val_*`` is the validation curve, measured after every epoch.

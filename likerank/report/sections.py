@@ -10,7 +10,9 @@ from collections.abc import Callable, Iterable
 from typing import Any
 
 import numpy as np
+import pandas as pd
 
+from labeling.rank_groups import WIDE_GROUP_WARNING
 from likerank.report.charts import (
     COLORS,
     MAP_THUMB_PX,
@@ -24,6 +26,7 @@ from likerank.report.charts import (
     map_pictures,
     roc_chart,
     save_chart,
+    span_chart,
 )
 from likerank.report.load import (
     NotAvailable,
@@ -208,8 +211,15 @@ def balance_section(ctx: ReportContext) -> dict[str, Any]:
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_ylabel("share label = 1")
     ax.legend(fontsize=8, frameon=False)
+    spans = group_exposure_spans(lab)
     return {
         "chart": save_chart(ctx, fig, "label_balance.png"),
+        "span_chart": span_chart(ctx, spans, max_group_exposure_ratio(ctx)),
+        "wide": [{"group_id": int(i), "source": r.source, "lowest exposure": round(float(r.low), 1),
+                  "highest exposure": round(float(r.high), 1), "span": round(float(r.span), 1)}
+                 for i, r in spans[spans["span"] > WIDE_GROUP_WARNING].head(50).iterrows()],
+        "wide_count": int((spans["span"] > WIDE_GROUP_WARNING).sum()),
+        "wide_limit": WIDE_GROUP_WARNING,
         "ok": off.empty,
         "groups": len(g),
         "sizes": sorted({int(x) for x in g["n"]}),
@@ -219,6 +229,22 @@ def balance_section(ctx: ReportContext) -> dict[str, Any]:
                 for i, r in off.head(50).iterrows()],
         "off_count": len(off),
     }
+
+def group_exposure_spans(lab: pd.DataFrame) -> pd.DataFrame:
+    """Per group (index ``group_id``): its source, lowest and highest exposure, and span (max / min)."""
+    g = (lab[lab["group_id"] >= 0].groupby("group_id")
+         .agg(source=("source", "first"), low=("exposure", "min"), high=("exposure", "max")).sort_index())
+    return g.assign(span=g["high"] / g["low"].clip(lower=1e-9))
+
+
+def max_group_exposure_ratio(ctx: ReportContext) -> float | None:
+    """``labeling.max_group_exposure_ratio`` the run was labeled with; None when off or unknown."""
+    try:
+        record = read_labels_run(ctx.storage, ctx.labels_run).record if ctx.labels_run else {}
+    except LabelsRunMissing:
+        return None
+    return ((record.get("params") or {}).get("max_group_exposure_ratio") or None)
+
 
 def validation_section(ctx: ReportContext) -> dict[str, Any]:
     if ctx.labels_run is None:

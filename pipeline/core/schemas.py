@@ -185,7 +185,7 @@ LABELS = pa.schema([
     f("age_days", pa.float64(), "Post age when its likes were observed, days."),
     f("exposure", pa.float64(), "followers * (1 + tag_bonus * (n_tags - 1)), or views."),
     f("group_id", pa.int32(), "Exposure group. Ids run on across sources (in name order): within a source, "
-                              "a lower id is a higher exposure; the summary's group_exposure gives each span."),
+                              "a lower id is a higher exposure. Each group's span: max(exposure) / min(exposure)."),
     f("rank_in_group", pa.int32(), "1..group_size by likes ascending (1 = fewest)."),
     f("label", pa.int8(), "1 if rank_in_group > group_size / 2, else 0."),
     f("score", pa.float64(), "(rank_in_group - 0.5) / group_size."),

@@ -15,12 +15,14 @@ from html.parser import HTMLParser
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 
 from likerank.report.build import build_report
 from likerank.report.charts import history_panels, roc_points
-from likerank.report.sections import SECTION_IDS
+from likerank.report.sections import SECTION_IDS, group_exposure_spans
 from pipeline.core.storage import LocalStorage, Storage
+from pipeline.core.tables import read_table
 from tests.fixtures.report import FACE_BOX, REPORT_MODEL, REPORT_RUN, make_report_dataset
 
 
@@ -61,7 +63,8 @@ def test_full_world_renders_every_section(cfg, report_world: LocalStorage):
                 "roc", "calibration", "continuum", "top", "bottom"):
         assert sub in page.ids, sub
     for name in ("funnel.png", "distributions.png", "likes_vs_followers.png", "label_balance.png",
-                 "roc.png", "calibration.png", "history.png", "map_label.png", "map_prob.png", "best_crops.png"):
+                 "roc.png", "calibration.png", "history.png", "map_label.png", "map_prob.png", "best_crops.png",
+                 "group_exposure.png"):
         assert name in page.imgs and (index.parent / name).stat().st_size > 2000, name
     thumbs = [s for s in page.imgs if s.startswith("thumbs/")]
     assert len(thumbs) >= 14 and all((index.parent / s).is_file() for s in page.imgs)
@@ -164,6 +167,21 @@ def test_unbalanced_group_is_flagged(cfg, local_storage: LocalStorage):
     make_report_dataset(local_storage, unbalanced=True, checkpoint=False)
     _, html = _page(build_report(cfg, local_storage))
     assert "1 group(s) are not 50 % positive" in html
+
+
+def test_each_groups_exposure_span_is_measured_and_wide_groups_listed(cfg, report_world: LocalStorage):
+    lab = pd.DataFrame({"group_id": [0, 0, 1, 1, 2, 2, -1], "source": ["bluesky"] * 2 + ["mastodon"] * 5,
+                        "exposure": [5000.0, 100.0, 300.0, 200.0, 90.0, 60.0, 1.0]})
+    spans = group_exposure_spans(lab)  # a dropped row (group -1) is in no group
+    assert spans["source"].tolist() == ["bluesky", "mastodon", "mastodon"]
+    assert spans["span"].tolist() == pytest.approx([50.0, 1.5, 1.5])
+    # the report: every group's span charted, the wide ones (none in this world) said
+    index = build_report(cfg, report_world)
+    html = index.read_text()
+    labels = read_table(report_world, "labels", [REPORT_RUN]).to_pandas()
+    wide = int((group_exposure_spans(labels)["span"] > 10).sum())
+    assert "Exposure span per group" in html and (index.parent / "group_exposure.png").is_file()
+    assert (f"{wide} group(s) span more than 10x" if wide else "no group spans more than 10x") in html
 
 
 def test_named_runs_that_do_not_exist(cfg, report_world: Storage, tmp_path: Path):
