@@ -260,7 +260,8 @@ def measure_labeled_photos(storage: Storage, labels: pd.DataFrame, workers: int 
     rows = latest_faces(storage, shas)
     faces = face_attributes(rows)
     stored = stored_pixels(rows)
-    todo = [s for s in dict.fromkeys(shas) if s not in set(stored["sha256"])]
+    have = set(stored["sha256"])
+    todo = [s for s in dict.fromkeys(shas) if s not in have]
     if todo:
         log.info("findings: %d of %d photo(s) have no stored attributes; measuring them from their bytes",
                  len(todo), len(set(shas)))
