@@ -293,7 +293,7 @@ def validate_run(cfg: Config, run_id: str, storage: Storage | None = None, *,
         "validation_key": keys.validation_result(run_id),
         "validation_uri": storage.uri(keys.validation_result(run_id)),
         "validated_at": now.isoformat(timespec="seconds"),
-        "docs_key": f"{keys.validation_docs(run_id)}/index.html" if cfg.validation.data_docs else None,
+        "docs_key": keys.validation_page(run_id) if cfg.validation.data_docs else None,
     }
     storage.delete_prefix(f"{keys.validation_docs(run_id)}/")  # a rerun replaces, never mixes, old pages
     put_json(storage, report["validation_key"], {**report, "results": {t: r["result"] for t, r in results.items()}})

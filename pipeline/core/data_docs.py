@@ -149,10 +149,11 @@ def run_page(doc: dict[str, Any]) -> str:
     return _page(f"likerank validation: labels run {run_id}", "\n".join(body))
 
 
-def stored_results(storage: Storage) -> list[tuple[str, dict[str, Any] | None]]:
-    """(run id, its stored result or None when unreadable) for every run under ``validation/``."""
+def stored_results(storage: Storage, listed: list[str]) -> list[tuple[str, dict[str, Any] | None]]:
+    """(run id, its stored result or None when unreadable) for every run among ``listed`` (the
+    keys under ``validation/``)."""
     out = []
-    for key in storage.list("validation/"):
+    for key in listed:
         m = _RESULT_KEY.match(key)
         if not m:
             continue
@@ -199,9 +200,10 @@ def index_page(results: list[tuple[str, dict[str, Any] | None]], pages: set[str]
 
 def refresh_index(storage: Storage) -> str:
     """Rewrite ``validation/index.html`` from every stored result; returns its key."""
-    results = stored_results(storage)
-    docs = {k for k in storage.list("validation/") if k.endswith("/data_docs/index.html")}
-    pages = {run for run, _ in results if f"{keys.validation_docs(run)}/index.html" in docs}
+    listed = storage.list("validation/")
+    results = stored_results(storage, listed)
+    present = set(listed)
+    pages = {run for run, _ in results if keys.validation_page(run) in present}
     key = keys.validation_index()
     storage.put_text(key, index_page(results, pages))
     return key
@@ -210,7 +212,7 @@ def refresh_index(storage: Storage) -> str:
 def write_data_docs(storage: Storage, doc: dict[str, Any]) -> str:
     """Write the page of the run whose stored result is ``doc``, then the index; returns the page's key."""
     run_id = doc["run_id"]
-    key = f"{keys.validation_docs(run_id)}/index.html"
+    key = keys.validation_page(run_id)
     storage.put_text(key, run_page(doc))
     refresh_index(storage)
     return key

@@ -73,6 +73,11 @@ def validation_docs(run_id: str) -> str:
     return f"{validation_run(run_id)}/data_docs"
 
 
+def validation_page(run_id: str) -> str:
+    """The run's Data Docs page."""
+    return f"{validation_docs(run_id)}/index.html"
+
+
 def validation_index() -> str:
     """The Data Docs index of every validation run in storage (beside the ``run=<id>/`` folders)."""
     return "validation/index.html"
