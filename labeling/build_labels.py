@@ -334,7 +334,7 @@ def group_exposure(ranking: Ranking, exposures: np.ndarray, source: np.ndarray, 
     span, the median, the widest; ``flagged``, the groups over ``labeling.max_group_exposure_ratio``
     (none when it is 0); ``warning``, a sentence when any group spans more than
     :data:`~labeling.rank_groups.WIDE_GROUP_WARNING` times (its label mostly tracks audience)."""
-    spans = group_spans(ranking, exposures, source)
+    spans = group_spans(ranking.group_id, exposures, source)
     ratio = spans.ratio
     per_source: dict[str, Any] = {}
     for code in np.unique(spans.source):

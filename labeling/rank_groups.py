@@ -85,11 +85,13 @@ class GroupSpans:
             return np.where(self.low > 0, self.high / np.maximum(self.low, 1e-300), np.inf)
 
 
-def group_spans(ranking: Ranking, exposures: np.ndarray, source: np.ndarray) -> GroupSpans:
-    """The exposure span of every group of ``ranking`` (rows aligned with ``exposures``)."""
-    kept = ranking.kept
-    groups = int(ranking.group_id.max()) + 1 if kept.any() else 0
-    gid, exp = ranking.group_id[kept], np.asarray(exposures, dtype=np.float64)[kept]
+def group_spans(group_id: np.ndarray, exposures: np.ndarray, source: np.ndarray) -> GroupSpans:
+    """The exposure span of every group 0..max(group_id) (rows aligned: each row's group id, -1
+    for a dropped row, its exposure and its source code); a ranking's or a labels table's."""
+    group_id = np.asarray(group_id)
+    kept = group_id >= 0
+    groups = int(group_id.max()) + 1 if kept.any() else 0
+    gid, exp = group_id[kept], np.asarray(exposures, dtype=np.float64)[kept]
     low, high = np.full(groups, np.inf), np.full(groups, -np.inf)
     np.minimum.at(low, gid, exp)
     np.maximum.at(high, gid, exp)

@@ -12,7 +12,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from labeling.rank_groups import WIDE_GROUP_WARNING
+from labeling.rank_groups import WIDE_GROUP_WARNING, group_spans
 from likerank.report.charts import (
     COLORS,
     MAP_THUMB_PX,
@@ -231,10 +231,15 @@ def balance_section(ctx: ReportContext) -> dict[str, Any]:
     }
 
 def group_exposure_spans(lab: pd.DataFrame) -> pd.DataFrame:
-    """Per group (index ``group_id``): its source, lowest and highest exposure, and span (max / min)."""
-    g = (lab[lab["group_id"] >= 0].groupby("group_id")
-         .agg(source=("source", "first"), low=("exposure", "min"), high=("exposure", "max")).sort_index())
-    return g.assign(span=g["high"] / g["low"].clip(lower=1e-9))
+    """Per group of the labels (index ``group_id``): its source, lowest and highest exposure, and
+    span (max / min), measured by the labeler's :func:`~labeling.rank_groups.group_spans`, so the
+    report and the run's summary and warning agree."""
+    codes, names = pd.factorize(lab["source"], sort=True)
+    group_id = lab["group_id"].to_numpy(np.int64)
+    spans = group_spans(group_id, lab["exposure"].to_numpy(np.float64), codes)
+    ids = np.unique(group_id[group_id >= 0])  # ids a dropped wide group left out are absent
+    return pd.DataFrame({"source": np.asarray(names)[spans.source[ids]], "low": spans.low[ids],
+                         "high": spans.high[ids], "span": spans.ratio[ids]}, index=pd.Index(ids, name="group_id"))
 
 
 def max_group_exposure_ratio(ctx: ReportContext) -> float | None:
