@@ -7,10 +7,21 @@ agree on which row and which face count (the newest ``ok`` row, the largest box 
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING
+from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from pipeline.core.storage import Storage
+
+
+def box_area(face: Mapping[str, Any]) -> float:
+    """A face box's area (``x1, y1, x2, y2``), pixels squared; 0 for an empty box."""
+    return max(0.0, face["x2"] - face["x1"]) * max(0.0, face["y2"] - face["y1"])
+
+
+def largest_box(faces: Sequence[Mapping[str, Any]]) -> Mapping[str, Any]:
+    """The face of ``faces`` (not empty) with the largest box."""
+    return max(faces, key=box_area)
 
 
 def largest_faces(storage: Storage, shas: set[str]) -> dict[str, tuple[list[float], float, float, str]]:
@@ -37,7 +48,7 @@ def largest_faces(storage: Storage, shas: set[str]) -> dict[str, tuple[list[floa
         faces = row["faces"] or []
         if not faces:
             continue
-        f = max(faces, key=lambda b: (b["x2"] - b["x1"]) * (b["y2"] - b["y1"]))
+        f = largest_box(faces)
         out[sha] = ([f["x1"], f["y1"], f["x2"], f["y2"]], row["width"] or math.nan,
                     row["height"] or math.nan, row["detector_id"])
     return out

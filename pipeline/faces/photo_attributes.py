@@ -28,6 +28,7 @@ from typing import Any
 import cv2
 import numpy as np
 
+from pipeline.core.largest_face import box_area, largest_box
 from pipeline.faces.decode import decode_fitted, fit_size, resize_rgb
 
 #: Long side the pixel attributes are measured at, pixels: sharpness and the border width are
@@ -161,8 +162,8 @@ def face_geometry(faces: Sequence[Mapping[str, Any]], width: int | None, height:
     out["largest_face_share"] = out["largest_face_height"] = 0.0
     if not faces:
         return out
-    big = max(faces, key=lambda f: max(0.0, f["x2"] - f["x1"]) * max(0.0, f["y2"] - f["y1"]))
-    out["largest_face_share"] = max(0.0, big["x2"] - big["x1"]) * max(0.0, big["y2"] - big["y1"]) / (width * height)
+    big = largest_box(faces)
+    out["largest_face_share"] = box_area(big) / (width * height)
     out["largest_face_height"] = (big["y2"] - big["y1"]) / height
     out["largest_face_cx"] = (big["x1"] + big["x2"]) / 2 / width
     out["largest_face_cy"] = (big["y1"] + big["y2"]) / 2 / height
