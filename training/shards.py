@@ -80,6 +80,10 @@ class ShardExport:
     def samples(self, split: str) -> int:
         return sum(n for _, n in self.files(split))
 
+    def url(self, key: str) -> str:
+        """The URI of a shard's storage ``key`` (as :meth:`files` gives it): names samples in messages."""
+        return self.where + "/" + key[len(self.prefix):]
+
 
 def export_location(cfg: Config, run_id: str) -> tuple[StorageConfig, str]:
     """(storage config, key prefix) of the export training reads: ``training.shards`` with the
@@ -192,13 +196,12 @@ class ShardImages(IterableDataset):
         from webdataset.tariterators import group_by_keys, tar_file_expander
 
         plan = self.assignment(slot, slots)
-        keep = {self.export.where + "/" + key[len(self.export.prefix):]: (stride, offset)
-                for key, stride, offset in plan}
+        keep = {self.export.url(key): (stride, offset) for key, stride, offset in plan}
 
         def streams():
             for key, _stride, _offset in plan:
                 with contextlib.closing(open_stream(storage, key)) as stream:
-                    yield {"url": self.export.where + "/" + key[len(self.export.prefix):], "stream": stream}
+                    yield {"url": self.export.url(key), "stream": stream}
 
         def strided(samples):
             url, i = None, 0
