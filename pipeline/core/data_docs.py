@@ -125,7 +125,8 @@ def run_page(doc: dict[str, Any]) -> str:
             + f" · {_e(doc.get('failed_expectations', 0))} failed expectation(s)</p>"]
     if doc.get("labels_sha256"):
         body.append(f'<p class="meta">labels file sha256 <code>{_e(doc["labels_sha256"])}</code></p>')
-    for table, vr in _validations(doc).items():
+    validations = _validations(doc)
+    for table, vr in validations.items():
         info = tables.get(table) or {}
         stats = vr.get("statistics") or info.get("statistics") or {}
         body.append(f'<h2 id="{_e(table)}">Data asset: {_e(info.get("data_asset") or table)} {_mark(vr.get("success"))}</h2>')
@@ -144,7 +145,7 @@ def run_page(doc: dict[str, Any]) -> str:
                         f"<td>{_observed(ex.get('result') or {})}</td></tr>")
         body.append("<table><thead><tr><th>result</th><th>expectation</th><th>column</th><th>arguments</th>"
                     f"<th>observed</th></tr></thead><tbody>\n{''.join(rows)}\n</tbody></table>")
-    if not _validations(doc):
+    if not validations:
         body.append("<p>This result holds no expectation results.</p>")
     return _page(f"likerank validation: labels run {run_id}", "\n".join(body))
 
